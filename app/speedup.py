@@ -1,0 +1,78 @@
+"""Speedup over long-context (LC) decoding: measured in the same run, or the last LC measurement.
+
+The UI and CLI never invent a speedup. A side-by-side run measures LC on the same input; without
+one, the figure is the method's decode speed over the last LC decode speed recorded on this
+machine for a similar context length, and it is labelled that way.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from decoding.stats import Stats
+
+
+@dataclass(frozen=True)
+class Speedup:
+    value: float | None
+    label: str  # how it was obtained, shown beside the figure
+
+
+def context_bucket(tokens: int) -> int:
+    """Round to the nearest power of two (1K, 2K, 4K, ...): decode speed depends on cache length."""
+    bucket = 1024
+    while bucket * 1.5 < tokens:
+        bucket *= 2
+    return bucket
+
+
+class LcReference:
+    """The last measured LC decode speed per (target model, context bucket), kept on disk."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._lock = threading.Lock()
+
+    def _read(self) -> dict[str, dict[str, float]]:
+        try:
+            return json.loads(self.path.read_text())
+        except (OSError, ValueError):
+            return {}
+
+    def record(self, target: str, stats: Stats) -> None:
+        if stats.method != "lc" or not stats.decode_tokens_per_s:
+            return
+        with self._lock:
+            data = self._read()
+            data[f"{target}@{context_bucket(stats.context_tokens)}"] = {
+                "tokens_per_s": stats.decode_tokens_per_s,
+                "context_tokens": stats.context_tokens,
+                "at": time.time(),
+            }
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self.path.write_text(json.dumps(data, indent=1))
+
+    def speedup(self, target: str, stats: Stats) -> Speedup:
+        if stats.method == "lc":
+            return Speedup(1.0, "LC itself")
+        entry = self._read().get(f"{target}@{context_bucket(stats.context_tokens)}")
+        if entry is None or not stats.decode_tokens_per_s:
+            return Speedup(None, "no LC run measured yet at this context length (use compare)")
+        when = time.strftime("%Y-%m-%d %H:%M", time.localtime(entry["at"]))
+        return Speedup(
+            stats.decode_tokens_per_s / entry["tokens_per_s"],
+            f"vs last measured LC run ({entry['context_tokens']} context tokens, {when})",
+        )
+
+
+def measured_speedup(method_stats: Stats, lc_stats: Stats) -> Speedup:
+    if not method_stats.decode_tokens_per_s or not lc_stats.decode_tokens_per_s:
+        return Speedup(None, "not measurable (no decode time)")
+    return Speedup(
+        method_stats.decode_tokens_per_s / lc_stats.decode_tokens_per_s,
+        "measured side by side on this input",
+    )

@@ -1,0 +1,41 @@
+"""Decoding knobs; one section of app.config.Settings."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+METHODS = ("rapid", "lc", "rag", "sd", "magicdec", "lookup")
+
+
+class SettingsError(ValueError):
+    """A decoding setting is out of range; the message is for the user."""
+
+
+@dataclass(frozen=True)
+class DecodingSettings:
+    method: str = "rapid"
+    max_new_tokens: int = 128
+    temperature: float = 0.0  # 0 = greedy
+    top_p: float = 1.0
+    seed: int = 0
+    gamma: int = 5  # drafted tokens per target pass (paper: 10; fewer pays off on a CPU)
+    eta: float = 0.0  # retrieval-augmented target strength; 0 = exact target distribution
+    tail_guard: float = 0.1  # keep p where p_hat < tail_guard * max(p_hat)
+    magicdec_sinks: int = 4
+    magicdec_window: int = 1024
+    lookup_ngram: int = 3  # n-gram length matched by lookup drafting (prompt lookup, RAPID+lookup)
+    lookup_in_rapid: bool = True  # RAPID drafts from n-gram matches in its retrieved context first
+
+    def validate(self) -> None:
+        if self.method not in METHODS:
+            raise SettingsError(f"unknown method {self.method!r}; choose one of {', '.join(METHODS)}")
+        if self.max_new_tokens < 1:
+            raise SettingsError("max_new_tokens must be at least 1")
+        if self.temperature < 0:
+            raise SettingsError("temperature must be >= 0")
+        if not 0 < self.top_p <= 1:
+            raise SettingsError("top_p must be in (0, 1]")
+        if self.gamma < 1:
+            raise SettingsError("gamma must be at least 1")
+        if self.eta < 0:
+            raise SettingsError("eta must be >= 0")

@@ -1,0 +1,42 @@
+"""The statistics record shared by the CLI's JSON, the UI panel, the benchmarks and eval."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+
+@dataclass
+class Stats:
+    method: str
+    context_tokens: int = 0  # prompt tokens the target (or the single model) read
+    draft_context_tokens: int = 0  # prompt tokens the drafter read (0 without a model drafter)
+    prefix_cached_tokens: int = 0  # prompt tokens restored from the prefix cache, not prefilled
+    generated: int = 0  # answer tokens emitted
+    drafted: int = 0  # tokens proposed by the drafter
+    accepted: int = 0  # proposals the target accepted
+    target_passes: int = 0  # target forward passes while decoding
+    prefill_s: float = 0.0
+    decode_s: float = 0.0
+    accepted_lengths: list[int] = field(default_factory=list)  # tokens emitted per target pass
+    token_times: list[float] = field(default_factory=list)  # decode seconds at each emitted token
+    finish_reason: str = ""  # "eos" | "length"
+
+    @property
+    def acceptance_rate(self) -> float | None:
+        return self.accepted / self.drafted if self.drafted else None
+
+    @property
+    def mean_accepted_length(self) -> float | None:
+        """Tokens emitted per target pass (accepted drafts plus the target's own token)."""
+        return self.generated / self.target_passes if self.target_passes else None
+
+    @property
+    def decode_tokens_per_s(self) -> float | None:
+        return self.generated / self.decode_s if self.decode_s > 0 else None
+
+    def to_dict(self) -> dict[str, object]:
+        data = asdict(self)
+        data["acceptance_rate"] = self.acceptance_rate
+        data["mean_accepted_length"] = self.mean_accepted_length
+        data["decode_tokens_per_s"] = self.decode_tokens_per_s
+        return data

@@ -1,0 +1,95 @@
+"""Question + index -> the target's long context, the drafter's short (RAG) context, citations.
+
+Long context: every document, whole, in documents() order. Never truncated: if it does not fit
+the target's window the user is told, because a silently cut document gives wrong answers.
+RAG context (paper settings): best chunks up to a token budget, put back in document order.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+from retrieval.errors import ContextTooLongError, EmptyIndexError
+from retrieval.index import HybridIndex
+from retrieval.types import Chunk, Citation, Contexts, RetrievalSettings, ScoredChunk
+
+Tokenize = Callable[[str], Sequence[int]]
+EXCERPT_CHARS = 300
+
+
+def build_contexts(
+    index: HybridIndex,
+    question: str,
+    settings: RetrievalSettings,
+    tokenize: Tokenize,
+    max_long_tokens: int,
+) -> Contexts:
+    documents = index.documents()
+    if not documents:
+        raise EmptyIndexError("No documents are indexed yet: add documents first.")
+    long_context = "\n\n".join(
+        f"### Document: {doc.source}\n{index.document_text(doc.doc_id)}" for doc in documents
+    )
+    long_tokens = len(tokenize(long_context))
+    if long_tokens > max_long_tokens:
+        raise ContextTooLongError(
+            f"The documents are {long_tokens:,} tokens long but the model's context holds "
+            f"{max_long_tokens:,}: remove some documents or use a model with a longer context."
+        )
+    budget = rag_budget(long_tokens, settings)
+    kept = select_chunks(index.search(question, k=_candidates(index, budget, settings)), budget)
+    if long_tokens <= budget:
+        # The whole corpus fits the drafter's budget: give it everything, in order.
+        rag_chunks = [chunk for doc in documents for chunk in index.chunks(doc.doc_id)]
+    else:
+        rag_chunks = in_document_order([hit.chunk for hit in kept], [doc.doc_id for doc in documents])
+    rag_context = "\n\n".join(f"[{chunk.label()}]\n{chunk.text}" for chunk in rag_chunks)
+    return Contexts(
+        long_context=long_context,
+        long_tokens=long_tokens,
+        rag_context=rag_context,
+        rag_tokens=len(tokenize(rag_context)),
+        citations=[citation(hit) for hit in kept],
+    )
+
+
+def rag_budget(long_tokens: int, settings: RetrievalSettings) -> int:
+    return max(settings.budget_min_tokens, int(long_tokens * settings.budget_fraction))
+
+
+def select_chunks(hits: list[ScoredChunk], budget: int) -> list[ScoredChunk]:
+    """Best-first, every chunk that still fits the budget (a big one is skipped, a smaller later
+    one may still fit); at least one chunk, so a tiny budget still gives the drafter something."""
+    kept: list[ScoredChunk] = []
+    used = 0
+    for hit in hits:
+        if used + hit.chunk.n_tokens <= budget or not kept:
+            kept.append(hit)
+            used += hit.chunk.n_tokens
+    return kept
+
+
+def in_document_order(chunks: list[Chunk], doc_order: list[str]) -> list[Chunk]:
+    position = {doc_id: i for i, doc_id in enumerate(doc_order)}
+    return sorted(chunks, key=lambda chunk: (position.get(chunk.doc_id, len(position)), chunk.order))
+
+
+def citation(hit: ScoredChunk) -> Citation:
+    chunk = hit.chunk
+    return Citation(chunk.source, chunk.page, chunk.section, excerpt(chunk.text), hit.score)
+
+
+def excerpt(text: str, limit: int = EXCERPT_CHARS) -> str:
+    flat = " ".join(text.split())
+    if len(flat) <= limit:
+        return flat
+    cut = flat.rfind(" ", 0, limit)
+    return flat[: cut if cut > limit // 2 else limit] + "…"
+
+
+def _candidates(index: HybridIndex, budget: int, settings: RetrievalSettings) -> int:
+    """Enough hits to fill the budget twice over even with small chunks; at least the default."""
+    documents = index.documents()
+    chunks = sum(doc.n_chunks for doc in documents)
+    mean_tokens = max(1, sum(doc.n_tokens for doc in documents) // max(1, chunks))
+    return max(settings.candidates, 2 * budget // mean_tokens)

@@ -1,0 +1,108 @@
+"""Exactness of every method against LC on tiny random models (fast; no real weights)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import Qwen2Config, Qwen2ForCausalLM
+
+from decoding.generate import Finished, generate, lookup_continuation, run_to_end
+from decoding.model import transformer_from_hf_model
+from decoding.models import Prompt
+from decoding.settings import DecodingSettings
+from tests.tiny import random_prompt, tiny_model
+
+SPECULATIVE = ("sd", "magicdec", "rapid", "lookup")
+
+
+def run(method: str, target, drafter, prompt: Prompt, rag: Prompt, **overrides) -> Finished:
+    settings = DecodingSettings(method=method, **({"max_new_tokens": 40} | overrides))
+    return run_to_end(generate(method, target, drafter, prompt, rag, settings))
+
+
+@pytest.fixture(scope="module")
+def pair_fp32():
+    return tiny_model(1), tiny_model(2, noise_from=1, noise=0.01)
+
+
+@pytest.fixture(scope="module")
+def pair_bf16():
+    return tiny_model(1, torch.bfloat16), tiny_model(2, torch.bfloat16, noise_from=1, noise=0.01)
+
+
+def test_engine_matches_transformers_logits() -> None:
+    torch.manual_seed(0)
+    config = Qwen2Config(vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512)
+    hf = Qwen2ForCausalLM(config).eval()
+    ours = transformer_from_hf_model(hf)
+    ids = torch.randint(0, 300, (70,))
+    with torch.no_grad():
+        reference = hf(ids[None]).logits[0]
+    cache = ours.new_cache(8)  # small on purpose: growth must keep the contents
+    first, rest = ours.forward(ids[:50], cache, all_logits=True), ours.forward(ids[50:], cache, all_logits=True)
+    chunked = torch.cat([first, rest])
+    torch.testing.assert_close(chunked, reference, atol=1e-5, rtol=1e-5)
+    cache = ours.new_cache(8)
+    stepwise = torch.stack([ours.forward(ids[i : i + 1], cache) for i in range(70)])
+    torch.testing.assert_close(stepwise, reference, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("dtype_pair", ["pair_fp32", "pair_bf16"])
+@pytest.mark.parametrize("length", [12, 300, 1100])  # 1100 crosses a prefill chunk boundary
+def test_greedy_eta0_equals_lc(request, dtype_pair: str, length: int) -> None:
+    target, drafter = request.getfixturevalue(dtype_pair)
+    prompt, rag = random_prompt(length, seed=length), random_prompt(40, seed=7)
+    lc = run("lc", target, drafter, prompt, rag)
+    assert lc.stats.generated == 40
+    for method in SPECULATIVE:
+        for gamma in (1, 3, 6):
+            out = run(method, target, drafter, prompt, rag, gamma=gamma, eta=0.0, magicdec_window=64)
+            assert out.token_ids == lc.token_ids, (method, gamma)
+
+
+def test_speculation_really_drafts(pair_fp32) -> None:
+    target, drafter = pair_fp32
+    prompt = random_prompt(300, seed=3)
+    out = run("sd", target, drafter, prompt, prompt, gamma=4, max_new_tokens=60)
+    assert out.stats.drafted > 0
+    assert 0.2 < out.stats.acceptance_rate < 1.0  # both accepts and rejections are exercised
+    assert out.stats.mean_accepted_length > 1.0
+
+
+def test_stop_token_inside_a_block(pair_fp32) -> None:
+    """A stop token accepted in the middle of a drafted block ends the answer right there."""
+    target, drafter = pair_fp32
+    prompt, rag = random_prompt(200, seed=11), random_prompt(40, seed=5)
+    free = run("lc", target, drafter, prompt, rag).token_ids
+    stop = free[17]
+    first = free.index(stop)
+    stopping_target = tiny_model(1, stop_ids=frozenset({stop}))
+    for method in ("lc", *SPECULATIVE):
+        out = run(method, stopping_target, drafter, prompt, rag, gamma=6, magicdec_window=64)
+        assert out.token_ids == free[:first], method
+        assert out.stats.finish_reason == "eos"
+
+
+@pytest.mark.parametrize("limit", [1, 2, 7])
+def test_max_new_tokens_inside_a_block(pair_fp32, limit: int) -> None:
+    target, drafter = pair_fp32
+    prompt = random_prompt(100, seed=1)
+    lc = run("lc", target, drafter, prompt, prompt, max_new_tokens=limit)
+    for method in SPECULATIVE:
+        out = run(method, target, drafter, prompt, prompt, max_new_tokens=limit, gamma=5)
+        assert out.token_ids == lc.token_ids and len(out.token_ids) == limit
+        assert out.stats.finish_reason == "length"
+
+
+def test_lookup_continuation() -> None:
+    tokens = [5, 6, 7, 8, 9, 1, 2, 5, 6, 7]
+    assert lookup_continuation(tokens, max_ngram=3, k=3) == [8, 9, 1]
+    assert lookup_continuation([1, 2, 3], max_ngram=3, k=3) == []
+
+
+def test_rapid_with_eta_still_runs_greedy(pair_fp32) -> None:
+    target, drafter = pair_fp32
+    prompt, rag = random_prompt(300, seed=2), random_prompt(60, seed=2)
+    out = run("rapid", target, drafter, prompt, rag, eta=5.0, gamma=4)
+    assert out.stats.generated == 40 and out.stats.drafted > 0

@@ -1,0 +1,51 @@
+"""Tiny randomly initialised llama-family models for fast, exact tests of the decoding logic."""
+
+from __future__ import annotations
+
+import torch
+from transformers import Qwen2Config, Qwen2ForCausalLM
+
+from decoding.model import transformer_from_hf_model
+from decoding.models import LoadedModel, Prompt
+
+VOCAB = 256
+
+
+class ByteTokenizer:
+    """Stands in for a real tokenizer: token id = byte value."""
+
+    chat_template = None
+
+    def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
+        return list(text.encode("utf-8"))
+
+    def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
+        return bytes(ids).decode("utf-8", errors="replace")
+
+    def get_vocab(self) -> dict[str, int]:
+        return {str(i): i for i in range(VOCAB)}
+
+
+def tiny_model(seed: int, dtype: torch.dtype = torch.float32, layers: int = 2, noise_from: int | None = None,
+               noise: float = 0.0, stop_ids: frozenset[int] = frozenset()) -> LoadedModel:
+    """A tiny Qwen2; with noise_from, a perturbed copy of that seed's model (a drafter that mostly agrees)."""
+    config = Qwen2Config(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096,
+                         rope_theta=10000.0)
+    torch.manual_seed(seed if noise_from is None else noise_from)
+    hf = Qwen2ForCausalLM(config).eval()
+    with torch.no_grad():
+        for p in hf.parameters():
+            p.mul_(4.0)  # sharper distributions than the default init, so greedy choices are stable
+        if noise_from is not None:
+            gen = torch.Generator().manual_seed(seed)
+            for p in hf.parameters():
+                p.add_(noise * torch.randn(p.shape, generator=gen) * p.std())
+    return LoadedModel(f"tiny-{seed}", None, transformer_from_hf_model(hf, dtype), ByteTokenizer(), stop_ids)
+
+
+def random_prompt(length: int, seed: int) -> Prompt:
+    gen = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, VOCAB, (length,), generator=gen).tolist()
+    cut = max(1, length - 8)
+    return Prompt(ids[:cut], ids[cut:])
