@@ -17,7 +17,8 @@ def _index_parser(prog: str, description: str) -> argparse.ArgumentParser:
 
 
 def main(name: str, argv: Sequence[str]) -> int:
-    from app.cli import CliError, add_model_options, settings_from_args
+    from app.cli import add_model_options, settings_from_args
+    from app.errors import CliError
 
     if name == "models":
         parser = argparse.ArgumentParser(prog="ask models", description="Fetch and convert the embedded models.")

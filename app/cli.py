@@ -12,6 +12,8 @@ from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from app.errors import CliError, user_message
+
 if TYPE_CHECKING:
     from app.config import Settings
     from app.events import Done
@@ -104,10 +106,6 @@ def question_parser() -> argparse.ArgumentParser:
     add_model_options(parser)
     add_decoding_options(parser)
     return parser
-
-
-class CliError(Exception):
-    """Printed as one line; exit status 1."""
 
 
 def log(message: str) -> None:
@@ -235,8 +233,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("ask: interrupted", file=sys.stderr)
         return 130
     except Exception as error:  # every failure ends as one clear line, never a traceback
-        from app.errors import user_message
-
         message = user_message(error)
         if message is None:
             raise

@@ -15,6 +15,12 @@ def default_home() -> Path:
     return Path(os.environ.get("RAPIDQA_HOME", Path.home() / ".cache" / "rapidqa")).expanduser()
 
 
+def default_models_dir() -> Path:
+    """Converted models; RAPIDQA_MODELS_DIR lets several homes (tests, CI) share one copy."""
+    override = os.environ.get("RAPIDQA_MODELS_DIR")
+    return Path(override).expanduser() if override else default_home() / "models"
+
+
 @dataclass(frozen=True)
 class ModelSettings:
     target: str = "qwen2.5-coder-1.5b"  # registry name, HF model directory, or .gguf path
@@ -42,15 +48,12 @@ class ServerSettings:
 @dataclass(frozen=True)
 class Settings:
     home: Path = field(default_factory=default_home)
+    models_dir: Path = field(default_factory=default_models_dir)
     models: ModelSettings = field(default_factory=ModelSettings)
     retrieval: RetrievalSettings = field(default_factory=RetrievalSettings)
     decoding: DecodingSettings = field(default_factory=DecodingSettings)
     limits: Limits = field(default_factory=Limits)
     server: ServerSettings = field(default_factory=ServerSettings)
-
-    @property
-    def models_dir(self) -> Path:
-        return self.home / "models"
 
     @property
     def default_index_dir(self) -> Path:

@@ -3,9 +3,16 @@
 from __future__ import annotations
 
 
+class CliError(Exception):
+    """A command-line mistake (missing file, no documents); printed as one line, exit status 1."""
+
+
+class QuestionError(ValueError):
+    """The question or its settings are not acceptable; the message is for the user."""
+
+
 def user_message(error: BaseException) -> str | None:
-    from app.cli import CliError
-    from app.pipeline import QuestionError
+    """The message to show for an expected failure, or None for a bug (which keeps its traceback)."""
     from app.registry import ModelNotAvailableError
     from decoding.settings import SettingsError
     from retrieval.errors import RetrievalError

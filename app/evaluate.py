@@ -265,7 +265,7 @@ def summarize(rows: list[dict], labels: Sequence[str]) -> list[dict]:
 
 def machine_info(device: str, dtype: str) -> dict:
     return {
-        "processor": cpu_name(),
+        "processor": gpu_name(device) or cpu_name(),
         "cores": os.cpu_count(),
         "torch_threads": _torch_threads(),
         "platform": platform.platform(),
@@ -282,6 +282,14 @@ def cpu_name() -> str:
     except OSError:
         pass
     return platform.processor() or platform.machine() or "unknown CPU"
+
+
+def gpu_name(device: str) -> str | None:
+    if not device.startswith("cuda"):
+        return None
+    import torch
+
+    return f"{torch.cuda.get_device_name(torch.device(device))} (host {cpu_name()})"
 
 
 def _torch_threads() -> int | None:
@@ -339,17 +347,24 @@ def plot(results: dict, path: Path) -> None:
     matplotlib.use("Agg")  # no display on servers and in tests
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7.5, 5))
-    for s in results["summary"]:
-        x = s["median_speedup_vs_lc"]
-        if x is None:
-            continue
-        ax.scatter([x], [s["contains"]], s=40)
-        ax.annotate(s["method"], (x, s["contains"]), textcoords="offset points", xytext=(5, 5), fontsize=8)
+    fig, ax = plt.subplots(figsize=(8, 5.5))
+    points = [(s["median_speedup_vs_lc"], s["contains"], s["method"]) for s in results["summary"]
+              if s["median_speedup_vs_lc"] is not None]
+    placed: list[tuple[float, float]] = []
+    span = max((x for x, _, _ in points), default=1.0) or 1.0
+    for x, y, label in points:
+        # Methods often tie on quality; stagger the labels of neighbours so none is printed over another.
+        crowd = sum(1 for px, py in placed if abs(px - x) < 0.08 * span and abs(py - y) < 0.04)
+        placed.append((x, y))
+        ax.scatter([x], [y], s=40, label=label, zorder=3)
+        ax.annotate(label, (x, y), textcoords="offset points", xytext=(5, 5 + 11 * crowd), fontsize=8)
+    if points:
+        ax.legend(fontsize=7, loc="lower right")
     ax.axvline(1.0, color="grey", linewidth=0.8, linestyle="--")
     ax.set_xlabel("median decode speedup vs LC (same question, same run)")
     ax.set_ylabel("answer-contained rate")
     ax.set_ylim(-0.05, 1.05)
+    ax.set_xlim(left=0)
     models = results["models"]
     ax.set_title(f"{models['target']} / drafter {models['drafter']}, "
                  f"{results['context']['long_tokens']} context tokens, {results['n_questions']} questions",
@@ -409,6 +424,8 @@ def main(argv: Sequence[str]) -> int:
     for path in args.docs or []:
         if not path.exists():
             raise CliError(f"no such file or folder: {path}")
+    if args.index and not args.docs and not (args.index / "docstore.sqlite").exists():
+        raise CliError(f"{args.index} is not an index (no docstore.sqlite); create it with --docs or `ask ingest`")
     settings = settings_from_args(args)
     # Greedy decoding makes every method's answer a deterministic function of its inputs.
     base = replace(settings.decoding, temperature=0.0)
@@ -428,11 +445,11 @@ def main(argv: Sequence[str]) -> int:
     engine = Engine(settings, log=log)
     index = engine.open_index(index_dir)
     if args.docs:
-        results = index.add_files(args.docs, progress=False)
-        for result in results:
+        ingested = index.add_files(args.docs, progress=False)
+        for result in ingested:
             if not result.ok:
                 log(f"skipped {result.source}: {result.message}")
-        if not any(r.ok for r in results):
+        if not any(r.ok for r in ingested):
             raise CliError("none of the documents could be indexed")
     documents = [doc.source for doc in index.documents()]
     if not documents:

@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 
 from app.config import Settings
+from app.errors import QuestionError
 from app.events import Done, Event, Progress, Sources, Status, Token
 from app.registry import resolve_model
 from app.speedup import LcReference, Speedup, measured_speedup
@@ -22,13 +23,9 @@ from retrieval.context import build_contexts
 from retrieval.embedding import Embedder
 from retrieval.errors import ContextTooLongError
 from retrieval.index import HybridIndex
-from retrieval.types import Contexts
+from retrieval.types import Contexts, RetrievalSettings
 
 PROMPT_OVERHEAD_TOKENS = 256  # chat template + question, reserved when sizing the long context
-
-
-class QuestionError(ValueError):
-    """The question or its settings are not acceptable; the message is for the user."""
 
 
 class Engine:
@@ -110,11 +107,14 @@ class Engine:
         except ValueError as error:
             raise QuestionError(str(error)) from error
 
-    def prompts(self, question: str, index: HybridIndex, decoding: DecodingSettings) -> tuple[Contexts, Prompt, Prompt]:
+    def prompts(
+        self, question: str, index: HybridIndex, decoding: DecodingSettings, retrieval: RetrievalSettings | None = None
+    ) -> tuple[Contexts, Prompt, Prompt]:
+        """retrieval overrides the per-question knobs (budget, floor); chunking is fixed by the index."""
         target = self.target
         room = decoding.max_new_tokens + decoding.gamma + 2
         contexts = build_contexts(
-            index, question, self.settings.retrieval, target.encode,
+            index, question, retrieval or self.settings.retrieval, target.encode,
             max_long_tokens=target.max_positions - room - PROMPT_OVERHEAD_TOKENS,
         )
         long_prompt = target.prompt(contexts.long_context, question)
@@ -126,7 +126,12 @@ class Engine:
         return contexts, long_prompt, target.prompt(contexts.rag_context, question)
 
     def answer(
-        self, question: str, index: HybridIndex, decoding: DecodingSettings | None = None, compare: bool = False
+        self,
+        question: str,
+        index: HybridIndex,
+        decoding: DecodingSettings | None = None,
+        compare: bool = False,
+        retrieval: RetrievalSettings | None = None,
     ) -> Iterator[Event]:
         """Stream one answer: Status, Sources, Token/Progress ..., Done.
 
@@ -136,7 +141,7 @@ class Engine:
         decoding = decoding or self.settings.decoding
         self.check_question(question, decoding)
         yield Status("Retrieving passages")
-        contexts, long_prompt, rag_prompt = self.prompts(question, index, decoding)
+        contexts, long_prompt, rag_prompt = self.prompts(question, index, decoding, retrieval)
         yield Sources(contexts.citations)
         with self._generate_lock:
             target_name = self.settings.models.target

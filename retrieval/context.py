@@ -37,13 +37,16 @@ def build_contexts(
             f"{max_long_tokens:,}: remove some documents or use a model with a longer context."
         )
     budget = rag_budget(long_tokens, settings)
-    kept = select_chunks(index.search(question, k=_candidates(index, budget, settings)), budget)
+    hits = index.search(question, k=_candidates(index, budget, settings))
+    # A chunk costs its text, its header line and two newline tokens at most: the budget bounds
+    # what the drafter prefills.
+    kept = select_chunks(hits, budget, lambda chunk: chunk.n_tokens + len(tokenize(_header(chunk))) + 2)
     if long_tokens <= budget:
         # The whole corpus fits the drafter's budget: give it everything, in order.
         rag_chunks = [chunk for doc in documents for chunk in index.chunks(doc.doc_id)]
     else:
         rag_chunks = in_document_order([hit.chunk for hit in kept], [doc.doc_id for doc in documents])
-    rag_context = "\n\n".join(f"[{chunk.label()}]\n{chunk.text}" for chunk in rag_chunks)
+    rag_context = "\n\n".join(f"{_header(chunk)}\n{chunk.text}" for chunk in rag_chunks)
     return Contexts(
         long_context=long_context,
         long_tokens=long_tokens,
@@ -57,15 +60,18 @@ def rag_budget(long_tokens: int, settings: RetrievalSettings) -> int:
     return max(settings.budget_min_tokens, int(long_tokens * settings.budget_fraction))
 
 
-def select_chunks(hits: list[ScoredChunk], budget: int) -> list[ScoredChunk]:
+def select_chunks(
+    hits: list[ScoredChunk], budget: int, cost: Callable[[Chunk], int] = lambda chunk: chunk.n_tokens
+) -> list[ScoredChunk]:
     """Best-first, every chunk that still fits the budget (a big one is skipped, a smaller later
     one may still fit); at least one chunk, so a tiny budget still gives the drafter something."""
     kept: list[ScoredChunk] = []
     used = 0
     for hit in hits:
-        if used + hit.chunk.n_tokens <= budget or not kept:
+        tokens = cost(hit.chunk)
+        if used + tokens <= budget or not kept:
             kept.append(hit)
-            used += hit.chunk.n_tokens
+            used += tokens
     return kept
 
 
@@ -85,6 +91,10 @@ def excerpt(text: str, limit: int = EXCERPT_CHARS) -> str:
         return flat
     cut = flat.rfind(" ", 0, limit)
     return flat[: cut if cut > limit // 2 else limit] + "…"
+
+
+def _header(chunk: Chunk) -> str:
+    return f"[{chunk.label()}]"
 
 
 def _candidates(index: HybridIndex, budget: int, settings: RetrievalSettings) -> int:

@@ -170,11 +170,6 @@ class DocStore:
             ).fetchone()
         return row[0] if row else None
 
-    def status(self, doc_id: str) -> str | None:
-        with self._connect() as db:
-            row = db.execute("SELECT status FROM documents WHERE doc_id = ?", (doc_id,)).fetchone()
-        return row[0] if row else None
-
 
 def _delete(db: sqlite3.Connection, doc_ids: Sequence[str]) -> None:
     for doc_id in doc_ids:

@@ -16,7 +16,6 @@ each write replaces as a whole, so concurrent searches see the index before or a
 from __future__ import annotations
 
 import hashlib
-import re
 import threading
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -30,14 +29,20 @@ from retrieval.docstore import DocStore, StoredDocument
 from retrieval.embedding import Embedder
 from retrieval.errors import IngestError, RetrievalError
 from retrieval.lexical import LexicalIndex
-from retrieval.readers import check_size, document_text, read_document_with_notes, supported_extensions
+from retrieval.readers import (
+    check_size,
+    display_name,
+    document_text,
+    file_name,
+    read_document_with_notes,
+    supported_extensions,
+)
 from retrieval.types import Chunk, DocumentInfo, IngestResult, RetrievalSettings, ScoredChunk
 from retrieval.vectors import ChromaVectors
 
 Tokenize = Callable[[str], Sequence[int]]
 MODES = ("hybrid", "dense", "bm25")
 ChunkVectors = list[list[float]]  # one chunk's vectors, one per embedder window
-_MAX_NAME_CHARS = 200
 
 
 @dataclass(frozen=True)
@@ -89,7 +94,7 @@ class HybridIndex:
             chunk_tokens=self._settings.chunk_tokens, overlap=self._settings.chunk_overlap,
         )
         if not chunks:
-            raise IngestError(f"{path.name}: the file contains no text.")
+            raise IngestError(f"{file_name(path)}: the file contains no text.")
         vectors = self._embedder.embed_passages([chunk.text for chunk in chunks])
         document = StoredDocument(
             doc_id=doc_id,
@@ -116,10 +121,10 @@ class HybridIndex:
             try:
                 results.append(self.add_file(path))
             except RetrievalError as exc:
-                results.append(IngestResult(path, display_name(path.name), "error", str(exc)))
+                results.append(IngestResult(path, file_name(path), "error", str(exc)))
             except Exception as exc:  # unexpected bug: report it for this file, keep going
-                message = f"{path.name}: unexpected error ({type(exc).__name__}: {exc})".splitlines()[0]
-                results.append(IngestResult(path, display_name(path.name), "error", message))
+                message = f"{file_name(path)}: unexpected error ({type(exc).__name__}: {exc})".splitlines()[0]
+                results.append(IngestResult(path, file_name(path), "error", message))
         return results
 
     def _commit(self, document: StoredDocument, chunks: list[Chunk], vectors: list[ChunkVectors]) -> bool:
@@ -134,8 +139,10 @@ class HybridIndex:
             if isinstance(exc, Exception):  # a store failed: report it; Ctrl-C and exits pass through
                 raise IngestError(f"{document.source}: could not be written to the index ({exc}).") from exc
             raise
-        self._vectors.delete_documents(old_ids)
-        self._snapshot = self._load_snapshot()
+        try:
+            self._vectors.delete_documents(old_ids)  # if this fails, the next open removes them
+        finally:
+            self._snapshot = self._load_snapshot()
         return bool(old_ids)
 
     # Three seams, one per step, so tests can fail or kill the process between them.
@@ -163,8 +170,10 @@ class HybridIndex:
             # Docstore first: a crash before the Chroma delete leaves stray vectors that the next
             # open removes, never a listed document without vectors.
             self._docstore.remove(doc_ids)
-            self._vectors.delete_documents(doc_ids)
-            self._snapshot = self._load_snapshot()
+            try:
+                self._vectors.delete_documents(doc_ids)
+            finally:
+                self._snapshot = self._load_snapshot()
         return True
 
     def _discard(self, doc_ids: list[str]) -> None:
@@ -299,16 +308,6 @@ def fuse(
     return fused
 
 
-def display_name(raw: str) -> str:
-    """A file name safe to show and to put in a prompt header: last path component only, no
-    control or invisible formatting characters (e.g. right-to-left overrides), bounded length.
-    It is never used as a path: nothing is written under a document's name."""
-    name = re.split(r"[\\/]", raw)[-1]
-    name = "".join(ch for ch in name if ch.isprintable())
-    name = " ".join(name.split())[:_MAX_NAME_CHARS]
-    return "document" if name in ("", ".", "..") else name
-
-
 def expand_paths(paths: Iterable[Path]) -> list[Path]:
     """Folders become their supported files (recursively, hidden ones skipped, sorted)."""
     extensions = set(supported_extensions())
@@ -332,7 +331,7 @@ def _file_sha256(path: Path) -> str:
             for block in iter(lambda: handle.read(1 << 20), b""):
                 digest.update(block)
     except OSError as exc:
-        raise IngestError(f"{path.name}: cannot read the file ({exc.strerror or exc}).") from None
+        raise IngestError(f"{file_name(path)}: cannot read the file ({exc.strerror or exc}).") from None
     return digest.hexdigest()
 
 

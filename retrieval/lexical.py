@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import re
 import threading
 from collections.abc import Sequence
@@ -23,6 +24,16 @@ _STOPWORDS = frozenset((
 
 def bm25_tokens(text: str) -> list[str]:
     return [word for word in _WORD.findall(text.lower()) if word not in _STOPWORDS]
+
+
+class _LuceneIdfBM25(BM25Okapi):
+    """Okapi BM25 scoring with Lucene's idf, log(1 + (N - n + 0.5) / (n + 0.5)), which is always
+    positive. Okapi's own idf is zero or negative for a word in half or more of the chunks, so a
+    corpus of one or two short documents (a typical first upload) would match nothing at all."""
+
+    def _calc_idf(self, nd: dict[str, int]) -> None:
+        for word, freq in nd.items():
+            self.idf[word] = math.log(1 + (self.corpus_size - freq + 0.5) / (freq + 0.5))
 
 
 class LexicalIndex:
@@ -50,5 +61,5 @@ class LexicalIndex:
                 corpus = [bm25_tokens(chunk.text) for chunk in self._chunks]
                 # BM25Okapi divides by the mean chunk length: an all-empty corpus has nothing to find.
                 if any(corpus):
-                    self._bm25 = BM25Okapi(corpus)
+                    self._bm25 = _LuceneIdfBM25(corpus)
             return self._bm25

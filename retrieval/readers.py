@@ -44,6 +44,7 @@ _HTML_BLOCKS = (
 _HTML_MAX_DEPTH = 512
 # A .docx is a zip; a small one that unpacks to gigabytes is a zip bomb, not a document.
 _DOCX_MAX_UNPACK_RATIO = 20
+_MAX_NAME_CHARS = 200
 
 
 @dataclass(frozen=True)
@@ -64,7 +65,7 @@ def read_document_with_notes(path: Path, max_bytes: int) -> ReadResult:
     reader = _READERS.get(path.suffix.lower())
     if reader is None:
         raise IngestError(
-            f"{path.name}: unsupported file type '{path.suffix or '(none)'}'; "
+            f"{file_name(path)}: unsupported file type '{path.suffix or '(none)'}'; "
             f"supported: {', '.join(supported_extensions())}."
         )
     check_size(path, max_bytes)
@@ -73,9 +74,24 @@ def read_document_with_notes(path: Path, max_bytes: int) -> ReadResult:
     except IngestError:
         raise
     except RecursionError:
-        raise IngestError(f"{path.name}: the file is nested too deeply to read.") from None
+        raise IngestError(f"{file_name(path)}: the file is nested too deeply to read.") from None
     except MemoryError:
-        raise IngestError(f"{path.name}: the file is too large to read in memory.") from None
+        raise IngestError(f"{file_name(path)}: the file is too large to read in memory.") from None
+
+
+def file_name(path: Path) -> str:
+    """How a file is named in messages: its display name (see display_name)."""
+    return display_name(path.name)
+
+
+def display_name(raw: str) -> str:
+    """A file name safe to show and to put in a prompt header: last path component only, no
+    control or invisible formatting characters (e.g. right-to-left overrides), bounded length.
+    It is never used as a path: nothing is written under a document's name."""
+    name = re.split(r"[\\/]", raw)[-1]
+    name = "".join(ch for ch in name if ch.isprintable())
+    name = " ".join(name.split())[:_MAX_NAME_CHARS]
+    return "document" if name in ("", ".", "..") else name
 
 
 def supported_extensions() -> tuple[str, ...]:
@@ -86,13 +102,13 @@ def check_size(path: Path, max_bytes: int) -> None:
     try:
         size = path.stat().st_size
     except OSError as exc:
-        raise IngestError(f"{path.name}: cannot open the file ({exc.strerror or exc}).") from None
+        raise IngestError(f"{file_name(path)}: cannot open the file ({exc.strerror or exc}).") from None
     if not path.is_file():
-        raise IngestError(f"{path.name}: not a regular file.")
+        raise IngestError(f"{file_name(path)}: not a regular file.")
     if size == 0:
-        raise IngestError(f"{path.name}: the file is empty.")
+        raise IngestError(f"{file_name(path)}: the file is empty.")
     if size > max_bytes:
-        raise IngestError(f"{path.name}: the file is {_bytes(size)}, over the {_bytes(max_bytes)} limit.")
+        raise IngestError(f"{file_name(path)}: the file is {_bytes(size)}, over the {_bytes(max_bytes)} limit.")
 
 
 def _bytes(n: int) -> str:
@@ -105,7 +121,7 @@ def _read_bytes(path: Path) -> bytes:
     try:
         return path.read_bytes()
     except OSError as exc:
-        raise IngestError(f"{path.name}: cannot read the file ({exc.strerror or exc}).") from None
+        raise IngestError(f"{file_name(path)}: cannot read the file ({exc.strerror or exc}).") from None
 
 
 def pages_from_texts(texts: list[tuple[str, int | None, str | None]]) -> list[Page]:
@@ -124,7 +140,7 @@ def document_text(pages: list[Page]) -> str:
 
 def _require_text(path: Path, pages: list[Page]) -> list[Page]:
     if not any(page.text.strip() for page in pages):
-        raise IngestError(f"{path.name}: the file contains no text.")
+        raise IngestError(f"{file_name(path)}: the file contains no text.")
     return pages
 
 
@@ -136,7 +152,7 @@ def _read_pdf(path: Path) -> ReadResult:
 
     data = _read_bytes(path)
     if b"%PDF-" not in data[:1024]:
-        raise IngestError(f"{path.name}: not a PDF file (no PDF header; is it another format renamed?).")
+        raise IngestError(f"{file_name(path)}: not a PDF file (no PDF header; is it another format renamed?).")
     try:
         reader = pypdf.PdfReader(io.BytesIO(data), strict=False)
         _unlock_pdf(path, reader)
@@ -147,12 +163,12 @@ def _read_pdf(path: Path) -> ReadResult:
         raise
     except Exception as exc:  # pypdf raises many types on damaged files; all mean the same to a user
         raise IngestError(
-            f"{path.name}: the PDF is damaged or truncated and cannot be read ({_short(exc)})."
+            f"{file_name(path)}: the PDF is damaged or truncated and cannot be read ({_short(exc)})."
         ) from None
     if n_pages == 0:
-        raise IngestError(f"{path.name}: the PDF has no pages.")
+        raise IngestError(f"{file_name(path)}: the PDF has no pages.")
     if not any(text.strip() for text, _, _ in texts):
-        raise IngestError(f"{path.name}: no extractable text (scanned?); run OCR on it first.")
+        raise IngestError(f"{file_name(path)}: no extractable text (scanned?); run OCR on it first.")
     return ReadResult(pages_from_texts(texts))
 
 
@@ -163,11 +179,11 @@ def _unlock_pdf(path: Path, reader: PdfReader) -> None:
     try:
         unlocked = reader.decrypt("")
     except Exception as exc:  # e.g. AES without the optional 'cryptography' package
-        message = f"{path.name}: the PDF is encrypted and cannot be opened ({_short(exc)})."
+        message = f"{file_name(path)}: the PDF is encrypted and cannot be opened ({_short(exc)})."
         raise IngestError(message) from None
     if not unlocked:
         raise IngestError(
-            f"{path.name}: the PDF is password-protected; remove the password and add it again."
+            f"{file_name(path)}: the PDF is password-protected; remove the password and add it again."
         )
 
 
@@ -191,7 +207,7 @@ def _decode_text(path: Path, data: bytes) -> tuple[str, tuple[str, ...]]:
         except UnicodeDecodeError:
             pass
     if b"\x00" in data:
-        raise IngestError(f"{path.name}: the file holds binary data, not text.")
+        raise IngestError(f"{file_name(path)}: the file holds binary data, not text.")
     try:
         return data.decode("utf-8-sig"), ()  # utf-8-sig reads plain UTF-8 too, minus a leading BOM
     except UnicodeDecodeError as exc:
@@ -199,7 +215,7 @@ def _decode_text(path: Path, data: bytes) -> tuple[str, tuple[str, ...]]:
     text = _try_cp1252(data)
     if text is None:
         raise IngestError(
-            f"{path.name}: the text is not UTF-8 (invalid byte 0x{data[bad]:02x} at offset {bad}) "
+            f"{file_name(path)}: the text is not UTF-8 (invalid byte 0x{data[bad]:02x} at offset {bad}) "
             "and no clean fallback encoding fits; save it as UTF-8 and add it again."
         )
     return text, ("not UTF-8: decoded as Windows-1252 (cp1252)",)
@@ -265,11 +281,11 @@ def _normalise_newlines(text: str) -> str:
 def _read_html(path: Path) -> ReadResult:
     data = _read_bytes(path)
     if b"\x00" in data[:4096] and not data.startswith((b"\xff\xfe", b"\xfe\xff")):
-        raise IngestError(f"{path.name}: the file holds binary data, not HTML.")
+        raise IngestError(f"{file_name(path)}: the file holds binary data, not HTML.")
     # html.parser builds the tree without recursion, so even hostile nesting parses, in seconds.
     soup = BeautifulSoup(data, "html.parser")
     if _nesting_exceeds(soup, _HTML_MAX_DEPTH):
-        raise IngestError(f"{path.name}: the HTML is nested too deeply (over {_HTML_MAX_DEPTH} levels).")
+        raise IngestError(f"{file_name(path)}: the HTML is nested too deeply (over {_HTML_MAX_DEPTH} levels).")
     for tag in soup(list(_HTML_DROP)):
         tag.decompose()
     # Headings become Markdown heading lines so the Markdown sectioniser names the sections.
@@ -325,7 +341,7 @@ def _read_docx(path: Path) -> ReadResult:
     except IngestError:
         raise
     except Exception as exc:  # a zip that is not a Word document, or a damaged one
-        raise IngestError(f"{path.name}: not a readable Word document ({_short(exc)}).") from None
+        raise IngestError(f"{file_name(path)}: not a readable Word document ({_short(exc)}).") from None
     return ReadResult(_require_text(path, pages_from_texts(sections)))
 
 
@@ -334,9 +350,9 @@ def _check_zip(path: Path) -> None:
         with zipfile.ZipFile(path) as archive:
             unpacked = sum(info.file_size for info in archive.infolist())
     except (zipfile.BadZipFile, OSError):
-        raise IngestError(f"{path.name}: not a valid .docx file (it is not a zip archive).") from None
+        raise IngestError(f"{file_name(path)}: not a valid .docx file (it is not a zip archive).") from None
     if unpacked > _DOCX_MAX_UNPACK_RATIO * max(path.stat().st_size, 1_000_000):
-        raise IngestError(f"{path.name}: the .docx unpacks to {unpacked / 1e6:.0f} MB; refusing it.")
+        raise IngestError(f"{file_name(path)}: the .docx unpacks to {unpacked / 1e6:.0f} MB; refusing it.")
 
 
 def _table_lines(table: Table) -> list[str]:

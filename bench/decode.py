@@ -1,0 +1,255 @@
+"""Decoding benchmark: every method on the same input, as ratios to LC measured in the same run.
+
+    python -m bench.decode [--contexts 4096,8192,16384] [--runs 3] [--new-tokens 64] [--fast]
+
+For each context length it builds one real input (a slice of data/R-data.pdf around the demo
+question's answer, indexed with the real retriever), then reports per method the median decode
+tokens/s over runs, acceptance, mean accepted length, the speedup over LC, and the memory
+bandwidth achieved (bytes read per target pass x passes/s) against a measured copy bandwidth.
+Side by side on the same prompt: transformers' own assisted generation (the same drafter as
+`assistant_model`) and prompt-lookup decoding, timed on a prefilled cache so only decoding counts.
+It also times one target verify pass of gamma+1 tokens against one decode step.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import platform
+import statistics
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+
+from app.cli import add_model_options, settings_from_args
+from app.pipeline import Engine
+from decoding.generate import generate, run_to_end
+from decoding.model import Transformer
+from decoding.models import LoadedModel, Prompt
+from decoding.settings import DecodingSettings
+from retrieval.readers import read_document
+
+REPO = Path(__file__).resolve().parent.parent
+METHODS = ("lc", "rag", "sd", "magicdec", "lookup", "rapid")
+
+
+def machine() -> str:
+    model = "unknown CPU"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"{model}, {os.cpu_count()} cores"
+    return f"{device}, torch {torch.__version__}, {platform.python_version()}"
+
+
+def copy_bandwidth_gbs() -> float:
+    """Bytes moved (read + write) per second by a large tensor copy: the machine's practical ceiling."""
+    src = torch.empty(256 * 1024 * 1024, dtype=torch.bfloat16)
+    dst = torch.empty_like(src)
+    dst.copy_(src)
+    times = []
+    for _ in range(5):
+        start = time.perf_counter()
+        dst.copy_(src)
+        times.append(time.perf_counter() - start)
+    return 2 * src.numel() * src.element_size() / min(times) / 1e9
+
+
+def bytes_per_pass(model: Transformer, context_tokens: int) -> int:
+    """Weights read per forward (all but the embedding table, of which one row is read) plus the KV cache."""
+    a = model.args
+    weights = sum(p.numel() * p.element_size() for n, p in model.named_parameters() if not n.startswith("embed"))
+    kv = 2 * a.n_layers * a.n_kv_heads * a.head_dim * context_tokens * model.dtype.itemsize
+    return weights + kv
+
+
+def median_time(fn: Callable[[], object], repeats: int = 7) -> float:
+    fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def verify_over_decode(model: Transformer, context_tokens: int, gamma: int) -> tuple[float, float]:
+    """Seconds for one decode step and for one verify pass of gamma + 1 tokens at this cache length."""
+    cache = model.new_cache(context_tokens + gamma + 8)
+    cache.length = cache.next_position = context_tokens  # contents do not change the cost
+
+    def step(n: int) -> None:
+        model.forward(torch.full((n,), 100), cache, all_logits=n > 1)
+        cache.crop(context_tokens)
+
+    return median_time(lambda: step(1)), median_time(lambda: step(gamma + 1))
+
+
+def build_input(engine: Engine, n_tokens: int, question: str, workdir: Path) -> tuple[Prompt, Prompt, int]:
+    """A real document slice of about n_tokens around the answer, indexed with the real retriever."""
+    target = engine.target
+    limit = engine.settings.retrieval.max_file_bytes
+    pages = [page.text for page in read_document(REPO / "data" / "R-data.pdf", limit)]
+    ids = target.encode("\n\n".join(pages))
+    answer_at = len(target.encode("\n\n".join(pages[:14])))  # page 15 holds the answer
+    start = max(0, min(answer_at - n_tokens // 2, len(ids) - n_tokens))
+    text = target.decode(ids[start : start + n_tokens])
+    doc = workdir / f"r-data-{n_tokens}.txt"
+    doc.write_text(text)
+    index = engine.open_index(workdir / f"index-{n_tokens}")
+    index.add_files([doc], progress=False)
+    _, long_prompt, rag_prompt = engine.prompts(question, index, engine.settings.decoding)
+    return long_prompt, rag_prompt, len(long_prompt)
+
+
+def hf_baselines(target: LoadedModel, drafter: LoadedModel, prompt: Prompt, new_tokens: int,
+                 runs: int) -> dict[str, dict[str, float]]:
+    """transformers' generate on the same weights: prompt lookup and assisted generation."""
+    from transformers import AutoModelForCausalLM, DynamicCache
+
+    dtype = target.model.dtype
+    hf_target = AutoModelForCausalLM.from_pretrained(target.directory, dtype=dtype).eval()
+    hf_drafter = AutoModelForCausalLM.from_pretrained(drafter.directory, dtype=dtype).eval()
+    ids = torch.tensor([prompt.tokens])
+    prefix = DynamicCache(config=hf_target.config)
+    with torch.inference_mode():
+        hf_target(ids[:, :-1], past_key_values=prefix, use_cache=True, logits_to_keep=1)
+        start = time.perf_counter()
+        hf_drafter(ids, logits_to_keep=1)
+        assistant_prefill = time.perf_counter() - start
+    common = {"max_new_tokens": new_tokens, "do_sample": False, "eos_token_id": sorted(target.stop_ids),
+              "pad_token_id": target.tokenizer.pad_token_id or 0}
+    variants: dict[str, dict[str, object]] = {
+        "hf generate (LC)": {},
+        "hf prompt lookup": {"prompt_lookup_num_tokens": 10},
+        "hf assisted": {"assistant_model": hf_drafter},
+    }
+    results = {}
+    for name, extra in variants.items():
+        speeds = []
+        for _ in range(runs):
+            with torch.inference_mode():
+                start = time.perf_counter()
+                out = hf_target.generate(ids, past_key_values=copy.deepcopy(prefix), **common, **extra)
+                elapsed = time.perf_counter() - start
+            # The assistant must read the whole document before it can draft: that is part of using
+            # this tool, but it is prefill, so it is taken out of the decode time (measured apart).
+            if "assistant_model" in extra:
+                elapsed -= assistant_prefill
+            generated = out.shape[1] - ids.shape[1]
+            speeds.append(generated / elapsed)
+        results[name] = {"tokens_per_s": statistics.median(speeds), "generated": generated}
+    return results
+
+
+def run(argv: Sequence[str] | None = None) -> dict[str, object]:
+    parser = argparse.ArgumentParser(prog="python -m bench.decode", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--contexts", default="4096,8192,16384", help="context lengths in tokens")
+    parser.add_argument("--runs", type=int, default=3, help="runs per method; medians are reported")
+    parser.add_argument("--new-tokens", type=int, default=64)
+    parser.add_argument("--gamma", type=int, default=5)
+    parser.add_argument("--eta", type=float, default=0.0, help="RAPID's eta (0 keeps the target's exact output)")
+    parser.add_argument("--methods", default=",".join(METHODS))
+    parser.add_argument("--no-hf", action="store_true", help="skip transformers' assisted / prompt-lookup runs")
+    parser.add_argument("--out", type=Path, default=REPO / "artifacts" / "bench_decode.json")
+    add_model_options(parser)
+    args = parser.parse_args(argv)
+    settings = settings_from_args(args)
+    question = (REPO / "data" / "demo_question.txt").read_text().strip()
+    decoding = replace(settings.decoding, max_new_tokens=args.new_tokens, gamma=args.gamma, eta=args.eta)
+    methods = [m for m in args.methods.split(",") if m]
+    if "lc" not in methods:
+        methods.insert(0, "lc")
+
+    with tempfile.TemporaryDirectory() as tmp:
+        settings = replace(settings, home=Path(tmp), decoding=decoding)
+        engine = Engine(settings, log=lambda m: print(m, flush=True))
+        target, drafter = engine.target, engine.drafter
+        bandwidth = copy_bandwidth_gbs()
+        report: dict[str, object] = {"machine": machine(), "copy_bandwidth_gbs": bandwidth,
+                                     "target": settings.models.target, "drafter": settings.models.drafter,
+                                     "dtype": str(target.model.dtype), "gamma": args.gamma, "eta": args.eta,
+                                     "new_tokens": args.new_tokens, "runs": args.runs, "contexts": []}
+        print(f"machine: {report['machine']}; copy bandwidth {bandwidth:.1f} GB/s")
+        for n_tokens in (int(c) for c in args.contexts.split(",")):
+            report["contexts"].append(bench_context(engine, target, drafter, n_tokens, question, decoding, methods,
+                                                    args, bandwidth, Path(tmp)))
+            args.out.parent.mkdir(parents=True, exist_ok=True)
+            args.out.write_text(json.dumps(report, indent=2))
+    print(f"\nwrote {args.out}")
+    return report
+
+
+def bench_context(engine: Engine, target: LoadedModel, drafter: LoadedModel, n_tokens: int, question: str,
+                  decoding: DecodingSettings, methods: list[str], args: argparse.Namespace, bandwidth: float,
+                  workdir: Path) -> dict[str, object]:
+    long_prompt, rag_prompt, context_tokens = build_input(engine, n_tokens, question, workdir)
+    hooks = engine.prefix_cache.hooks()
+    rows: dict[str, dict[str, float | None]] = {}
+    outputs: dict[str, list[int]] = {}
+    for method in methods:
+        runs = []
+        for _ in range(args.runs):
+            settings = replace(decoding, method=method)
+            draft_model = drafter if method in ("sd", "rapid") else None
+            runs.append(run_to_end(generate(method, target, draft_model, long_prompt, rag_prompt, settings, hooks)))
+        outputs[method] = runs[-1].token_ids
+        stats = [r.stats for r in runs]
+        tps = statistics.median(s.decode_tokens_per_s or 0.0 for s in stats)
+        passes_per_s = statistics.median(s.target_passes / s.decode_s for s in stats if s.decode_s)
+        read_tokens = rag_prompt.__len__() if method == "rag" else context_tokens
+        rows[method] = {
+            "decode_tokens_per_s": tps,
+            "acceptance_rate": stats[-1].acceptance_rate,
+            "mean_accepted_length": stats[-1].mean_accepted_length,
+            "prefill_s": statistics.median(s.prefill_s for s in stats),
+            "generated": stats[-1].generated,
+            "target_bandwidth_gbs": bytes_per_pass(target.model, read_tokens) * passes_per_s / 1e9,
+            "same_tokens_as_lc": None,
+        }
+    for method in methods:
+        rows[method]["speedup_vs_lc"] = rows[method]["decode_tokens_per_s"] / rows["lc"]["decode_tokens_per_s"]
+        rows[method]["same_tokens_as_lc"] = outputs[method] == outputs["lc"]
+    decode_s, verify_s = verify_over_decode(target.model, context_tokens, args.gamma)
+    hf = {} if args.no_hf else hf_baselines(target, drafter, long_prompt, args.new_tokens, args.runs)
+    for row in hf.values():
+        row["speedup_vs_lc"] = row["tokens_per_s"] / rows["lc"]["decode_tokens_per_s"]
+    print_table(context_tokens, rows, hf, decode_s, verify_s, args.gamma, bandwidth)
+    return {"context_tokens": context_tokens, "rag_tokens": len(rag_prompt), "methods": rows, "hf": hf,
+            "decode_step_s": decode_s, "verify_pass_s": verify_s, "verify_over_decode": verify_s / decode_s}
+
+
+def print_table(context_tokens: int, rows: dict[str, dict[str, float | None]], hf: dict[str, dict[str, float]],
+                decode_s: float, verify_s: float, gamma: int, bandwidth: float) -> None:
+    print(f"\ncontext {context_tokens} tokens: decode step {decode_s * 1e3:.0f} ms, verify of {gamma + 1} tokens "
+          f"{verify_s * 1e3:.0f} ms (ratio {verify_s / decode_s:.2f})")
+    print(f"{'method':20s} {'tok/s':>7s} {'vs LC':>6s} {'accept':>7s} {'len/pass':>8s} {'GB/s':>6s} "
+          f"{'prefill s':>9s} {'=LC':>4s}")
+    for method, r in rows.items():
+        acc = f"{r['acceptance_rate']:.0%}" if r["acceptance_rate"] is not None else "-"
+        mal = f"{r['mean_accepted_length']:.2f}" if r["mean_accepted_length"] else "-"
+        print(f"{method:20s} {r['decode_tokens_per_s']:7.2f} {r['speedup_vs_lc']:5.2f}x {acc:>7s} {mal:>8s} "
+              f"{r['target_bandwidth_gbs']:6.1f} {r['prefill_s']:9.1f} {'yes' if r['same_tokens_as_lc'] else 'no':>4s}")
+    for name, r in hf.items():
+        print(f"{name:20s} {r['tokens_per_s']:7.2f} {r['speedup_vs_lc']:5.2f}x")
+    print(f"(copy bandwidth {bandwidth:.1f} GB/s; GB/s = target bytes read per pass x passes per second)")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    run(argv)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,221 @@
+"""Helpers for the UI tests: model lookup, a scripted engine, a server in a thread, Chromium.
+
+Kept out of conftest.py (shared with other test suites); the UI test files import from here.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import replace
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import pytest
+
+from app.config import Limits, ModelSettings, ServerSettings, Settings
+from app.events import Done, Event, Progress, Sources, Status, Token
+from app.pipeline import QuestionError
+from app.speedup import Speedup
+from decoding.settings import DecodingSettings
+from decoding.stats import Stats
+from retrieval.types import Citation, RetrievalSettings
+from tests.retrieval_fixtures import HashEmbedder, text_pdf, word_tokens
+
+if TYPE_CHECKING:
+    import gradio as gr
+    from playwright.sync_api import BrowserContext
+
+    from retrieval.index import HybridIndex
+
+REPO = Path(__file__).resolve().parents[1]
+R_DATA = REPO / "data" / "R-data.pdf"
+ARTIFACTS = REPO / "artifacts"
+SMALL_MODEL = "qwen2.5-coder-0.5b"
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMIUM_ARGS = [
+    "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+    "--disable-sync", "--no-first-run", "--disable-quic",
+]
+# What the browser test asks about the 3-page excerpt of R-data.pdf, and a word the answer must hold.
+QUESTION = "Which version of R is this manual for?"
+EXPECTED = "4.2.2"
+
+
+def models_dir() -> Path:
+    """RAPIDQA_MODELS_DIR, else $RAPIDQA_HOME/models, else ~/.cache/rapidqa/models (as CI prepares it)."""
+    if os.environ.get("RAPIDQA_MODELS_DIR"):
+        return Path(os.environ["RAPIDQA_MODELS_DIR"]).expanduser()
+    if os.environ.get("RAPIDQA_HOME"):
+        return Path(os.environ["RAPIDQA_HOME"]).expanduser() / "models"
+    return Path.home() / ".cache" / "rapidqa" / "models"
+
+
+def small_model() -> Path:
+    """The 0.5B model directory, or skip the test saying where it was looked for."""
+    from app.registry import is_ready
+
+    path = models_dir() / SMALL_MODEL
+    if not is_ready(path):
+        pytest.skip(f"{SMALL_MODEL} is not prepared in {path.parent} "
+                    "(set RAPIDQA_MODELS_DIR, or run `make models-test`)")
+    return path
+
+
+def real_settings(home: Path, model: Path, port: int, max_new_tokens: int = 24) -> Settings:
+    """0.5B as target and drafter (self-speculation), short answers: keeps a real answer to seconds."""
+    return Settings(
+        home=home,
+        models=ModelSettings(target=str(model), drafter=str(model)),
+        decoding=DecodingSettings(method="rapid", max_new_tokens=max_new_tokens),
+        server=ServerSettings(port=port),
+    )
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def small_pdf(dest: Path, pages: int = 3) -> Path:
+    """The first pages of R-data.pdf (title, copyright with the R version, contents): a real PDF
+    whose long context is a few hundred tokens, so prefill stays short on a CPU."""
+    from pypdf import PdfReader, PdfWriter
+
+    writer = PdfWriter()
+    for page in PdfReader(R_DATA).pages[:pages]:
+        writer.add_page(page)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    with dest.open("wb") as out:
+        writer.write(out)
+    return dest
+
+
+def bad_files(folder: Path) -> dict[str, Path]:
+    """A truncated PDF, a Windows executable and an empty text file."""
+    folder.mkdir(parents=True, exist_ok=True)
+    corrupt = folder / "corrupt.pdf"
+    corrupt.write_bytes(text_pdf(["A page that will be cut off"])[:120])
+    program = folder / "setup.exe"
+    program.write_bytes(b"MZ\x90\x00\x03\x00\x00\x00\x04\x00" + bytes(64))
+    empty = folder / "empty.txt"
+    empty.write_bytes(b"")
+    return {"corrupt": corrupt, "exe": program, "empty": empty}
+
+
+@contextmanager
+def serving(demo: gr.Blocks, settings: Settings) -> Iterator[str]:
+    """Run the app through ui.web.launch (the code path of `ask serve`) in a background thread."""
+    from ui.web import launch
+
+    launch(demo, settings, prevent_thread_lock=True)
+    try:
+        yield f"http://127.0.0.1:{settings.server.port}/"
+    finally:
+        demo.close()
+
+
+@contextmanager
+def chromium(user_data: Path) -> Iterator[BrowserContext]:
+    """Headless Debian Chromium with a fresh profile (Playwright's own browser download is not used)."""
+    from playwright.sync_api import sync_playwright
+
+    if not CHROMIUM.exists():
+        pytest.skip(f"{CHROMIUM} is not installed (make installs it)")
+    with sync_playwright() as playwright:
+        context = playwright.chromium.launch_persistent_context(
+            str(user_data), executable_path=str(CHROMIUM), headless=True, args=CHROMIUM_ARGS,
+            viewport={"width": 1500, "height": 1000},
+        )
+        try:
+            yield context
+        finally:
+            context.close()
+
+
+def listening_addresses(pid: int, port: int) -> set[str]:
+    """Local addresses a process listens on at this port."""
+    import psutil
+
+    process = psutil.Process(pid)
+    connections = process.net_connections(kind="tcp")
+    return {c.laddr.ip for c in connections if c.status == psutil.CONN_LISTEN and c.laddr.port == port}
+
+
+def wait_until(predicate: Any, timeout: float, interval: float = 0.2) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(interval)
+    return False
+
+
+# --- a scripted engine: the UI's contract with app.pipeline, without models ----------------------
+
+
+class ScriptedEngine:
+    """Engine's interface as the UI uses it (settings, open_index, answer), answering from a script.
+
+    Indexes are real HybridIndex instances with a word tokenizer and a hashing embedder, so uploads
+    go through the real readers and index. "boom" in a question raises an unexpected error; "slow"
+    spaces the tokens out, so a test can stop an answer midway. `finished` counts answers whose
+    generator ended (normally, by error, or closed), which is what releases the real engine's lock.
+    """
+
+    ANSWER = ("The manual ", "is for R ", "version 4.2.2.")
+
+    def __init__(self, home: Path, **limits: int) -> None:
+        self.settings = Settings(home=home, limits=replace(Limits(), **limits),
+                                 retrieval=RetrievalSettings(similarity_floor=0.0),
+                                 server=ServerSettings(port=free_port()))
+        self.log = print
+        self.questions: list[tuple[str, DecodingSettings, bool]] = []
+        self.finished = 0
+
+    def open_index(self, directory: Path | None = None) -> HybridIndex:
+        from retrieval.index import HybridIndex
+
+        return HybridIndex(directory or self.settings.default_index_dir, self.settings.retrieval, word_tokens,
+                           HashEmbedder())
+
+    def answer(self, question: str, index: HybridIndex, decoding: DecodingSettings | None = None,
+               compare: bool = False, retrieval: RetrievalSettings | None = None) -> Iterator[Event]:
+        decoding = decoding or self.settings.decoding
+        if not question.strip():
+            raise QuestionError("The question is empty.")
+        decoding.validate()
+        self.questions.append((question, decoding, compare))
+        try:
+            yield from self._script(question, decoding, compare)
+        finally:
+            self.finished += 1
+
+    def _script(self, question: str, decoding: DecodingSettings, compare: bool) -> Iterator[Event]:
+        yield Status("Retrieving passages")
+        citations = [Citation("manual.pdf", 2, None, "This manual is for R, version 4.2.2 <b>Patched</b>", 0.5)]
+        yield Sources(citations)
+        if "boom" in question:
+            raise RuntimeError("secret internal detail")
+        stats = Stats(method=decoding.method, context_tokens=600, draft_context_tokens=300, prefill_s=0.5)
+        speedup = Speedup(None, "no LC run measured yet at this context length (use compare)")
+        for piece in self.ANSWER:
+            stats.generated += 2
+            stats.drafted += 3
+            stats.accepted += 1
+            stats.target_passes += 1
+            stats.decode_s += 0.25
+            stats.accepted_lengths.append(2)
+            yield Token(piece)
+            yield Progress(stats, speedup)
+            if "slow" in question:
+                time.sleep(2)
+        stats.finish_reason = "eos"
+        if compare:
+            speedup = Speedup(1.5, "measured side by side on this input")
+        yield Done("".join(self.ANSWER), stats, citations, speedup,
+                   Stats(method="lc", generated=6, decode_s=2.25) if compare else None)
