@@ -21,7 +21,7 @@ import time
 import unicodedata
 from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -479,11 +479,7 @@ def run_eval(
         "models": {"target": settings.models.target,
                    "drafter": settings.models.drafter if uses_drafter else None},
         "documents": documents,
-        "decoding": {"temperature": 0.0, "max_new_tokens": settings.decoding.max_new_tokens,
-                     "gamma": settings.decoding.gamma, "eta": settings.decoding.eta,
-                     "lookup_in_rapid": settings.decoding.lookup_in_rapid,
-                     "magicdec_sinks": settings.decoding.magicdec_sinks,
-                     "magicdec_window": settings.decoding.magicdec_window},
+        "decoding": asdict(settings.decoding),  # every knob, so a result can be reproduced
         "methods": [r.label for r in runs],
         "n_questions": len(items),
         "questions": [vars(item) for item in items],

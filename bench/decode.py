@@ -162,6 +162,7 @@ def run(argv: Sequence[str] | None = None) -> dict[str, object]:
     parser.add_argument("--eta", type=float, default=0.0, help="RAPID's eta (0 keeps the target's exact output)")
     parser.add_argument("--methods", default=",".join(METHODS))
     parser.add_argument("--no-hf", action="store_true", help="skip transformers' assisted / prompt-lookup runs")
+    parser.add_argument("--hf-runs", type=int, default=2, help="runs per transformers baseline (they are slow)")
     parser.add_argument("--out", type=Path, default=REPO / "artifacts" / "bench_decode.json")
     add_model_options(parser)
     args = parser.parse_args(argv)
@@ -222,7 +223,7 @@ def bench_context(engine: Engine, target: LoadedModel, drafter: LoadedModel, n_t
         rows[method]["speedup_vs_lc"] = rows[method]["decode_tokens_per_s"] / rows["lc"]["decode_tokens_per_s"]
         rows[method]["same_tokens_as_lc"] = outputs[method] == outputs["lc"]
     decode_s, verify_s = verify_over_decode(target.model, context_tokens, args.gamma)
-    hf = {} if args.no_hf else hf_baselines(target, drafter, long_prompt, args.new_tokens, args.runs)
+    hf = {} if args.no_hf else hf_baselines(target, drafter, long_prompt, args.new_tokens, args.hf_runs)
     for row in hf.values():
         row["speedup_vs_lc"] = row["tokens_per_s"] / rows["lc"]["decode_tokens_per_s"]
     print_table(context_tokens, rows, hf, decode_s, verify_s, args.gamma, bandwidth)

@@ -101,9 +101,14 @@ class ModelDrafter:
             token = sampler.choose(logits)
             draft.tokens.append(token)
             draft.logits.append(logits)
-            if i < k - 1:  # the last draft is fed with the next pass's pending tokens
-                logits = self.session.forward([token])
+            if i == k - 1 or self._unsure(logits, sampler.settings.draft_confidence):
+                break  # the last draft is fed with the next pass's pending tokens
+            logits = self.session.forward([token])
         return draft
+
+    @staticmethod
+    def _unsure(logits: torch.Tensor, threshold: float) -> bool:
+        return threshold > 0 and float(torch.softmax(logits, dim=-1).max()) < threshold
 
     def commit(self, n_positions: int) -> None:
         self.session.rewind(n_positions)
@@ -276,6 +281,7 @@ def decode(
         for token in proposed:
             if token in stop_ids:
                 stats.finish_reason = "eos"
+                emitted += 1  # the stop token was produced by this pass too (LC's length per pass is 1)
                 break
             output.append(token)
             emitted += 1
@@ -348,7 +354,8 @@ def generate(
     hooks = prefix_cache if method != "rag" else None
     logits, restored = prefill(session, prompt, hooks)
     stats.prefix_cached_tokens = len(prompt.prefix) if restored else 0
-    drafter_obj = _make_drafter(method, session, target, drafter, rag_prompt, settings, stats, room)
+    drafter_obj = _make_drafter(method, session, target, drafter, long_prompt, rag_prompt, settings, stats, room,
+                                prefix_cache)
     stats.prefill_s = time.perf_counter() - t0
 
     eta = settings.eta if method == "rapid" else 0.0
@@ -361,10 +368,12 @@ def _make_drafter(
     target_session: Session,
     target: LoadedModel,
     drafter: LoadedModel | None,
+    long_prompt: Prompt,
     rag_prompt: Prompt | None,
     settings: DecodingSettings,
     stats: Stats,
     room: int,
+    prefix_cache: PrefixCacheHooks | None,
 ) -> Drafter | None:
     if method in ("lc", "rag"):
         return None
@@ -378,10 +387,15 @@ def _make_drafter(
     draft_model = drafter or target
     if draft_model is not target and draft_model.tokenizer.get_vocab() != target.tokenizer.get_vocab():
         raise ValueError("the drafter and the target must share one tokenizer (same vocabulary ids)")
-    draft_prompt = target_session.prompt if method == "sd" else rag_prompt.tokens  # type: ignore[union-attr]
-    session = Session(draft_model.model, draft_model.model.new_cache(len(draft_prompt) + room), draft_prompt,
+    draft_prompt = long_prompt if method == "sd" else rag_prompt
+    assert draft_prompt is not None
+    session = Session(draft_model.model, draft_model.model.new_cache(len(draft_prompt) + room), draft_prompt.tokens,
                       target_session.output)
-    session.model.prefill(torch.tensor(draft_prompt, device=session.model.device), session.cache)
+    # SD's drafter reads the whole documents too, so its prefix is worth caching; a RAG context
+    # changes with every question, so RAPID's drafter prefills it plainly.
+    # (With self-speculation the target already holds that prefix's cache object: no sharing.)
+    reuse = method == "sd" and draft_model is not target
+    prefill(session, draft_prompt, prefix_cache if reuse else None)
     stats.draft_context_tokens = len(draft_prompt)
     model_drafter = ModelDrafter(session)
     if method == "sd":

@@ -12,6 +12,7 @@ import hashlib
 import json
 import os
 import time
+from collections import OrderedDict
 from pathlib import Path
 
 import torch
@@ -23,12 +24,17 @@ from decoding.model import Transformer
 
 
 class PrefixCache:
-    def __init__(self, directory: Path, model_ids: dict[int, str], max_bytes: int = 8 << 30) -> None:
-        """model_ids maps id(Transformer) -> a stable identity (e.g. its weights' directory and source hash)."""
+    def __init__(self, directory: Path, model_ids: dict[int, str], max_bytes: int = 8 << 30,
+                 in_memory: int = 2) -> None:
+        """model_ids maps id(Transformer) -> a stable identity (e.g. its weights' directory and source hash).
+
+        The last `in_memory` prefixes stay in RAM (two: the target's and the SD drafter's).
+        """
         self.directory = directory
         self.model_ids = model_ids
         self.max_bytes = max_bytes
-        self._hot: tuple[str, KVCache] | None = None  # the last prefix, kept in memory
+        self.in_memory = in_memory
+        self._hot: OrderedDict[str, KVCache] = OrderedDict()
         self.hits = 0
         self.misses = 0
 
@@ -44,8 +50,9 @@ class PrefixCache:
 
     def load(self, model: Transformer, prefix: list[int]) -> KVCache | None:
         key = self.key(model, prefix)
-        if self._hot is not None and self._hot[0] == key:
-            cache = self._hot[1]
+        if key in self._hot:
+            cache = self._hot[key]
+            self._hot.move_to_end(key)
             cache.crop(len(prefix))  # drop the previous question's tokens; the prefix is untouched
             self.hits += 1
             return cache
@@ -60,7 +67,7 @@ class PrefixCache:
             cache.values[layer][:, : len(prefix)] = tensors[f"v{layer}"]
         cache.length = cache.next_position = len(prefix)
         os.utime(path)  # recency for eviction
-        self._hot = (key, cache)
+        self._remember(key, cache)
         self.hits += 1
         return cache
 
@@ -76,8 +83,14 @@ class PrefixCache:
         save_file(tensors, str(partial), metadata={"tokens": str(n), "created": str(time.time())})
         partial.replace(self.directory / f"{key}.safetensors")  # atomic: a crash leaves no half file
         (self.directory / f"{key}.json").write_text(json.dumps({"tokens": n, "dtype": str(model.dtype)}))
-        self._hot = (key, cache)
+        self._remember(key, cache)
         self._evict()
+
+    def _remember(self, key: str, cache: KVCache) -> None:
+        self._hot[key] = cache
+        self._hot.move_to_end(key)
+        while len(self._hot) > self.in_memory:
+            self._hot.popitem(last=False)
 
     def bytes_per_1k_tokens(self, model: Transformer) -> int:
         a = model.args

@@ -25,6 +25,9 @@ class DecodingSettings:
     magicdec_window: int = 1024
     lookup_ngram: int = 3  # n-gram length matched by lookup drafting (prompt lookup, RAPID+lookup)
     lookup_in_rapid: bool = True  # RAPID drafts from n-gram matches in its retrieved context first
+    # A model drafter stops its block early once its own top probability falls below this: such
+    # drafts are mostly rejected, and each costs a drafter step. 0 always drafts gamma tokens.
+    draft_confidence: float = 0.3
 
     def validate(self) -> None:
         if self.method not in METHODS:
@@ -39,3 +42,5 @@ class DecodingSettings:
             raise SettingsError("gamma must be at least 1")
         if self.eta < 0:
             raise SettingsError("eta must be >= 0")
+        if not 0 <= self.draft_confidence < 1:
+            raise SettingsError("draft_confidence must be in [0, 1)")

@@ -17,7 +17,7 @@ class Stats:
     target_passes: int = 0  # target forward passes while decoding
     prefill_s: float = 0.0
     decode_s: float = 0.0
-    accepted_lengths: list[int] = field(default_factory=list)  # tokens emitted per target pass
+    accepted_lengths: list[int] = field(default_factory=list)  # tokens produced per target pass
     token_times: list[float] = field(default_factory=list)  # decode seconds at each emitted token
     finish_reason: str = ""  # "eos" | "length"
 
@@ -27,8 +27,8 @@ class Stats:
 
     @property
     def mean_accepted_length(self) -> float | None:
-        """Tokens emitted per target pass (accepted drafts plus the target's own token)."""
-        return self.generated / self.target_passes if self.target_passes else None
+        """Tokens produced per target pass (accepted drafts plus the target's own token, stop token included)."""
+        return sum(self.accepted_lengths) / self.target_passes if self.target_passes else None
 
     @property
     def decode_tokens_per_s(self) -> float | None:
