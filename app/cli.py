@@ -64,7 +64,8 @@ def add_decoding_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--seed", type=int, help="random seed for sampling (default 0)")
     group.add_argument("--gamma", type=int, help="drafted tokens per target pass (default 5)")
     group.add_argument("--eta", type=float, help="RAPID retrieval-augmented target strength (default 0 = exact)")
-    group.add_argument("--no-lookup", action="store_true", help="RAPID: do not draft from n-gram matches")
+    group.add_argument("--lookup", action="store_true",
+                       help="RAPID: try free n-gram lookup drafts from the retrieved context first")
 
 
 def settings_from_args(args: argparse.Namespace) -> Settings:
@@ -82,8 +83,8 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
         value = getattr(args, field, None)
         if value is not None:
             decoding = replace(decoding, **{field: value})
-    if getattr(args, "no_lookup", False):
-        decoding = replace(decoding, lookup_in_rapid=False)
+    if getattr(args, "lookup", False):
+        decoding = replace(decoding, lookup_in_rapid=True)
     return replace(settings, models=models, decoding=decoding)
 
 

@@ -173,7 +173,7 @@ def method_runs(methods: Sequence[str], base: DecodingSettings, eta_sweep: Seque
         for eta in eta_sweep or [base.eta]:
             for gamma in gamma_sweep or [base.gamma]:
                 decoding = replace(base, method="rapid", eta=float(eta), gamma=int(gamma))
-                suffix = "" if decoding.lookup_in_rapid else ",no-lookup"
+                suffix = ",lookup" if decoding.lookup_in_rapid else ""
                 runs.append(MethodRun(f"rapid(eta={_number(eta)},gamma={gamma}{suffix})", decoding))
     for run in runs:
         run.decoding.validate()
@@ -405,7 +405,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--eta", type=float, help="rapid eta without a sweep (default 0)")
     p.add_argument("--gamma", type=int,
                    help="drafted tokens per target pass for sd, magicdec, rapid (default 5)")
-    p.add_argument("--no-lookup", action="store_true", help="rapid: do not draft from n-gram matches")
+    p.add_argument("--lookup", action="store_true",
+                   help="rapid: try n-gram lookup drafts from the retrieved context first")
     p.add_argument("--max-new-tokens", type=int, default=48, help="answer length limit (default 48)")
     p.add_argument("--out", type=Path, metavar="DIR",
                    help="output folder (default $RAPIDQA_HOME/eval/TIMESTAMP)")

@@ -24,10 +24,10 @@ class DecodingSettings:
     magicdec_sinks: int = 4
     magicdec_window: int = 1024
     lookup_ngram: int = 3  # n-gram length matched by lookup drafting (prompt lookup, RAPID+lookup)
-    lookup_in_rapid: bool = True  # RAPID drafts from n-gram matches in its retrieved context first
+    lookup_in_rapid: bool = False  # RAPID tries n-gram lookup drafts from its retrieved context first
     # A model drafter stops its block early once its own top probability falls below this: such
     # drafts are mostly rejected, and each costs a drafter step. 0 always drafts gamma tokens.
-    draft_confidence: float = 0.3
+    draft_confidence: float = 0.5
 
     def validate(self) -> None:
         if self.method not in METHODS:
