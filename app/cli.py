@@ -17,6 +17,7 @@ from app.errors import CliError, user_message
 if TYPE_CHECKING:
     from app.config import Settings
     from app.events import Done
+    from retrieval.index import HybridIndex
 
 SUBCOMMANDS = {
     "serve": "start the web UI (Gradio) on localhost",
@@ -114,6 +115,25 @@ def log(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
+def check_document_args(args: argparse.Namespace) -> None:
+    """--docs must exist, and --index alone must name an existing index."""
+    for path in args.docs or []:
+        if not path.exists():
+            raise CliError(f"no such file or folder: {path}")
+    if args.index and not args.docs and not (args.index / "docstore.sqlite").exists():
+        raise CliError(f"{args.index} is not an index (no docstore.sqlite); create it with --docs or `ask ingest`")
+
+
+def ingest_documents(index: HybridIndex, paths: Sequence[Path], progress: bool) -> None:
+    """Add files and folders; a bad file is reported and skipped, but nothing indexable is an error."""
+    results = index.add_files(paths, progress=progress)
+    for result in results:
+        if not result.ok:
+            log(f"skipped {result.source}: {result.message}")
+    if not any(r.ok for r in results):
+        raise CliError("none of the documents could be indexed")
+
+
 def index_dir_for(args: argparse.Namespace, settings: Settings) -> Path:
     if args.index:
         return args.index
@@ -126,11 +146,7 @@ def index_dir_for(args: argparse.Namespace, settings: Settings) -> Path:
 def run_question(argv: Sequence[str]) -> int:
     args = question_parser().parse_args(argv)
     settings = settings_from_args(args)
-    for path in args.docs or []:
-        if not path.exists():
-            raise CliError(f"no such file or folder: {path}")
-    if args.index and not args.docs and not (args.index / "docstore.sqlite").exists():
-        raise CliError(f"{args.index} is not an index (no docstore.sqlite); create it with --docs or `ask ingest`")
+    check_document_args(args)
     index_dir = index_dir_for(args, settings)
     settings.decoding.validate()
 
@@ -140,12 +156,7 @@ def run_question(argv: Sequence[str]) -> int:
     engine = Engine(settings, log=log)
     index = engine.open_index(index_dir)
     if args.docs:
-        results = index.add_files(args.docs, progress=True)
-        for result in results:
-            if not result.ok:
-                log(f"skipped {result.source}: {result.message}")
-        if not any(r.ok for r in results):
-            raise CliError("none of the documents could be indexed")
+        ingest_documents(index, args.docs, progress=True)
     done = None
     for event in engine.answer(args.question, index, settings.decoding, compare=args.compare):
         if isinstance(event, Status):

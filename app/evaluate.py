@@ -16,7 +16,6 @@ import platform
 import re
 import statistics
 import string
-import sys
 import time
 import unicodedata
 from collections import Counter
@@ -25,6 +24,7 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from app.errors import CliError
 from decoding.settings import METHODS, DecodingSettings
 
 if TYPE_CHECKING:  # the scoring half of this module must import without torch
@@ -113,8 +113,6 @@ class QAItem:
 
 
 def load_questions(path: Path) -> list[QAItem]:
-    from app.cli import CliError
-
     items: list[QAItem] = []
     try:
         lines = Path(path).read_text(encoding="utf-8").splitlines()
@@ -156,8 +154,6 @@ class MethodRun:
 def method_runs(methods: Sequence[str], base: DecodingSettings, eta_sweep: Sequence[float] | None = None,
                 gamma_sweep: Sequence[int] | None = None) -> list[MethodRun]:
     """LC first, then the other methods in the order given; rapid expands over eta x gamma."""
-    from app.cli import CliError
-
     unknown = [m for m in methods if m not in METHODS]
     if unknown:
         raise CliError(f"unknown method(s) {', '.join(unknown)}; choose from {', '.join(METHODS)}")
@@ -417,16 +413,12 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str]) -> int:
-    from app.cli import CliError, index_dir_for, settings_from_args
+    from app.cli import check_document_args, index_dir_for, ingest_documents, log, settings_from_args
 
     args = parser().parse_args(argv)
     if args.limit is not None and args.limit < 1:
         raise CliError("--limit must be at least 1")
-    for path in args.docs or []:
-        if not path.exists():
-            raise CliError(f"no such file or folder: {path}")
-    if args.index and not args.docs and not (args.index / "docstore.sqlite").exists():
-        raise CliError(f"{args.index} is not an index (no docstore.sqlite); create it with --docs or `ask ingest`")
+    check_document_args(args)
     settings = settings_from_args(args)
     # Greedy decoding makes every method's answer a deterministic function of its inputs.
     base = replace(settings.decoding, temperature=0.0)
@@ -440,18 +432,10 @@ def main(argv: Sequence[str]) -> int:
 
     from app.pipeline import Engine
 
-    def log(message: str) -> None:
-        print(message, file=sys.stderr, flush=True)
-
     engine = Engine(settings, log=log)
     index = engine.open_index(index_dir)
     if args.docs:
-        ingested = index.add_files(args.docs, progress=False)
-        for result in ingested:
-            if not result.ok:
-                log(f"skipped {result.source}: {result.message}")
-        if not any(r.ok for r in ingested):
-            raise CliError("none of the documents could be indexed")
+        ingest_documents(index, args.docs, progress=False)
     documents = [doc.source for doc in index.documents()]
     if not documents:
         raise CliError(f"the index {index_dir} holds no documents: pass --docs")
