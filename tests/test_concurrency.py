@@ -75,7 +75,7 @@ def test_twenty_concurrent_questions_are_queued_and_all_answered(tmp_path: Path,
 
 def test_separate_indexes_never_see_each_others_documents(tmp_path: Path) -> None:
     model = small_model()
-    settings = real_settings(tmp_path / "home", model, free_port(), max_new_tokens=12)
+    settings = real_settings(tmp_path / "home", model, free_port(), max_new_tokens=20)
     settings = replace(settings, decoding=replace(settings.decoding, method="lc"))
     engine = Engine(settings)
     manual = engine.open_index(tmp_path / "manual")
