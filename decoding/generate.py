@@ -110,8 +110,9 @@ class ModelDrafter:
     def _unsure(logits: torch.Tensor, threshold: float) -> bool:
         return threshold > 0 and float(torch.softmax(logits, dim=-1).max()) < threshold
 
-    def commit(self, n_positions: int) -> None:
-        self.session.rewind(n_positions)
+    def commit(self, n_output: int) -> None:
+        """Keep the prompt and the first n_output answer tokens in the drafter's cache."""
+        self.session.rewind(len(self.session.prompt) + n_output)
         self.session.cache.after_commit()
 
 
@@ -127,7 +128,7 @@ class LookupDrafter:
         continuation = lookup_continuation(tokens, self.max_ngram, k)
         return Draft(continuation, [None] * len(continuation))
 
-    def commit(self, n_positions: int) -> None:
+    def commit(self, n_output: int) -> None:
         pass
 
 
@@ -159,8 +160,8 @@ class RapidDrafter:
                 return draft
         return self.model_drafter.propose(k, sampler)
 
-    def commit(self, n_positions: int) -> None:
-        self.model_drafter.commit(n_positions)
+    def commit(self, n_output: int) -> None:
+        self.model_drafter.commit(n_output)
 
 
 Drafter = ModelDrafter | LookupDrafter | RapidDrafter
@@ -297,37 +298,25 @@ def decode(
         yield PassStats(stats)
         if stats.finish_reason:
             return
-        remaining = settings.max_new_tokens - len(output)
-        k = min(settings.gamma, remaining - 1)
-        if drafter is None or k < 1:
+        k = min(settings.gamma, settings.max_new_tokens - len(output) - 1)  # the target adds one more
+        draft = drafter.propose(k, sampler) if drafter is not None and k >= 1 else Draft()
+        stats.target_passes += 1
+        if not draft.tokens:  # no drafter, no room, or lookup found nothing: a plain target step
             proposed = [sampler.choose(target.forward(target.pending()))]
-            stats.target_passes += 1
-            continue
-        committed = len(target.prompt) + len(output)
-        draft = drafter.propose(k, sampler)
-        if not draft.tokens:  # lookup found nothing: a plain target step
-            proposed = [sampler.choose(target.forward(target.pending()))]
-            stats.target_passes += 1
             continue
         proposed = accept(draft, verify(target, draft), sampler, eta)
         n_accepted = len(proposed) - 1
         stats.drafted += len(draft.tokens)
         stats.accepted += n_accepted
-        stats.target_passes += 1
-        target.rewind(committed + n_accepted)
-        drafter.commit(_drafter_prompt_len(drafter, target) + len(output) + n_accepted)
+        kept = len(output) + n_accepted  # answer tokens both caches may keep; the rest were rejected
+        target.rewind(len(target.prompt) + kept)
+        drafter.commit(kept)
 
 
 def run_to_end(events: Iterator[GenerationEvent]) -> Finished:
     """Consume a generation and return its Finished event (tests, benchmarks)."""
     finished = [e for e in events if isinstance(e, Finished)]
     return finished[-1]
-
-
-def _drafter_prompt_len(drafter: Drafter, target: Session) -> int:
-    if isinstance(drafter, RapidDrafter):
-        drafter = drafter.model_drafter
-    return len(drafter.session.prompt) if isinstance(drafter, ModelDrafter) else len(target.prompt)
 
 
 def generate(
