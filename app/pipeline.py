@@ -43,7 +43,7 @@ class Engine:
         self._model_ids: dict[int, str] = {}
         self._indexes: dict[Path, HybridIndex] = {}
         self._embedder: Embedder | None = None
-        self._load_lock = threading.Lock()
+        self._load_lock = threading.RLock()  # re-entrant: open_index loads the embedder under it
         self._generate_lock = threading.Lock()
         self.prefix_cache = PrefixCache(settings.kv_cache_dir, self._model_ids)
         self.lc_reference = LcReference(settings.home / "lc_reference.json")
@@ -80,13 +80,8 @@ class Engine:
         tokenize = self.target.encode
         with self._load_lock:
             if path not in self._indexes:
-                self._indexes[path] = HybridIndex(path, self.settings.retrieval, tokenize, self._embedder_unlocked())
+                self._indexes[path] = HybridIndex(path, self.settings.retrieval, tokenize, self.embedder)
             return self._indexes[path]
-
-    def _embedder_unlocked(self) -> Embedder:
-        if self._embedder is None:
-            self._embedder = Embedder()
-        return self._embedder
 
     # ------------------------------------------------------------------------- answering
 
