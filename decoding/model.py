@@ -108,14 +108,22 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         out = F.scaled_dot_product_attention(q.transpose(0, 1).unsqueeze(0), k.unsqueeze(0), v.unsqueeze(0),
                                              attn_mask=mask)
         return out.squeeze(0).transpose(0, 1).reshape(t, n_heads * head_dim)
-    grouped = q.view(t, n_kv, group, head_dim).permute(1, 2, 0, 3).reshape(n_kv, group * t, head_dim)
-    # K @ q^T, not q @ K^T: with few query rows the CPU bf16 kernel for a transposed right-hand
-    # K is ~40x slower (6.6 ms vs 0.16 ms per layer at 4K keys, measured here).
-    scores = torch.matmul(k, grouped.transpose(1, 2)).transpose(1, 2).float() * head_dim**-0.5
+    rows = group * t
+    grouped = q.view(t, n_kv, group, head_dim).permute(1, 2, 0, 3).reshape(n_kv, rows, head_dim)
+    # One 2-D matmul per K/V head, never a batched one: k and v are slices of a larger
+    # preallocated cache, and a batched matmul copies such a strided batch whole (8 MB per layer
+    # at 16K, measured as most of a decode step's attention time). K @ q^T rather than q @ K^T:
+    # with few query rows the CPU bf16 kernel for a transposed right-hand K is ~40x slower.
+    scores = torch.empty(n_kv, rows, s, dtype=torch.float32, device=q.device)
+    for h in range(n_kv):
+        scores[h].copy_(torch.mm(k[h], grouped[h].t()).t())
+    scores.mul_(head_dim**-0.5)
     future = torch.ones(t, t, dtype=torch.bool, device=q.device).triu(1)
     scores.view(n_kv, group, t, s)[..., s - t :].masked_fill_(future, float("-inf"))
     probs = torch.softmax(scores, dim=-1).to(v.dtype)
-    out = torch.matmul(probs, v)  # [n_kv, group * t, D]
+    out = torch.empty(n_kv, rows, head_dim, dtype=v.dtype, device=q.device)
+    for h in range(n_kv):
+        torch.mm(probs[h], v[h], out=out[h])
     return out.view(n_kv, group, t, head_dim).permute(2, 0, 1, 3).reshape(t, n_heads * head_dim)
 
 
