@@ -12,7 +12,7 @@ export ANONYMIZED_TELEMETRY := False
 export TOKENIZERS_PARALLELISM := false
 DEMO_QUESTION := $(shell cat data/demo_question.txt)
 
-.PHONY: demo test install models models-test browser ui bench bench-retrieval eval lint clean
+.PHONY: demo test install models models-test browser ui bench bench-ttft bench-retrieval eval lint clean
 
 demo: install models
 	.venv/bin/ask "$(DEMO_QUESTION)" --docs data/R-data.pdf
@@ -48,6 +48,9 @@ ui: install models
 
 bench: install models
 	$(PY) -m bench.decode
+
+bench-ttft: install models
+	$(PY) -m bench.ttft
 
 bench-retrieval: install
 	$(PY) -m bench.retrieval

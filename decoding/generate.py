@@ -263,7 +263,7 @@ def prefill(session: Session, prompt: Prompt, hooks: PrefixCacheHooks | None) ->
 
 def decode(
     target: Session,
-    drafter: Drafter | None,
+    make_drafter: Callable[[], Drafter | None],
     first_logits: torch.Tensor,
     stats: Stats,
     settings: DecodingSettings,
@@ -272,11 +272,17 @@ def decode(
     stop_ids: frozenset[int],
     detokenizer: Detokenizer,
 ) -> Iterator[GenerationEvent]:
-    """Emit tokens until a stop token or max_new_tokens; speculative when a drafter is given."""
+    """Emit tokens until a stop token or max_new_tokens; speculative when make_drafter gives a drafter.
+
+    The first token comes from the target's prefill logits alone, so the drafter (and its own
+    prefill) is built only after that token is out: it never delays the first token. Its build
+    time counts as prefill, not decode.
+    """
     output = target.output
     start = time.perf_counter()
-    proposed = [sampler.choose(first_logits)]  # the first token comes from the prefill's logits
+    proposed = [sampler.choose(first_logits)]
     stats.target_passes += 1
+    drafter: Drafter | None = None
     while True:
         emitted = 0
         for token in proposed:
@@ -293,11 +299,19 @@ def decode(
         stats.generated = len(output)
         stats.accepted_lengths.append(emitted)
         stats.decode_s = time.perf_counter() - start
+        if stats.target_passes == 1:  # prefill_s holds the target's prefill alone at this point
+            stats.first_token_s = stats.prefill_s + stats.decode_s
         if piece := detokenizer.delta(output):
             yield TextDelta(piece)
         yield PassStats(stats)
         if stats.finish_reason:
             return
+        if stats.target_passes == 1:
+            building = time.perf_counter()
+            drafter = make_drafter()
+            spent = time.perf_counter() - building
+            stats.prefill_s += spent
+            start += spent
         k = min(settings.gamma, settings.max_new_tokens - len(output) - 1)  # the target adds one more
         draft = drafter.propose(k, sampler) if drafter is not None and k >= 1 else Draft()
         stats.target_passes += 1
@@ -343,12 +357,15 @@ def generate(
     hooks = prefix_cache if method != "rag" else None
     logits, restored = prefill(session, prompt, hooks)
     stats.prefix_cached_tokens = len(prompt.prefix) if restored else 0
-    drafter_obj = _make_drafter(method, session, target, drafter, long_prompt, rag_prompt, settings, stats, room,
-                                prefix_cache)
     stats.prefill_s = time.perf_counter() - t0
 
+    def make_drafter() -> Drafter | None:
+        return _make_drafter(method, session, target, drafter, long_prompt, rag_prompt, settings, stats, room,
+                             prefix_cache)
+
     eta = settings.eta if method == "rapid" else 0.0
-    yield from decode(session, drafter_obj, logits, stats, settings, sampler, eta, target.stop_ids, Detokenizer(target))
+    yield from decode(session, make_drafter, logits, stats, settings, sampler, eta, target.stop_ids,
+                      Detokenizer(target))
     yield Finished(target.decode(output), list(output), stats)
 
 

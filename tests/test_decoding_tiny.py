@@ -6,7 +6,7 @@ import pytest
 import torch
 from transformers import Qwen2Config, Qwen2ForCausalLM
 
-from decoding.generate import Finished, generate, lookup_continuation, run_to_end
+from decoding.generate import Finished, PassStats, generate, lookup_continuation, run_to_end
 from decoding.model import transformer_from_hf_model
 from decoding.models import Prompt
 from decoding.settings import DecodingSettings
@@ -106,3 +106,25 @@ def test_rapid_with_eta_still_runs_greedy(pair_fp32) -> None:
     prompt, rag = random_prompt(300, seed=2), random_prompt(60, seed=2)
     out = run("rapid", target, drafter, prompt, rag, eta=5.0, gamma=4)
     assert out.stats.generated == 40 and out.stats.drafted > 0
+
+
+@pytest.mark.parametrize("method", ["sd", "rapid", "magicdec"])
+def test_first_token_before_the_drafter_reads(pair_fp32, method: str, monkeypatch) -> None:
+    """The first token needs only the target's prefill: the drafter's own prefill must not delay it."""
+    target, drafter = pair_fp32
+    drafter_model = target.model if method == "magicdec" else drafter.model
+    calls: list[int] = []
+    real_forward = drafter_model.forward
+    monkeypatch.setattr(drafter_model, "forward", lambda tokens, *a, **k: calls.append(len(tokens)) or
+                        real_forward(tokens, *a, **k))
+    prompt, rag = random_prompt(300, seed=4), random_prompt(60, seed=4)
+    settings = DecodingSettings(method=method, max_new_tokens=20)
+    events = generate(method, target, drafter, prompt, rag, settings)
+    first_pass = next(e for e in events if isinstance(e, PassStats))
+    assert first_pass.stats.generated == 1
+    if method != "magicdec":  # magicdec's drafter is the target itself, which did prefill
+        assert calls == []
+    calls_at_first_token = len(calls)
+    finished = run_to_end(events)
+    assert len(calls) > calls_at_first_token and finished.stats.drafted > 0
+    assert 0 < finished.stats.first_token_s <= finished.stats.prefill_s + finished.stats.decode_s
