@@ -247,7 +247,8 @@ def summarize(rows: list[dict], labels: Sequence[str]) -> list[dict]:
             "decode_tokens_per_s": mean_or_none(r["decode_tokens_per_s"] for r in mine),
             # Pooled over questions: a 3-token answer should not weigh as much as a 48-token one.
             "acceptance_rate": sum(r["stats"]["accepted"] for r in mine) / drafted if drafted else None,
-            "mean_accepted_length": sum(r["generated"] for r in mine) / passes if passes else None,
+            # Stats' own definition: tokens per target pass, a closing stop token included.
+            "mean_accepted_length": sum(sum(r["stats"]["accepted_lengths"]) for r in mine) / passes if passes else None,
             "prefill_s": statistics.fmean(r["prefill_s"] for r in mine),
             "decode_s": statistics.fmean(r["decode_s"] for r in mine),
             "generated": statistics.fmean(r["generated"] for r in mine),
@@ -391,8 +392,10 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--docs", nargs="+", type=Path, metavar="PATH", help="documents or folders to index")
     p.add_argument("--index", type=Path, metavar="DIR",
                    help="index directory (default: one kept per --docs set)")
-    p.add_argument("--questions", type=Path, required=True, metavar="JSONL",
-                   help='one {"id", "question", "answers": [...], "page", "position"} per line')
+    p.add_argument("--questions", type=Path, metavar="JSONL",
+                   help='one {"id", "question", "answers": [...], "page", "position"} per line (required)')
+    p.add_argument("--report", type=Path, metavar="RESULTS_JSON",
+                   help="only re-draw the table and plot of a finished (or interrupted) run from its results.json")
     p.add_argument("--methods", default=DEFAULT_METHODS, help=f"comma-separated (default {DEFAULT_METHODS}); "
                    "lc always runs, first")
     p.add_argument("--limit", type=int, help="only the first N questions")
@@ -416,6 +419,10 @@ def main(argv: Sequence[str]) -> int:
     from app.cli import check_document_args, index_dir_for, ingest_documents, log, settings_from_args
 
     args = parser().parse_args(argv)
+    if args.report is not None:
+        return report(args.report)
+    if args.questions is None:
+        raise CliError("--questions is required: a JSONL file of questions and acceptable answers")
     if args.limit is not None and args.limit < 1:
         raise CliError("--limit must be at least 1")
     check_document_args(args)
@@ -442,6 +449,21 @@ def main(argv: Sequence[str]) -> int:
 
     results = run_eval(engine, index, items, runs, settings, warmup=not args.no_warmup, out=out, log=log,
                        documents=documents, argv=list(argv))
+    return write_report(results, out)
+
+
+def report(results_json: Path) -> int:
+    """Summary, table and plot again from the rows a run saved (they hold every measurement)."""
+    try:
+        results = json.loads(results_json.read_text())
+        results["summary"] = summarize(results["rows"], results["methods"])
+    except (OSError, ValueError, KeyError) as error:
+        raise CliError(f"{results_json} is not an ask eval results.json ({error})") from error
+    write_json(results, results_json)
+    return write_report(results, results_json.parent)
+
+
+def write_report(results: dict, out: Path) -> int:
     table = format_table(results)
     print(table)
     (out / "table.txt").write_text(table + "\n")

@@ -227,3 +227,11 @@ def test_ask_eval_end_to_end_on_two_questions(tmp_path: Path, small_model_dir: P
     assert summary["rapid(eta=0,gamma=5)"]["acceptance_rate"] is not None
     for row in results["rows"]:
         assert row["answer"].strip() and row["generated"] > 0 and row["context_tokens"] > 0
+    assert summary["lc"]["mean_accepted_length"] == 1.0  # LC: one token per target pass, stop token included
+
+    (out / "table.txt").unlink()
+    again = subprocess.run([sys.executable, "-m", "app.cli", "eval", "--report", str(out / "results.json")],
+                           capture_output=True, text=True, env=env, timeout=120, cwd=REPO)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert (out / "table.txt").read_text().strip() in again.stdout
+    assert json.loads((out / "results.json").read_text())["summary"] == results["summary"]
