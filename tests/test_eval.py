@@ -101,7 +101,9 @@ def _row(method: str, position: str, contains: bool, tok_s: float | None, speedu
          accepted: int = 0, drafted: int = 0, generated: int = 10, passes: int = 10) -> dict:
     return {"method": method, "position": position, "exact_match": False, "f1": 0.5, "contains": contains,
             "decode_tokens_per_s": tok_s, "speedup_vs_lc": speedup, "prefill_s": 1.0, "decode_s": 2.0,
-            "generated": generated, "stats": {"accepted": accepted, "drafted": drafted, "target_passes": passes}}
+            "generated": generated, "stats": {"accepted": accepted, "drafted": drafted, "target_passes": passes,
+                                              # one pass carries the closing stop token too
+                                              "accepted_lengths": [generated + 1] if passes else []}}
 
 
 def test_summarize_takes_the_median_speedup_and_pools_acceptance() -> None:
@@ -118,7 +120,7 @@ def test_summarize_takes_the_median_speedup_and_pools_acceptance() -> None:
     assert lc["contains_by_position"] == {"beginning": 1.0, "middle": 1.0, "end": 0.0}
     assert rapid["median_speedup_vs_lc"] == 2.0  # a single outlier does not move the median
     assert rapid["acceptance_rate"] == pytest.approx(10 / 20)
-    assert rapid["mean_accepted_length"] == pytest.approx(24 / 8)
+    assert rapid["mean_accepted_length"] == pytest.approx((21 + 5) / 8)  # stop tokens count, as in Stats
     table = format_table({
         "machine": {"processor": "Test CPU", "cores": 2, "torch_threads": 2, "device": "cpu", "dtype": "bfloat16"},
         "models": {"target": "t", "drafter": "d"}, "documents": ["doc.pdf"],
