@@ -31,7 +31,7 @@ from app.pipeline import Engine
 from decoding.generate import generate, run_to_end
 from decoding.model import Transformer
 from decoding.models import LoadedModel, Prompt
-from decoding.settings import DecodingSettings
+from decoding.settings import DRAFTER_MODEL_METHODS, DecodingSettings
 from retrieval.readers import read_document
 
 REPO = Path(__file__).resolve().parent.parent
@@ -223,7 +223,7 @@ def bench_context(engine: Engine, target: LoadedModel, drafter: LoadedModel, n_t
         runs = []
         for _ in range(args.runs):
             settings = replace(decoding, method=method)
-            draft_model = drafter if method in ("sd", "rapid") else None
+            draft_model = drafter if method in DRAFTER_MODEL_METHODS else None
             runs.append(run_to_end(generate(method, target, draft_model, long_prompt, rag_prompt, settings, hooks)))
         outputs[method] = runs[-1].token_ids
         stats = [r.stats for r in runs]

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 METHODS = ("rapid", "lc", "rag", "sd", "magicdec", "lookup")
+DRAFTER_MODEL_METHODS = ("sd", "rapid")  # the methods that run the separate drafter model
 
 
 class SettingsError(ValueError):
