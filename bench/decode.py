@@ -28,6 +28,7 @@ import torch
 
 from app.cli import add_model_options, settings_from_args
 from app.pipeline import Engine
+from decoding.attention import native_attention
 from decoding.generate import generate, run_to_end
 from decoding.model import Transformer
 from decoding.models import LoadedModel, Prompt
@@ -35,7 +36,8 @@ from decoding.settings import DRAFTER_MODEL_METHODS, DecodingSettings
 from retrieval.readers import read_document
 
 REPO = Path(__file__).resolve().parent.parent
-METHODS = ("lc", "rag", "sd", "magicdec", "lookup", "rapid")
+METHODS = ("lc", "rag", "sd", "magicdec", "lookup", "rapid", "rapid+lookup")
+WITH_LOOKUP = "+lookup"  # suffix: RAPID that first tries n-gram lookup drafts from its retrieved context
 # The demo question's answer is one sentence (15-16 tokens): too few passes for stable speeds.
 LONG_ANSWER_QUESTION = (
     "How does read.fwf read a file in fixed width format, what do its widths and sep arguments do, "
@@ -72,7 +74,10 @@ def copy_bandwidth_gbs() -> float:
 def bytes_per_pass(model: Transformer, context_tokens: int) -> int:
     """Weights read per forward (all but the embedding table, of which one row is read) plus the KV cache."""
     a = model.args
-    weights = sum(p.numel() * p.element_size() for n, p in model.named_parameters() if not n.startswith("embed"))
+    q_out, kv_out = a.n_heads * a.head_dim, a.n_kv_heads * a.head_dim
+    per_layer = a.dim * (q_out + 2 * kv_out) + q_out * a.dim + 3 * a.dim * a.intermediate_size + 2 * a.dim
+    # Counted from the shapes: packed linears (decoding.model.PackedLinear) are not parameters.
+    weights = (a.n_layers * per_layer + a.vocab_size * a.dim + a.dim) * model.dtype.itemsize
     kv = 2 * a.n_layers * a.n_kv_heads * a.head_dim * context_tokens * model.dtype.itemsize
     return weights + kv
 
@@ -198,11 +203,12 @@ def run(argv: Sequence[str] | None = None) -> dict[str, object]:
         engine = Engine(settings, log=lambda m: print(m, flush=True))
         target, drafter = engine.target, engine.drafter
         bandwidth = copy_bandwidth_gbs()
-        report: dict[str, object] = {"machine": machine(), "copy_bandwidth_gbs": bandwidth,
+        attention = "C kernel" if native_attention() is not None else "torch"
+        report: dict[str, object] = {"machine": machine(), "copy_bandwidth_gbs": bandwidth, "attention": attention,
                                      "target": settings.models.target, "drafter": settings.models.drafter,
                                      "dtype": str(target.model.dtype), "gamma": args.gamma, "eta": args.eta,
                                      "new_tokens": args.new_tokens, "runs": args.runs, "contexts": []}
-        print(f"machine: {report['machine']}; copy bandwidth {bandwidth:.1f} GB/s")
+        print(f"machine: {report['machine']}; copy bandwidth {bandwidth:.1f} GB/s; attention: {attention}")
         for n_tokens in (int(c) for c in args.contexts.split(",")):
             report["contexts"].append(bench_context(engine, target, drafter, n_tokens, question, decoding, methods,
                                                     args, bandwidth, Path(tmp)))
@@ -221,10 +227,11 @@ def bench_context(engine: Engine, target: LoadedModel, drafter: LoadedModel, n_t
     outputs: dict[str, list[int]] = {}
     for method in methods:
         runs = []
+        base = method.removesuffix(WITH_LOOKUP)
+        settings = replace(decoding, method=base, lookup_in_rapid=decoding.lookup_in_rapid or method != base)
+        draft_model = drafter if base in DRAFTER_MODEL_METHODS else None
         for _ in range(args.runs):
-            settings = replace(decoding, method=method)
-            draft_model = drafter if method in DRAFTER_MODEL_METHODS else None
-            runs.append(run_to_end(generate(method, target, draft_model, long_prompt, rag_prompt, settings, hooks)))
+            runs.append(run_to_end(generate(base, target, draft_model, long_prompt, rag_prompt, settings, hooks)))
         outputs[method] = runs[-1].token_ids
         stats = [r.stats for r in runs]
         tps = statistics.median(s.decode_tokens_per_s or 0.0 for s in stats)

@@ -30,9 +30,10 @@ def pair_bf16():
     return tiny_model(1, torch.bfloat16), tiny_model(2, torch.bfloat16, noise_from=1, noise=0.01)
 
 
-def test_engine_matches_transformers_logits() -> None:
+@pytest.mark.parametrize("hidden_size", [64, 256])  # head_dim 16: torch attention; 64: the C kernel
+def test_engine_matches_transformers_logits(hidden_size: int) -> None:
     torch.manual_seed(0)
-    config = Qwen2Config(vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+    config = Qwen2Config(vocab_size=300, hidden_size=hidden_size, intermediate_size=128, num_hidden_layers=2,
                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512)
     hf = Qwen2ForCausalLM(config).eval()
     ours = transformer_from_hf_model(hf)

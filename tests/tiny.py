@@ -29,7 +29,8 @@ class ByteTokenizer:
 def tiny_model(seed: int, dtype: torch.dtype = torch.float32, layers: int = 2, noise_from: int | None = None,
                noise: float = 0.0, stop_ids: frozenset[int] = frozenset()) -> LoadedModel:
     """A tiny Qwen2; with noise_from, a perturbed copy of that seed's model (a drafter that mostly agrees)."""
-    config = Qwen2Config(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
+    # head_dim 64: a size the C attention kernel takes, so these tests run the production path.
+    config = Qwen2Config(vocab_size=VOCAB, hidden_size=256, intermediate_size=256, num_hidden_layers=layers,
                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096,
                          rope_theta=10000.0)
     torch.manual_seed(seed if noise_from is None else noise_from)

@@ -1,0 +1,345 @@
+/* Attention of a few query rows over a long KV cache (bf16 or fp32), for decode and verify
+ * passes on a CPU.
+ *
+ * Why not torch: with 6-36 query rows per K/V head, torch's bf16 matmuls read the cache at a
+ * fraction of memory bandwidth and the fp32 softmax between them is another full pass; here one
+ * pass over each K/V block computes scores, softmax and the weighted sum (flash-decoding).
+ *
+ * Exactness: keys are split into blocks at absolute multiples of BLOCK, every row reads only its
+ * own valid keys, and partial results are combined in block order, so a row's output depends
+ * only on its query, its valid keys and values - not on how many rows or keys the call has, or
+ * on the thread count. A decode step and a verify pass therefore give bit-identical outputs.
+ *
+ * GCC vector extensions (16 floats) rather than intrinsics: portable, and the order of every
+ * floating-point sum is fixed by the source (no -ffast-math).
+ */
+#include <stdint.h>
+#include <string.h>
+#if defined(__AVX512BF16__) && defined(__AVX512BW__)
+#include <immintrin.h>
+#endif
+
+#define BLOCK 512      /* keys per work item */
+#define KEY_STEP 16    /* keys per step: one reduce16 of dot products */
+#define MAX_ROWS 40    /* query rows per K/V head (group size x new tokens) */
+#define MAX_VECS 16    /* head_dim / 16 */
+
+typedef float vf __attribute__((vector_size(64)));
+typedef int32_t vi __attribute__((vector_size(64)));
+typedef uint32_t vu __attribute__((vector_size(64)));
+typedef uint16_t vh __attribute__((vector_size(32)));
+
+static inline vf load_bf16(const uint16_t *p) {
+    vh h;
+    memcpy(&h, p, sizeof h);
+    return (vf)(__builtin_convertvector(h, vu) << 16);
+}
+
+static inline vf load_f32(const float *p) {
+    vf f;
+    memcpy(&f, p, sizeof f);
+    return f;
+}
+
+static inline vf splat(float x) { return (vf){0} + x; }
+
+/* mask ? a : b, lane by lane (masks are all-ones or all-zeros lanes, as comparisons give) */
+static inline vf where(vi mask, vf a, vf b) { return (vf)(((vi)a & mask) | ((vi)b & ~mask)); }
+
+/* exp(x) for x <= 0, Cephes polynomial (~2 ulp); exactly 0 where x < -87. */
+static inline vf exp_nonpositive(vf x) {
+    vi underflow = x < -87.0f;
+    x = where(underflow, splat(-87.0f), x);
+    vi n = __builtin_convertvector(x * 1.44269504088896341f - 0.5f, vi); /* rounds toward zero */
+    vf fn = __builtin_convertvector(n, vf);
+    vf r = x - fn * 0.693359375f + fn * 2.12194440e-4f;
+    vf p = splat(1.9875691500e-4f);
+    p = p * r + 1.3981999507e-3f;
+    p = p * r + 8.3334519073e-3f;
+    p = p * r + 4.1665795894e-2f;
+    p = p * r + 1.6666665459e-1f;
+    p = p * r + 5.0000001201e-1f;
+    p = p * r * r + r + 1.0f;
+    vf scale = (vf)((n + 127) << 23);
+    return where(underflow, splat(0.0f), p * scale);
+}
+
+static inline float sum16(vf v) {
+    float a[16];
+    memcpy(a, &v, sizeof a);
+    float s8[8], s4[4];
+    for (int l = 0; l < 8; ++l) s8[l] = a[l] + a[l + 8];
+    for (int l = 0; l < 4; ++l) s4[l] = s8[l] + s8[l + 4];
+    return (s4[0] + s4[2]) + (s4[1] + s4[3]);
+}
+
+/* Lane i of the result is the sum of the 16 lanes of a[i]: a transpose-and-add tree, 3 vector
+ * operations per sum instead of a horizontal reduction each. */
+static inline vf reduce16(const vf a[16]) {
+    vf b[8], c[4], d[2];
+    for (int i = 0; i < 8; ++i)
+        b[i] = __builtin_shufflevector(a[2 * i], a[2 * i + 1], 0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23)
+             + __builtin_shufflevector(a[2 * i], a[2 * i + 1], 8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29,
+                                       30, 31);
+    for (int i = 0; i < 4; ++i)
+        c[i] = __builtin_shufflevector(b[2 * i], b[2 * i + 1], 0, 1, 2, 3, 8, 9, 10, 11, 16, 17, 18, 19, 24, 25, 26, 27)
+             + __builtin_shufflevector(b[2 * i], b[2 * i + 1], 4, 5, 6, 7, 12, 13, 14, 15, 20, 21, 22, 23, 28, 29, 30,
+                                       31);
+    for (int i = 0; i < 2; ++i)
+        d[i] = __builtin_shufflevector(c[2 * i], c[2 * i + 1], 0, 1, 4, 5, 8, 9, 12, 13, 16, 17, 20, 21, 24, 25, 28, 29)
+             + __builtin_shufflevector(c[2 * i], c[2 * i + 1], 2, 3, 6, 7, 10, 11, 14, 15, 18, 19, 22, 23, 26, 27, 30,
+                                       31);
+    return __builtin_shufflevector(d[0], d[1], 0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30)
+         + __builtin_shufflevector(d[0], d[1], 1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31);
+}
+
+static inline vf load_key(const void *base, int64_t index, int bf16) {
+    return bf16 ? load_bf16((const uint16_t *)base + index) : load_f32((const float *)base + index);
+}
+
+/* scores[r][j] = scale * q_r . k_(begin + j) for j < n (rounded up to 16; padding lanes are junk). */
+static inline __attribute__((always_inline)) void
+scores_generic(const float *q, int rows, const void *k, int64_t begin, int64_t n, float scale,
+               float scores[][BLOCK], const int head_dim, const int bf16) {
+    const int nv = head_dim / 16;
+    vf kf[KEY_STEP][MAX_VECS];
+    for (int64_t j0 = 0; j0 < n; j0 += KEY_STEP) {
+        const int steps = n - j0 < KEY_STEP ? (int)(n - j0) : KEY_STEP;
+        for (int t = 0; t < KEY_STEP; ++t)
+            for (int c = 0; c < nv; ++c)
+                kf[t][c] = t < steps ? load_key(k, (begin + j0 + t) * head_dim + c * 16, bf16) : splat(0.0f);
+        for (int r = 0; r < rows; ++r) {
+            vf qr[MAX_VECS], acc[KEY_STEP];
+            for (int c = 0; c < nv; ++c) qr[c] = load_f32(q + (int64_t)r * head_dim + c * 16);
+            for (int t = 0; t < KEY_STEP; ++t) acc[t] = qr[0] * kf[t][0];
+            for (int c = 1; c < nv; ++c)
+                for (int t = 0; t < KEY_STEP; ++t) acc[t] += qr[c] * kf[t][c];
+            vf s = reduce16(acc) * scale;
+            memcpy(&scores[r][j0], &s, sizeof s);
+        }
+    }
+}
+
+/* out_r += sum_j p[r][j] v_(begin + j), p already zero for masked keys. */
+static inline __attribute__((always_inline)) void
+weighted_values_generic(float scores[][BLOCK], int rows, const void *v, int64_t begin, int64_t n, float *partial,
+                        const int head_dim, const int bf16) {
+    const int nv = head_dim / 16;
+    vf kf[KEY_STEP][MAX_VECS];
+    for (int64_t j0 = 0; j0 < n; j0 += KEY_STEP) {
+        const int steps = n - j0 < KEY_STEP ? (int)(n - j0) : KEY_STEP;
+        for (int t = 0; t < steps; ++t)
+            for (int c = 0; c < nv; ++c) kf[t][c] = load_key(v, (begin + j0 + t) * head_dim + c * 16, bf16);
+        for (int r = 0; r < rows; ++r) {
+            const float *p = &scores[r][j0];
+            float *out = partial + (int64_t)r * (head_dim + 2) + 2;
+            vf acc[MAX_VECS];
+            for (int c = 0; c < nv; ++c) acc[c] = load_f32(out + c * 16);
+            for (int t = 0; t < steps; ++t)
+                for (int c = 0; c < nv; ++c) acc[c] += p[t] * kf[t][c];
+            for (int c = 0; c < nv; ++c) memcpy(out + c * 16, &acc[c], sizeof acc[c]);
+        }
+    }
+}
+
+#if defined(__AVX512BF16__) && defined(__AVX512BW__)
+#define HAVE_BF16_DOT 1
+
+/* bf16 K: dot products with vdpbf16ps straight from the cache (q rounded to bf16 - it came
+ * from bf16 activations, so this is exact), 2 products per lane per instruction. */
+static inline __attribute__((always_inline)) void
+scores_bf16(const float *q, int rows, const uint16_t *k, int64_t begin, int64_t n, float scale,
+            float scores[][BLOCK], const int head_dim) {
+    const int nw = head_dim / 32;
+    __m512bh qb[MAX_ROWS][MAX_VECS / 2];
+    for (int r = 0; r < rows; ++r)
+        for (int c = 0; c < nw; ++c)
+            qb[r][c] = _mm512_cvtne2ps_pbh(_mm512_loadu_ps(q + (int64_t)r * head_dim + c * 32 + 16),
+                                           _mm512_loadu_ps(q + (int64_t)r * head_dim + c * 32));
+    for (int64_t j0 = 0; j0 < n; j0 += KEY_STEP) {
+        const int steps = n - j0 < KEY_STEP ? (int)(n - j0) : KEY_STEP;
+        for (int r = 0; r < rows; ++r) { /* the step's 16 keys stay in L1 across rows */
+            /* 16 independent accumulators, interleaved: the dot products' latency overlaps */
+            __m512 a[KEY_STEP];
+            for (int t = 0; t < KEY_STEP; ++t) a[t] = _mm512_setzero_ps();
+            if (steps == KEY_STEP) {
+                for (int c = 0; c < nw; ++c)
+                    for (int t = 0; t < KEY_STEP; ++t)
+                        a[t] = _mm512_dpbf16_ps(a[t], qb[r][c],
+                                                (__m512bh)_mm512_loadu_si512(k + (begin + j0 + t) * head_dim + c * 32));
+            } else {
+                for (int c = 0; c < nw; ++c)
+                    for (int t = 0; t < steps; ++t)
+                        a[t] = _mm512_dpbf16_ps(a[t], qb[r][c],
+                                                (__m512bh)_mm512_loadu_si512(k + (begin + j0 + t) * head_dim + c * 32));
+            }
+            vf acc[KEY_STEP];
+            for (int t = 0; t < KEY_STEP; ++t) acc[t] = (vf)a[t];
+            vf s = reduce16(acc) * scale;
+            memcpy(&scores[r][j0], &s, sizeof s);
+        }
+    }
+}
+
+/* bf16 V: probabilities rounded to bf16 (as torch's bf16 attention does), pairs of keys
+ * interleaved so that one vdpbf16ps adds two keys' contributions to 16 output lanes. */
+static inline __attribute__((always_inline)) void
+weighted_values_bf16(float scores[][BLOCK], int rows, const uint16_t *v, int64_t begin, int64_t n, float *partial,
+                     const int head_dim) {
+    const int nv = head_dim / 16;
+    const __m512i interleave = _mm512_set_epi16(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8, 23, 7,
+                                                22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
+    uint32_t pairs[MAX_ROWS][KEY_STEP / 2];
+    __m512i w[KEY_STEP / 2][MAX_VECS];
+    for (int64_t j0 = 0; j0 < n; j0 += KEY_STEP) {
+        const int steps = n - j0 < KEY_STEP ? (int)(n - j0) : KEY_STEP;
+        const int n_pairs = (steps + 1) / 2;
+        for (int u = 0; u < n_pairs; ++u) {
+            const uint16_t *first = v + (begin + j0 + 2 * u) * head_dim;
+            for (int c = 0; c < nv; ++c) {
+                __m256i a = _mm256_loadu_si256((const __m256i *)(first + c * 16));
+                __m256i b = 2 * u + 1 < steps ? _mm256_loadu_si256((const __m256i *)(first + head_dim + c * 16))
+                                              : _mm256_setzero_si256();
+                w[u][c] = _mm512_permutexvar_epi16(interleave, _mm512_inserti64x4(_mm512_castsi256_si512(a), b, 1));
+            }
+        }
+        for (int r = 0; r < rows; ++r) {
+            __m256bh p = _mm512_cvtneps_pbh(_mm512_loadu_ps(&scores[r][j0]));
+            memcpy(pairs[r], &p, sizeof pairs[r]);
+        }
+        for (int r = 0; r < rows; ++r) {
+            float *out = partial + (int64_t)r * (head_dim + 2) + 2;
+            __m512 acc[MAX_VECS]; /* one accumulator per 16 output lanes, interleaved */
+            for (int c = 0; c < nv; ++c) acc[c] = _mm512_loadu_ps(out + c * 16);
+            for (int u = 0; u < n_pairs; ++u) {
+                const __m512bh p = (__m512bh)_mm512_set1_epi32((int)pairs[r][u]);
+                for (int c = 0; c < nv; ++c) acc[c] = _mm512_dpbf16_ps(acc[c], p, (__m512bh)w[u][c]);
+            }
+            for (int c = 0; c < nv; ++c) _mm512_storeu_ps(out + c * 16, acc[c]);
+        }
+    }
+}
+#else
+#define HAVE_BF16_DOT 0
+#endif
+
+/* One K/V head, keys [begin, end): per row, the running max, the sum of exp and the unnormalised
+ * weighted values, written to partial[row] = {max, sum, out[head_dim]}. */
+static inline __attribute__((always_inline)) void
+attend_block(const float *q, int rows, const void *k, const void *v, const int32_t *lengths,
+             int64_t begin, int64_t end, float scale, float *partial, const int head_dim, const int bf16) {
+    float scores[MAX_ROWS][BLOCK] __attribute__((aligned(64)));
+    const int64_t n = end - begin;
+    const int64_t padded = (n + 15) & ~(int64_t)15;
+
+#if HAVE_BF16_DOT
+    if (bf16) scores_bf16(q, rows, (const uint16_t *)k, begin, n, scale, scores, head_dim);
+    else
+#endif
+    scores_generic(q, rows, k, begin, n, scale, scores, head_dim, bf16);
+
+    const vi lane = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
+    for (int r = 0; r < rows; ++r) {
+        float *out = partial + (int64_t)r * (head_dim + 2);
+        int64_t valid = lengths[r] - begin;
+        valid = valid < 0 ? 0 : (valid > n ? n : valid);
+        vf m16 = splat(-3.0e38f);
+        for (int64_t j0 = 0; j0 < padded; j0 += 16) {
+            vi ok = (lane + (int32_t)j0) < (int32_t)valid;
+            vf s = load_f32(&scores[r][j0]);
+            m16 = where(ok & (s > m16), s, m16);
+        }
+        float lanes[16], m = -3.0e38f;
+        memcpy(lanes, &m16, sizeof lanes);
+        for (int l = 0; l < 16; ++l) m = lanes[l] > m ? lanes[l] : m;
+        vf sums = splat(0.0f);
+        for (int64_t j0 = 0; j0 < padded; j0 += 16) {
+            vi ok = (lane + (int32_t)j0) < (int32_t)valid;
+            vf p = exp_nonpositive(load_f32(&scores[r][j0]) - m);
+            p = where(ok, p, splat(0.0f)); /* exact zeros: masked keys add nothing to any sum */
+            memcpy(&scores[r][j0], &p, sizeof p);
+            sums += p;
+        }
+        out[0] = valid > 0 ? m : -3.0e38f;
+        out[1] = sum16(sums);
+        memset(out + 2, 0, sizeof(float) * head_dim);
+    }
+
+#if HAVE_BF16_DOT
+    if (bf16) weighted_values_bf16(scores, rows, (const uint16_t *)v, begin, n, partial, head_dim);
+    else
+#endif
+    weighted_values_generic(scores, rows, v, begin, n, partial, head_dim, bf16);
+}
+
+#define BLOCK_VARIANT(D, NAME, BF16)                                                                  \
+    static void block_##NAME##_##D(const float *q, int rows, const void *k, const void *v,           \
+                                   const int32_t *lengths, int64_t begin, int64_t end, float scale,  \
+                                   float *out) {                                                     \
+        attend_block(q, rows, k, v, lengths, begin, end, scale, out, D, BF16);                        \
+    }
+BLOCK_VARIANT(64, bf16, 1)
+BLOCK_VARIANT(128, bf16, 1)
+BLOCK_VARIANT(256, bf16, 1)
+BLOCK_VARIANT(64, f32, 0)
+BLOCK_VARIANT(128, f32, 0)
+BLOCK_VARIANT(256, f32, 0)
+
+typedef void (*block_fn)(const float *, int, const void *, const void *, const int32_t *, int64_t, int64_t,
+                         float, float *);
+
+/* Softmax-weighted merge of the blocks' partial results, in block order. */
+static void combine(const float *scratch, int n_kv, int rows, int head_dim, int64_t n_blocks, float *out,
+                    int n_threads) {
+    const int64_t partial_size = (int64_t)rows * (head_dim + 2);
+#pragma omp parallel for schedule(static) num_threads(n_threads)
+    for (int64_t hr = 0; hr < (int64_t)n_kv * rows; ++hr) {
+        const int64_t h = hr / rows, r = hr % rows;
+        float m = -3.0e38f;
+        for (int64_t b = 0; b < n_blocks; ++b) {
+            const float mb = scratch[(h * n_blocks + b) * partial_size + r * (head_dim + 2)];
+            m = mb > m ? mb : m;
+        }
+        float total = 0.0f;
+        float *o = out + hr * head_dim;
+        for (int d = 0; d < head_dim; ++d) o[d] = 0.0f;
+        for (int64_t b = 0; b < n_blocks; ++b) {
+            const float *pb = scratch + (h * n_blocks + b) * partial_size + r * (head_dim + 2);
+            if (pb[1] == 0.0f) continue; /* no valid key of this row in the block */
+            const float w = exp_nonpositive(splat(pb[0] - m))[0];
+            total += pb[1] * w;
+            for (int d = 0; d < head_dim; ++d) o[d] += pb[2 + d] * w;
+        }
+        const float inv = 1.0f / total;
+        for (int d = 0; d < head_dim; ++d) o[d] *= inv;
+    }
+}
+
+/* q: [n_kv][rows][head_dim] fp32; scores are q . k * scale. k, v: bf16 (bf16 = 1) or
+ * fp32; one head is head_stride elements from the next, keys head_dim apart. lengths: valid keys
+ * per row (the same for every head). scratch: n_kv * ceil(n_keys / BLOCK) * rows * (head_dim + 2)
+ * floats. out: [n_kv][rows][head_dim] fp32. Returns 0, or -1 for a shape it does not take. */
+int rq_attend(const float *q, const void *k, const void *v, int bf16, int64_t head_stride, const int32_t *lengths,
+              int n_kv, int rows, int head_dim, int64_t n_keys, float scale, float *scratch, float *out,
+              int n_threads) {
+    if (rows < 1 || rows > MAX_ROWS) return -1;
+    block_fn block;
+    switch (head_dim) {
+    case 64: block = bf16 ? block_bf16_64 : block_f32_64; break;
+    case 128: block = bf16 ? block_bf16_128 : block_f32_128; break;
+    case 256: block = bf16 ? block_bf16_256 : block_f32_256; break;
+    default: return -1;
+    }
+    const int64_t n_blocks = (n_keys + BLOCK - 1) / BLOCK;
+    const int64_t partial_size = (int64_t)rows * (head_dim + 2);
+    const int elem = bf16 ? 2 : 4;
+#pragma omp parallel for schedule(dynamic, 1) num_threads(n_threads)
+    for (int64_t item = 0; item < n_kv * n_blocks; ++item) {
+        const int64_t h = item / n_blocks, b = item % n_blocks;
+        const int64_t begin = b * BLOCK, end = begin + BLOCK < n_keys ? begin + BLOCK : n_keys;
+        const char *kh = (const char *)k + h * head_stride * elem, *vh = (const char *)v + h * head_stride * elem;
+        block(q + h * rows * head_dim, rows, kh, vh, lengths, begin, end, scale, scratch + item * partial_size);
+    }
+    combine(scratch, n_kv, rows, head_dim, n_blocks, out, n_threads);
+    return 0;
+}
