@@ -27,8 +27,6 @@ import torch.nn.functional as F
 SMALL_T = 32  # up to this many new tokens, the torch path uses the grouped matmul, beyond it SDPA
 KERNEL_SOURCE = Path(__file__).with_name("kernels") / "attention.c"
 KERNEL_FLAGS = ("-O3", "-march=native", "-fno-math-errno", "-fopenmp", "-shared", "-fPIC")
-KERNEL_BLOCK = 512  # keys per work item; must match BLOCK in attention.c
-KERNEL_MAX_ROWS = 40  # query rows per K/V head; must match MAX_ROWS in attention.c
 KERNEL_HEAD_DIMS = (64, 128, 256)
 
 # attention(q, k, v, n_queries) -> [n_queries, H * D]
@@ -78,20 +76,23 @@ class NativeAttention:
             ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_float, ctypes.c_void_p, ctypes.c_void_p,
             ctypes.c_int,
         ]
+        # The kernel's own constants, so the scratch size and call splitting always match it.
+        self.block = ctypes.c_int.in_dll(library, "rq_block").value  # keys per work item
+        self.max_rows = ctypes.c_int.in_dll(library, "rq_max_rows").value  # query rows per K/V head per call
 
     def takes(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
         n_kv, _, head_dim = k.shape
         return (
             k.device.type == "cpu" and k.dtype in (torch.bfloat16, torch.float32) and head_dim in KERNEL_HEAD_DIMS
             and k.stride(2) == 1 and k.stride(1) == head_dim and v.stride() == k.stride()
-            and q.shape[0] <= SMALL_T and q.shape[1] // n_kv <= KERNEL_MAX_ROWS
+            and q.shape[0] <= SMALL_T and q.shape[1] // n_kv <= self.max_rows
         )
 
     def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, n_queries: int) -> torch.Tensor:
         if not self.takes(q, k, v):
             return torch_attention(q, k, v, n_queries)
         # A row's result does not depend on the call it is in, so splitting is exact.
-        step = KERNEL_MAX_ROWS // (q.shape[1] // k.shape[0])
+        step = self.max_rows // (q.shape[1] // k.shape[0])
         pieces = [self._attend(q, k, v, first, min(first + step, n_queries)) for first in range(0, n_queries, step)]
         return pieces[0] if len(pieces) == 1 else torch.cat(pieces)
 
@@ -104,7 +105,7 @@ class NativeAttention:
         grouped = grouped.permute(1, 2, 0, 3).contiguous()
         lengths = (torch.arange(first, stop, dtype=torch.int32) + (s - t + 1)).repeat(group)
         keys = s - t + stop  # later slots are masked for every row of this call
-        scratch = torch.empty(n_kv * -(-keys // KERNEL_BLOCK) * group * n * (head_dim + 2), dtype=torch.float32)
+        scratch = torch.empty(n_kv * -(-keys // self.block) * group * n * (head_dim + 2), dtype=torch.float32)
         out = torch.empty(n_kv, group, n, head_dim, dtype=torch.float32)
         status = self._attend_fn(
             grouped.data_ptr(), k.data_ptr(), v.data_ptr(), int(k.dtype == torch.bfloat16), k.stride(0),

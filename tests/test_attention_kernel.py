@@ -7,13 +7,14 @@ import ctypes
 import pytest
 import torch
 
-from decoding.attention import KERNEL_BLOCK, NativeAttention, build_kernel, native_attention, torch_attention
+from decoding.attention import NativeAttention, build_kernel, native_attention, torch_attention
 
 
 @pytest.fixture(scope="module")
 def kernel() -> NativeAttention:
     built = native_attention()
     assert built is not None, "the attention kernel did not build: is a C compiler (cc) installed?"
+    assert built.block == 512, "the lengths below are chosen around 512-key block boundaries"
     return built
 
 
@@ -27,7 +28,7 @@ def cache_slices(n_kv: int, length: int, head_dim: int, dtype: torch.dtype, seed
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("head_dim", [64, 128])
-@pytest.mark.parametrize(("length", "new"), [(1, 1), (9, 2), (600, 6), (KERNEL_BLOCK, 7), (2 * KERNEL_BLOCK + 5, 3)])
+@pytest.mark.parametrize(("length", "new"), [(1, 1), (9, 2), (600, 6), (512, 7), (1029, 3)])  # 512 keys per block
 def test_matches_torch(kernel: NativeAttention, dtype: torch.dtype, head_dim: int, length: int, new: int) -> None:
     n_kv, group = 2, 6  # Qwen2.5-1.5B's grouping; 7 new tokens = 42 rows, more than one kernel call
     keys, values = cache_slices(n_kv, length, head_dim, dtype, seed=length)
@@ -40,7 +41,7 @@ def test_matches_torch(kernel: NativeAttention, dtype: torch.dtype, head_dim: in
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_a_row_does_not_depend_on_the_call(kernel: NativeAttention, dtype: torch.dtype) -> None:
     # What makes a decode step and a verify pass give bit-identical logits.
-    length, new = 3 * KERNEL_BLOCK + 11, 6
+    length, new = 3 * kernel.block + 11, 6
     keys, values = cache_slices(2, length, 128, dtype, seed=3)
     q = torch.randn(new, 12, 128, generator=torch.Generator().manual_seed(4)).to(dtype)
     verify = kernel(q, keys, values, new)

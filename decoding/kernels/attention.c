@@ -24,6 +24,10 @@
 #define MAX_ROWS 40    /* query rows per K/V head (group size x new tokens) */
 #define MAX_VECS 16    /* head_dim / 16 */
 
+/* Read by the Python binding, which sizes the scratch buffer and splits calls with them. */
+const int rq_block = BLOCK;
+const int rq_max_rows = MAX_ROWS;
+
 typedef float vf __attribute__((vector_size(64)));
 typedef int32_t vi __attribute__((vector_size(64)));
 typedef uint32_t vu __attribute__((vector_size(64)));
