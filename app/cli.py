@@ -55,10 +55,10 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
 
 
 def add_decoding_options(parser: argparse.ArgumentParser) -> None:
-    from decoding.settings import METHODS
+    from decoding.methods import METHODS
 
     group = parser.add_argument_group("decoding")
-    group.add_argument("--method", choices=METHODS, help="decoding method (default rapid)")
+    group.add_argument("--method", choices=list(METHODS), help="decoding method (default rapid)")
     group.add_argument("--max-new-tokens", type=int, help="answer length limit in tokens (default 128)")
     group.add_argument("--temperature", type=float, help="0 = greedy (default); > 0 samples")
     group.add_argument("--top-p", type=float, help="nucleus sampling threshold (default 1.0)")

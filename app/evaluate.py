@@ -25,7 +25,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from app.errors import CliError
-from decoding.settings import DRAFTER_MODEL_METHODS, METHODS, DecodingSettings
+from decoding.methods import METHODS
+from decoding.settings import DecodingSettings
 
 if TYPE_CHECKING:  # the scoring half of this module must import without torch
     from app.config import Settings
@@ -478,7 +479,7 @@ def run_eval(
 ) -> dict:
     from app.pipeline import answer_once
 
-    uses_drafter = any(r.decoding.method in DRAFTER_MODEL_METHODS for r in runs)
+    uses_drafter = any(METHODS[r.decoding.method].runs_drafter_model for r in runs)
     results: dict = {
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "command": ["ask", "eval", *argv],

@@ -17,7 +17,8 @@ from app.speedup import LcReference, Speedup, measured_speedup
 from decoding.generate import Finished, PassStats, TextDelta, generate
 from decoding.models import LoadedModel, Prompt, load_model, pick_device, pick_dtype
 from decoding.prefix_cache import PrefixCache
-from decoding.settings import DRAFTER_MODEL_METHODS, DecodingSettings
+from decoding.methods import method as method_info
+from decoding.settings import DecodingSettings
 from decoding.stats import Stats
 from retrieval.context import build_contexts
 from retrieval.embedding import Embedder
@@ -163,7 +164,7 @@ class Engine:
 
     def _run(self, decoding: DecodingSettings, long_prompt: Prompt, rag_prompt: Prompt) -> Iterator[object]:
         method = decoding.method
-        drafter = self.drafter if method in DRAFTER_MODEL_METHODS else None
+        drafter = self.drafter if method_info(method).runs_drafter_model else None
         with torch.inference_mode():
             hooks = self.prefix_cache.hooks()
             yield from generate(method, self.target, drafter, long_prompt, rag_prompt, decoding, hooks)

@@ -32,7 +32,8 @@ from decoding.attention import native_attention
 from decoding.generate import generate, run_to_end
 from decoding.model import Transformer
 from decoding.models import LoadedModel, Prompt
-from decoding.settings import DRAFTER_MODEL_METHODS, DecodingSettings
+from decoding.methods import METHODS as METHOD_TABLE
+from decoding.settings import DecodingSettings
 from retrieval.readers import read_document
 
 REPO = Path(__file__).resolve().parent.parent
@@ -229,7 +230,7 @@ def bench_context(engine: Engine, target: LoadedModel, drafter: LoadedModel, n_t
         runs = []
         base = method.removesuffix(WITH_LOOKUP)
         settings = replace(decoding, method=base, lookup_in_rapid=decoding.lookup_in_rapid or method != base)
-        draft_model = drafter if base in DRAFTER_MODEL_METHODS else None
+        draft_model = drafter if METHOD_TABLE[base].runs_drafter_model else None
         for _ in range(args.runs):
             runs.append(run_to_end(generate(base, target, draft_model, long_prompt, rag_prompt, settings, hooks)))
         outputs[method] = runs[-1].token_ids

@@ -29,7 +29,8 @@ from app.config import Settings
 from app.events import Done, Token
 from app.pipeline import Engine
 from bench.decode import REPO, document_slice, machine
-from decoding.settings import DRAFTER_MODEL_METHODS, DecodingSettings
+from decoding.methods import METHODS
+from decoding.settings import DecodingSettings
 
 QUESTIONS = (
     "Which R function reads files in fixed width format?",
@@ -71,7 +72,7 @@ def bench_method(
     # Without a cold start the first Engine already finds the prefix on disk: that is a restart.
     for phase in ("cold", "after restart") if cold else ("after restart",):
         engine = Engine(settings, log=print if log else lambda _: None)
-        if method in DRAFTER_MODEL_METHODS:
+        if METHODS[method].runs_drafter_model:
             engine.model(settings.models.drafter)  # loading is not part of TTFT
         for label, question in zip(("first question", "follow-up"), QUESTIONS, strict=True):
             row = timed_answer(engine, question, index_dir, decoding)

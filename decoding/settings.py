@@ -4,8 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-METHODS = ("rapid", "lc", "rag", "sd", "magicdec", "lookup")
-DRAFTER_MODEL_METHODS = ("sd", "rapid")  # the methods that run the separate drafter model
+from decoding.methods import METHODS
 
 
 class SettingsError(ValueError):

@@ -30,7 +30,8 @@ from app.errors import user_message
 from app.events import Done, Progress, Sources, Status, Token
 from app.pipeline import Engine
 from app.speedup import Speedup
-from decoding.settings import METHODS, DecodingSettings
+from decoding.methods import METHODS
+from decoding.settings import DecodingSettings
 from decoding.stats import Stats
 from retrieval.errors import RetrievalError
 from retrieval.index import HybridIndex
@@ -40,14 +41,6 @@ from retrieval.types import Citation, DocumentInfo
 logger = logging.getLogger("rapidqa.ui")
 
 UNEXPECTED = "Something went wrong on the server; the details are in its log."
-METHOD_HELP = {
-    "rapid": "RAPID: RAG drafter + long-context target",
-    "lc": "LC: target alone on everything (the baseline)",
-    "rag": "RAG: model alone on the retrieved passages",
-    "sd": "SD: speculative decoding, exact (eta = 0)",
-    "magicdec": "MagicDec: target drafts with a StreamingLLM cache",
-    "lookup": "Lookup: n-gram prompt-lookup drafting",
-}
 # Keeps a file name within the 255-byte limit of common filesystems, with room for a hash suffix.
 MAX_NAME_BYTES = 150
 # The chat shows a shorter excerpt than the citation holds, so the answer stays in view.
@@ -511,7 +504,7 @@ def build_app(engine: Engine, index_dir: Path | None = None) -> gr.Blocks:
                     compare = gr.Checkbox(label="Compare with LC (measures the speedup side by side; slower)",
                                           value=False, elem_id="compare")
                 with gr.Accordion("Settings", open=False, elem_id="settings"):
-                    method = gr.Dropdown(label="Method", choices=[(METHOD_HELP.get(m, m), m) for m in METHODS],
+                    method = gr.Dropdown(label="Method", choices=[(m.label, m.name) for m in METHODS.values()],
                                          value=default.method, elem_id="method")
                     with gr.Row():
                         eta = gr.Slider(0, 50, value=default.eta, step=0.5,
