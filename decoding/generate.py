@@ -28,8 +28,9 @@ from decoding.sampling import (
 from decoding.settings import DecodingSettings
 from decoding.stats import Stats
 
-# (model, prompt prefix tokens) -> a cache holding exactly that prefix, or None to prefill it.
-PrefixLoader = Callable[[Transformer, list[int]], KVCache | None]
+# (model, prompt prefix tokens, capacity) -> a cache of at least that capacity holding exactly that
+# prefix, for the caller's use alone until its next load; or None to prefill the prefix.
+PrefixLoader = Callable[[Transformer, list[int], int], KVCache | None]
 PrefixSaver = Callable[[Transformer, list[int], KVCache], None]
 
 
@@ -243,22 +244,23 @@ class Detokenizer:
         return piece
 
 
-def prefill(session: Session, prompt: Prompt, hooks: PrefixCacheHooks | None) -> tuple[torch.Tensor, bool]:
+def prefill(
+    model: Transformer, prompt: Prompt, hooks: PrefixCacheHooks | None, capacity: int
+) -> tuple[KVCache, torch.Tensor, bool]:
     """Prefix (documents) then suffix (question), always as two separate prefills.
 
-    Splitting the same way with or without the prefix cache keeps both paths bit-identical.
-    Returns the logits after the prompt and whether the prefix came from the cache.
+    Splitting the same way with or without the prefix cache keeps both paths bit-identical. A cache
+    of `capacity` slots is allocated only when the prefix is not restored. Returns the cache, the
+    logits after the prompt and whether the prefix came from the prefix cache.
     """
-    device = session.model.device
-    restored = hooks.load(session.model, prompt.prefix) if hooks and prompt.prefix else None
-    if restored is not None:
-        session.cache = restored
-    elif prompt.prefix:
-        session.model.prefill(torch.tensor(prompt.prefix, device=device), session.cache)
+    restored = hooks.load(model, prompt.prefix, capacity) if hooks and prompt.prefix else None
+    cache = restored if restored is not None else model.new_cache(capacity)
+    if restored is None and prompt.prefix:
+        model.prefill(torch.tensor(prompt.prefix, device=model.device), cache)
         if hooks:
-            hooks.save(session.model, prompt.prefix, session.cache)
-    logits = session.model.prefill(torch.tensor(prompt.suffix, device=device), session.cache)
-    return logits, restored is not None
+            hooks.save(model, prompt.prefix, cache)
+    logits = model.prefill(torch.tensor(prompt.suffix, device=model.device), cache)
+    return cache, logits, restored is not None
 
 
 def decode(
@@ -341,8 +343,13 @@ def generate(
     rag_prompt: Prompt | None,
     settings: DecodingSettings,
     prefix_cache: PrefixCacheHooks | None = None,
+    rag_prefix: PrefixCacheHooks | None = None,
 ) -> Iterator[GenerationEvent]:
-    """Run one method; yields text deltas as tokens are accepted, stats per pass, then Finished."""
+    """Run one method; yields text deltas as tokens are accepted, stats per pass, then Finished.
+
+    prefix_cache serves the document prefix of the long prompt; rag_prefix, when given, serves the
+    RAG drafter's prompt prefix (its retrieved passages).
+    """
     settings.validate()
     if method in ("rag", "rapid") and rag_prompt is None:
         raise ValueError(f"method {method!r} needs a retrieved (RAG) prompt")
@@ -353,15 +360,15 @@ def generate(
     room = settings.max_new_tokens + settings.gamma + 2
 
     t0 = time.perf_counter()
-    session = Session(target.model, target.model.new_cache(len(prompt) + room), prompt.tokens, output)
     hooks = prefix_cache if method != "rag" else None
-    logits, restored = prefill(session, prompt, hooks)
+    cache, logits, restored = prefill(target.model, prompt, hooks, len(prompt) + room)
+    session = Session(target.model, cache, prompt.tokens, output)
     stats.prefix_cached_tokens = len(prompt.prefix) if restored else 0
     stats.prefill_s = time.perf_counter() - t0
 
     def make_drafter() -> Drafter | None:
         return _make_drafter(method, session, target, drafter, long_prompt, rag_prompt, settings, stats, room,
-                             prefix_cache)
+                             prefix_cache, rag_prefix)
 
     eta = settings.eta if method == "rapid" else 0.0
     yield from decode(session, make_drafter, logits, stats, settings, sampler, eta, target.stop_ids,
@@ -380,6 +387,7 @@ def _make_drafter(
     stats: Stats,
     room: int,
     prefix_cache: PrefixCacheHooks | None,
+    rag_prefix: PrefixCacheHooks | None,
 ) -> Drafter | None:
     if method in ("lc", "rag"):
         return None
@@ -395,13 +403,14 @@ def _make_drafter(
         raise ValueError("the drafter and the target must share one tokenizer (same vocabulary ids)")
     draft_prompt = long_prompt if method == "sd" else rag_prompt
     assert draft_prompt is not None
-    session = Session(draft_model.model, draft_model.model.new_cache(len(draft_prompt) + room), draft_prompt.tokens,
-                      target_session.output)
-    # SD's drafter reads the whole documents too, so its prefix is worth caching; a RAG context
-    # changes with every question, so RAPID's drafter prefills it plainly.
+
+    # SD's drafter reads the whole documents too, so its prefix is worth caching; RAPID's retrieved
+    # context changes with every question, so only rag_prefix (built from per-chunk KV) serves it.
     # (With self-speculation the target already holds that prefix's cache object: no sharing.)
     reuse = method == "sd" and draft_model is not target
-    prefill(session, draft_prompt, prefix_cache if reuse else None)
+    hooks = prefix_cache if reuse else rag_prefix if method == "rapid" else None
+    cache, _, _ = prefill(draft_model.model, draft_prompt, hooks, len(draft_prompt) + room)
+    session = Session(draft_model.model, cache, draft_prompt.tokens, target_session.output)
     stats.draft_context_tokens = len(draft_prompt)
     model_drafter = ModelDrafter(session)
     if method == "sd":

@@ -48,12 +48,13 @@ class PrefixCache:
     def hooks(self) -> PrefixCacheHooks:
         return PrefixCacheHooks(load=self.load, save=self.save)
 
-    def load(self, model: Transformer, prefix: list[int]) -> KVCache | None:
+    def load(self, model: Transformer, prefix: list[int], capacity: int) -> KVCache | None:
         key = self.key(model, prefix)
         if key in self._hot:
             cache = self._hot[key]
             self._hot.move_to_end(key)
             cache.crop(len(prefix))  # drop the previous question's tokens; the prefix is untouched
+            cache.reserve(capacity - len(prefix))
             self.hits += 1
             return cache
         path = self.directory / f"{key}.safetensors"
@@ -61,7 +62,7 @@ class PrefixCache:
             self.misses += 1
             return None
         tensors = load_file(str(path), device=str(model.device))
-        cache = model.new_cache(len(prefix) + 1024)
+        cache = model.new_cache(max(capacity, len(prefix)))
         for layer in range(model.args.n_layers):
             cache.keys[layer][:, : len(prefix)] = tensors[f"k{layer}"]
             cache.values[layer][:, : len(prefix)] = tensors[f"v{layer}"]
