@@ -58,7 +58,7 @@ METHODS: dict[str, Method] = {
 BASELINE = "lc"  # speedups are measured against this method on the same input
 
 
-def method(name: str) -> Method:
+def method_info(name: str) -> Method:
     """The table entry for a method name; KeyError names the choices."""
     try:
         return METHODS[name]

@@ -1,4 +1,9 @@
-"""The statistics record shared by the CLI's JSON, the UI panel, the benchmarks and eval."""
+"""The statistics record shared by the CLI's JSON, the UI panel, the benchmarks and eval.
+
+Definitions (README "Statistics" states the same): the first answer token comes from the target's
+prefill logits, so it belongs to time-to-first-token, not to decoding. decode_s runs from the first
+token to the last, without the drafter's own prefill; decode tokens/s = (generated - 1) / decode_s.
+"""
 
 from __future__ import annotations
 
@@ -14,13 +19,30 @@ class Stats:
     generated: int = 0  # answer tokens emitted
     drafted: int = 0  # tokens proposed by the drafter
     accepted: int = 0  # proposals the target accepted
-    target_passes: int = 0  # target forward passes while decoding
+    target_passes: int = 0  # target forward passes that produced answer tokens (the prefill's included)
     prefill_s: float = 0.0  # the target's prompt plus the drafter's (built after the first token)
     first_token_s: float = 0.0  # from the start of generation to the first answer token
-    decode_s: float = 0.0
+    decode_s: float = 0.0  # from the first answer token to the last, the drafter's prefill excluded
     accepted_lengths: list[int] = field(default_factory=list)  # tokens produced per target pass
     token_times: list[float] = field(default_factory=list)  # decode seconds at each emitted token
     finish_reason: str = ""  # "eos" | "length"
+
+    # ------------------------------------------------------------------ recorded by the loop
+
+    def record_pass(self, emitted: int, generated: int, decode_s: float) -> None:
+        """A target pass produced `emitted` tokens (a closing stop token included)."""
+        self.target_passes += 1
+        self.accepted_lengths.append(emitted)
+        self.generated = generated
+        self.decode_s = decode_s
+        if self.target_passes == 1:  # prefill_s holds the target's prefill alone at this point
+            self.first_token_s = self.prefill_s + decode_s
+
+    def record_draft(self, drafted: int, accepted: int) -> None:
+        self.drafted += drafted
+        self.accepted += accepted
+
+    # ------------------------------------------------------------------------ derived
 
     @property
     def acceptance_rate(self) -> float | None:
@@ -33,7 +55,8 @@ class Stats:
 
     @property
     def decode_tokens_per_s(self) -> float | None:
-        return self.generated / self.decode_s if self.decode_s > 0 else None
+        """Tokens after the first per decode second (the first token comes from the prefill)."""
+        return (self.generated - 1) / self.decode_s if self.generated > 1 and self.decode_s > 0 else None
 
     def to_dict(self) -> dict[str, object]:
         data = asdict(self)

@@ -6,7 +6,8 @@ import pytest
 import torch
 from transformers import Qwen2Config, Qwen2ForCausalLM
 
-from decoding.generate import Finished, PassStats, generate, lookup_continuation, run_to_end
+from decoding.drafters import lookup_continuation
+from decoding.generate import Finished, PassStats, generate, run_to_end
 from decoding.model import transformer_from_hf_model
 from decoding.models import Prompt
 from decoding.settings import DecodingSettings
