@@ -31,17 +31,24 @@ def context_bucket(tokens: int) -> int:
 
 
 class LcReference:
-    """The last measured LC decode speed per (target model, context bucket), kept on disk."""
+    """The last measured LC decode speed per (target model, context bucket), kept on disk.
+
+    The file is read once, when first needed (the UI asks for a speedup at every target pass), and
+    written through on every new LC measurement.
+    """
 
     def __init__(self, path: Path) -> None:
         self.path = path
         self._lock = threading.Lock()
+        self._data: dict[str, dict[str, float]] | None = None
 
     def _read(self) -> dict[str, dict[str, float]]:
-        try:
-            return json.loads(self.path.read_text())
-        except (OSError, ValueError):
-            return {}
+        if self._data is None:
+            try:
+                self._data = json.loads(self.path.read_text())
+            except (OSError, ValueError):
+                self._data = {}
+        return self._data
 
     def record(self, target: str, stats: Stats) -> None:
         if stats.method != "lc" or not stats.decode_tokens_per_s:

@@ -58,6 +58,12 @@ class ModelArgs:
         ):
             raise ValueError(f"rope scaling {config['rope_scaling']} is not supported")
         n_heads = config["num_attention_heads"]
+        max_positions = config.get("max_position_embeddings", 32768)
+        window = sliding_window(config)
+        if window is not None and window < max_positions:
+            # This forward attends to every cached key; such a model is only right up to its window,
+            # so it reads no more than that (longer prompts are refused with the token counts).
+            max_positions = window
         rope_theta = config.get("rope_theta") or (config.get("rope_parameters") or {}).get("rope_theta", 10000.0)
         return cls(
             vocab_size=config["vocab_size"],
@@ -71,8 +77,21 @@ class ModelArgs:
             rope_theta=float(rope_theta),
             qkv_bias=arch == "qwen2" or bool(config.get("attention_bias", False)),
             tie_embeddings=bool(config.get("tie_word_embeddings", False)),
-            max_positions=config.get("max_position_embeddings", 32768),
+            max_positions=max_positions,
         )
+
+
+def sliding_window(config: dict) -> int | None:
+    """The attention window the model was trained with, if its layers use one.
+
+    Mistral-style configs apply `sliding_window` whenever it is set; Qwen2 configs carry a value but
+    use it only with `use_sliding_window: true`.
+    """
+    window = config.get("sliding_window")
+    if window is None:
+        return None
+    used = config.get("use_sliding_window", config.get("model_type") != "qwen2")
+    return int(window) if used else None
 
 
 class RMSNorm(nn.Module):

@@ -6,6 +6,11 @@ from dataclasses import dataclass
 
 from decoding.methods import METHODS
 
+# A verify pass runs gamma + 1 rows. Up to attention.SMALL_T rows every path (the C kernel, the
+# torch fallback) computes each row independently of the others, which is what makes eta = 0
+# speculation return exactly the target's greedy tokens; beyond it the torch path switches kernels.
+MAX_GAMMA = 16
+
 
 class SettingsError(ValueError):
     """A decoding setting is out of range; the message is for the user."""
@@ -38,8 +43,8 @@ class DecodingSettings:
             raise SettingsError("temperature must be >= 0")
         if not 0 < self.top_p <= 1:
             raise SettingsError("top_p must be in (0, 1]")
-        if self.gamma < 1:
-            raise SettingsError("gamma must be at least 1")
+        if not 1 <= self.gamma <= MAX_GAMMA:
+            raise SettingsError(f"gamma must be between 1 and {MAX_GAMMA}")
         if self.eta < 0:
             raise SettingsError("eta must be >= 0")
         if not 0 <= self.draft_confidence < 1:

@@ -6,11 +6,14 @@ import pytest
 import torch
 from transformers import Qwen2Config, Qwen2ForCausalLM
 
+import decoding.attention
+import decoding.model
+from decoding.attention import torch_attention
 from decoding.drafters import lookup_continuation
 from decoding.generate import Finished, PassStats, generate, run_to_end
 from decoding.model import transformer_from_hf_model
 from decoding.models import Prompt
-from decoding.settings import DecodingSettings
+from decoding.settings import MAX_GAMMA, DecodingSettings
 from tests.tiny import random_prompt, tiny_model
 
 SPECULATIVE = ("sd", "magicdec", "rapid", "lookup")
@@ -50,17 +53,64 @@ def test_engine_matches_transformers_logits(hidden_size: int) -> None:
     torch.testing.assert_close(stepwise, reference, atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("dtype_pair", ["pair_fp32", "pair_bf16"])
+# A small vocabulary makes n-grams recur, so prompt lookup finds drafts; the drafter reads the last
+# three quarters of the documents and MagicDec's window drops a quarter, so every drafter agrees
+# with the target often but not always. Each exactness run must show both outcomes.
+EXACT_VOCAB = 32
+EXACT_GAMMAS = (1, 3, 6, MAX_GAMMA)
+
+
+def assert_drafted_and_sometimes_wrong(out: Finished, label: object) -> None:
+    assert out.stats.drafted > 0 and 0 < out.stats.accepted < out.stats.drafted, (
+        label, out.stats.drafted, out.stats.accepted)
+
+
+@pytest.fixture(params=["native", "torch"])
+def attention(request, monkeypatch) -> str:
+    """Run the exactness suite on the C attention kernel and on the torch path."""
+    if request.param == "torch":
+        monkeypatch.setattr(decoding.model, "attention_for", lambda device: torch_attention)
+    elif decoding.attention.native_attention() is None:
+        pytest.fail("the C attention kernel did not build on this machine")
+    return request.param
+
+
+@pytest.fixture(scope="module", params=[torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def small_vocab_pair(request):
+    dtype = request.param
+    return (tiny_model(1, dtype, vocab=EXACT_VOCAB),
+            tiny_model(2, dtype, noise_from=1, noise=0.01, vocab=EXACT_VOCAB))
+
+
 @pytest.mark.parametrize("length", [12, 300, 1100])  # 1100 crosses a prefill chunk boundary
-def test_greedy_eta0_equals_lc(request, dtype_pair: str, length: int) -> None:
-    target, drafter = request.getfixturevalue(dtype_pair)
-    prompt, rag = random_prompt(length, seed=length), random_prompt(40, seed=7)
+def test_greedy_eta0_equals_lc(small_vocab_pair, attention: str, length: int) -> None:
+    target, drafter = small_vocab_pair
+    prompt = random_prompt(length, seed=length, vocab=EXACT_VOCAB)
+    rag = Prompt(prompt.prefix[length // 4 :], prompt.suffix)
+    window = {"magicdec_window": max(4, length * 3 // 4), "magicdec_sinks": 4}
     lc = run("lc", target, drafter, prompt, rag)
     assert lc.stats.generated == 40
-    for method in SPECULATIVE:
-        for gamma in (1, 3, 6):
-            out = run(method, target, drafter, prompt, rag, gamma=gamma, eta=0.0, magicdec_window=64)
+    for method in ("sd", "magicdec", "rapid"):
+        for gamma in EXACT_GAMMAS:
+            out = run(method, target, drafter, prompt, rag, gamma=gamma, eta=0.0, **window)
             assert out.token_ids == lc.token_ids, (method, gamma)
+            assert_drafted_and_sometimes_wrong(out, (method, gamma))
+
+
+@pytest.mark.parametrize("length", [12, 300, 1100])
+def test_lookup_greedy_equals_lc(small_vocab_pair, attention: str, length: int) -> None:
+    """Prompt lookup drafts only where the answer repeats an n-gram of the prompt: exactness is checked
+    on every prompt tried, until one where lookup drafted and was both accepted and rejected."""
+    target, _ = small_vocab_pair
+    for seed in range(12):
+        prompt = random_prompt(length, seed=seed, vocab=EXACT_VOCAB)
+        lc = run("lc", target, None, prompt, None)
+        outs = {gamma: run("lookup", target, None, prompt, None, gamma=gamma) for gamma in EXACT_GAMMAS}
+        for gamma, out in outs.items():
+            assert out.token_ids == lc.token_ids, (seed, gamma)
+        if all(0 < o.stats.accepted < o.stats.drafted for o in outs.values()):
+            return
+    pytest.fail("no prompt tried made lookup draft and be sometimes wrong")
 
 
 def test_speculation_really_drafts(pair_fp32) -> None:

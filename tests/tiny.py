@@ -27,10 +27,15 @@ class ByteTokenizer:
 
 
 def tiny_model(seed: int, dtype: torch.dtype = torch.float32, layers: int = 2, noise_from: int | None = None,
-               noise: float = 0.0, stop_ids: frozenset[int] = frozenset()) -> LoadedModel:
-    """A tiny Qwen2; with noise_from, a perturbed copy of that seed's model (a drafter that mostly agrees)."""
+               noise: float = 0.0, stop_ids: frozenset[int] = frozenset(), vocab: int = VOCAB,
+               attention_gain: float = 1.0) -> LoadedModel:
+    """A tiny Qwen2; with noise_from, a perturbed copy of that seed's model (a drafter that mostly agrees).
+
+    attention_gain < 1 weakens attention's output, so the next token depends mostly on the last one
+    and greedy answers fall into loops: prompt-lookup drafting then has something to find.
+    """
     # head_dim 64: a size the C attention kernel takes, so these tests run the production path.
-    config = Qwen2Config(vocab_size=VOCAB, hidden_size=256, intermediate_size=256, num_hidden_layers=layers,
+    config = Qwen2Config(vocab_size=vocab, hidden_size=256, intermediate_size=256, num_hidden_layers=layers,
                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096,
                          rope_theta=10000.0)
     torch.manual_seed(seed if noise_from is None else noise_from)
@@ -38,6 +43,8 @@ def tiny_model(seed: int, dtype: torch.dtype = torch.float32, layers: int = 2, n
     with torch.no_grad():
         for p in hf.parameters():
             p.mul_(4.0)  # sharper distributions than the default init, so greedy choices are stable
+        for layer in hf.model.layers:
+            layer.self_attn.o_proj.weight.mul_(attention_gain)
         if noise_from is not None:
             gen = torch.Generator().manual_seed(seed)
             for p in hf.parameters():
@@ -45,8 +52,8 @@ def tiny_model(seed: int, dtype: torch.dtype = torch.float32, layers: int = 2, n
     return LoadedModel(f"tiny-{seed}", None, transformer_from_hf_model(hf, dtype), ByteTokenizer(), stop_ids)
 
 
-def random_prompt(length: int, seed: int) -> Prompt:
+def random_prompt(length: int, seed: int, vocab: int = VOCAB) -> Prompt:
     gen = torch.Generator().manual_seed(seed)
-    ids = torch.randint(0, VOCAB, (length,), generator=gen).tolist()
+    ids = torch.randint(0, vocab, (length,), generator=gen).tolist()
     cut = max(1, length - 8)
     return Prompt(ids[:cut], ids[cut:])
