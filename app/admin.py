@@ -8,6 +8,8 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from app.config import Settings
+from app.errors import CliError
+from app.options import add_model_options, settings_from_args
 
 
 def _index_parser(prog: str, description: str) -> argparse.ArgumentParser:
@@ -17,9 +19,6 @@ def _index_parser(prog: str, description: str) -> argparse.ArgumentParser:
 
 
 def main(name: str, argv: Sequence[str]) -> int:
-    from app.cli import add_model_options, settings_from_args
-    from app.errors import CliError
-
     if name == "models":
         parser = argparse.ArgumentParser(prog="ask models", description="Fetch and convert the embedded models.")
         parser.add_argument("names", nargs="*", help="models to prepare (default: the target and drafter)")
@@ -42,7 +41,7 @@ def main(name: str, argv: Sequence[str]) -> int:
     args = parser.parse_args(argv)
     settings = settings_from_args(args)
 
-    from app.pipeline import Engine
+    from app.pipeline import Engine  # torch: only the commands that open an index import it
 
     engine = Engine(settings, log=lambda m: print(m, file=sys.stderr))
     index = engine.open_index(args.index)

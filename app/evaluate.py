@@ -25,6 +25,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from app.errors import CliError
+from app.options import add_model_options, check_document_args, index_dir_for, ingest_documents, log, settings_from_args
+from app.report import stats_record
 from decoding.methods import METHODS
 from decoding.settings import DecodingSettings
 
@@ -197,8 +199,6 @@ def _csv(kind: Callable[[str], Any]) -> Callable[[str], list[Any]]:
 def score_row(item: QAItem, run: MethodRun, answer: str, stats: Stats, lc_tokens_per_s: float | None) -> dict:
     tokens_per_s = stats.decode_tokens_per_s
     speedup = tokens_per_s / lc_tokens_per_s if tokens_per_s and lc_tokens_per_s else None
-    record = stats.to_dict()
-    record.pop("token_times", None)  # per-token timestamps would dominate the file
     return {
         "id": item.id,
         "question": item.question,
@@ -222,7 +222,7 @@ def score_row(item: QAItem, run: MethodRun, answer: str, stats: Stats, lc_tokens
         "context_tokens": stats.context_tokens,
         "draft_context_tokens": stats.draft_context_tokens,
         "speedup_vs_lc": speedup,
-        "stats": record,
+        "stats": stats_record(stats),
     }
 
 
@@ -383,8 +383,6 @@ def write_json(results: dict, path: Path) -> None:
 
 
 def parser() -> argparse.ArgumentParser:
-    from app.cli import add_model_options
-
     p = argparse.ArgumentParser(
         prog="ask eval",
         description="Quality (exact match, token F1, answer contained) and decode speed of every method "
@@ -417,8 +415,6 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str]) -> int:
-    from app.cli import check_document_args, index_dir_for, ingest_documents, log, settings_from_args
-
     args = parser().parse_args(argv)
     if args.report is not None:
         return report(args.report)

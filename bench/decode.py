@@ -26,13 +26,13 @@ from pathlib import Path
 
 import torch
 
-from app.cli import add_model_options, settings_from_args
+from app.options import add_model_options, settings_from_args
 from app.pipeline import Engine
 from decoding.attention import native_attention
 from decoding.generate import generate, run_to_end
+from decoding.methods import METHODS as METHOD_TABLE
 from decoding.model import Transformer
 from decoding.models import LoadedModel, Prompt
-from decoding.methods import METHODS as METHOD_TABLE
 from decoding.settings import DecodingSettings
 from retrieval.readers import read_document
 

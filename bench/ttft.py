@@ -24,9 +24,9 @@ from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
 
-from app.cli import add_model_options, settings_from_args
 from app.config import Settings
 from app.events import Done, Token
+from app.options import add_model_options, settings_from_args
 from app.pipeline import Engine
 from bench.decode import REPO, document_slice, machine
 from decoding.methods import METHODS

@@ -12,7 +12,7 @@ from pathlib import Path
 import pypdf
 import pytest
 
-from app.cli import CliError
+from app.errors import CliError
 from app.evaluate import (
     contains_answer,
     exact_match,

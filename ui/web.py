@@ -28,7 +28,9 @@ import pandas as pd
 from app.config import Limits, Settings
 from app.errors import user_message
 from app.events import Done, Progress, Sources, Status, Token
+from app.options import add_decoding_options, add_model_options, quiet_environment, settings_from_args
 from app.pipeline import Engine
+from app.report import sources_record, speedup_record, stats_record
 from app.speedup import Speedup
 from decoding.methods import METHODS
 from decoding.settings import DecodingSettings
@@ -445,8 +447,6 @@ def build_app(engine: Engine, index_dir: Path | None = None) -> gr.Blocks:
     def ask(question: str, method: str = default.method,
             max_new_tokens: int = default.max_new_tokens) -> tuple[str, dict[str, Any], list[dict[str, Any]]]:
         """Answer a question about the indexed documents. Returns (answer, statistics, sources)."""
-        from app.cli import done_to_json  # the CLI's JSON layout, so API and `ask --json` agree
-
         decoding = replace(default, method=method, max_new_tokens=int(max_new_tokens))
         done: Done | None = None
         try:
@@ -456,10 +456,8 @@ def build_app(engine: Engine, index_dir: Path | None = None) -> gr.Blocks:
             raise gr.Error(_user_text(error), print_exception=False) from None
         if done is None:
             raise gr.Error(UNEXPECTED, print_exception=False)
-        data = done_to_json(done)
-        stats = {k: v for k, v in data["stats"].items() if k != "token_times"}
-        stats |= {"speedup_vs_lc": data["speedup_vs_lc"], "speedup_basis": data["speedup_basis"]}
-        return done.answer, stats, data["sources"]
+        # The layout of `ask --json`, so a script can switch between the two.
+        return done.answer, stats_record(done.stats) | speedup_record(done.speedup), sources_record(done.citations)
 
     def upload_api(files: list[str] | None) -> dict[str, Any]:
         lines = ingest_uploads(index, [Path(f) for f in files or []], uploads_dir, limits)
@@ -584,8 +582,6 @@ def parse_auth(text: str) -> tuple[str, str]:
 
 
 def serve_parser() -> argparse.ArgumentParser:
-    from app.cli import add_decoding_options, add_model_options
-
     parser = argparse.ArgumentParser(
         prog="ask serve",
         description="Start the rapidqa web UI (Gradio). It listens on 127.0.0.1 only unless --host says otherwise.",
@@ -606,8 +602,6 @@ def serve_parser() -> argparse.ArgumentParser:
 
 
 def settings_for_serve(args: argparse.Namespace) -> Settings:
-    from app.cli import settings_from_args
-
     settings = settings_from_args(args)
     server = settings.server
     auth_text = args.auth if args.auth is not None else os.environ.get("RAPIDQA_AUTH") or None
@@ -622,9 +616,7 @@ def settings_for_serve(args: argparse.Namespace) -> Settings:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    for name, value in (("GRADIO_ANALYTICS_ENABLED", "False"), ("HF_HUB_OFFLINE", "1"),
-                        ("TRANSFORMERS_OFFLINE", "1"), ("ANONYMIZED_TELEMETRY", "False")):
-        os.environ.setdefault(name, value)
+    quiet_environment()
     parser = serve_parser()
     args = parser.parse_args(list(sys.argv[1:] if argv is None else argv))
     try:
