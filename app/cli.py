@@ -95,7 +95,7 @@ def run_question(argv: Sequence[str]) -> int:
 def run_subcommand(name: str, argv: Sequence[str]) -> int:
     # Each command imports only what it needs: `ask docs` should not pay for Gradio, nor `ask --help` for torch.
     if name == "serve":
-        from ui.web import main as serve_main
+        from ui.serve import main as serve_main
 
         return serve_main(argv)
     if name == "bench":

@@ -109,8 +109,8 @@ def bad_files(folder: Path) -> dict[str, Path]:
 
 @contextmanager
 def serving(demo: gr.Blocks, settings: Settings) -> Iterator[str]:
-    """Run the app through ui.web.launch (the code path of `ask serve`) in a background thread."""
-    from ui.web import launch
+    """Run the app through ui.serve.launch (the code path of `ask serve`) in a background thread."""
+    from ui.serve import launch
 
     launch(demo, settings, prevent_thread_lock=True)
     try:
