@@ -103,7 +103,7 @@ def run_subcommand(name: str, argv: Sequence[str]) -> int:
 
         return bench_main(argv)
     if name == "eval":
-        from app.evaluate import main as eval_main
+        from app.eval.runner import main as eval_main
 
         return eval_main(argv)
     from app.admin import main as admin_main
