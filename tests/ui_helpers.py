@@ -17,8 +17,8 @@ from typing import TYPE_CHECKING, Any
 import pytest
 
 from app.config import Limits, ModelSettings, ServerSettings, Settings
+from app.errors import QuestionError
 from app.events import Done, Event, Progress, Sources, Status, Token
-from app.pipeline import QuestionError
 from app.speedup import Speedup
 from decoding.settings import DecodingSettings
 from decoding.stats import Stats
