@@ -10,6 +10,7 @@ from pathlib import Path
 from app.config import Settings
 from app.errors import CliError
 from app.options import add_model_options, settings_from_args
+from app.registry import resolve_model
 
 
 def _index_parser(prog: str, description: str) -> argparse.ArgumentParser:
@@ -61,8 +62,6 @@ def main(name: str, argv: Sequence[str]) -> int:
 
 
 def prepare_models(settings: Settings, names: list[str]) -> int:
-    from app.registry import resolve_model
-
     for name in dict.fromkeys(names):
         path = resolve_model(name, settings.models_dir)
         size = sum(f.stat().st_size for f in path.iterdir() if f.is_file())

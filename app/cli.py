@@ -13,6 +13,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from app.errors import user_message
+from app.events import Done, Sources, Status, Token
 from app.options import (
     add_decoding_options,
     add_model_options,
@@ -23,6 +24,7 @@ from app.options import (
     quiet_environment,
     settings_from_args,
 )
+from app.report import done_record, summary_text
 
 SUBCOMMANDS = {
     "serve": "start the web UI (Gradio) on localhost",
@@ -68,10 +70,7 @@ def run_question(argv: Sequence[str]) -> int:
     index_dir = index_dir_for(args, settings)
     settings.decoding.validate()
 
-    # Imported once the arguments are known good: torch and the models take seconds to import.
-    from app.events import Done, Sources, Status, Token
-    from app.pipeline import Engine
-    from app.report import done_record, summary_text
+    from app.pipeline import Engine  # torch takes seconds to import: not before the arguments are known good
 
     engine = Engine(settings, log=log)
     index = engine.open_index(index_dir)
