@@ -8,6 +8,9 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from app.config import Settings
+from app.errors import CliError
+from app.options import add_model_options, settings_from_args
+from app.registry import resolve_model
 
 
 def _index_parser(prog: str, description: str) -> argparse.ArgumentParser:
@@ -17,9 +20,6 @@ def _index_parser(prog: str, description: str) -> argparse.ArgumentParser:
 
 
 def main(name: str, argv: Sequence[str]) -> int:
-    from app.cli import add_model_options, settings_from_args
-    from app.errors import CliError
-
     if name == "models":
         parser = argparse.ArgumentParser(prog="ask models", description="Fetch and convert the embedded models.")
         parser.add_argument("names", nargs="*", help="models to prepare (default: the target and drafter)")
@@ -42,7 +42,7 @@ def main(name: str, argv: Sequence[str]) -> int:
     args = parser.parse_args(argv)
     settings = settings_from_args(args)
 
-    from app.pipeline import Engine
+    from app.pipeline import Engine  # torch: only the commands that open an index import it
 
     engine = Engine(settings, log=lambda m: print(m, file=sys.stderr))
     index = engine.open_index(args.index)
@@ -62,8 +62,6 @@ def main(name: str, argv: Sequence[str]) -> int:
 
 
 def prepare_models(settings: Settings, names: list[str]) -> int:
-    from app.registry import resolve_model
-
     for name in dict.fromkeys(names):
         path = resolve_model(name, settings.models_dir)
         size = sum(f.stat().st_size for f in path.iterdir() if f.is_file())

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from decoding.settings import DecodingSettings
@@ -66,6 +66,3 @@ class Settings:
     @property
     def uploads_dir(self) -> Path:
         return self.home / "uploads"
-
-    def with_decoding(self, **changes: object) -> Settings:
-        return replace(self, decoding=replace(self.decoding, **changes))

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+from app.registry import ModelNotAvailableError
+from decoding.settings import SettingsError
+from retrieval.errors import RetrievalError
+
 
 class CliError(Exception):
     """A command-line mistake (missing file, no documents); printed as one line, exit status 1."""
@@ -13,9 +17,5 @@ class QuestionError(ValueError):
 
 def user_message(error: BaseException) -> str | None:
     """The message to show for an expected failure, or None for a bug (which keeps its traceback)."""
-    from app.registry import ModelNotAvailableError
-    from decoding.settings import SettingsError
-    from retrieval.errors import RetrievalError
-
     known = CliError | QuestionError | RetrievalError | ModelNotAvailableError | SettingsError
     return str(error) if isinstance(error, known) else None

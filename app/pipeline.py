@@ -13,9 +13,9 @@ from app.config import Settings
 from app.errors import QuestionError
 from app.events import Done, Event, Progress, Sources, Status, Token
 from app.registry import resolve_model
-from app.speedup import LcReference, Speedup, measured_speedup
+from app.speedup import LcReference, measured_speedup
 from decoding.generate import Finished, PassStats, TextDelta, generate
-from decoding.methods import method_info
+from decoding.methods import BASELINE, method_info
 from decoding.models import LoadedModel, Prompt, load_model, pick_device, pick_dtype
 from decoding.prefix_cache import PrefixCache
 from decoding.settings import DecodingSettings
@@ -155,9 +155,9 @@ class Engine:
             self.lc_reference.record(target_name, stats)
             lc_stats = None
             speedup = self.lc_reference.speedup(target_name, stats)
-            if compare and decoding.method != "lc":
+            if compare and decoding.method != BASELINE:
                 yield Status("Measuring LC on the same input for the speedup")
-                lc_stats = self._finish(self._run(replace(decoding, method="lc"), long_prompt, rag_prompt))
+                lc_stats = self._finish(self._run(replace(decoding, method=BASELINE), long_prompt, rag_prompt))
                 self.lc_reference.record(target_name, lc_stats)
                 speedup = measured_speedup(stats, lc_stats)
         yield Done(answer, stats, contexts.citations, speedup, lc_stats)
@@ -175,7 +175,7 @@ class Engine:
         return final[-1].stats
 
     def _prefill_message(self, method: str, long_prompt: Prompt, rag_prompt: Prompt) -> str:
-        if method == "rag":
+        if method_info(method).target_reads_rag:
             return f"Reading {len(rag_prompt)} retrieved tokens"
         return f"Reading {len(long_prompt)} tokens of documents (cached prefixes are reused)"
 
@@ -194,5 +194,3 @@ def answer_once(engine: Engine, question: str, index: HybridIndex, decoding: Dec
     done = [e for e in engine.answer(question, index, decoding, compare) if isinstance(e, Done)]
     return done[-1]
 
-
-__all__ = ["Engine", "QuestionError", "Speedup", "answer_once"]

@@ -89,7 +89,7 @@ def resolve_model(spec: str, models_dir: Path, log: Callable[[str], None] = prin
     if path.is_dir() and (path / "config.json").exists():
         return path
     if path.is_file() and path.suffix == ".gguf":
-        digest = _sha256(path, progress=False)[:16]
+        digest = _file_sha256(path)[:16]
         target = models_dir / f"{path.stem}-{digest}"
         if not is_ready(target):
             convert_gguf(path, target, source={"gguf": str(path), "sha256_16": digest}, log=log)
@@ -176,9 +176,6 @@ def convert_gguf(gguf: Path, target: Path, source: dict[str, str], log: Callable
     staging.rename(target)
 
 
-def _sha256(path: Path, progress: bool) -> str:
-    digest = hashlib.sha256()
+def _file_sha256(path: Path) -> str:
     with path.open("rb") as handle:
-        while block := handle.read(1 << 22):
-            digest.update(block)
-    return digest.hexdigest()
+        return hashlib.file_digest(handle, "sha256").hexdigest()

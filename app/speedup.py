@@ -13,6 +13,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from decoding.methods import BASELINE
 from decoding.stats import Stats
 
 
@@ -51,7 +52,7 @@ class LcReference:
         return self._data
 
     def record(self, target: str, stats: Stats) -> None:
-        if stats.method != "lc" or not stats.decode_tokens_per_s:
+        if stats.method != BASELINE or not stats.decode_tokens_per_s:
             return
         with self._lock:
             data = self._read()
@@ -64,7 +65,7 @@ class LcReference:
             self.path.write_text(json.dumps(data, indent=1))
 
     def speedup(self, target: str, stats: Stats) -> Speedup:
-        if stats.method == "lc":
+        if stats.method == BASELINE:
             return Speedup(1.0, "LC itself")
         entry = self._read().get(f"{target}@{context_bucket(stats.context_tokens)}")
         if entry is None or not stats.decode_tokens_per_s:

@@ -15,8 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import statistics
 import tempfile
 import time
@@ -26,10 +24,12 @@ from pathlib import Path
 
 import torch
 
-from app.cli import add_model_options, settings_from_args
+from app.machine import machine_summary
+from app.options import add_model_options, settings_from_args
 from app.pipeline import Engine
 from decoding.attention import native_attention
 from decoding.generate import generate, run_to_end
+from decoding.methods import BASELINE, Drafting
 from decoding.methods import METHODS as METHOD_TABLE
 from decoding.model import Transformer
 from decoding.models import LoadedModel, Prompt
@@ -37,26 +37,16 @@ from decoding.settings import DecodingSettings
 from retrieval.readers import read_document
 
 REPO = Path(__file__).resolve().parent.parent
-METHODS = ("lc", "rag", "sd", "magicdec", "lookup", "rapid", "rapid+lookup")
 WITH_LOOKUP = "+lookup"  # suffix: RAPID that first tries n-gram lookup drafts from its retrieved context
+# Every method, LC first (it fills the prefix cache the others reuse), then a bench-only variant
+# of each method whose drafter model reads the retrieved context: the same with lookup drafts first.
+METHODS = (BASELINE, *(name for name in METHOD_TABLE if name != BASELINE),
+           *(f"{m.name}{WITH_LOOKUP}" for m in METHOD_TABLE.values() if m.drafting is Drafting.RAG_MODEL))
 # The demo question's answer is one sentence (15-16 tokens): too few passes for stable speeds.
 LONG_ANSWER_QUESTION = (
     "How does read.fwf read a file in fixed width format, what do its widths and sep arguments do, "
     "and what happens to the data on the way?"
 )
-
-
-def machine() -> str:
-    model = "unknown CPU"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"{model}, {os.cpu_count()} cores"
-    return f"{device}, torch {torch.__version__}, {platform.python_version()}"
 
 
 def copy_bandwidth_gbs() -> float:
@@ -196,8 +186,8 @@ def run(argv: Sequence[str] | None = None) -> dict[str, object]:
     question = args.question
     decoding = replace(settings.decoding, max_new_tokens=args.new_tokens, gamma=args.gamma, eta=args.eta)
     methods = [m for m in args.methods.split(",") if m]
-    if "lc" not in methods:
-        methods.insert(0, "lc")
+    if BASELINE not in methods:
+        methods.insert(0, BASELINE)
 
     with tempfile.TemporaryDirectory() as tmp:
         settings = replace(settings, home=Path(tmp), decoding=decoding)
@@ -205,7 +195,8 @@ def run(argv: Sequence[str] | None = None) -> dict[str, object]:
         target, drafter = engine.target, engine.drafter
         bandwidth = copy_bandwidth_gbs()
         attention = "C kernel" if native_attention() is not None else "torch"
-        report: dict[str, object] = {"machine": machine(), "copy_bandwidth_gbs": bandwidth, "attention": attention,
+        report: dict[str, object] = {"machine": machine_summary(str(engine.device)),
+                                     "copy_bandwidth_gbs": bandwidth, "attention": attention,
                                      "target": settings.models.target, "drafter": settings.models.drafter,
                                      "dtype": str(target.model.dtype), "gamma": args.gamma, "eta": args.eta,
                                      "new_tokens": args.new_tokens, "runs": args.runs, "contexts": []}
@@ -237,7 +228,7 @@ def bench_context(engine: Engine, target: LoadedModel, drafter: LoadedModel, n_t
         stats = [r.stats for r in runs]
         tps = statistics.median(s.decode_tokens_per_s or 0.0 for s in stats)
         passes_per_s = statistics.median(s.target_passes / s.decode_s for s in stats if s.decode_s)
-        read_tokens = rag_prompt.__len__() if method == "rag" else context_tokens
+        read_tokens = len(rag_prompt) if METHOD_TABLE[base].target_reads_rag else context_tokens
         rows[method] = {
             "decode_tokens_per_s": tps,
             "acceptance_rate": stats[-1].acceptance_rate,
@@ -248,13 +239,13 @@ def bench_context(engine: Engine, target: LoadedModel, drafter: LoadedModel, n_t
             "same_tokens_as_lc": None,
         }
     for method in methods:
-        rows[method]["speedup_vs_lc"] = rows[method]["decode_tokens_per_s"] / rows["lc"]["decode_tokens_per_s"]
-        rows[method]["same_tokens_as_lc"] = outputs[method] == outputs["lc"]
+        rows[method]["speedup_vs_lc"] = rows[method]["decode_tokens_per_s"] / rows[BASELINE]["decode_tokens_per_s"]
+        rows[method]["same_tokens_as_lc"] = outputs[method] == outputs[BASELINE]
     decode_s, verify_s = verify_over_decode(target.model, context_tokens, args.gamma)
     with_hf = not args.no_hf and str(n_tokens) in args.hf_contexts.split(",")
     hf = hf_baselines(target, drafter, long_prompt, args.new_tokens, args.hf_runs) if with_hf else {}
     for row in hf.values():
-        row["speedup_vs_lc"] = row["tokens_per_s"] / rows["lc"]["decode_tokens_per_s"]
+        row["speedup_vs_lc"] = row["tokens_per_s"] / rows[BASELINE]["decode_tokens_per_s"]
     print_table(context_tokens, rows, hf, decode_s, verify_s, args.gamma, bandwidth)
     return {"context_tokens": context_tokens, "rag_tokens": len(rag_prompt), "methods": rows, "hf": hf,
             "decode_step_s": decode_s, "verify_pass_s": verify_s, "verify_over_decode": verify_s / decode_s}

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import random
 import re
 import statistics
@@ -23,10 +22,11 @@ from pathlib import Path
 
 import numpy as np
 
+from app.machine import cpu_name
 from retrieval.embedding import Embedder
-from retrieval.evaluate import Label, load_labels, recall_at_k
 from retrieval.index import HybridIndex
 from retrieval.readers import read_document
+from retrieval.recall import Label, load_labels, recall_at_k
 from retrieval.types import RetrievalSettings
 
 REPO = Path(__file__).resolve().parents[1]
@@ -52,7 +52,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     tokenize, tokenizer_name = load_tokenizer()
     embedder = Embedder()
     labels = load_labels(LABELS)
-    print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
+    print(f"machine: {cpu_name()}, {os.cpu_count()} cores, "
           f"torch threads {torch.get_num_threads()}, load average {os.getloadavg()[0]:.1f}")
     print(f"tokenizer: {tokenizer_name}; embedder: {embedder.name}")
 

@@ -24,11 +24,12 @@ from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
 
-from app.cli import add_model_options, settings_from_args
 from app.config import Settings
 from app.events import Done, Token
+from app.machine import machine_summary
+from app.options import add_model_options, settings_from_args
 from app.pipeline import Engine
-from bench.decode import REPO, document_slice, machine
+from bench.decode import REPO, document_slice
 from decoding.methods import METHODS
 from decoding.settings import DecodingSettings
 
@@ -105,8 +106,9 @@ def run(argv: Sequence[str] | None = None) -> dict[str, object]:
         index_dir = Path(tmp) / "index"
         setup.open_index(index_dir).add_files([document_slice(setup, args.tokens, Path(tmp))], progress=False)
         bytes_per_1k = setup.prefix_cache.bytes_per_1k_tokens(setup.target.model)
+        machine = machine_summary(str(setup.device))
         del setup
-        report: dict[str, object] = {"machine": machine(), "target": settings.models.target,
+        report: dict[str, object] = {"machine": machine, "target": settings.models.target,
                                      "drafter": settings.models.drafter, "tokens": args.tokens,
                                      "questions": list(QUESTIONS), "kv_bytes_per_1k_tokens": bytes_per_1k,
                                      "methods": {}}

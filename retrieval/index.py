@@ -325,14 +325,11 @@ def expand_paths(paths: Iterable[Path]) -> list[Path]:
 
 
 def _file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
     try:
         with path.open("rb") as handle:
-            for block in iter(lambda: handle.read(1 << 20), b""):
-                digest.update(block)
+            return hashlib.file_digest(handle, "sha256").hexdigest()
     except OSError as exc:
         raise IngestError(f"{file_name(path)}: cannot read the file ({exc.strerror or exc}).") from None
-    return digest.hexdigest()
 
 
 def _unchanged(path: Path, name: str, existing: DocumentInfo) -> IngestResult:

@@ -44,7 +44,7 @@ def test_twenty_concurrent_questions_are_queued_and_all_answered(tmp_path: Path,
                                                                   tmp_path_factory: pytest.TempPathFactory) -> None:
     from gradio_client import Client, handle_file
 
-    from ui.web import build_app
+    from ui.blocks import build_app
 
     model = small_model()
     home = tmp_path_factory.getbasetemp() / "ui-real-home"  # shares the prefix cache with the UI tests

@@ -12,17 +12,10 @@ from pathlib import Path
 import pypdf
 import pytest
 
-from app.cli import CliError
-from app.evaluate import (
-    contains_answer,
-    exact_match,
-    format_table,
-    load_questions,
-    method_runs,
-    normalize,
-    summarize,
-    token_f1,
-)
+from app.errors import CliError
+from app.eval.reporting import format_table
+from app.eval.runner import load_questions, method_runs
+from app.eval.scoring import contains_answer, exact_match, normalize, summarize, token_f1
 from decoding.settings import DecodingSettings
 from tests.conftest import real_models_dir
 from tests.docs import SAMPLE_PDF, pdf_excerpt

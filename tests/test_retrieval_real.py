@@ -15,9 +15,9 @@ import pytest
 from retrieval.chunking import chunk_pages
 from retrieval.context import build_contexts
 from retrieval.embedding import Embedder
-from retrieval.evaluate import Label, load_labels, recall_at_k
 from retrieval.index import HybridIndex
 from retrieval.readers import read_document
+from retrieval.recall import Label, load_labels, recall_at_k
 from retrieval.types import RetrievalSettings
 from tests.retrieval_fixtures import LABELS, R_DATA, R_FAQ, HashEmbedder, qwen_tokenizer_dir, word_tokens
 

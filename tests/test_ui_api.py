@@ -34,7 +34,7 @@ pytestmark = pytest.mark.timeout(300)
 
 @pytest.fixture
 def scripted(tmp_path: Path) -> Iterator[tuple[ScriptedEngine, str]]:
-    from ui.web import build_app
+    from ui.blocks import build_app
 
     engine = ScriptedEngine(tmp_path / "home", max_files_per_upload=5)
     with serving(build_app(engine), engine.settings) as url:
@@ -130,7 +130,7 @@ def test_served_on_loopback_by_default(scripted: tuple[ScriptedEngine, str]) -> 
 
 
 def test_serve_options_default_to_loopback(monkeypatch: pytest.MonkeyPatch) -> None:
-    from ui.web import serve_parser, settings_for_serve
+    from ui.serve import serve_parser, settings_for_serve
 
     monkeypatch.delenv("RAPIDQA_AUTH", raising=False)
     settings = settings_for_serve(serve_parser().parse_args([]))
@@ -154,7 +154,7 @@ def test_api_answers_about_an_uploaded_pdf(tmp_path: Path, tmp_path_factory: pyt
     from gradio_client import handle_file
 
     from app.pipeline import Engine
-    from ui.web import build_app
+    from ui.blocks import build_app
 
     model = small_model()
     # One home for every real-model UI test: the prefix cache then saves the second prefill.

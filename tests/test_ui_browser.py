@@ -60,7 +60,7 @@ def test_upload_ask_and_watch_the_answer(tmp_path: Path, tmp_path_factory: pytes
     from playwright.sync_api import expect
 
     from app.pipeline import Engine
-    from ui.web import build_app
+    from ui.blocks import build_app
 
     model = small_model()
     home = tmp_path_factory.getbasetemp() / "ui-real-home"  # shared with the API test: prefix cache reuse
@@ -119,7 +119,7 @@ def test_delete_and_errors_without_models(tmp_path: Path) -> None:
     """The page's own logic against a scripted engine: delete control, unexpected errors, compare."""
     from playwright.sync_api import expect
 
-    from ui.web import build_app
+    from ui.blocks import build_app
 
     engine = ScriptedEngine(tmp_path / "home")
     notes = tmp_path / "notes.md"

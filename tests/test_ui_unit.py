@@ -13,16 +13,8 @@ from app.speedup import Speedup
 from decoding.stats import Stats
 from retrieval.errors import IngestError
 from retrieval.types import Citation, IngestResult
-from ui.web import (
-    MAX_NAME_BYTES,
-    AnswerView,
-    ingest_uploads,
-    safe_upload_name,
-    size_text,
-    sources_markdown,
-    stats_markdown,
-    upload_markdown,
-)
+from ui.render import AnswerView, size_text, sources_markdown, stats_markdown, upload_markdown
+from ui.uploads import MAX_NAME_BYTES, UploadLine, ingest_uploads, safe_upload_name
 
 NASTY_NAMES = [
     "../../etc/passwd.txt", "..\\..\\windows\\win.ini.txt", "/abs/path/report.pdf", "a/b/../c.pdf",
@@ -155,7 +147,6 @@ def test_unchanged_uploads_say_so_without_repeating_the_name(tmp_path: Path) -> 
 
 
 def test_upload_lines_escape_markup() -> None:
-    from ui.web import UploadLine
 
     text = upload_markdown([UploadLine("a*b*.txt", "error", "bad <img src=x>")])
     assert "a\\*b\\*.txt" in text and "\\<img src=x\\>" in text
@@ -198,3 +189,10 @@ def test_answer_view_shows_status_then_answer_then_error() -> None:
 def test_sizes_read_naturally() -> None:
     assert [size_text(n) for n in (10, 2048, 3 * 2**20, 50 * 2**20 + 1)] == [
         "10 bytes", "2 KiB", "3 MiB", "50.0 MiB"]
+
+
+def test_a_stopped_answer_keeps_its_text_and_says_so() -> None:
+    view = AnswerView(status="Generating", text="R 4.2")
+    assert view.working
+    view.stopped = True
+    assert view.markdown() == "R 4.2\n\n_Stopped._" and not view.working

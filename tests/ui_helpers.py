@@ -17,8 +17,8 @@ from typing import TYPE_CHECKING, Any
 import pytest
 
 from app.config import Limits, ModelSettings, ServerSettings, Settings
+from app.errors import QuestionError
 from app.events import Done, Event, Progress, Sources, Status, Token
-from app.pipeline import QuestionError
 from app.speedup import Speedup
 from decoding.settings import DecodingSettings
 from decoding.stats import Stats
@@ -109,8 +109,8 @@ def bad_files(folder: Path) -> dict[str, Path]:
 
 @contextmanager
 def serving(demo: gr.Blocks, settings: Settings) -> Iterator[str]:
-    """Run the app through ui.web.launch (the code path of `ask serve`) in a background thread."""
-    from ui.web import launch
+    """Run the app through ui.serve.launch (the code path of `ask serve`) in a background thread."""
+    from ui.serve import launch
 
     launch(demo, settings, prevent_thread_lock=True)
     try:

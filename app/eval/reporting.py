@@ -1,0 +1,110 @@
+"""Eval reports: the terminal table (also table.txt), results.json and the quality-vs-speedup plot."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from app.errors import CliError
+from app.eval.scoring import POSITIONS, summarize
+
+
+def figure(value: float | None, spec: str, missing: str = "n/a") -> str:
+    """A measured value for a table, or `missing` when it could not be measured."""
+    return missing if value is None else format(value, spec)
+
+
+def format_table(results: dict) -> str:
+    machine, models, context = results["machine"], results["models"], results["context"]
+    device = machine["device"] if machine["device"] != "cpu" else "CPU"
+    header = [
+        f"machine: {machine['processor']}, {machine['cores']} cores (torch threads "
+        f"{machine['torch_threads']}), device {device}, {machine['dtype']}",
+        f"models: target {models['target']}, drafter {models['drafter']}",
+        f"documents: {', '.join(results['documents'])}; long context {context['long_tokens']} tokens "
+        f"(median over questions), drafter context {context['draft_tokens']} tokens",
+        f"questions: {results['n_questions']}, greedy, "
+        f"max_new_tokens {results['decoding']['max_new_tokens']}; "
+        f"speedup = median over questions of decode tok/s / LC decode tok/s on the same question",
+    ]
+    columns = ["method", "EM", "F1", "contains", "b/m/e", "tok/s", "accept", "MAL", "prefill s", "speedup"]
+    body = []
+    for s in results["summary"]:
+        positions = "/".join(figure(s["contains_by_position"][p], ".2f", "-") for p in POSITIONS)
+        body.append([
+            s["method"], f"{s['exact_match']:.2f}", f"{s['f1']:.2f}", f"{s['contains']:.2f}", positions,
+            figure(s["decode_tokens_per_s"], ".2f"), figure(s["acceptance_rate"], ".1%"),
+            figure(s["mean_accepted_length"], ".2f"), f"{s['prefill_s']:.2f}",
+            figure(s["median_speedup_vs_lc"], ".2f") + ("x" if s["median_speedup_vs_lc"] is not None else ""),
+        ])
+    widths = [max(len(row[i]) for row in [columns, *body]) for i in range(len(columns))]
+
+    def line(cells: list[str]) -> str:
+        pairs = enumerate(zip(cells, widths, strict=True))
+        return "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in pairs)
+
+    rule = "-" * len(line(columns))
+    notes = ("EM/F1/contains: exact match, token F1, answer contained; b/m/e: contains rate for facts\n"
+             "at the beginning/middle/end of the document; accept: drafts accepted (pooled);\n"
+             "MAL: tokens emitted per target pass; prefill s: mean per answer, documents from the prefix cache")
+    return "\n".join([*header, rule, line(columns), rule, *(line(row) for row in body), rule, notes])
+
+
+def plot(results: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display on servers and in tests
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 5.5))
+    points = [(s["median_speedup_vs_lc"], s["contains"], s["method"]) for s in results["summary"]
+              if s["median_speedup_vs_lc"] is not None]
+    placed: list[tuple[float, float]] = []
+    span = max((x for x, _, _ in points), default=1.0) or 1.0
+    for x, y, label in points:
+        # Methods often tie on quality; stagger the labels of neighbours so none is printed over another.
+        crowd = sum(1 for px, py in placed if abs(px - x) < 0.08 * span and abs(py - y) < 0.04)
+        placed.append((x, y))
+        ax.scatter([x], [y], s=40, label=label, zorder=3)
+        ax.annotate(label, (x, y), textcoords="offset points", xytext=(5, 5 + 11 * crowd), fontsize=8)
+    if points:
+        ax.legend(fontsize=7, loc="lower right")
+    ax.axvline(1.0, color="grey", linewidth=0.8, linestyle="--")
+    ax.set_xlabel("median decode speedup vs LC (same question, same run)")
+    ax.set_ylabel("answer-contained rate")
+    ax.set_ylim(-0.05, 1.05)
+    ax.set_xlim(left=0)
+    models = results["models"]
+    ax.set_title(f"{models['target']} / drafter {models['drafter']}, "
+                 f"{results['context']['long_tokens']} context tokens, {results['n_questions']} questions",
+                 fontsize=9)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def write_json(results: dict, path: Path) -> None:
+    partial = path.with_suffix(".partial")
+    partial.write_text(json.dumps(results, indent=1))
+    partial.replace(path)  # a run interrupted mid-write still leaves the last complete file
+
+
+def report(results_json: Path) -> int:
+    """Summary, table and plot again from the rows a run saved (they hold every measurement)."""
+    try:
+        results = json.loads(results_json.read_text())
+        results["summary"] = summarize(results["rows"], results["methods"])
+    except (OSError, ValueError, KeyError) as error:
+        raise CliError(f"{results_json} is not an ask eval results.json ({error})") from error
+    write_json(results, results_json)
+    return write_report(results, results_json.parent)
+
+
+def write_report(results: dict, out: Path) -> int:
+    table = format_table(results)
+    print(table)
+    (out / "table.txt").write_text(table + "\n")
+    plot(results, out / "quality_vs_speedup.png")
+    print(f"\nresults: {out / 'results.json'}\nplot:    {out / 'quality_vs_speedup.png'}")
+    return 0

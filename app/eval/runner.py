@@ -1,0 +1,238 @@
+"""`ask eval`: answer quality and decoding speed of every method on a QA set, measured in one run.
+
+Every method answers every question greedily over the same index. LC runs first on each question:
+it fills the target's document-prefix cache that the other methods then reuse, and its decode
+speed on that very question is the denominator of each method's speedup (the median over
+questions is reported, so one noisy question on a shared CPU does not decide the figure).
+Outputs: a table on the terminal (and table.txt), results.json, quality_vs_speedup.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Any
+
+from app.config import Settings
+from app.errors import CliError
+from app.eval.reporting import figure, report, write_json, write_report
+from app.eval.scoring import context_summary, score_row, summarize
+from app.machine import machine_info
+from app.options import add_model_options, check_document_args, index_dir_for, ingest_documents, log, settings_from_args
+from app.pipeline import Engine, answer_once
+from decoding.methods import BASELINE, METHODS
+from decoding.settings import DecodingSettings
+from retrieval.index import HybridIndex
+
+DEFAULT_METHODS = "lc,rag,sd,magicdec,rapid"
+
+@dataclass(frozen=True)
+class QAItem:
+    id: str
+    question: str
+    answers: list[str]
+    page: int | None = None
+    position: str | None = None  # beginning | middle | end of the document
+
+
+def load_questions(path: Path) -> list[QAItem]:
+    items: list[QAItem] = []
+    try:
+        lines = Path(path).read_text(encoding="utf-8").splitlines()
+    except OSError as error:
+        raise CliError(f"cannot read the questions file {path}: {error.strerror or error}") from None
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            data = json.loads(line)
+            item = QAItem(
+                id=str(data.get("id", f"q{number}")),
+                question=str(data["question"]),
+                answers=[str(a) for a in data["answers"]],
+                page=data.get("page"),
+                position=data.get("position"),
+            )
+        except (ValueError, KeyError, TypeError) as error:
+            raise CliError(f"{path}, line {number}: not a question record ({error})") from None
+        if not item.answers or not item.question.strip():
+            raise CliError(f"{path}, line {number}: needs a question and at least one answer")
+        items.append(item)
+    if not items:
+        raise CliError(f"{path} holds no questions")
+    return items
+
+
+# ------------------------------------------------------------------------------------- method rows
+
+
+@dataclass(frozen=True)
+class MethodRun:
+    """One row of the result table: a method with its settings (a rapid sweep point is its own row)."""
+
+    label: str
+    decoding: DecodingSettings
+
+
+def method_runs(methods: Sequence[str], base: DecodingSettings, eta_sweep: Sequence[float] | None = None,
+                gamma_sweep: Sequence[int] | None = None) -> list[MethodRun]:
+    """LC first, then the other methods in the order given; rapid (eta applies) expands over eta x gamma."""
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown:
+        raise CliError(f"unknown method(s) {', '.join(unknown)}; choose from {', '.join(METHODS)}")
+    swept = [m for m in methods if METHODS[m].eta_applies]
+    if (eta_sweep or gamma_sweep) and not swept:
+        raise CliError("--eta-sweep and --gamma-sweep vary rapid: add rapid to --methods")
+    runs = [MethodRun(BASELINE, replace(base, method=BASELINE))]
+    for method in dict.fromkeys(methods):
+        if method == BASELINE:
+            continue
+        if method not in swept:
+            runs.append(MethodRun(method, replace(base, method=method)))
+            continue
+        for eta in eta_sweep or [base.eta]:
+            for gamma in gamma_sweep or [base.gamma]:
+                decoding = replace(base, method=method, eta=float(eta), gamma=int(gamma))
+                suffix = ",lookup" if decoding.lookup_in_rapid else ""
+                runs.append(MethodRun(f"{method}(eta={_number(eta)},gamma={gamma}{suffix})", decoding))
+    for run in runs:
+        run.decoding.validate()
+    return runs
+
+
+def _number(value: float) -> str:
+    return f"{value:g}"
+
+
+def _csv(kind: Callable[[str], Any]) -> Callable[[str], list[Any]]:
+    def parse(text: str) -> list[Any]:
+        try:
+            return [kind(part) for part in text.split(",") if part.strip()]
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
+
+    return parse
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="ask eval",
+        description="Quality (exact match, token F1, answer contained) and decode speed of every method "
+        "on a QA set; LC runs first on each question and is the speedup baseline.",
+    )
+    p.add_argument("--docs", nargs="+", type=Path, metavar="PATH", help="documents or folders to index")
+    p.add_argument("--index", type=Path, metavar="DIR",
+                   help="index directory (default: one kept per --docs set)")
+    p.add_argument("--questions", type=Path, metavar="JSONL",
+                   help='one {"id", "question", "answers": [...], "page", "position"} per line (required)')
+    p.add_argument("--report", type=Path, metavar="RESULTS_JSON",
+                   help="only re-draw the table and plot of a finished (or interrupted) run from its results.json")
+    p.add_argument("--methods", default=DEFAULT_METHODS, help=f"comma-separated (default {DEFAULT_METHODS}); "
+                   "lc always runs, first")
+    p.add_argument("--limit", type=int, help="only the first N questions")
+    p.add_argument("--eta-sweep", type=_csv(float), metavar="E,E,...", help="rapid: one row per eta")
+    p.add_argument("--gamma-sweep", type=_csv(int), metavar="G,G,...", help="rapid: one row per gamma")
+    p.add_argument("--eta", type=float, help="rapid eta without a sweep (default 0)")
+    p.add_argument("--gamma", type=int,
+                   help="drafted tokens per target pass for sd, magicdec, lookup, rapid (default 5)")
+    p.add_argument("--lookup", action="store_true",
+                   help="rapid: try n-gram lookup drafts from the retrieved context first")
+    p.add_argument("--max-new-tokens", type=int, default=48, help="answer length limit (default 48)")
+    p.add_argument("--out", type=Path, metavar="DIR",
+                   help="output folder (default $RAPIDQA_HOME/eval/TIMESTAMP)")
+    p.add_argument("--no-warmup", action="store_true",
+                   help="skip the untimed warm-up answer (it prefills the documents before any timing)")
+    add_model_options(p)
+    return p
+
+
+def main(argv: Sequence[str]) -> int:
+    args = parser().parse_args(argv)
+    if args.report is not None:
+        return report(args.report)
+    if args.questions is None:
+        raise CliError("--questions is required: a JSONL file of questions and acceptable answers")
+    if args.limit is not None and args.limit < 1:
+        raise CliError("--limit must be at least 1")
+    check_document_args(args)
+    settings = settings_from_args(args)
+    # Greedy decoding makes every method's answer a deterministic function of its inputs.
+    base = replace(settings.decoding, temperature=0.0)
+    settings = replace(settings, decoding=base)
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    runs = method_runs(methods, base, args.eta_sweep, args.gamma_sweep)
+    items = load_questions(args.questions)[: args.limit]
+    index_dir = index_dir_for(args, settings)
+    out = args.out or settings.home / "eval" / time.strftime("%Y%m%d-%H%M%S")
+    out.mkdir(parents=True, exist_ok=True)
+
+    engine = Engine(settings, log=log)
+    index = engine.open_index(index_dir)
+    if args.docs:
+        ingest_documents(index, args.docs, progress=False)
+    documents = [doc.source for doc in index.documents()]
+    if not documents:
+        raise CliError(f"the index {index_dir} holds no documents: pass --docs")
+
+    results = run_eval(engine, index, items, runs, settings, warmup=not args.no_warmup, out=out, log=log,
+                       documents=documents, argv=list(argv))
+    return write_report(results, out)
+
+
+def run_eval(
+    engine: Engine, index: HybridIndex, items: list[QAItem], runs: list[MethodRun], settings: Settings,
+    warmup: bool, out: Path, log: Callable[[str], None], documents: list[str], argv: list[str],
+) -> dict:
+    uses_drafter = any(METHODS[r.decoding.method].runs_drafter_model for r in runs)
+    results: dict = {
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "command": ["ask", "eval", *argv],
+        "machine": machine_info(str(engine.device), str(engine.target.model.dtype).removeprefix("torch.")),
+        "models": {"target": settings.models.target,
+                   "drafter": settings.models.drafter if uses_drafter else None},
+        "documents": documents,
+        "decoding": asdict(settings.decoding),  # every knob, so a result can be reproduced
+        "methods": [r.label for r in runs],
+        "n_questions": len(items),
+        "questions": [vars(item) for item in items],
+        "warmup": None,
+        "rows": [],
+        "summary": [],
+        "context": {"long_tokens": None, "draft_tokens": None},
+        "complete": False,
+    }
+    if uses_drafter:
+        engine.model(settings.models.drafter)  # load now, so loading never looks like a slow first answer
+    if warmup:
+        # Untimed: prefills the documents into the prefix cache and pays first-call costs, so that
+        # question 1 is measured like every later one.
+        log("[warm-up: reading the documents once]")
+        started = time.perf_counter()
+        short = replace(settings.decoding, method=BASELINE, max_new_tokens=2)
+        done = answer_once(engine, items[0].question, index, short)
+        results["warmup"] = {"seconds": time.perf_counter() - started, "prefill_s": done.stats.prefill_s,
+                             "context_tokens": done.stats.context_tokens,
+                             "prefix_cached_tokens": done.stats.prefix_cached_tokens}
+    rows: list[dict] = results["rows"]
+    for number, item in enumerate(items, 1):
+        lc_tokens_per_s: float | None = None
+        for run in runs:
+            done = answer_once(engine, item.question, index, run.decoding)
+            if run.decoding.method == BASELINE:
+                lc_tokens_per_s = done.stats.decode_tokens_per_s
+            row = score_row(item, run, done.answer, done.stats, lc_tokens_per_s)
+            rows.append(row)
+            log(f"[{number}/{len(items)} {item.id}] {run.label}: "
+                f"{figure(row['decode_tokens_per_s'], '.2f')} tok/s, "
+                f"speedup {figure(row['speedup_vs_lc'], '.2f')}, "
+                f"contains={'yes' if row['contains'] else 'no'}: {' '.join(done.answer.split())[:80]!r}")
+        results["summary"] = summarize(rows, results["methods"])
+        results["context"] = context_summary(rows)
+        write_json(results, out / "results.json")  # after every question: a long run keeps what it measured
+    results["complete"] = True
+    write_json(results, out / "results.json")
+    return results

@@ -1,0 +1,115 @@
+"""Command-line options shared by `ask`, `ask serve`, `ask eval`, the admin commands and the benchmarks.
+
+Each option group is declared once here, and `settings_from_args` is the only place where parsed
+options become a Settings object. No heavy imports: `ask --help` must stay instant.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import os
+import sys
+from collections.abc import Sequence
+from dataclasses import replace
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from app.config import Settings
+from app.errors import CliError
+from decoding.methods import METHODS
+
+if TYPE_CHECKING:
+    from retrieval.index import HybridIndex
+
+# Nothing downloads at run time and nothing reports usage: set before any library reads them.
+QUIET_ENVIRONMENT = {
+    "HF_HUB_OFFLINE": "1",
+    "TRANSFORMERS_OFFLINE": "1",
+    "GRADIO_ANALYTICS_ENABLED": "False",
+    "ANONYMIZED_TELEMETRY": "False",
+    "TOKENIZERS_PARALLELISM": "false",
+}
+
+
+def quiet_environment() -> None:
+    """Defaults only: a variable the user set keeps its value."""
+    for name, value in QUIET_ENVIRONMENT.items():
+        os.environ.setdefault(name, value)
+
+
+def add_model_options(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("models")
+    group.add_argument("--target", help="target model: embedded name, HF model directory or .gguf path "
+                       "(default qwen2.5-coder-1.5b)")
+    group.add_argument("--drafter", help="RAG drafter model, same tokenizer as the target (default qwen2.5-coder-0.5b)")
+    group.add_argument("--dtype", choices=["auto", "bf16", "fp32", "fp16"], help="weights dtype (default auto)")
+    group.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda when present)")
+    group.add_argument("--fast", action="store_true",
+                       help="quick setting: Qwen2.5-Coder-0.5B as both target and drafter (self-speculation)")
+
+
+def add_decoding_options(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("decoding")
+    group.add_argument("--method", choices=list(METHODS), help="decoding method (default rapid)")
+    group.add_argument("--max-new-tokens", type=int, help="answer length limit in tokens (default 128)")
+    group.add_argument("--temperature", type=float, help="0 = greedy (default); > 0 samples")
+    group.add_argument("--top-p", type=float, help="nucleus sampling threshold (default 1.0)")
+    group.add_argument("--seed", type=int, help="random seed for sampling (default 0)")
+    group.add_argument("--gamma", type=int, help="drafted tokens per target pass (default 5)")
+    group.add_argument("--eta", type=float, help="RAPID retrieval-augmented target strength (default 0 = exact)")
+    group.add_argument("--lookup", action="store_true",
+                       help="RAPID: try free n-gram lookup drafts from the retrieved context first")
+
+
+def settings_from_args(args: argparse.Namespace) -> Settings:
+    """Settings with every option the user gave; options a command does not declare keep their defaults."""
+    settings = Settings()
+    models = settings.models
+    if getattr(args, "fast", False):
+        models = replace(models, target="qwen2.5-coder-0.5b", drafter="qwen2.5-coder-0.5b")
+    for field in ("target", "drafter", "dtype", "device"):
+        if getattr(args, field, None):
+            models = replace(models, **{field: getattr(args, field)})
+    decoding = settings.decoding
+    for field in ("method", "max_new_tokens", "temperature", "top_p", "seed", "gamma", "eta"):
+        value = getattr(args, field, None)
+        if value is not None:
+            decoding = replace(decoding, **{field: value})
+    if getattr(args, "lookup", False):
+        decoding = replace(decoding, lookup_in_rapid=True)
+    return replace(settings, models=models, decoding=decoding)
+
+
+def log(message: str) -> None:
+    """Progress and status go to stderr, so stdout carries only the answer (or the JSON)."""
+    print(message, file=sys.stderr, flush=True)
+
+
+def check_document_args(args: argparse.Namespace) -> None:
+    """--docs must exist, and --index alone must name an existing index."""
+    for path in args.docs or []:
+        if not path.exists():
+            raise CliError(f"no such file or folder: {path}")
+    if args.index and not args.docs and not (args.index / "docstore.sqlite").exists():
+        raise CliError(f"{args.index} is not an index (no docstore.sqlite); create it with --docs or `ask ingest`")
+
+
+def index_dir_for(args: argparse.Namespace, settings: Settings) -> Path:
+    """--index, or one index kept per set of --docs paths (so asking again does not re-ingest)."""
+    if args.index:
+        return args.index
+    if args.docs:
+        key = hashlib.sha256("\n".join(sorted(str(p.resolve()) for p in args.docs)).encode()).hexdigest()[:16]
+        return settings.home / "indexes" / key
+    raise CliError("no documents: pass --docs FILE... to ingest, or --index DIR for an existing index")
+
+
+def ingest_documents(index: HybridIndex, paths: Sequence[Path], progress: bool) -> None:
+    """Add files and folders; a bad file is reported and skipped, but nothing indexable is an error."""
+    results = index.add_files(paths, progress=progress)
+    for result in results:
+        if not result.ok:
+            log(f"skipped {result.source}: {result.message}")
+    if not any(r.ok for r in results):
+        raise CliError("none of the documents could be indexed")

@@ -1,0 +1,68 @@
+"""An answer's results as data and as text: the one layout shared by `ask --json`, the UI's API, eval and bench.
+
+`ask --json` and the `/ask` API return the same records, so a script can switch between them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from app.events import Done
+from app.speedup import Speedup
+from decoding.stats import Stats
+from retrieval.types import Citation
+
+
+def stats_record(stats: Stats) -> dict[str, object]:
+    """Every counter and derived rate; the per-token timestamps are left out (they would dominate a file)."""
+    record = stats.to_dict()
+    record.pop("token_times", None)
+    return record
+
+
+def speedup_record(speedup: Speedup) -> dict[str, object]:
+    return {"speedup_vs_lc": speedup.value, "speedup_basis": speedup.label}
+
+
+def sources_record(citations: Sequence[Citation]) -> list[dict[str, object]]:
+    return [
+        {"document": c.source, "page": c.page, "section": c.section, "excerpt": c.excerpt, "score": c.score}
+        for c in citations
+    ]
+
+
+def done_record(done: Done) -> dict[str, object]:
+    """The whole answer: `ask --json` prints this object."""
+    return {
+        "answer": done.answer,
+        "sources": sources_record(done.citations),
+        "stats": stats_record(done.stats),
+        **speedup_record(done.speedup),
+        "lc_stats": stats_record(done.lc_stats) if done.lc_stats else None,
+    }
+
+
+def _figure(value: float | None, spec: str) -> str:
+    return format(value, spec) if value is not None else "n/a"
+
+
+def stats_lines(done: Done) -> list[str]:
+    s = done.stats
+    speed = f"{done.speedup.value:.2f}x" if done.speedup.value is not None else "n/a"
+    cached = f" ({s.prefix_cached_tokens} from the prefix cache)" if s.prefix_cached_tokens else ""
+    return [
+        f"method {s.method}: {s.generated} tokens generated, {s.drafted} drafted, {s.accepted} accepted",
+        f"acceptance rate {_figure(s.acceptance_rate, '.1%')}, "
+        f"mean accepted length per target pass {_figure(s.mean_accepted_length, '.2f')}",
+        f"context {s.context_tokens} tokens{cached}, drafter context {s.draft_context_tokens} tokens",
+        f"first token after {s.first_token_s:.2f} s, prefill {s.prefill_s:.2f} s, decode {s.decode_s:.2f} s, "
+        f"{_figure(s.decode_tokens_per_s or None, '.2f')} tokens/s",
+        f"speedup over LC decoding: {speed} ({done.speedup.label})",
+    ]
+
+
+def summary_text(done: Done) -> str:
+    """What `ask` prints after the streamed answer: the sources, then the statistics."""
+    sources = [f"  [{i}] {c.label()}: {c.excerpt[:200]}" for i, c in enumerate(done.citations, 1)]
+    stats = [f"  {line}" for line in stats_lines(done)]
+    return "\n".join(["", "", "Sources:", *sources, "", "Statistics:", *stats])

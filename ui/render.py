@@ -1,0 +1,175 @@
+"""What the page shows, as Markdown and plot data: documents, sources, statistics, upload results.
+
+Pure functions of the data (no Gradio events, no engine), so they are tested without a server.
+Document text and file names are always escaped: they are shown as written, never as markup.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import gradio as gr
+import pandas as pd
+
+from app.speedup import Speedup
+from decoding.stats import Stats
+from retrieval.types import Citation, DocumentInfo
+
+if TYPE_CHECKING:
+    from ui.uploads import UploadLine
+
+UNEXPECTED = "Something went wrong on the server; the details are in its log."
+# The chat shows a shorter excerpt than the citation holds, so the answer stays in view.
+SOURCE_EXCERPT_CHARS = 180
+_MD_SPECIAL = re.compile(r"([\\`*_\[\]<>#|~])")
+
+
+def md_escape(text: str) -> str:
+    """Document text and file names shown as written, never as markup."""
+    return _MD_SPECIAL.sub(r"\\\1", text)
+
+
+def size_text(n: int) -> str:
+    for unit, scale in (("MiB", 2**20), ("KiB", 2**10)):
+        if n >= scale:
+            return f"{n / scale:.1f} {unit}" if n % scale else f"{n // scale} {unit}"
+    return f"{n} bytes"
+
+
+def upload_markdown(lines: Sequence[UploadLine]) -> str:
+    marks = {"added": "✓ added", "unchanged": "✓ unchanged", "error": "✗ not indexed"}
+    return "\n".join(
+        f"- {marks.get(line.status, line.status)}: **{md_escape(line.name)}**"
+        + (f" — {md_escape(line.message)}" if line.message else "")
+        for line in lines
+    )
+
+
+def documents_markdown(documents: Sequence[DocumentInfo]) -> str:
+    if not documents:
+        return "_No documents indexed yet: upload some above._"
+    rows = "\n".join(
+        f"| {md_escape(doc.source)} | {doc.n_pages} | {doc.n_chunks} | {doc.n_tokens:,} |" for doc in documents
+    )
+    total = sum(doc.n_tokens for doc in documents)
+    return (f"| Document | Pages | Chunks | Tokens |\n|---|--:|--:|--:|\n{rows}\n\n"
+            f"{len(documents)} document{'s' * (len(documents) != 1)}, {total:,} tokens of long context.")
+
+
+def document_choices(documents: Sequence[DocumentInfo]) -> list[tuple[str, str]]:
+    return [(doc.source, doc.doc_id) for doc in documents]
+
+
+def sources_markdown(citations: Sequence[Citation]) -> str:
+    if not citations:
+        return ""
+    items = "\n".join(
+        f"{i}. **{md_escape(c.label())}** — {md_escape(_shorten(c.excerpt, SOURCE_EXCERPT_CHARS))}"
+        for i, c in enumerate(citations, 1)
+    )
+    return f"**Sources**\n\n{items}"
+
+
+def _shorten(text: str, limit: int) -> str:
+    if len(text) <= limit:
+        return text
+    cut = text[:limit].rsplit(" ", 1)[0] if " " in text[:limit] else text[:limit]
+    return cut.rstrip(" .,;:…") + "…"
+
+
+def _number(value: float | None, fmt: str, none: str = "n/a") -> str:
+    return format(value, fmt) if value is not None else none
+
+
+def speedup_text(speedup: Speedup | None) -> str:
+    if speedup is None:
+        return "n/a"
+    figure = f"{speedup.value:.2f}×" if speedup.value is not None else "n/a"
+    return f"{figure} ({speedup.label})"
+
+
+def stats_markdown(state: str, stats: Stats | None = None, speedup: Speedup | None = None,
+                   lc_stats: Stats | None = None) -> str:
+    """The statistics panel: one table, refreshed after every target pass."""
+    if stats is None:
+        return f"**{state}**"
+    cached = f", {stats.prefix_cached_tokens:,} from the prefix cache" if stats.prefix_cached_tokens else ""
+    drafter = f"{stats.draft_context_tokens:,}" if stats.draft_context_tokens else "none"
+    rows = [
+        ("Method", stats.method),
+        ("Acceptance rate", _number(stats.acceptance_rate, ".1%", "n/a (nothing drafted)")),
+        ("Decode speed", f"{_number(stats.decode_tokens_per_s, '.2f')} tokens/s"),
+        ("Mean accepted length", f"{_number(stats.mean_accepted_length, '.2f')} tokens per target pass"),
+        ("First token after", f"{stats.first_token_s:.2f} s"),
+        ("Prefill", f"{stats.prefill_s:.2f} s"),
+        ("Decode", f"{stats.decode_s:.2f} s"),
+        ("Tokens generated / drafted / accepted", f"{stats.generated} / {stats.drafted} / {stats.accepted}"),
+        ("Context tokens (target / drafter)", f"{stats.context_tokens:,} / {drafter}{cached}"),
+        ("Speedup over LC decoding", md_escape(speedup_text(speedup))),
+    ]
+    if lc_stats is not None:
+        rows.append(("LC on the same input", f"{_number(lc_stats.decode_tokens_per_s, '.2f')} tokens/s, "
+                                             f"prefill {lc_stats.prefill_s:.2f} s"))
+    table = "\n".join(f"| {name} | {value} |" for name, value in rows)
+    return f"**{state}**\n\n| Statistic | Value |\n|---|---|\n{table}"
+
+
+def accepted_lengths_frame(stats: Stats | None) -> pd.DataFrame:
+    lengths = stats.accepted_lengths if stats is not None else []
+    # Pass numbers as labels: a numeric x axis draws hairline bars, a nominal one fills the width.
+    return pd.DataFrame({"target pass": [str(i) for i in range(1, len(lengths) + 1)],
+                         "tokens emitted": list(lengths)})
+
+
+def accepted_lengths_plot(stats: Stats | None, gamma: int) -> Any:
+    frame = accepted_lengths_frame(stats)
+    # The axis holds the most a pass can emit (gamma drafts + 1), so bars compare across answers;
+    # labels sort as text ("10" before "2") unless the order is given.
+    top = max([gamma + 1, *frame["tokens emitted"]])
+    return gr.BarPlot(frame, sort=list(frame["target pass"]), y_lim=[0, top])
+
+
+@dataclass
+class AnswerView:
+    """One assistant message while it streams: status line, answer text, sources, error."""
+
+    status: str = "Waiting for the model"
+    text: str = ""
+    citations: tuple[Citation, ...] = ()
+    error: str | None = None
+    finished: bool = False
+    stopped: bool = False  # cancelled by the user: the text so far stays
+
+    @property
+    def working(self) -> bool:
+        return not (self.finished or self.stopped or self.error)
+
+    def markdown(self) -> str:
+        parts = []
+        if self.text:
+            parts.append(self.text)
+        if self.error:
+            parts.append(f"⚠ {md_escape(self.error)}")
+        elif self.stopped and not self.finished:
+            parts.append("_Stopped._")
+        elif not self.finished:
+            parts.append(f"_{md_escape(self.status)}…_")
+        if self.citations and not self.error:
+            parts.append(sources_markdown(self.citations))
+        return "\n\n".join(parts)
+
+
+@dataclass
+class PanelView:
+    """The statistics panel: a heading, and the latest statistics once there are some."""
+
+    heading: str
+    stats: Stats | None = None
+    speedup: Speedup | None = None
+    lc_stats: Stats | None = None
+
+    def markdown(self) -> str:
+        return stats_markdown(self.heading, self.stats, self.speedup, self.lc_stats)
