@@ -25,7 +25,7 @@ def engine(tmp_path: Path) -> Engine:
         ("   ", DecodingSettings(max_new_tokens=32), "The question is empty."),
         ("x" * 51, DecodingSettings(max_new_tokens=32), "The question has 51 characters; the limit is 50."),
         ("ok?", DecodingSettings(max_new_tokens=65), "max new tokens 65 is over the limit of 64."),
-        ("ok?", DecodingSettings(max_new_tokens=32, gamma=0), "gamma must be at least 1"),
+        ("ok?", DecodingSettings(max_new_tokens=32, gamma=0), "gamma must be between 1 and 16"),
         ("ok?", DecodingSettings(max_new_tokens=32, method="fastest"), "unknown method 'fastest'"),
         ("ok?", DecodingSettings(max_new_tokens=32, temperature=-1), "temperature must be >= 0"),
     ],
