@@ -12,7 +12,7 @@ export ANONYMIZED_TELEMETRY := False
 export TOKENIZERS_PARALLELISM := false
 DEMO_QUESTION := $(shell cat data/demo_question.txt)
 
-.PHONY: demo test install models models-test browser ui bench bench-ttft bench-retrieval eval lint clean
+.PHONY: demo test install models models-test browser peers ui bench bench-ttft bench-retrieval eval lint clean
 
 demo: install models
 	.venv/bin/ask "$(DEMO_QUESTION)" --docs data/R-data.pdf
@@ -42,6 +42,19 @@ models-test: install
 # Debian's Chromium for the browser tests (Playwright's own browser download does not work offline).
 browser:
 	@command -v chromium >/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; }
+
+# llama.cpp, the CPU peer in bench.decode: the source that llama-cpp-python vendors (PyPI sdist), built
+# with the system cmake/gcc for this CPU into $RAPIDQA_HOME/peers. Optional: demo and test never need it.
+LLAMA_CPP_PYTHON := 0.3.36
+peers: install
+	dir="$${RAPIDQA_HOME:-$$HOME/.cache/rapidqa}/peers"; src="$$dir/llama_cpp_python-$(LLAMA_CPP_PYTHON)"; \
+	mkdir -p "$$dir" && \
+	{ test -d "$$src" || { $(PIP) download --no-deps --no-binary :all: llama-cpp-python==$(LLAMA_CPP_PYTHON) \
+	    -d "$$dir" && tar -xzf "$$src.tar.gz" -C "$$dir"; }; } && \
+	cmake -S "$$src/vendor/llama.cpp" -B "$$src/build" -DGGML_NATIVE=ON -DLLAMA_CURL=OFF -DLLAMA_BUILD_TESTS=OFF \
+	    -DCMAKE_BUILD_TYPE=Release >/dev/null && \
+	cmake --build "$$src/build" -j2 --target llama-completion llama-speculative-simple && \
+	ln -sfn "$$src/build" "$$dir/llama.cpp"
 
 ui: install models
 	.venv/bin/ask serve --index $${RAPIDQA_INDEX:-$${RAPIDQA_HOME:-$$HOME/.cache/rapidqa}/index}

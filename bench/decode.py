@@ -7,7 +7,8 @@ question's answer, indexed with the real retriever), then reports per method the
 tokens/s over runs, acceptance, mean accepted length, the speedup over LC, and the memory
 bandwidth achieved (bytes read per target pass x passes/s) against a measured copy bandwidth.
 Side by side on the same prompt: transformers' own assisted generation (the same drafter as
-`assistant_model`) and prompt-lookup decoding, timed on a prefilled cache so only decoding counts.
+`assistant_model`) and prompt-lookup decoding, timed on a prefilled cache so only decoding counts,
+and llama.cpp on the GGUF files the models came from (bench/peers.py; `make peers` builds it).
 It also times one target verify pass of gamma+1 tokens against one decode step.
 """
 
@@ -27,6 +28,7 @@ import torch
 from app.machine import machine_summary
 from app.options import add_model_options, settings_from_args
 from app.pipeline import Engine
+from bench.peers import find_llama_cpp, measure_peers
 from decoding.attention import native_attention
 from decoding.generate import generate, run_to_end
 from decoding.methods import BASELINE, Drafting
@@ -177,6 +179,9 @@ def run(argv: Sequence[str] | None = None) -> dict[str, object]:
     parser.add_argument("--hf-runs", type=int, default=2, help="runs per transformers baseline (they are slow)")
     parser.add_argument("--hf-contexts", default="4096,8192",
                         help="context lengths that also run the transformers baselines (each prefills in full)")
+    parser.add_argument("--no-peers", action="store_true", help="skip llama.cpp (built by `make peers`)")
+    parser.add_argument("--peer-contexts", default="4096,8192,16384",
+                        help="context lengths that also run llama.cpp on the same GGUF files and prompt")
     parser.add_argument("--question", default=LONG_ANSWER_QUESTION,
                         help="asked over every context (default: one whose answer runs to several sentences)")
     parser.add_argument("--out", type=Path, default=REPO / "artifacts" / "bench_decode.json")
@@ -189,6 +194,7 @@ def run(argv: Sequence[str] | None = None) -> dict[str, object]:
     if BASELINE not in methods:
         methods.insert(0, BASELINE)
 
+    args.peer = None if args.no_peers else find_llama_cpp(settings.home, torch.get_num_threads())
     with tempfile.TemporaryDirectory() as tmp:
         settings = replace(settings, home=Path(tmp), decoding=decoding)
         engine = Engine(settings, log=lambda m: print(m, flush=True))
@@ -201,6 +207,8 @@ def run(argv: Sequence[str] | None = None) -> dict[str, object]:
                                      "dtype": str(target.model.dtype), "gamma": args.gamma, "eta": args.eta,
                                      "new_tokens": args.new_tokens, "runs": args.runs, "contexts": []}
         print(f"machine: {report['machine']}; copy bandwidth {bandwidth:.1f} GB/s; attention: {attention}")
+        if not args.no_peers and args.peer is None:
+            print("llama.cpp not built (run `make peers`): its rows are left out")
         for n_tokens in (int(c) for c in args.contexts.split(",")):
             report["contexts"].append(bench_context(engine, target, drafter, n_tokens, question, decoding, methods,
                                                     args, bandwidth, Path(tmp)))
@@ -246,9 +254,27 @@ def bench_context(engine: Engine, target: LoadedModel, drafter: LoadedModel, n_t
     hf = hf_baselines(target, drafter, long_prompt, args.new_tokens, args.hf_runs) if with_hf else {}
     for row in hf.values():
         row["speedup_vs_lc"] = row["tokens_per_s"] / rows[BASELINE]["decode_tokens_per_s"]
-    print_table(context_tokens, rows, hf, decode_s, verify_s, args.gamma, bandwidth)
+    peers = run_peers(args, target, drafter, long_prompt, n_tokens)
+    for row in peers.values():
+        if row.get("tokens_per_s"):
+            row["speedup_vs_lc"] = row["tokens_per_s"] / rows[BASELINE]["decode_tokens_per_s"]
+    print_table(context_tokens, rows, {**hf, **peers}, decode_s, verify_s, args.gamma, bandwidth)
     return {"context_tokens": context_tokens, "rag_tokens": len(rag_prompt), "methods": rows, "hf": hf,
+            "peers": peers,
             "decode_step_s": decode_s, "verify_pass_s": verify_s, "verify_over_decode": verify_s / decode_s}
+
+
+def run_peers(args: argparse.Namespace, target: LoadedModel, drafter: LoadedModel, prompt: Prompt,
+              n_tokens: int) -> dict[str, dict[str, float | None]]:
+    """llama.cpp on the GGUF files our models were converted from, reading the same prompt tokens."""
+    if args.peer is None or str(n_tokens) not in args.peer_contexts.split(","):
+        return {}
+    ggufs = [m.directory / "model.gguf" if m.directory else None for m in (target, drafter)]
+    if not all(g is not None and g.exists() for g in ggufs):
+        print("llama.cpp rows left out: the models were not loaded from GGUF files")
+        return {}
+    text = target.tokenizer.decode(prompt.tokens, skip_special_tokens=False)
+    return measure_peers(args.peer, ggufs[0], ggufs[1], text, args.new_tokens, args.gamma)
 
 
 def print_table(context_tokens: int, rows: dict[str, dict[str, float | None]], hf: dict[str, dict[str, float]],
@@ -263,7 +289,11 @@ def print_table(context_tokens: int, rows: dict[str, dict[str, float | None]], h
         print(f"{method:20s} {r['decode_tokens_per_s']:7.2f} {r['speedup_vs_lc']:5.2f}x {acc:>7s} {mal:>8s} "
               f"{r['target_bandwidth_gbs']:6.1f} {r['prefill_s']:9.1f} {'yes' if r['same_tokens_as_lc'] else 'no':>4s}")
     for name, r in hf.items():
-        print(f"{name:20s} {r['tokens_per_s']:7.2f} {r['speedup_vs_lc']:5.2f}x")
+        if not r.get("tokens_per_s"):
+            print(f"{name:20s} failed: {r.get('error', '')[:200]}")
+            continue
+        acc = f"{r['acceptance_rate']:.0%}" if r.get("acceptance_rate") is not None else "-"
+        print(f"{name:20s} {r['tokens_per_s']:7.2f} {r['speedup_vs_lc']:5.2f}x {acc:>7s}")
     print(f"(copy bandwidth {bandwidth:.1f} GB/s; GB/s = target bytes read per pass x passes per second)")
 
 
