@@ -4,7 +4,12 @@ Distinct weights per layer are streamed, as in a real forward (one reused matrix
 L3 cache and read at several times memory speed). Shapes and block formats follow the embedded
 Qwen2.5-Coder-1.5B (Q4_K_M: q/k/o/gate/up 4-bit, v and down 8-bit in every other layer).
 
-    python -m bench.quant_linear [--layers 28] [--rows 1,2,6,12,32] [--repeats 7] [--no-bf16]
+    python -m bench.quant_linear [--layers 28] [--rows 1,2,6,12,32] [--repeats 7] [--engines quant,bf16]
+    python -m bench.quant_linear --layers 4 --rows 1024 --repeats 3 --engines quant,bf16,dequant   # prefill
+
+Engines: quant (the C kernel), bf16 (PackedLinear), dequant (each weight dequantized to bf16, then
+F.linear: the alternative prefill path). Wall-clock and process CPU time are both reported: on a
+shared host CPU time is the steadier of the two.
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ import statistics
 import time
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from decoding.model import PackedLinear
@@ -58,17 +64,28 @@ def bf16_layers(n_layers: int) -> list[list[nn.Module]]:
                  packed(DIM, INTERMEDIATE)] for _ in range(n_layers)]
 
 
-def run_layers(layers: list[list[nn.Module]], rows: int) -> float:
+class Dequantized(nn.Module):
+    def __init__(self, linear: QuantLinear) -> None:
+        super().__init__()
+        self.linear = linear
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        bias = None if self.linear.bias is None else self.linear.bias.to(x.dtype)
+        return F.linear(x, self.linear.dense(x.dtype), bias)
+
+
+def run_layers(layers: list[list[nn.Module]], rows: int) -> tuple[float, float]:
+    """(wall seconds, process CPU seconds) for one pass over the layers."""
     x = torch.randn(rows, DIM, dtype=torch.bfloat16)
     h = torch.randn(rows, INTERMEDIATE, dtype=torch.bfloat16)
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     with torch.inference_mode():
         for qkv, o, gate_up, down in layers:
             qkv(x)
             o(x)
             gate_up(x)
             down(h)
-    return time.perf_counter() - t0
+    return time.perf_counter() - t0, time.process_time() - c0
 
 
 def main() -> None:
@@ -76,33 +93,41 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=28)
     parser.add_argument("--rows", default="1,2,6,12,32")
     parser.add_argument("--repeats", type=int, default=7)
-    parser.add_argument("--no-bf16", action="store_true")
+    parser.add_argument("--engines", default="quant,bf16")
     args = parser.parse_args()
     kernel = native_quant()
     if kernel is None:
         raise SystemExit("the quantized kernel did not build here (is cc installed?)")
     rows = [int(r) for r in args.rows.split(",")]
-    engines: dict[str, list[list[nn.Module]]] = {"quant": quant_layers(args.layers)}
-    if not args.no_bf16:
-        engines["bf16"] = bf16_layers(args.layers)
-    times: dict[str, dict[int, list[float]]] = {name: {r: [] for r in rows} for name in engines}
+    names = args.engines.split(",")
+    quant = quant_layers(args.layers)
+    engines: dict[str, list[list[nn.Module]]] = {}
+    for name in names:
+        if name == "quant":
+            engines[name] = quant
+        elif name == "bf16":
+            engines[name] = bf16_layers(args.layers)
+        elif name == "dequant":
+            engines[name] = [[Dequantized(linear) for linear in layer] for layer in quant]
+        else:
+            raise SystemExit(f"unknown engine {name}")
+    times: dict[str, dict[int, list[tuple[float, float]]]] = {name: {r: [] for r in rows} for name in engines}
     for layers in engines.values():
         run_layers(layers, 2)  # warm-up: page in the weights, start the threads
-    for _ in range(args.repeats):  # interleaved, so both see the same host load
+    for _ in range(args.repeats):  # interleaved, so every engine sees the same host load
         for r in rows:
             for name, layers in engines.items():
                 times[name][r].append(run_layers(layers, r))
-    result = {name: {r: round(statistics.median(ts) * 1000, 2) for r, ts in by_rows.items()}
-              for name, by_rows in times.items()}
-    qbytes = sum(linear.nbytes for layer in engines["quant"] for linear in layer)
+    wall = {name: {r: round(statistics.median(t[0] for t in ts) * 1000, 2) for r, ts in by_rows.items()}
+            for name, by_rows in times.items()}
+    cpu = {name: {r: round(statistics.median(t[1] for t in ts) * 1000, 2) for r, ts in by_rows.items()}
+           for name, by_rows in times.items()}
+    qbytes = sum(linear.nbytes for layer in quant for linear in layer)
     print(json.dumps({"layers": args.layers, "threads": torch.get_num_threads(), "vnni": kernel.vnni,
-                      "quant_weight_bytes": qbytes, "median_ms": result}, indent=1))
+                      "quant_weight_bytes": qbytes, "median_wall_ms": wall, "median_cpu_ms": cpu}))
     for r in rows:
-        line = f"rows {r:>3}: quant {result['quant'][r]:8.1f} ms"
-        if "bf16" in result:
-            line += f"   bf16 {result['bf16'][r]:8.1f} ms"
-        line += f"   quant GB/s {qbytes / result['quant'][r] / 1e6:6.1f}"
-        print(line)
+        cells = "   ".join(f"{name} {wall[name][r]:8.1f} ms (cpu {cpu[name][r]:8.1f})" for name in engines)
+        print(f"rows {r:>4}: {cells}")
 
 
 if __name__ == "__main__":

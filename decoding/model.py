@@ -288,7 +288,7 @@ def transformer_from_hf_model(hf_model: nn.Module, dtype: torch.dtype = torch.fl
     return pack_linears(model.eval())
 
 
-QUANT_FILE = "quant.safetensors"  # the kernel layout of a GGUF's weights, next to config.json
+QUANT_FILE = "model.quant"  # safetensors of the kernel layout; not *.safetensors, which dense loaders glob
 
 
 def save_quantized(state: QuantizedState, path: Path, quant_format: int) -> None:
@@ -347,7 +347,7 @@ def transformer_from_quantized(args: ModelArgs, state: QuantizedState, dtype: to
 
 
 def load_quantized(directory: Path, dtype: torch.dtype) -> Transformer:
-    """Load config.json + quant.safetensors from a model directory (CPU)."""
+    """Load config.json + the quantized weights (QUANT_FILE) from a model directory (CPU)."""
     config = json.loads((directory / "config.json").read_text())
     return transformer_from_quantized(ModelArgs.from_hf_config(config), load_quantized_state(directory), dtype)
 

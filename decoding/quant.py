@@ -6,11 +6,12 @@ layouts (see kernels/quant_linear.c for the byte order):
   kind 8: 8-bit signed values in groups of 16 or 32, w = scale * q   (Q6_K: 16; Q5_0, Q8_0: 32)
 with fp32 scales and mins computed exactly as gguf computes them when it dequantizes.
 
-QuantLinear runs up to PREFILL_ROWS rows through the C kernel, whose rows do not depend on the
-row count (so a decode step and a verify pass give bit-identical rows); longer prefill chunks
-dequantize the weight to the activations' dtype and use F.linear, which measured faster there.
-Without a C compiler (or with RAPIDQA_NATIVE_QUANT=0) every call takes the dequantizing path,
-and the model pads single rows to two, as the bf16 engine does.
+QuantLinear runs every call through the C kernel, whose rows do not depend on the row count (so
+a decode step and a verify pass give bit-identical rows). Prefill chunks take the same kernel:
+for 1024-row chunks it cost no more CPU time than the prepacked bf16 GEMMs, while dequantizing
+each weight to bf16 for F.linear cost ~1.5x (bench/quant_linear.py --prefill measures both).
+Without a C compiler (or with RAPIDQA_NATIVE_QUANT=0) every call dequantizes and runs F.linear,
+and the model pads single rows to two, as the dense engine does.
 """
 
 from __future__ import annotations
@@ -32,7 +33,6 @@ QUANT_FORMAT = 1  # bump when the layout below changes, so converted caches are 
 KERNEL_SOURCE = os.path.join(os.path.dirname(__file__), "kernels", "quant_linear.c")
 QUANT_FLAGS = (*KERNEL_FLAGS, "-ffp-contract=off")
 TILE = 16  # output columns per tile
-PREFILL_ROWS = 32  # calls with more rows dequantize and use F.linear (shared prefill path)
 QK_K = 256
 
 
@@ -284,7 +284,7 @@ class QuantLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out_dtype = self.out_dtype or x.dtype
         kernel = native_quant()
-        if kernel is not None and x.device.type == "cpu" and x.shape[0] <= PREFILL_ROWS:
+        if kernel is not None and x.device.type == "cpu":
             return kernel.linear(x, self.parts, self.bias).to(out_dtype)
         bias = None if self.bias is None else self.bias.to(x.dtype)
         return F.linear(x, self.dense(x.dtype), bias).to(out_dtype)
