@@ -352,10 +352,12 @@ def load_quantized(directory: Path, dtype: torch.dtype) -> Transformer:
     return transformer_from_quantized(ModelArgs.from_hf_config(config), load_quantized_state(directory), dtype)
 
 
-def quantize_transformer(model: Transformer, kinds: dict[str, int] | None = None) -> Transformer:
+def quantize_transformer(model: Transformer, kinds: dict[str, int] | None = None,
+                         dtype: torch.dtype | None = None) -> Transformer:
     """A dense model's weights rounded into the kernel layout (tests: tiny models get a quantized
     twin; real models read their values from the GGUF instead). kinds maps a module suffix
-    (qkv, o_proj, gate_up, down, embed, lm_head) to 4 or 8; the default is 4."""
+    (qkv, o_proj, gate_up, down, embed, lm_head) to 4 or 8; the default is 4. dtype: of the
+    activations, norms and KV cache (default: the dense model's)."""
     from decoding.quant import quantize
 
     kinds = kinds or {}
@@ -379,4 +381,4 @@ def quantize_transformer(model: Transformer, kinds: dict[str, int] | None = None
         dense[p + "attn_norm.weight"] = layer.attn_norm.weight.float()
         dense[p + "mlp_norm.weight"] = layer.mlp_norm.weight.float()
     state = QuantizedState(linears, {k: v.detach().clone() for k, v in dense.items()}, tied_lm_head=False)
-    return transformer_from_quantized(model.args, state, model.dtype)
+    return transformer_from_quantized(model.args, state, dtype or model.dtype)
