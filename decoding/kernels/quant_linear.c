@@ -22,6 +22,7 @@
  */
 #include <math.h>
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VNNI__)
 #include <immintrin.h>
@@ -90,26 +91,29 @@ int rq_quantize_rows(const void *x, int x_bf16, int rows, int k, int8_t *xq, flo
     return 0;
 }
 
+/* A block of up to MAX_R rows' activations, interleaved by row so that one base pointer with
+ * constant offsets reaches every row (per-row pointers ran out of registers and were spilled):
+ * xp[quad][r] = 4 consecutive int8 values as one int32; xs, xsb per 32 values; off16 and off32
+ * = 128 * (sum of xq over 16 or 32 values), which the 8-bit layout's +128 offset adds. */
 typedef struct {
-    const int8_t *xq;
+    const int32_t *xp;
     const float *xs;
-    const int32_t *bsum16;
     const float *xsb;
-    int k;
-} Acts;
+    const int32_t *off16;
+    const int32_t *off32;
+} Block;
 
 #ifdef RQ_VNNI
 
-#define BCAST(p) _mm512_set1_epi32(*(const int32_t *)(p))
-
-/* One tile (16 columns) of kind 4 for R rows starting at row r0. */
-static inline __attribute__((always_inline)) void tile4(const Acts *a, int r0, const int R, const uint8_t *q,
+/* One tile (16 columns) of kind 4 for R rows. */
+static inline __attribute__((always_inline)) void tile4(const Block *a, const int R, const uint8_t *q,
                                                         const float *scale, const float *min, int ng, float *out) {
     __m512 acc[MAX_R];
     for (int r = 0; r < R; r++) acc[r] = _mm512_setzero_ps();
     const __m512i low = _mm512_set1_epi8(0x0f);
     for (int g = 0; g < ng; g++) {
         const uint8_t *qg = q + (int64_t)g * 256;
+        const int32_t *xg = a->xp + (int64_t)g * 8 * R;
         __m512i iacc[MAX_R];
         for (int r = 0; r < R; r++) iacc[r] = _mm512_setzero_si512();
         for (int h = 0; h < 4; h++) {
@@ -117,51 +121,42 @@ static inline __attribute__((always_inline)) void tile4(const Acts *a, int r0, c
             const __m512i lo = _mm512_and_si512(packed, low);
             const __m512i hi = _mm512_and_si512(_mm512_srli_epi16(packed, 4), low);
             for (int r = 0; r < R; r++) {
-                const int8_t *x = a->xq + (int64_t)(r0 + r) * a->k + g * 32;
-                iacc[r] = _mm512_dpbusd_epi32(iacc[r], lo, BCAST(x + 4 * h));
-                iacc[r] = _mm512_dpbusd_epi32(iacc[r], hi, BCAST(x + 16 + 4 * h));
+                iacc[r] = _mm512_dpbusd_epi32(iacc[r], lo, _mm512_set1_epi32(xg[h * R + r]));
+                iacc[r] = _mm512_dpbusd_epi32(iacc[r], hi, _mm512_set1_epi32(xg[(4 + h) * R + r]));
             }
         }
         const __m512 sc = _mm512_loadu_ps(scale + (int64_t)g * TILE);
         const __m512 mn = _mm512_loadu_ps(min + (int64_t)g * TILE);
-        const int nb = a->k / QBLOCK;
         for (int r = 0; r < R; r++) {
-            const int64_t ib = (int64_t)(r0 + r) * nb + g;
-            const __m512 s = _mm512_mul_ps(sc, _mm512_set1_ps(a->xs[ib]));
+            const __m512 s = _mm512_mul_ps(sc, _mm512_set1_ps(a->xs[g * R + r]));
             acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(iacc[r]), s, acc[r]);
-            acc[r] = _mm512_fnmadd_ps(mn, _mm512_set1_ps(a->xsb[ib]), acc[r]);
+            acc[r] = _mm512_fnmadd_ps(mn, _mm512_set1_ps(a->xsb[g * R + r]), acc[r]);
         }
     }
     for (int r = 0; r < R; r++) _mm512_storeu_ps(out + (int64_t)r * TILE, acc[r]);
 }
 
 /* One tile of kind 8 (groups of G = 16 or 32 inputs) for R rows. */
-static inline __attribute__((always_inline)) void tile8(const Acts *a, int r0, const int R, const int G,
-                                                        const uint8_t *q, const float *scale, int ng, float *out) {
+static inline __attribute__((always_inline)) void tile8(const Block *a, const int R, const int G, const uint8_t *q,
+                                                        const float *scale, int ng, float *out) {
     __m512 acc[MAX_R];
     for (int r = 0; r < R; r++) acc[r] = _mm512_setzero_ps();
-    const int nb = a->k / QBLOCK;
+    const int32_t *off = G == 16 ? a->off16 : a->off32;
     for (int g = 0; g < ng; g++) {
         const uint8_t *qg = q + (int64_t)g * 16 * G;
+        const int32_t *xg = a->xp + (int64_t)g * (G / 4) * R;
         __m512i iacc[MAX_R];
         for (int r = 0; r < R; r++) iacc[r] = _mm512_setzero_si512();
         for (int p = 0; p < G / 4; p++) {
             const __m512i w = _mm512_loadu_si512(qg + 64 * p);
-            for (int r = 0; r < R; r++) {
-                const int8_t *x = a->xq + (int64_t)(r0 + r) * a->k + g * G;
-                iacc[r] = _mm512_dpbusd_epi32(iacc[r], w, BCAST(x + 4 * p));
-            }
+            for (int r = 0; r < R; r++) iacc[r] = _mm512_dpbusd_epi32(iacc[r], w, _mm512_set1_epi32(xg[p * R + r]));
         }
         const __m512 sc = _mm512_loadu_ps(scale + (int64_t)g * TILE);
+        const int b = G == 16 ? g / 2 : g;
         for (int r = 0; r < R; r++) {
-            const int64_t row = r0 + r;
             /* the stored u8 is value + 128: remove 128 * sum(xq) over the group, exactly */
-            int32_t offset;
-            if (G == 16) offset = 128 * a->bsum16[row * nb * 2 + g];
-            else offset = 128 * (a->bsum16[row * nb * 2 + 2 * g] + a->bsum16[row * nb * 2 + 2 * g + 1]);
-            const __m512i exact = _mm512_sub_epi32(iacc[r], _mm512_set1_epi32(offset));
-            const float x_scale = a->xs[row * nb + (G == 16 ? g / 2 : g)];
-            const __m512 s = _mm512_mul_ps(sc, _mm512_set1_ps(x_scale));
+            const __m512i exact = _mm512_sub_epi32(iacc[r], _mm512_set1_epi32(off[g * R + r]));
+            const __m512 s = _mm512_mul_ps(sc, _mm512_set1_ps(a->xs[b * R + r]));
             acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(exact), s, acc[r]);
         }
     }
@@ -180,47 +175,51 @@ static inline __attribute__((always_inline)) void tile8(const Acts *a, int r0, c
     default: CALL(8); break;                                                                              \
     }
 
-static void tile_rows(const Acts *a, int r0, int R, int kind, int G, const uint8_t *q, const float *scale,
+static void tile_rows(const Block *a, int R, int kind, int G, const uint8_t *q, const float *scale,
                       const float *min, int ng, float *out) {
     if (kind == 4) {
-#define T4(n) tile4(a, r0, n, q, scale, min, ng, out)
+#define T4(n) tile4(a, n, q, scale, min, ng, out)
         DISPATCH(T4)
     } else if (G == 16) {
-#define T8A(n) tile8(a, r0, n, 16, q, scale, ng, out)
+#define T8A(n) tile8(a, n, 16, q, scale, ng, out)
         DISPATCH(T8A)
     } else {
-#define T8B(n) tile8(a, r0, n, 32, q, scale, ng, out)
+#define T8B(n) tile8(a, n, 32, q, scale, ng, out)
         DISPATCH(T8B)
     }
 }
 
 #else /* portable: the same integer sums and the same float operations per row, lane by lane */
 
-static void tile_rows(const Acts *a, int r0, int R, int kind, int G, const uint8_t *q, const float *scale,
+static inline int8_t quad_byte(const int32_t *xp, int R, int index, int r) {
+    return ((const int8_t *)&xp[(index / 4) * R + r])[index % 4];
+}
+
+static void tile_rows(const Block *a, int R, int kind, int G, const uint8_t *q, const float *scale,
                       const float *min, int ng, float *out) {
-    const int nb = a->k / QBLOCK;
     for (int r = 0; r < R; r++) {
-        const int64_t row = r0 + r;
         for (int j = 0; j < TILE; j++) {
             float acc = 0.0f;
             for (int g = 0; g < ng; g++) {
-                const int8_t *x = a->xq + row * a->k + (int64_t)g * G;
                 int32_t isum = 0;
                 if (kind == 4) {
                     const uint8_t *qg = q + (int64_t)g * 256;
                     for (int h = 0; h < 4; h++)
                         for (int b = 0; b < 4; b++) {
                             const uint8_t byte = qg[64 * h + 4 * j + b];
-                            isum += (byte & 15) * x[4 * h + b] + (byte >> 4) * x[16 + 4 * h + b];
+                            isum += (byte & 15) * quad_byte(a->xp, R, g * 32 + 4 * h + b, r) +
+                                    (byte >> 4) * quad_byte(a->xp, R, g * 32 + 16 + 4 * h + b, r);
                         }
-                    const float s = scale[(int64_t)g * TILE + j] * a->xs[row * nb + g];
+                    const float s = scale[(int64_t)g * TILE + j] * a->xs[g * R + r];
                     acc = fmaf((float)isum, s, acc);
-                    acc = fmaf(-min[(int64_t)g * TILE + j], a->xsb[row * nb + g], acc);
+                    acc = fmaf(-min[(int64_t)g * TILE + j], a->xsb[g * R + r], acc);
                 } else {
                     const uint8_t *qg = q + (int64_t)g * 16 * G;
                     for (int p = 0; p < G / 4; p++)
-                        for (int b = 0; b < 4; b++) isum += (qg[64 * p + 4 * j + b] - 128) * x[4 * p + b];
-                    const float s = scale[(int64_t)g * TILE + j] * a->xs[row * nb + (G == 16 ? g / 2 : g)];
+                        for (int b = 0; b < 4; b++)
+                            isum += qg[64 * p + 4 * j + b] * quad_byte(a->xp, R, g * G + 4 * p + b, r);
+                    isum -= (G == 16 ? a->off16 : a->off32)[g * R + r];
+                    const float s = scale[(int64_t)g * TILE + j] * a->xs[(G == 16 ? g / 2 : g) * R + r];
                     acc = fmaf((float)isum, s, acc);
                 }
             }
@@ -232,17 +231,45 @@ static void tile_rows(const Acts *a, int r0, int R, int kind, int G, const uint8
 #endif
 
 /* y[r, col] (row stride ldy floats) = sum over k of x[r, k] w[col, k] (+ bias[col]), for the n
- * columns of one weight in the layout above. Returns nonzero for shapes it does not take. */
+ * columns of one weight in the layout above; the activations come from rq_quantize_rows.
+ * Returns nonzero for shapes it does not take. */
 int rq_linear(const int8_t *xq, const float *xs, const int32_t *bsum16, const float *xsb, int rows, int k,
               const uint8_t *q, const float *scale, const float *min, int kind, int group, int n,
               const float *bias, float *y, int64_t ldy, int n_threads) {
     if (k % QBLOCK || n % TILE || (kind != 4 && kind != 8)) return 1;
     if (kind == 4 && group != 32) return 1;
     if (kind == 8 && group != 16 && group != 32) return 1;
-    const Acts a = {xq, xs, bsum16, xsb, k};
-    const int ng = k / group;
+    const int ng = k / group, nb = k / QBLOCK;
     const int n_tiles = n / TILE;
+    const int n_blocks = (rows + MAX_R - 1) / MAX_R;
     const int64_t tile_bytes = kind == 4 ? (int64_t)ng * 256 : (int64_t)ng * 16 * group;
+    /* interleave each row block's activations (see Block) */
+    const int64_t quads = k / 4;
+    int32_t *xp = malloc(sizeof(int32_t) * (size_t)n_blocks * MAX_R * (size_t)(quads + 3 * nb));
+    float *fs = malloc(sizeof(float) * (size_t)n_blocks * MAX_R * 2 * (size_t)nb);
+    if (!xp || !fs) {
+        free(xp);
+        free(fs);
+        return 2;
+    }
+    for (int blk = 0; blk < n_blocks; blk++) {
+        const int r0 = blk * MAX_R, R = rows - r0 < MAX_R ? rows - r0 : MAX_R;
+        int32_t *bx = xp + (int64_t)blk * MAX_R * (quads + 3 * nb);
+        int32_t *o16 = bx + quads * R, *o32 = o16 + 2 * nb * R;
+        float *bs = fs + (int64_t)blk * MAX_R * 2 * nb, *bsb = bs + nb * R;
+        for (int r = 0; r < R; r++) {
+            const int64_t row = r0 + r;
+            for (int64_t i = 0; i < quads; i++) memcpy(&bx[i * R + r], xq + row * k + 4 * i, 4);
+            for (int b = 0; b < nb; b++) {
+                const int32_t s0 = bsum16[row * 2 * nb + 2 * b], s1 = bsum16[row * 2 * nb + 2 * b + 1];
+                o16[(2 * b) * R + r] = 128 * s0;
+                o16[(2 * b + 1) * R + r] = 128 * s1;
+                o32[b * R + r] = 128 * (s0 + s1);
+                bs[b * R + r] = xs[row * nb + b];
+                bsb[b * R + r] = xsb[row * nb + b];
+            }
+        }
+    }
     /* dynamic: on a shared host a preempted thread must not hold the other's half hostage; a
      * column is still computed whole by one thread, so results do not depend on the split */
 #pragma omp parallel for schedule(dynamic, 4) num_threads(n_threads)
@@ -251,15 +278,20 @@ int rq_linear(const int8_t *xq, const float *xs, const int32_t *bsum16, const fl
         const uint8_t *qt = q + t * tile_bytes;
         const float *st = scale + (int64_t)t * ng * TILE;
         const float *mt = kind == 4 ? min + (int64_t)t * ng * TILE : 0;
-        for (int r0 = 0; r0 < rows; r0 += MAX_R) {
-            const int R = rows - r0 < MAX_R ? rows - r0 : MAX_R;
-            tile_rows(&a, r0, R, kind, group, qt, st, mt, ng, out);
+        for (int blk = 0; blk < n_blocks; blk++) {
+            const int r0 = blk * MAX_R, R = rows - r0 < MAX_R ? rows - r0 : MAX_R;
+            const int32_t *bx = xp + (int64_t)blk * MAX_R * (quads + 3 * nb);
+            const float *bs = fs + (int64_t)blk * MAX_R * 2 * nb;
+            const Block a = {bx, bs, bs + nb * R, bx + quads * R, bx + quads * R + 2 * nb * R};
+            tile_rows(&a, R, kind, group, qt, st, mt, ng, out);
             for (int r = 0; r < R; r++) {
                 float *dst = y + (int64_t)(r0 + r) * ldy + (int64_t)t * TILE;
                 for (int j = 0; j < TILE; j++) dst[j] = bias ? out[r * TILE + j] + bias[t * TILE + j] : out[r * TILE + j];
             }
         }
     }
+    free(xp);
+    free(fs);
     return 0;
 }
 
