@@ -32,6 +32,7 @@
 #define TILE 16    /* output columns per tile */
 #define QBLOCK 32  /* activation values per quantization block */
 #define MAX_R 8    /* rows per pass over a tile's weights (accumulators stay in registers) */
+#define TILES_PER_ITEM 4 /* tiles per work item (see rq_linear) */
 
 const int rq_tile = TILE;
 const int rq_qblock = QBLOCK;
@@ -270,23 +271,30 @@ int rq_linear(const int8_t *xq, const float *xs, const int32_t *bsum16, const fl
             }
         }
     }
-    /* dynamic: on a shared host a preempted thread must not hold the other's half hostage; a
-     * column is still computed whole by one thread, so results do not depend on the split */
-#pragma omp parallel for schedule(dynamic, 4) num_threads(n_threads)
-    for (int t = 0; t < n_tiles; t++) {
+    /* Work items of TILES_PER_ITEM tiles: with many rows (prefill) each row block's activations
+     * serve all of them from L1 while their weights stay in L2. Dynamic: on a shared host a
+     * preempted thread must not hold the other's half hostage. A column is computed whole by one
+     * thread either way, so results do not depend on the split. */
+    const int n_items = (n_tiles + TILES_PER_ITEM - 1) / TILES_PER_ITEM;
+#pragma omp parallel for schedule(dynamic, 1) num_threads(n_threads)
+    for (int item = 0; item < n_items; item++) {
         float out[MAX_R * TILE];
-        const uint8_t *qt = q + t * tile_bytes;
-        const float *st = scale + (int64_t)t * ng * TILE;
-        const float *mt = kind == 4 ? min + (int64_t)t * ng * TILE : 0;
+        const int t_end = (item + 1) * TILES_PER_ITEM < n_tiles ? (item + 1) * TILES_PER_ITEM : n_tiles;
         for (int blk = 0; blk < n_blocks; blk++) {
             const int r0 = blk * MAX_R, R = rows - r0 < MAX_R ? rows - r0 : MAX_R;
             const int32_t *bx = xp + (int64_t)blk * MAX_R * (quads + 3 * nb);
             const float *bs = fs + (int64_t)blk * MAX_R * 2 * nb;
             const Block a = {bx, bs, bs + nb * R, bx + quads * R, bx + quads * R + 2 * nb * R};
-            tile_rows(&a, R, kind, group, qt, st, mt, ng, out);
-            for (int r = 0; r < R; r++) {
-                float *dst = y + (int64_t)(r0 + r) * ldy + (int64_t)t * TILE;
-                for (int j = 0; j < TILE; j++) dst[j] = bias ? out[r * TILE + j] + bias[t * TILE + j] : out[r * TILE + j];
+            for (int t = item * TILES_PER_ITEM; t < t_end; t++) {
+                const uint8_t *qt = q + t * tile_bytes;
+                const float *st = scale + (int64_t)t * ng * TILE;
+                const float *mt = kind == 4 ? min + (int64_t)t * ng * TILE : 0;
+                tile_rows(&a, R, kind, group, qt, st, mt, ng, out);
+                for (int r = 0; r < R; r++) {
+                    float *dst = y + (int64_t)(r0 + r) * ldy + (int64_t)t * TILE;
+                    for (int j = 0; j < TILE; j++)
+                        dst[j] = bias ? out[r * TILE + j] + bias[t * TILE + j] : out[r * TILE + j];
+                }
             }
         }
     }
