@@ -261,3 +261,74 @@ def test_real_pair_every_method_returns_lc_tokens(small_model_dir: Path, large_m
         assert out.stats.prefix_cached_tokens == len(long_prompt.prefix)
         if method != "lookup":
             assert out.stats.drafted > 0 and out.stats.accepted > 0, method
+
+
+# --------------------------------------------------------------------------- the registry's conversion
+
+
+def write_tiny_gguf(path: Path, architecture: str) -> dict:
+    """A one-layer GGUF with Q5_0/Q8_0 tensors (the formats gguf can write) and its HF config."""
+    from gguf import GGMLQuantizationType, GGUFWriter
+    from gguf.quants import quantize as gguf_quantize
+
+    dim, hidden, vocab, head_dim = 64, 96, 32, 32
+    rng = np.random.default_rng(0)
+    writer = GGUFWriter(str(path), arch=architecture)
+
+    def add(name: str, shape: tuple[int, ...], qtype: GGMLQuantizationType) -> None:
+        values = rng.standard_normal(shape).astype(np.float32)
+        if qtype == GGMLQuantizationType.F32:
+            writer.add_tensor(name, values)
+        else:
+            writer.add_tensor(name, gguf_quantize(values, qtype), raw_dtype=qtype)
+
+    q5, q8, f32 = GGMLQuantizationType.Q5_0, GGMLQuantizationType.Q8_0, GGMLQuantizationType.F32
+    add("token_embd.weight", (vocab, dim), q5)
+    add("output.weight", (vocab, dim), q8)
+    add("output_norm.weight", (dim,), f32)
+    for name, shape, qtype in [("attn_q", (dim, dim), q5), ("attn_k", (head_dim, dim), q5),
+                               ("attn_v", (head_dim, dim), q8), ("attn_output", (dim, dim), q8),
+                               ("ffn_gate", (hidden, dim), q5), ("ffn_up", (hidden, dim), q5),
+                               ("ffn_down", (dim, hidden), q8)]:
+        add(f"blk.0.{name}.weight", shape, qtype)
+    for name, size in [("attn_q.bias", dim), ("attn_k.bias", head_dim), ("attn_v.bias", head_dim),
+                       ("attn_norm.weight", dim), ("ffn_norm.weight", dim)]:
+        add(f"blk.0.{name}", (size,), f32)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return {"model_type": "qwen2", "vocab_size": vocab, "hidden_size": dim, "intermediate_size": hidden,
+            "num_hidden_layers": 1, "num_attention_heads": 2, "num_key_value_heads": 1, "rms_norm_eps": 1e-6,
+            "rope_theta": 10000.0, "max_position_embeddings": 256, "tie_word_embeddings": False}
+
+
+def test_registry_writes_quantized_weights_from_a_gguf(tmp_path: Path) -> None:
+    import json
+
+    from gguf import GGUFReader
+    from gguf.quants import dequantize as gguf_dequantize
+
+    from app.registry import QUANT_MARKER, has_quantized, write_quantized
+    from decoding.model import load_quantized
+
+    gguf = tmp_path / "tiny.gguf"
+    config = write_tiny_gguf(gguf, "qwen2")
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    write_quantized(gguf, tmp_path, log=lambda _: None)
+    assert has_quantized(tmp_path) and has_quantized_weights(tmp_path)
+    model = load_quantized(tmp_path, torch.float32)
+    embed = next(t for t in GGUFReader(gguf).tensors if t.name == "token_embd.weight")
+    expected = torch.from_numpy(gguf_dequantize(embed.data, embed.tensor_type).reshape(32, 64))
+    assert torch.equal(model.embed(torch.arange(32)), expected)
+    logits = model.forward(torch.tensor([1, 2, 3]), model.new_cache(8), all_logits=True)
+    assert logits.shape == (3, 32) and torch.isfinite(logits).all()
+
+    other = tmp_path / "llama"
+    other.mkdir()
+    (other / "config.json").write_text(json.dumps(config | {"model_type": "llama"}))
+    write_tiny_gguf(other / "tiny.gguf", "llama")
+    write_quantized(other / "tiny.gguf", other, log=lambda _: None)
+    marker = json.loads((other / QUANT_MARKER).read_text())
+    assert marker["file"] is None and "llama" in marker["reason"]  # refused, not approximated
+    assert has_quantized(other) and not has_quantized_weights(other)  # known: the dense weights serve
