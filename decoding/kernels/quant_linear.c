@@ -146,8 +146,9 @@ static inline __attribute__((always_inline)) void tile8(const Block *a, const in
     for (int g = 0; g < ng; g++) {
         const uint8_t *qg = q + (int64_t)g * 16 * G;
         const int32_t *xg = a->xp + (int64_t)g * (G / 4) * R;
+        /* the stored u8 is value + 128: start from -128 * sum(xq) over the group (exact) */
         __m512i iacc[MAX_R];
-        for (int r = 0; r < R; r++) iacc[r] = _mm512_setzero_si512();
+        for (int r = 0; r < R; r++) iacc[r] = _mm512_set1_epi32(-off[g * R + r]);
         for (int p = 0; p < G / 4; p++) {
             const __m512i w = _mm512_loadu_si512(qg + 64 * p);
             for (int r = 0; r < R; r++) iacc[r] = _mm512_dpbusd_epi32(iacc[r], w, _mm512_set1_epi32(xg[p * R + r]));
@@ -155,10 +156,8 @@ static inline __attribute__((always_inline)) void tile8(const Block *a, const in
         const __m512 sc = _mm512_loadu_ps(scale + (int64_t)g * TILE);
         const int b = G == 16 ? g / 2 : g;
         for (int r = 0; r < R; r++) {
-            /* the stored u8 is value + 128: remove 128 * sum(xq) over the group, exactly */
-            const __m512i exact = _mm512_sub_epi32(iacc[r], _mm512_set1_epi32(off[g * R + r]));
             const __m512 s = _mm512_mul_ps(sc, _mm512_set1_ps(a->xs[b * R + r]));
-            acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(exact), s, acc[r]);
+            acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(iacc[r]), s, acc[r]);
         }
     }
     for (int r = 0; r < R; r++) _mm512_storeu_ps(out + (int64_t)r * TILE, acc[r]);
