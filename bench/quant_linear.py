@@ -93,8 +93,11 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=28)
     parser.add_argument("--rows", default="1,2,6,12,32")
     parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--threads", type=int, default=0, help="torch (and kernel) threads; 0: torch's default")
     parser.add_argument("--engines", default="quant,bf16")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     kernel = native_quant()
     if kernel is None:
         raise SystemExit("the quantized kernel did not build here (is cc installed?)")

@@ -44,8 +44,11 @@ def main() -> None:
     parser.add_argument("--context", type=int, default=4096)
     parser.add_argument("--rows", type=int, default=6, help="tokens in a verify pass (gamma + 1)")
     parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--threads", type=int, default=0, help="torch (and kernel) threads; 0: torch's default")
     parser.add_argument("--engines", default="quantized,bf16")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     directory = resolve_model(args.model, Settings().models_dir)
     prompt = torch.randint(100, 20000, (args.context,), generator=torch.Generator().manual_seed(0))
     engines: dict[str, tuple[Transformer, object]] = {}
