@@ -63,7 +63,8 @@ int rq_quantize_rows(const void *x, int x_bf16, int rows, int k, int8_t *xq, flo
                      float *xsb, int n_threads) {
     if (k % QBLOCK) return 1;
     const int nb = k / QBLOCK;
-#pragma omp parallel for schedule(static) num_threads(n_threads)
+    /* a parallel region costs a barrier: worth it only for prefill-sized calls */
+#pragma omp parallel for schedule(static) num_threads(n_threads) if (rows >= 16)
     for (int r = 0; r < rows; r++) {
         float v[QBLOCK];
         for (int b = 0; b < nb; b++) {
@@ -243,7 +244,6 @@ int rq_linear(const int8_t *xq, const float *xs, const int32_t *bsum16, const fl
     const int n_tiles = n / TILE;
     const int n_blocks = (rows + MAX_R - 1) / MAX_R;
     const int64_t tile_bytes = kind == 4 ? (int64_t)ng * 256 : (int64_t)ng * 16 * group;
-    /* interleave each row block's activations (see Block) */
     const int64_t quads = k / 4;
     int32_t *xp = malloc(sizeof(int32_t) * (size_t)n_blocks * MAX_R * (size_t)(quads + 3 * nb));
     float *fs = malloc(sizeof(float) * (size_t)n_blocks * MAX_R * 2 * (size_t)nb);
@@ -252,47 +252,52 @@ int rq_linear(const int8_t *xq, const float *xs, const int32_t *bsum16, const fl
         free(fs);
         return 2;
     }
-    for (int blk = 0; blk < n_blocks; blk++) {
-        const int r0 = blk * MAX_R, R = rows - r0 < MAX_R ? rows - r0 : MAX_R;
-        int32_t *bx = xp + (int64_t)blk * MAX_R * (quads + 3 * nb);
-        int32_t *o16 = bx + quads * R, *o32 = o16 + 2 * nb * R;
-        float *bs = fs + (int64_t)blk * MAX_R * 2 * nb, *bsb = bs + nb * R;
-        for (int r = 0; r < R; r++) {
-            const int64_t row = r0 + r;
-            for (int64_t i = 0; i < quads; i++) memcpy(&bx[i * R + r], xq + row * k + 4 * i, 4);
-            for (int b = 0; b < nb; b++) {
-                const int32_t s0 = bsum16[row * 2 * nb + 2 * b], s1 = bsum16[row * 2 * nb + 2 * b + 1];
-                o16[(2 * b) * R + r] = 128 * s0;
-                o16[(2 * b + 1) * R + r] = 128 * s1;
-                o32[b * R + r] = 128 * (s0 + s1);
-                bs[b * R + r] = xs[row * nb + b];
-                bsb[b * R + r] = xsb[row * nb + b];
-            }
-        }
-    }
     /* Work items of TILES_PER_ITEM tiles: with many rows (prefill) each row block's activations
      * serve all of them from L1 while their weights stay in L2. Dynamic: on a shared host a
      * preempted thread must not hold the other's half hostage. A column is computed whole by one
-     * thread either way, so results do not depend on the split. */
+     * thread either way, so results do not depend on the split. One parallel region (one
+     * fork/join) per call: the interleaving of the activations is its first loop. */
     const int n_items = (n_tiles + TILES_PER_ITEM - 1) / TILES_PER_ITEM;
-#pragma omp parallel for schedule(dynamic, 1) num_threads(n_threads)
-    for (int item = 0; item < n_items; item++) {
-        float out[MAX_R * TILE];
-        const int t_end = (item + 1) * TILES_PER_ITEM < n_tiles ? (item + 1) * TILES_PER_ITEM : n_tiles;
+#pragma omp parallel num_threads(n_threads)
+    {
+#pragma omp for schedule(static)
         for (int blk = 0; blk < n_blocks; blk++) {
             const int r0 = blk * MAX_R, R = rows - r0 < MAX_R ? rows - r0 : MAX_R;
-            const int32_t *bx = xp + (int64_t)blk * MAX_R * (quads + 3 * nb);
-            const float *bs = fs + (int64_t)blk * MAX_R * 2 * nb;
-            const Block a = {bx, bs, bs + nb * R, bx + quads * R, bx + quads * R + 2 * nb * R};
-            for (int t = item * TILES_PER_ITEM; t < t_end; t++) {
-                const uint8_t *qt = q + t * tile_bytes;
-                const float *st = scale + (int64_t)t * ng * TILE;
-                const float *mt = kind == 4 ? min + (int64_t)t * ng * TILE : 0;
-                tile_rows(&a, R, kind, group, qt, st, mt, ng, out);
-                for (int r = 0; r < R; r++) {
-                    float *dst = y + (int64_t)(r0 + r) * ldy + (int64_t)t * TILE;
-                    for (int j = 0; j < TILE; j++)
-                        dst[j] = bias ? out[r * TILE + j] + bias[t * TILE + j] : out[r * TILE + j];
+            int32_t *bx = xp + (int64_t)blk * MAX_R * (quads + 3 * nb);
+            int32_t *o16 = bx + quads * R, *o32 = o16 + 2 * nb * R;
+            float *bs = fs + (int64_t)blk * MAX_R * 2 * nb, *bsb = bs + nb * R;
+            for (int r = 0; r < R; r++) {
+                const int64_t row = r0 + r;
+                for (int64_t i = 0; i < quads; i++) memcpy(&bx[i * R + r], xq + row * k + 4 * i, 4);
+                for (int b = 0; b < nb; b++) {
+                    const int32_t s0 = bsum16[row * 2 * nb + 2 * b], s1 = bsum16[row * 2 * nb + 2 * b + 1];
+                    o16[(2 * b) * R + r] = 128 * s0;
+                    o16[(2 * b + 1) * R + r] = 128 * s1;
+                    o32[b * R + r] = 128 * (s0 + s1);
+                    bs[b * R + r] = xs[row * nb + b];
+                    bsb[b * R + r] = xsb[row * nb + b];
+                }
+            }
+        }
+#pragma omp for schedule(dynamic, 1)
+        for (int item = 0; item < n_items; item++) {
+            float out[MAX_R * TILE];
+            const int t_end = (item + 1) * TILES_PER_ITEM < n_tiles ? (item + 1) * TILES_PER_ITEM : n_tiles;
+            for (int blk = 0; blk < n_blocks; blk++) {
+                const int r0 = blk * MAX_R, R = rows - r0 < MAX_R ? rows - r0 : MAX_R;
+                const int32_t *bx = xp + (int64_t)blk * MAX_R * (quads + 3 * nb);
+                const float *bs = fs + (int64_t)blk * MAX_R * 2 * nb;
+                const Block a = {bx, bs, bs + nb * R, bx + quads * R, bx + quads * R + 2 * nb * R};
+                for (int t = item * TILES_PER_ITEM; t < t_end; t++) {
+                    const uint8_t *qt = q + t * tile_bytes;
+                    const float *st = scale + (int64_t)t * ng * TILE;
+                    const float *mt = kind == 4 ? min + (int64_t)t * ng * TILE : 0;
+                    tile_rows(&a, R, kind, group, qt, st, mt, ng, out);
+                    for (int r = 0; r < R; r++) {
+                        float *dst = y + (int64_t)(r0 + r) * ldy + (int64_t)t * TILE;
+                        for (int j = 0; j < TILE; j++)
+                            dst[j] = bias ? out[r * TILE + j] + bias[t * TILE + j] : out[r * TILE + j];
+                    }
                 }
             }
         }
