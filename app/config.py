@@ -25,7 +25,9 @@ def default_models_dir() -> Path:
 class ModelSettings:
     target: str = "qwen2.5-coder-1.5b"  # registry name, HF model directory, or .gguf path
     drafter: str = "qwen2.5-coder-0.5b"
-    dtype: str = "auto"  # auto = bf16 on CUDA and on CPUs with bf16 support, else fp32
+    # auto = on a CPU the GGUF's own quantized weights where the model has them (activations bf16 where the
+    # CPU has bf16, else fp32); bf16 on CUDA. An explicit dtype (bf16, fp32) keeps dense weights.
+    dtype: str = "auto"
     device: str = "auto"  # auto = cuda when present, else cpu
 
 

@@ -16,7 +16,7 @@ from app.registry import resolve_model
 from app.speedup import LcReference, measured_speedup
 from decoding.generate import Finished, PassStats, TextDelta, generate
 from decoding.methods import BASELINE, method_info
-from decoding.models import LoadedModel, Prompt, load_model, pick_device, pick_dtype
+from decoding.models import LoadedModel, Prompt, load_model, pick_device, pick_dtype, wants_quantized
 from decoding.prefix_cache import PrefixCache
 from decoding.settings import DecodingSettings
 from decoding.stats import Stats
@@ -56,9 +56,12 @@ class Engine:
             if spec not in self._models:
                 directory = resolve_model(spec, self.settings.models_dir, self.log)
                 dtype = pick_dtype(self.settings.models.dtype, self.device)
-                loaded = load_model(spec, directory, dtype, self.device)
+                quantized = wants_quantized(self.settings.models.dtype, self.device)
+                loaded = load_model(spec, directory, dtype, self.device, quantized=quantized)
                 self._models[spec] = loaded
-                self._model_ids[id(loaded.model)] = f"{directory.resolve()}:{_weights_stamp(directory)}"
+                # Quantized and dense weights give different KV: cached prefixes must not mix.
+                weights = "" if loaded.weights == "dense" else f":{loaded.weights}"
+                self._model_ids[id(loaded.model)] = f"{directory.resolve()}:{_weights_stamp(directory)}{weights}"
             return self._models[spec]
 
     @property

