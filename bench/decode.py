@@ -35,6 +35,7 @@ from decoding.methods import BASELINE, Drafting
 from decoding.methods import METHODS as METHOD_TABLE
 from decoding.model import Transformer
 from decoding.models import LoadedModel, Prompt
+from decoding.quant import QuantEmbedding, quantized_bytes
 from decoding.settings import DecodingSettings
 from retrieval.readers import read_document
 
@@ -69,8 +70,12 @@ def bytes_per_pass(model: Transformer, context_tokens: int) -> int:
     a = model.args
     q_out, kv_out = a.n_heads * a.head_dim, a.n_kv_heads * a.head_dim
     per_layer = a.dim * (q_out + 2 * kv_out) + q_out * a.dim + 3 * a.dim * a.intermediate_size + 2 * a.dim
-    # Counted from the shapes: packed linears (decoding.model.PackedLinear) are not parameters.
-    weights = (a.n_layers * per_layer + a.vocab_size * a.dim + a.dim) * model.dtype.itemsize
+    if model.quantized:  # the kernel's own blocks (scales included); the embedding table is not read whole
+        embedding = next(m for m in model.modules() if isinstance(m, QuantEmbedding))
+        weights = quantized_bytes(model) - embedding.nbytes + (embedding.nbytes if model.args.tie_embeddings else 0)
+    else:
+        # Counted from the shapes: packed linears (decoding.model.PackedLinear) are not parameters.
+        weights = (a.n_layers * per_layer + a.vocab_size * a.dim + a.dim) * model.dtype.itemsize
     kv = 2 * a.n_layers * a.n_kv_heads * a.head_dim * context_tokens * model.dtype.itemsize
     return weights + kv
 
