@@ -15,9 +15,9 @@ from app.events import Done, Event, Progress, Sources, Status, Token
 from app.registry import resolve_model
 from app.speedup import LcReference, Speedup, measured_speedup
 from decoding.generate import Finished, PassStats, TextDelta, generate
+from decoding.methods import method as method_info
 from decoding.models import LoadedModel, Prompt, load_model, pick_device, pick_dtype
 from decoding.prefix_cache import PrefixCache
-from decoding.methods import method as method_info
 from decoding.settings import DecodingSettings
 from decoding.stats import Stats
 from retrieval.context import build_contexts
