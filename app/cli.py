@@ -17,6 +17,7 @@ from app.errors import CliError, user_message
 if TYPE_CHECKING:
     from app.config import Settings
     from app.events import Done
+    from app.pipeline import Engine
     from retrieval.index import HybridIndex
 
 SUBCOMMANDS = {
@@ -124,9 +125,9 @@ def check_document_args(args: argparse.Namespace) -> None:
         raise CliError(f"{args.index} is not an index (no docstore.sqlite); create it with --docs or `ask ingest`")
 
 
-def ingest_documents(index: HybridIndex, paths: Sequence[Path], progress: bool) -> None:
+def ingest_documents(index: HybridIndex, paths: Sequence[Path], progress: bool, engine: Engine | None = None) -> None:
     """Add files and folders; a bad file is reported and skipped, but nothing indexable is an error."""
-    results = index.add_files(paths, progress=progress)
+    results = engine.ingest(index, paths, progress) if engine else index.add_files(paths, progress=progress)
     for result in results:
         if not result.ok:
             log(f"skipped {result.source}: {result.message}")
@@ -156,7 +157,7 @@ def run_question(argv: Sequence[str]) -> int:
     engine = Engine(settings, log=log)
     index = engine.open_index(index_dir)
     if args.docs:
-        ingest_documents(index, args.docs, progress=True)
+        ingest_documents(index, args.docs, progress=True, engine=engine)
     done = None
     for event in engine.answer(args.question, index, settings.decoding, compare=args.compare):
         if isinstance(event, Status):

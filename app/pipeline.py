@@ -3,28 +3,29 @@
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import replace
 from pathlib import Path
 
 import torch
 
+from app.chunk_kv import ChunkKV, Passage, prune
 from app.config import Settings
 from app.errors import QuestionError
 from app.events import Done, Event, Progress, Sources, Status, Token
 from app.registry import resolve_model
 from app.speedup import LcReference, Speedup, measured_speedup
-from decoding.generate import Finished, PassStats, TextDelta, generate
+from decoding.generate import Finished, PassStats, PrefixCacheHooks, TextDelta, generate
 from decoding.methods import method as method_info
 from decoding.models import LoadedModel, Prompt, load_model, pick_device, pick_dtype
 from decoding.prefix_cache import PrefixCache
 from decoding.settings import DecodingSettings
 from decoding.stats import Stats
-from retrieval.context import build_contexts
+from retrieval.context import build_contexts, passage
 from retrieval.embedding import Embedder
 from retrieval.errors import ContextTooLongError
 from retrieval.index import HybridIndex
-from retrieval.types import Contexts, RetrievalSettings
+from retrieval.types import Chunk, Contexts, IngestResult, RetrievalSettings
 
 PROMPT_OVERHEAD_TOKENS = 256  # chat template + question, reserved when sizing the long context
 
@@ -43,9 +44,11 @@ class Engine:
         self._models: dict[str, LoadedModel] = {}
         self._model_ids: dict[int, str] = {}
         self._indexes: dict[Path, HybridIndex] = {}
+        self._chunk_kv: dict[tuple[Path, str], ChunkKV] = {}
         self._embedder: Embedder | None = None
         self._load_lock = threading.RLock()  # re-entrant: open_index loads the embedder under it
         self._generate_lock = threading.Lock()
+        self._background_lock = threading.Lock()
         self.prefix_cache = PrefixCache(settings.kv_cache_dir, self._model_ids)
         self.lc_reference = LcReference(settings.home / "lc_reference.json")
 
@@ -84,6 +87,65 @@ class Engine:
                 self._indexes[path] = HybridIndex(path, self.settings.retrieval, tokenize, self.embedder)
             return self._indexes[path]
 
+    # -------------------------------------------------------------------- documents
+
+    def ingest(self, index: HybridIndex, paths: Sequence[Path], progress: bool = True) -> list[IngestResult]:
+        """Add files and folders, then build what questions will read: the drafter's chunk KV."""
+        results = index.add_files(paths, progress=progress)
+        prune(index.directory, self._chunk_ids(index))  # replaced versions' chunks are gone
+        if self.settings.drafter_chunk_kv:
+            self.build_drafter_kv(index, progress)
+        return results
+
+    def prepare_in_background(self, index: HybridIndex) -> threading.Thread:
+        """After an upload (UI): build what questions will read without holding up the page."""
+
+        def prepare() -> None:
+            with self._background_lock:  # jobs run one after another; each does only what is missing
+                try:
+                    prune(index.directory, self._chunk_ids(index))
+                    if self.settings.drafter_chunk_kv:
+                        self.build_drafter_kv(index, progress=False)
+                except Exception as error:  # a failed build only means questions compute it themselves
+                    self.log(f"preparing the documents failed: {type(error).__name__}: {error}")
+
+        thread = threading.Thread(target=prepare, name="rapidqa-prepare", daemon=True)
+        thread.start()
+        return thread
+
+    def delete(self, index: HybridIndex, doc_id_or_source: str) -> bool:
+        removed = index.delete(doc_id_or_source)
+        prune(index.directory, self._chunk_ids(index))
+        return removed
+
+    def chunk_kv(self, index: HybridIndex) -> ChunkKV:
+        drafter = self.drafter
+        key = (index.directory, self.settings.models.drafter)
+        with self._load_lock:
+            if key not in self._chunk_kv:
+                model_key = self.prefix_cache.model_key(drafter.model)
+                self._chunk_kv[key] = ChunkKV(index.directory, drafter.model, model_key)
+            return self._chunk_kv[key]
+
+    def passages(self, chunks: Sequence[Chunk]) -> list[Passage]:
+        """Chunks as the drafter's prompt holds them (the tokens decoding.models.Prompt gives them)."""
+        target = self.target
+        return [Passage(chunk.chunk_id, target.piece_tokens(passage(chunk))) for chunk in chunks]
+
+    def build_drafter_kv(self, index: HybridIndex, progress: bool = True) -> float:
+        """Encode every chunk the drafter has no KV for yet; returns the seconds spent encoding."""
+        chunks = [chunk for doc in index.documents() for chunk in index.chunks(doc.doc_id)]
+        store = self.chunk_kv(index)
+        todo = store.missing(self.passages(chunks))
+        if not todo:
+            return 0.0
+        with self._generate_lock, torch.inference_mode():
+            return store.build(todo)
+
+    @staticmethod
+    def _chunk_ids(index: HybridIndex) -> set[str]:
+        return {chunk.chunk_id for doc in index.documents() for chunk in index.chunks(doc.doc_id)}
+
     # ------------------------------------------------------------------------- answering
 
     def check_question(self, question: str, decoding: DecodingSettings) -> None:
@@ -113,13 +175,13 @@ class Engine:
             index, question, retrieval or self.settings.retrieval, target.encode,
             max_long_tokens=target.max_positions - room - PROMPT_OVERHEAD_TOKENS,
         )
-        long_prompt = target.prompt(contexts.long_context, question)
+        long_prompt = target.prompt(contexts.long_documents or contexts.long_context, question)
         if len(long_prompt) + room > target.max_positions:
             raise ContextTooLongError(
                 f"The documents and question take {len(long_prompt)} tokens and the answer needs {room} more, "
                 f"but {target.name} reads at most {target.max_positions}. Remove documents or lower max new tokens."
             )
-        return contexts, long_prompt, target.prompt(contexts.rag_context, question)
+        return contexts, long_prompt, target.prompt(contexts.rag_passages or contexts.rag_context, question)
 
     def answer(
         self,
@@ -144,7 +206,8 @@ class Engine:
             yield Status(self._prefill_message(decoding.method, long_prompt, rag_prompt))
             stats: Stats | None = None
             answer = ""
-            for event in self._run(decoding, long_prompt, rag_prompt):
+            rag_prefix = self._rag_prefix(decoding, index, contexts, rag_prompt)
+            for event in self._run(decoding, long_prompt, rag_prompt, rag_prefix):
                 if isinstance(event, TextDelta):
                     yield Token(event.text)
                 elif isinstance(event, PassStats):
@@ -162,12 +225,21 @@ class Engine:
                 speedup = measured_speedup(stats, lc_stats)
         yield Done(answer, stats, contexts.citations, speedup, lc_stats)
 
-    def _run(self, decoding: DecodingSettings, long_prompt: Prompt, rag_prompt: Prompt) -> Iterator[object]:
+    def _rag_prefix(
+        self, decoding: DecodingSettings, index: HybridIndex, contexts: Contexts, rag_prompt: Prompt
+    ) -> PrefixCacheHooks | None:
+        """RAPID's drafter context from per-chunk KV, when the prompt is made of the chunks' passages."""
+        if decoding.method != "rapid" or not self.settings.drafter_chunk_kv or not contexts.rag_chunk_ids:
+            return None
+        return self.chunk_kv(index).hooks(rag_prompt, contexts.rag_chunk_ids)
+
+    def _run(self, decoding: DecodingSettings, long_prompt: Prompt, rag_prompt: Prompt,
+             rag_prefix: PrefixCacheHooks | None = None) -> Iterator[object]:
         method = decoding.method
         drafter = self.drafter if method_info(method).runs_drafter_model else None
         with torch.inference_mode():
             hooks = self.prefix_cache.hooks()
-            yield from generate(method, self.target, drafter, long_prompt, rag_prompt, decoding, hooks)
+            yield from generate(method, self.target, drafter, long_prompt, rag_prompt, decoding, hooks, rag_prefix)
 
     @staticmethod
     def _finish(events: Iterator[object]) -> Stats:

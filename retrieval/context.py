@@ -27,9 +27,8 @@ def build_contexts(
     documents = index.documents()
     if not documents:
         raise EmptyIndexError("No documents are indexed yet: add documents first.")
-    long_context = "\n\n".join(
-        f"### Document: {doc.source}\n{index.document_text(doc.doc_id)}" for doc in documents
-    )
+    long_documents = [f"### Document: {doc.source}\n{index.document_text(doc.doc_id)}" for doc in documents]
+    long_context = "\n\n".join(long_documents)
     long_tokens = len(tokenize(long_context))
     if long_tokens > max_long_tokens:
         raise ContextTooLongError(
@@ -46,14 +45,23 @@ def build_contexts(
         rag_chunks = [chunk for doc in documents for chunk in index.chunks(doc.doc_id)]
     else:
         rag_chunks = in_document_order([hit.chunk for hit in kept], [doc.doc_id for doc in documents])
-    rag_context = "\n\n".join(f"{_header(chunk)}\n{chunk.text}" for chunk in rag_chunks)
+    rag_passages = [passage(chunk) for chunk in rag_chunks]
+    rag_context = "\n\n".join(rag_passages)
     return Contexts(
         long_context=long_context,
         long_tokens=long_tokens,
         rag_context=rag_context,
         rag_tokens=len(tokenize(rag_context)),
         citations=[citation(hit) for hit in kept],
+        long_documents=long_documents,
+        rag_passages=rag_passages,
+        rag_chunk_ids=[chunk.chunk_id for chunk in rag_chunks],
     )
+
+
+def passage(chunk: Chunk) -> str:
+    """A chunk as the drafter's context shows it: its citation label, then its text."""
+    return f"{_header(chunk)}\n{chunk.text}"
 
 
 def rag_budget(long_tokens: int, settings: RetrievalSettings) -> int:

@@ -75,6 +75,10 @@ class HybridIndex:
         self._recover()
         self._snapshot = self._load_snapshot()
 
+    @property
+    def directory(self) -> Path:
+        return self._directory
+
     # --- adding documents ------------------------------------------------------------------------
 
     def add_file(self, path: Path, source: str | None = None) -> IngestResult:

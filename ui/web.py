@@ -367,6 +367,7 @@ def build_app(engine: Engine, index_dir: Path | None = None) -> gr.Blocks:
 
     def on_upload(files: list[str] | None) -> tuple[str, str, Any, None]:
         lines = ingest_uploads(index, [Path(f) for f in files or []], uploads_dir, limits)
+        engine.prepare_in_background(index)
         return (upload_markdown(lines) or "_No files received._", *refresh_documents(), None)
 
     def on_delete(doc_id: str | None) -> tuple[str, str, Any]:
@@ -374,7 +375,7 @@ def build_app(engine: Engine, index_dir: Path | None = None) -> gr.Blocks:
             return "Choose a document to delete first.", *refresh_documents()
         name = next((d.source for d in index.documents() if d.doc_id == doc_id), doc_id)
         try:
-            removed = index.delete(doc_id)
+            removed = engine.delete(index, doc_id)
         except Exception as error:
             message = user_message(error)
             if message is None:
@@ -463,6 +464,7 @@ def build_app(engine: Engine, index_dir: Path | None = None) -> gr.Blocks:
 
     def upload_api(files: list[str] | None) -> dict[str, Any]:
         lines = ingest_uploads(index, [Path(f) for f in files or []], uploads_dir, limits)
+        engine.prepare_in_background(index)
         return {"files": [line.to_dict() for line in lines],
                 "documents": [{"document": d.source, "doc_id": d.doc_id, "pages": d.n_pages,
                                "chunks": d.n_chunks, "tokens": d.n_tokens} for d in index.documents()]}
