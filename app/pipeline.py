@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
 
@@ -13,15 +15,16 @@ from app.chunk_kv import ChunkKV, Passage, prune
 from app.config import Settings
 from app.errors import QuestionError
 from app.events import Done, Event, Progress, Sources, Status, Token
+from app.progress import Job, cli_bar, run_with_progress
 from app.registry import resolve_model
 from app.speedup import LcReference, Speedup, measured_speedup
 from decoding.generate import Finished, PassStats, PrefixCacheHooks, TextDelta, generate
 from decoding.methods import method as method_info
 from decoding.models import LoadedModel, Prompt, load_model, pick_device, pick_dtype
-from decoding.prefix_cache import PrefixCache
+from decoding.prefix_cache import PrefixCache, prefill_parts
 from decoding.settings import DecodingSettings
 from decoding.stats import Stats
-from retrieval.context import build_contexts, passage
+from retrieval.context import build_contexts, long_documents, passage
 from retrieval.embedding import Embedder
 from retrieval.errors import ContextTooLongError
 from retrieval.index import HybridIndex
@@ -49,6 +52,7 @@ class Engine:
         self._load_lock = threading.RLock()  # re-entrant: open_index loads the embedder under it
         self._generate_lock = threading.Lock()
         self._background_lock = threading.Lock()
+        self._job: Job | None = None  # the computation holding the generate lock, when it reports progress
         self.prefix_cache = PrefixCache(settings.kv_cache_dir, self._model_ids)
         self.lc_reference = LcReference(settings.home / "lc_reference.json")
 
@@ -92,10 +96,16 @@ class Engine:
     def ingest(self, index: HybridIndex, paths: Sequence[Path], progress: bool = True) -> list[IngestResult]:
         """Add files and folders, then build what questions will read: the drafter's chunk KV."""
         results = index.add_files(paths, progress=progress)
-        prune(index.directory, self._chunk_ids(index))  # replaced versions' chunks are gone
+        self.prepare(index, progress)
+        return results
+
+    def prepare(self, index: HybridIndex, progress: bool = False) -> None:
+        """Compute what questions over this index read: the drafter's chunk KV, then the target's
+        KV of the documents (extending a cached prefix of them where one exists)."""
+        prune(index.directory, self._chunk_ids(index))  # replaced versions' and deleted chunks
         if self.settings.drafter_chunk_kv:
             self.build_drafter_kv(index, progress)
-        return results
+        self.prefill_documents(index, progress)
 
     def prepare_in_background(self, index: HybridIndex) -> threading.Thread:
         """After an upload (UI): build what questions will read without holding up the page."""
@@ -103,9 +113,7 @@ class Engine:
         def prepare() -> None:
             with self._background_lock:  # jobs run one after another; each does only what is missing
                 try:
-                    prune(index.directory, self._chunk_ids(index))
-                    if self.settings.drafter_chunk_kv:
-                        self.build_drafter_kv(index, progress=False)
+                    self.prepare(index)
                 except Exception as error:  # a failed build only means questions compute it themselves
                     self.log(f"preparing the documents failed: {type(error).__name__}: {error}")
 
@@ -139,8 +147,64 @@ class Engine:
         todo = store.missing(self.passages(chunks))
         if not todo:
             return 0.0
-        with self._generate_lock, torch.inference_mode():
-            return store.build(todo)
+        with self._generate_lock, torch.inference_mode(), self._track("Drafter reading passages", progress) as job:
+            return store.build(todo, job.update)
+
+    def document_prompt(self, index: HybridIndex) -> Prompt | None:
+        """The long prompt's document prefix (any question: it ends where the question starts);
+        None without documents or when they do not fit (a question then says so)."""
+        documents = long_documents(index)
+        target = self.target
+        prompt = target.prompt(documents, "?") if documents else None
+        if prompt is None or len(prompt.prefix) + PROMPT_OVERHEAD_TOKENS > target.max_positions:
+            return None
+        return prompt
+
+    def prefill_documents(self, index: HybridIndex, progress: bool = True) -> float:
+        """The target's KV of every document, cached (after an ingest, before any question)."""
+        prompt = self.document_prompt(index)
+        if prompt is None or self.prefix_cache.contains(self.target.model, prompt.prefix):
+            return 0.0
+        with self._generate_lock:
+            return self._prefill_prefix(prompt, progress)
+
+    def _prefill_prefix(self, prompt: Prompt, progress: bool) -> float:
+        """Restore the longest cached run of the prompt's first documents, prefill the rest, store
+        it; the caller holds the generate lock. Returns the seconds spent."""
+        model, prefix, cuts = self.target.model, prompt.prefix, prompt.cuts()
+        if self.prefix_cache.contains(model, prefix):
+            return 0.0
+        started = time.perf_counter()
+        with torch.inference_mode(), self._track("Reading documents", progress) as job:
+            cache = self.prefix_cache.longest(model, prefix, cuts, len(prefix) + 1)
+            cache = cache or model.new_cache(len(prefix) + 1)
+            job.update(0, len(prefix) - cache.length)
+            prefill_parts(model, prefix, cuts, cache, job.update)
+            self.prefix_cache.save(model, prefix, cache, cuts)
+        return time.perf_counter() - started
+
+    @contextmanager
+    def _track(self, what: str, bar: bool) -> Iterator[Job]:
+        """Progress of a computation that holds the generate lock: questions waiting show it."""
+        job = Job(what, 0, bar=cli_bar(what, 0) if bar else None)
+        self._job = job
+        try:
+            yield job
+        finally:
+            job.close()
+            if self._job is job:
+                self._job = None
+
+    def _wait_for_engine(self) -> Iterator[Event]:
+        """Take the generate lock, meanwhile reporting what holds it when that reports progress."""
+        announced = False
+        while not self._generate_lock.acquire(timeout=0.5):
+            job = self._job
+            if job is not None:
+                yield job.event()
+            elif not announced:
+                yield Status("Waiting for the previous question to finish")
+                announced = True
 
     @staticmethod
     def _chunk_ids(index: HybridIndex) -> set[str]:
@@ -201,7 +265,13 @@ class Engine:
         yield Status("Retrieving passages")
         contexts, long_prompt, rag_prompt = self.prompts(question, index, decoding, retrieval)
         yield Sources(contexts.citations)
-        with self._generate_lock:
+        yield from self._wait_for_engine()
+        try:
+            if method_info(decoding.method).uses_prefix_cache and not self.prefix_cache.contains(
+                self.target.model, long_prompt.prefix
+            ):
+                yield Status(f"Reading {len(long_prompt.prefix)} tokens of documents (once; later questions reuse it)")
+                yield from run_with_progress(lambda: self._prefill_prefix(long_prompt, False), lambda: self._job)
             target_name = self.settings.models.target
             yield Status(self._prefill_message(decoding.method, long_prompt, rag_prompt))
             stats: Stats | None = None
@@ -223,6 +293,8 @@ class Engine:
                 lc_stats = self._finish(self._run(replace(decoding, method="lc"), long_prompt, rag_prompt))
                 self.lc_reference.record(target_name, lc_stats)
                 speedup = measured_speedup(stats, lc_stats)
+        finally:
+            self._generate_lock.release()
         yield Done(answer, stats, contexts.citations, speedup, lc_stats)
 
     def _rag_prefix(
@@ -238,7 +310,7 @@ class Engine:
         method = decoding.method
         drafter = self.drafter if method_info(method).runs_drafter_model else None
         with torch.inference_mode():
-            hooks = self.prefix_cache.hooks()
+            hooks = self.prefix_cache.hooks(long_prompt.cuts())
             yield from generate(method, self.target, drafter, long_prompt, rag_prompt, decoding, hooks, rag_prefix)
 
     @staticmethod

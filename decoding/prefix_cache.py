@@ -17,15 +17,19 @@ from __future__ import annotations
 import contextlib
 import functools
 import hashlib
+import json
 import os
 import platform
 import tempfile
 import time
 import weakref
 from collections import OrderedDict
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from decoding.attention import native_attention
@@ -35,6 +39,7 @@ from decoding.model import Transformer
 
 ENGINE_DIR = Path(__file__).resolve().parent
 PROBE_TOKENS = 16
+PrefillProgress = Callable[[int, int], None]  # (tokens done, tokens to do)
 STALE_PARTIAL_S = 3600.0  # a temp file this old belongs to a writer that died
 
 
@@ -81,14 +86,21 @@ class KVStore:
             return None
         return tensors
 
-    def write(self, name: str, tensors: dict[str, torch.Tensor]) -> None:
+    def metadata(self, name: str) -> dict[str, str]:
+        try:
+            with safe_open(str(self.path(name)), framework="pt") as handle:
+                return handle.metadata() or {}
+        except (FileNotFoundError, OSError):
+            return {}
+
+    def write(self, name: str, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
         self.directory.mkdir(parents=True, exist_ok=True)
         # A temp name of its own per writer: two processes saving the same key never write into
         # one file, and the rename is atomic, so a reader sees a whole file or none.
         handle, partial = tempfile.mkstemp(prefix=f"{name}.", suffix=".partial", dir=self.directory)
         os.close(handle)
         try:
-            save_file(tensors, partial)
+            save_file(tensors, partial, metadata=metadata)
             os.replace(partial, self.path(name))
         except BaseException:
             Path(partial).unlink(missing_ok=True)
@@ -131,6 +143,26 @@ def kv_tensors(model: Transformer, cache: KVCache, start: int, end: int) -> dict
     return tensors
 
 
+@dataclass(frozen=True)
+class _Entry:
+    tensors: dict[str, torch.Tensor]
+    cut_keys: list[str]  # key of the prefix up to each document end, the whole prefix last
+
+
+def prefill_parts(model: Transformer, prefix: list[int], cuts: Sequence[int], cache: KVCache,
+                  progress: PrefillProgress | None = None) -> None:
+    """Prefill prefix[cache.length:] one part (between cuts) at a time, as generate does."""
+    first = start = cache.length
+    total = len(prefix) - first
+    for end in sorted({c for c in [*cuts, len(prefix)] if c > first}):
+        report = None
+        if progress is not None:
+            def report(done: int, _: int, before: int = start - first) -> None:
+                progress(before + done, total)
+        model.prefill(torch.tensor(prefix[start:end], device=model.device), cache, report)
+        start = end
+
+
 class PrefixCache:
     def __init__(self, directory: Path, model_ids: dict[int, str] | None = None, max_bytes: int = 8 << 30,
                  in_memory: int = 2) -> None:
@@ -156,38 +188,105 @@ class PrefixCache:
         return hashlib.sha256("\n".join(parts).encode()).hexdigest()
 
     def key(self, model: Transformer, prefix: list[int]) -> str:
-        digest = hashlib.sha256(self.model_key(model).encode())
-        digest.update(torch.tensor(prefix, dtype=torch.int64).numpy().tobytes())
-        return digest.hexdigest()[:32]
+        return self.cut_keys(model, prefix, [len(prefix)])[-1]
 
-    def hooks(self) -> PrefixCacheHooks:
-        return PrefixCacheHooks(load=self.load, save=self.save)
+    def cut_keys(self, model: Transformer, prefix: list[int], cuts: Sequence[int]) -> list[str]:
+        """key(model, prefix[:cut]) for each cut, hashed in one pass."""
+        digest = hashlib.sha256(self.model_key(model).encode())
+        keys, start = [], 0
+        for cut in cuts:
+            digest.update(torch.tensor(prefix[start:cut], dtype=torch.int64).numpy().tobytes())
+            keys.append(digest.copy().hexdigest()[:32])
+            start = cut
+        return keys
+
+    def hooks(self, cuts: Sequence[int] = (), progress: PrefillProgress | None = None) -> PrefixCacheHooks:
+        """Loader and saver for generate(). With `cuts` (where the prefix's documents end, see
+        Prompt.cuts), a prefix that is not stored is still served when a stored one shares its
+        first documents: those are restored and the rest prefilled (reporting progress), document
+        by document as generate prefills a prefix from scratch, so both give the same bits."""
+        if not cuts:
+            return PrefixCacheHooks(load=self.load, save=self.save)
+
+        def load(model: Transformer, prefix: list[int], capacity: int) -> KVCache | None:
+            return self.load(model, prefix, capacity) or self.extend(model, prefix, cuts, capacity, progress)
+
+        def save(model: Transformer, prefix: list[int], cache: KVCache) -> None:
+            self.save(model, prefix, cache, cuts)
+
+        return PrefixCacheHooks(load=load, save=save)
+
+    def contains(self, model: Transformer, prefix: list[int]) -> bool:
+        key = self.key(model, prefix)
+        return key in self._hot or self.store.path(key).exists()
 
     def load(self, model: Transformer, prefix: list[int], capacity: int) -> KVCache | None:
         """A new cache of at least `capacity` slots holding the prefix, or None when it is not stored."""
         key = self.key(model, prefix)
-        tensors = self._hot.get(key)
-        if tensors is None:
-            tensors = self.store.read(key, model.device)
+        entry = self._entry(key, model.device)
+        return None if entry is None else self._materialize(model, entry, len(prefix), capacity)
+
+    def longest(self, model: Transformer, prefix: list[int], cuts: Sequence[int], capacity: int) -> KVCache | None:
+        """A new cache holding the longest prefix[:cut] that a stored prefix starts with, or None."""
+        wanted = dict(zip(self.cut_keys(model, prefix, cuts), cuts, strict=True))
+        best: tuple[int, str] | None = None
+        for key, entry_cuts in self._known_cuts():
+            for cut_key in entry_cuts:
+                n = wanted.get(cut_key)
+                if n is not None and (best is None or n > best[0]):
+                    best = (n, key)
+        if best is None:
+            return None
+        entry = self._entry(best[1], model.device)
+        return None if entry is None else self._materialize(model, entry, best[0], capacity)
+
+    def extend(self, model: Transformer, prefix: list[int], cuts: Sequence[int], capacity: int,
+               progress: PrefillProgress | None = None) -> KVCache | None:
+        """The longest stored document prefix, then the remaining documents prefilled; None when no
+        stored prefix shares even the header."""
+        cache = self.longest(model, prefix, cuts, capacity)
+        if cache is None:
+            return None
+        prefill_parts(model, prefix, cuts, cache, progress)
+        self.save(model, prefix, cache, cuts)
+        return cache
+
+    def save(self, model: Transformer, prefix: list[int], cache: KVCache, cuts: Sequence[int] = ()) -> None:
+        cuts = [c for c in cuts if 0 < c < len(prefix)] + [len(prefix)]
+        keys = self.cut_keys(model, prefix, cuts)
+        tensors = kv_tensors(model, cache, 0, len(prefix))
+        self.store.write(keys[-1], tensors, metadata={"cuts": json.dumps(keys)})
+        self._remember(keys[-1], _Entry(tensors, keys))
+
+    def _entry(self, key: str, device: torch.device) -> _Entry | None:
+        entry = self._hot.get(key)
+        if entry is None:
+            tensors = self.store.read(key, device)
             if tensors is None:
                 return None
-        self._remember(key, tensors)
-        n = len(prefix)
+            entry = _Entry(tensors, json.loads(self.store.metadata(key).get("cuts", "[]")))
+        self._remember(key, entry)
+        return entry
+
+    def _known_cuts(self) -> list[tuple[str, list[str]]]:
+        """(key, its cut keys) of every stored prefix, in memory first."""
+        known = [(key, entry.cut_keys) for key, entry in reversed(self._hot.items())]
+        for name in self.store.names():
+            if name not in self._hot:
+                known.append((name, json.loads(self.store.metadata(name).get("cuts", "[]"))))
+        return known
+
+    @staticmethod
+    def _materialize(model: Transformer, entry: _Entry, n: int, capacity: int) -> KVCache:
         cache = model.new_cache(max(capacity, n))
         for layer in range(model.args.n_layers):
-            cache.keys[layer][:, :n] = tensors[f"k{layer}"]
-            cache.values[layer][:, :n] = tensors[f"v{layer}"]
+            cache.keys[layer][:, :n] = entry.tensors[f"k{layer}"][:, :n]
+            cache.values[layer][:, :n] = entry.tensors[f"v{layer}"][:, :n]
         cache.length = cache.next_position = n
         return cache
 
-    def save(self, model: Transformer, prefix: list[int], cache: KVCache) -> None:
-        key = self.key(model, prefix)
-        tensors = kv_tensors(model, cache, 0, len(prefix))
-        self.store.write(key, tensors)
-        self._remember(key, tensors)
-
-    def _remember(self, key: str, tensors: dict[str, torch.Tensor]) -> None:
-        self._hot[key] = tensors
+    def _remember(self, key: str, entry: _Entry) -> None:
+        self._hot[key] = entry
         self._hot.move_to_end(key)
         while len(self._hot) > self.in_memory:
             self._hot.popitem(last=False)

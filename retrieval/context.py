@@ -1,7 +1,8 @@
 """Question + index -> the target's long context, the drafter's short (RAG) context, citations.
 
-Long context: every document, whole, in documents() order. Never truncated: if it does not fit
-the target's window the user is told, because a silently cut document gives wrong answers.
+Long context: every document, whole, in the order they were added (so a new one extends it).
+Never truncated: if it does not fit the target's window the user is told, because a silently
+cut document gives wrong answers.
 RAG context (paper settings): best chunks up to a token budget, put back in document order.
 """
 
@@ -11,7 +12,7 @@ from collections.abc import Callable, Sequence
 
 from retrieval.errors import ContextTooLongError, EmptyIndexError
 from retrieval.index import HybridIndex
-from retrieval.types import Chunk, Citation, Contexts, RetrievalSettings, ScoredChunk
+from retrieval.types import Chunk, Citation, Contexts, DocumentInfo, RetrievalSettings, ScoredChunk
 
 Tokenize = Callable[[str], Sequence[int]]
 EXCERPT_CHARS = 300
@@ -24,11 +25,11 @@ def build_contexts(
     tokenize: Tokenize,
     max_long_tokens: int,
 ) -> Contexts:
-    documents = index.documents()
+    documents = index.documents(in_ingest_order=True)
     if not documents:
         raise EmptyIndexError("No documents are indexed yet: add documents first.")
-    long_documents = [f"### Document: {doc.source}\n{index.document_text(doc.doc_id)}" for doc in documents]
-    long_context = "\n\n".join(long_documents)
+    document_texts = [long_document(index, doc) for doc in documents]
+    long_context = "\n\n".join(document_texts)
     long_tokens = len(tokenize(long_context))
     if long_tokens > max_long_tokens:
         raise ContextTooLongError(
@@ -53,10 +54,20 @@ def build_contexts(
         rag_context=rag_context,
         rag_tokens=len(tokenize(rag_context)),
         citations=[citation(hit) for hit in kept],
-        long_documents=long_documents,
+        long_documents=document_texts,
         rag_passages=rag_passages,
         rag_chunk_ids=[chunk.chunk_id for chunk in rag_chunks],
     )
+
+
+def long_document(index: HybridIndex, doc: DocumentInfo) -> str:
+    """A document as the long context shows it: a header line with its name, then its whole text."""
+    return f"### Document: {doc.source}\n{index.document_text(doc.doc_id)}"
+
+
+def long_documents(index: HybridIndex) -> list[str]:
+    """Every document of the long context, in ingest order: adding one extends the context."""
+    return [long_document(index, doc) for doc in index.documents(in_ingest_order=True)]
 
 
 def passage(chunk: Chunk) -> str:

@@ -125,3 +125,66 @@ def test_a_restored_cache_holds_the_whole_answer(model, tmp_path: Path, from_dis
     assert out.stats.generated == settings.max_new_tokens  # tiny models have no stop token
     (cache, first_keys), = handed_out
     assert cache.keys[0] is first_keys  # never reallocated while decoding
+
+
+# ------------------------------------------------ document prefixes: extended on add, cut on delete
+
+DOCS = ["first document " * 30, "second document, a little longer " * 25, "third one " * 40, "fourth " * 20]
+
+
+def _prompt(model, docs: list[str]):
+    return model.prompt(docs, "What do the documents say?")
+
+
+def _scratch(model, prompt) -> KVCache:
+    """What generate computes without any cache: the prefix part by part."""
+    cache = model.model.new_cache(len(prompt.prefix) + 8)
+    for part in prompt.prefix_parts():
+        model.model.prefill(torch.tensor(part), cache)
+    return cache
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_an_added_document_extends_the_cached_prefix(tmp_path: Path, dtype: torch.dtype) -> None:
+    model = tiny_model(1, dtype)
+    before, after = _prompt(model, DOCS[:2]), _prompt(model, DOCS[:3])
+    cache = PrefixCache(tmp_path, {})
+    cache.save(model.model, before.prefix, _scratch(model, before), before.cuts())
+    done: list[tuple[int, int]] = []
+    hooks = PrefixCache(tmp_path, {}).hooks(after.cuts(), progress=lambda d, t: done.append((d, t)))
+    extended = hooks.load(model.model, after.prefix, len(after) + 50)
+    assert extended is not None and extended.length == len(after.prefix)
+    new_tokens = len(after.prefix) - len(before.prefix)
+    assert done[-1] == (new_tokens, new_tokens)  # only the new document was read
+    assert _same_prefix(extended, _scratch(model, after), len(after.prefix))  # bit for bit
+    settings = DecodingSettings(max_new_tokens=30)
+    reopened = PrefixCache(tmp_path, {})  # the extended prefix was stored too
+    assert reopened.contains(model.model, after.prefix)
+    from_cache = run_to_end(generate("lc", model, None, after, after, settings, reopened.hooks(after.cuts())))
+    from_scratch = run_to_end(generate("lc", model, None, after, after, settings))
+    assert from_cache.stats.prefix_cached_tokens == len(after.prefix)
+    assert from_cache.token_ids == from_scratch.token_ids
+
+
+def test_a_deleted_document_recomputes_from_the_first_changed_one(model, tmp_path: Path) -> None:
+    full, without_second = _prompt(model, DOCS), _prompt(model, [DOCS[0], *DOCS[2:]])
+    cache = PrefixCache(tmp_path, {})
+    cache.save(model.model, full.prefix, _scratch(model, full), full.cuts())
+    restored = cache.longest(model.model, without_second.prefix, without_second.cuts(), 10)
+    assert restored is not None and restored.length == without_second.cuts()[1]  # header + first document
+    done: list[tuple[int, int]] = []
+    cut = cache.extend(model.model, without_second.prefix, without_second.cuts(), 10, lambda d, t: done.append((d, t)))
+    assert cut is not None
+    assert done[-1][1] == len(without_second.prefix) - without_second.cuts()[1]  # documents 3 and 4, again
+    assert _same_prefix(cut, _scratch(model, without_second), len(without_second.prefix))
+
+
+def test_nothing_is_restored_when_the_first_document_changed(model, tmp_path: Path) -> None:
+    cache = PrefixCache(tmp_path, {})
+    old = _prompt(model, DOCS[:2])
+    cache.save(model.model, old.prefix, _scratch(model, old), old.cuts())
+    new = _prompt(model, ["another first document " * 10, DOCS[1]])
+    restored = cache.longest(model.model, new.prefix, new.cuts(), 10)
+    assert restored is not None and restored.length == len(new.header)  # only the header is shared
+    other = tiny_model(3)
+    assert cache.longest(other.model, old.prefix, old.cuts(), 10) is None  # another model shares nothing
