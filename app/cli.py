@@ -151,15 +151,21 @@ def run_question(argv: Sequence[str]) -> int:
     index_dir = index_dir_for(args, settings)
     settings.decoding.validate()
 
-    from app.events import Done, Progress, Sources, Status, Token
+    from app.events import Done, Preparing, Progress, Sources, Status, Token
     from app.pipeline import Engine
+    from app.progress import PreparingBars
 
     engine = Engine(settings, log=log)
     index = engine.open_index(index_dir)
     if args.docs:
         ingest_documents(index, args.docs, progress=True, engine=engine)
     done = None
+    bars = PreparingBars()
     for event in engine.answer(args.question, index, settings.decoding, compare=args.compare):
+        if isinstance(event, Preparing):
+            bars.show(event)
+            continue
+        bars.close()
         if isinstance(event, Status):
             log(f"[{event.message}]")
         elif isinstance(event, Sources) and not args.json:

@@ -14,7 +14,7 @@ import torch
 from app.chunk_kv import ChunkKV, Passage, prune
 from app.config import Settings
 from app.errors import QuestionError
-from app.events import Done, Event, Progress, Sources, Status, Token
+from app.events import Done, Event, Preparing, Progress, Sources, Status, Token
 from app.progress import Job, cli_bar, run_with_progress
 from app.registry import resolve_model
 from app.speedup import LcReference, Speedup, measured_speedup
@@ -182,6 +182,11 @@ class Engine:
             prefill_parts(model, prefix, cuts, cache, job.update)
             self.prefix_cache.save(model, prefix, cache, cuts)
         return time.perf_counter() - started
+
+    def preparing(self) -> Preparing | None:
+        """Progress of the computation running now (e.g. the documents' prefill after an upload)."""
+        job = self._job
+        return job.event() if job is not None else None
 
     @contextmanager
     def _track(self, what: str, bar: bool) -> Iterator[Job]:

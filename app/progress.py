@@ -83,3 +83,23 @@ def describe(event: Preparing) -> str:
         minutes, seconds = divmod(int(event.eta_s), 60)
         text += f", about {minutes} min {seconds} s left" if minutes else f", about {seconds} s left"
     return text
+
+
+class PreparingBars:
+    """Preparing events shown as tqdm bars on stderr (the CLI), one bar per computation."""
+
+    def __init__(self) -> None:
+        self.bar: tqdm | None = None
+        self.what = ""
+
+    def show(self, event: Preparing) -> None:
+        if self.bar is None or event.what != self.what:
+            self.close()
+            self.bar, self.what = cli_bar(event.what, event.total), event.what
+        self.bar.total = event.total
+        self.bar.update(event.done - self.bar.n)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None

@@ -27,8 +27,9 @@ import pandas as pd
 
 from app.config import Limits, Settings
 from app.errors import user_message
-from app.events import Done, Progress, Sources, Status, Token
+from app.events import Done, Preparing, Progress, Sources, Status, Token
 from app.pipeline import Engine
+from app.progress import describe
 from app.speedup import Speedup
 from decoding.methods import METHODS
 from decoding.settings import DecodingSettings
@@ -410,6 +411,8 @@ def build_app(engine: Engine, index_dir: Path | None = None) -> gr.Blocks:
                         view.status = event.message
                         if stats is not None:  # e.g. the LC run of a comparison
                             panel = stats_markdown(f"{event.message}…", stats)
+                    elif isinstance(event, Preparing):
+                        view.status = describe(event)
                     elif isinstance(event, Sources):
                         view.citations = tuple(event.citations)
                     elif isinstance(event, Token):
