@@ -209,6 +209,7 @@ def format_stats(done: Done) -> list[str]:
         f"method {s.method}: {s.generated} tokens generated, {s.drafted} drafted, {s.accepted} accepted",
         f"acceptance rate {rate}, mean accepted length per target pass {mal}",
         f"context {s.context_tokens} tokens{cached}, drafter context {s.draft_context_tokens} tokens",
+        f"answer in {s.answer_s:.2f} s end to end",
         f"first token after {s.first_token_s:.2f} s, prefill {s.prefill_s:.2f} s, decode {s.decode_s:.2f} s, "
         f"{tps} tokens/s",
         f"speedup over LC decoding: {speed} ({done.speedup.label})",

@@ -194,9 +194,11 @@ def _csv(kind: Callable[[str], Any]) -> Callable[[str], list[Any]]:
 # ------------------------------------------------------------------------------------------ scoring rows
 
 
-def score_row(item: QAItem, run: MethodRun, answer: str, stats: Stats, lc_tokens_per_s: float | None) -> dict:
+def score_row(item: QAItem, run: MethodRun, answer: str, stats: Stats, lc_tokens_per_s: float | None,
+              lc_answer_s: float | None = None) -> dict:
     tokens_per_s = stats.decode_tokens_per_s
     speedup = tokens_per_s / lc_tokens_per_s if tokens_per_s and lc_tokens_per_s else None
+    e2e_speedup = lc_answer_s / stats.answer_s if lc_answer_s and stats.answer_s else None
     record = stats.to_dict()
     record.pop("token_times", None)  # per-token timestamps would dominate the file
     return {
@@ -222,6 +224,8 @@ def score_row(item: QAItem, run: MethodRun, answer: str, stats: Stats, lc_tokens
         "context_tokens": stats.context_tokens,
         "draft_context_tokens": stats.draft_context_tokens,
         "speedup_vs_lc": speedup,
+        "answer_s": stats.answer_s,
+        "e2e_speedup_vs_lc": e2e_speedup,
         "stats": record,
     }
 
@@ -254,6 +258,9 @@ def summarize(rows: list[dict], labels: Sequence[str]) -> list[dict]:
             "decode_s": statistics.fmean(r["decode_s"] for r in mine),
             "generated": statistics.fmean(r["generated"] for r in mine),
             "median_speedup_vs_lc": median_or_none(r["speedup_vs_lc"] for r in mine),
+            # End to end: question received -> last token, retrieval included (older results lack it).
+            "median_answer_s": median_or_none(r.get("answer_s") for r in mine),
+            "median_e2e_speedup_vs_lc": median_or_none(r.get("e2e_speedup_vs_lc") for r in mine),
         })
     return summary
 
@@ -314,9 +321,11 @@ def format_table(results: dict) -> str:
         f"(median over questions), drafter context {context['draft_tokens']} tokens",
         f"questions: {results['n_questions']}, greedy, "
         f"max_new_tokens {results['decoding']['max_new_tokens']}; "
-        f"speedup = median over questions of decode tok/s / LC decode tok/s on the same question",
+        f"speedup = median over questions of decode tok/s / LC decode tok/s on the same question; "
+        f"answer s = median seconds from question to last token, e2e speedup = LC's over the method's",
     ]
-    columns = ["method", "EM", "F1", "contains", "b/m/e", "tok/s", "accept", "MAL", "prefill s", "speedup"]
+    columns = ["method", "EM", "F1", "contains", "b/m/e", "tok/s", "accept", "MAL", "prefill s", "speedup",
+               "answer s", "e2e speedup"]
     body = []
     for s in results["summary"]:
         positions = "/".join(_fmt(s["contains_by_position"][p], ".2f", "-") for p in POSITIONS)
@@ -325,6 +334,8 @@ def format_table(results: dict) -> str:
             _fmt(s["decode_tokens_per_s"], ".2f"), _fmt(s["acceptance_rate"], ".1%"),
             _fmt(s["mean_accepted_length"], ".2f"), f"{s['prefill_s']:.2f}",
             _fmt(s["median_speedup_vs_lc"], ".2f") + ("x" if s["median_speedup_vs_lc"] is not None else ""),
+            _fmt(s.get("median_answer_s"), ".2f"),
+            _fmt(s.get("median_e2e_speedup_vs_lc"), ".2f") + ("x" if s.get("median_e2e_speedup_vs_lc") else ""),
         ])
     widths = [max(len(row[i]) for row in [columns, *body]) for i in range(len(columns))]
 
@@ -512,11 +523,12 @@ def run_eval(
     rows: list[dict] = results["rows"]
     for number, item in enumerate(items, 1):
         lc_tokens_per_s: float | None = None
+        lc_answer_s: float | None = None
         for run in runs:
             done = answer_once(engine, item.question, index, run.decoding)
             if run.decoding.method == "lc":
-                lc_tokens_per_s = done.stats.decode_tokens_per_s
-            row = score_row(item, run, done.answer, done.stats, lc_tokens_per_s)
+                lc_tokens_per_s, lc_answer_s = done.stats.decode_tokens_per_s, done.stats.answer_s
+            row = score_row(item, run, done.answer, done.stats, lc_tokens_per_s, lc_answer_s)
             rows.append(row)
             log(f"[{number}/{len(items)} {item.id}] {run.label}: "
                 f"{_fmt(row['decode_tokens_per_s'], '.2f')} tok/s, "

@@ -265,6 +265,7 @@ class Engine:
         compare=True also runs LC on the same input afterwards and reports the measured speedup.
         Raises QuestionError, retrieval errors (EmptyIndexError, ContextTooLongError) before any token.
         """
+        received = time.perf_counter()
         decoding = decoding or self.settings.decoding
         self.check_question(question, decoding)
         yield Status("Retrieving passages")
@@ -290,6 +291,7 @@ class Engine:
                 elif isinstance(event, Finished):
                     stats, answer = event.stats, event.text
             assert stats is not None
+            stats.answer_s = time.perf_counter() - received
             self.lc_reference.record(target_name, stats)
             lc_stats = None
             speedup = self.lc_reference.speedup(target_name, stats)

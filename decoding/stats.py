@@ -17,6 +17,7 @@ class Stats:
     target_passes: int = 0  # target forward passes while decoding
     prefill_s: float = 0.0  # the target's prompt plus the drafter's (built after the first token)
     first_token_s: float = 0.0  # from the start of generation to the first answer token
+    answer_s: float = 0.0  # from the question's arrival to its last token, retrieval and waits included
     decode_s: float = 0.0
     accepted_lengths: list[int] = field(default_factory=list)  # tokens produced per target pass
     token_times: list[float] = field(default_factory=list)  # decode seconds at each emitted token
