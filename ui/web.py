@@ -383,6 +383,8 @@ def build_app(engine: Engine, index_dir: Path | None = None) -> gr.Blocks:
             if message is None:
                 logger.exception("deleting %s failed", name)
             return f"✗ **{_md(name)}** was not deleted: {_md(message or UNEXPECTED)}", *refresh_documents()
+        if removed:
+            engine.prepare_in_background(index)  # the documents' KV from the first changed one on
         text = f"✓ deleted **{_md(name)}**" if removed else f"**{_md(name)}** was already gone."
         return text, *refresh_documents()
 
