@@ -94,7 +94,7 @@ class Engine:
     # -------------------------------------------------------------------- documents
 
     def ingest(self, index: HybridIndex, paths: Sequence[Path], progress: bool = True) -> list[IngestResult]:
-        """Add files and folders, then build what questions will read: the drafter's chunk KV."""
+        """Add files and folders, then prepare what questions will read (see prepare)."""
         results = index.add_files(paths, progress=progress)
         self.prepare(index, progress)
         return results
