@@ -73,6 +73,8 @@ def answer_row(engine: Engine, index_dir: Path, question: str, decoding: Decodin
 
 
 def summary(rows: list[dict[str, object]]) -> dict[str, float | None]:
+    if not rows:
+        return {}
     drafted = sum(int(r["drafted"]) for r in rows)
     reads = [float(r["drafter_read_s"]) for r in rows if r["drafter_read_s"] is not None]
     return {
