@@ -47,12 +47,12 @@ def main(name: str, argv: Sequence[str]) -> int:
     engine = Engine(settings, log=lambda m: print(m, file=sys.stderr))
     index = engine.open_index(args.index)
     if name == "ingest":
-        results = index.add_files(args.paths, progress=True)
+        results = engine.ingest(index, args.paths, progress=True)
         for r in results:
             print(f"{r.status:9s} {r.source}" + (f": {r.message}" if r.message else ""))
         return 0 if all(r.ok for r in results) else 1
     if name == "delete":
-        if not index.delete(args.document):
+        if not engine.delete(index, args.document):
             raise CliError(f"no document {args.document!r} in the index")
         print(f"deleted {args.document}")
         return 0

@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from app.errors import user_message
-from app.events import Done, Sources, Status, Token
+from app.events import Done, Preparing, Sources, Status, Token
 from app.options import (
     add_decoding_options,
     add_model_options,
@@ -71,13 +71,19 @@ def run_question(argv: Sequence[str]) -> int:
     settings.decoding.validate()
 
     from app.pipeline import Engine  # torch takes seconds to import: not before the arguments are known good
+    from app.progress import PreparingBars
 
     engine = Engine(settings, log=log)
     index = engine.open_index(index_dir)
     if args.docs:
-        ingest_documents(index, args.docs, progress=True)
+        ingest_documents(index, args.docs, progress=True, engine=engine)
     done = None
+    bars = PreparingBars()
     for event in engine.answer(args.question, index, settings.decoding, compare=args.compare):
+        if isinstance(event, Preparing):
+            bars.show(event)
+            continue
+        bars.close()
         if isinstance(event, Status):
             log(f"[{event.message}]")
         elif isinstance(event, Sources) and not args.json:

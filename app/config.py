@@ -56,6 +56,8 @@ class Settings:
     decoding: DecodingSettings = field(default_factory=DecodingSettings)
     limits: Limits = field(default_factory=Limits)
     server: ServerSettings = field(default_factory=ServerSettings)
+    # RAPID's drafter reads its passages from KV built per chunk at ingest instead of prefilling them.
+    drafter_chunk_kv: bool = True
 
     @property
     def default_index_dir(self) -> Path:

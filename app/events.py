@@ -1,4 +1,4 @@
-"""What pipeline.answer yields, in order: Status*, Sources, (Token | Progress)*, Done."""
+"""What pipeline.answer yields, in order: Status*, Sources, (Status | Preparing)*, (Token | Progress)*, Done."""
 
 from __future__ import annotations
 
@@ -14,6 +14,17 @@ class Status:
     """A stage the user is waiting on (retrieving, prefilling N tokens, ...)."""
 
     message: str
+
+
+@dataclass(frozen=True)
+class Preparing:
+    """Progress of a long computation the question waits for (the documents' prefill, chunk KV)."""
+
+    what: str
+    done: int  # tokens
+    total: int
+    tokens_per_s: float | None
+    eta_s: float | None
 
 
 @dataclass(frozen=True)
@@ -45,4 +56,4 @@ class Done:
     lc_stats: Stats | None = None  # the LC run of a side-by-side comparison
 
 
-Event = Status | Sources | Token | Progress | Done
+Event = Status | Preparing | Sources | Token | Progress | Done

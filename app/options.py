@@ -20,6 +20,7 @@ from app.errors import CliError
 from decoding.methods import METHODS
 
 if TYPE_CHECKING:
+    from app.pipeline import Engine
     from retrieval.index import HybridIndex
 
 # Nothing downloads at run time and nothing reports usage: set before any library reads them.
@@ -105,9 +106,12 @@ def index_dir_for(args: argparse.Namespace, settings: Settings) -> Path:
     raise CliError("no documents: pass --docs FILE... to ingest, or --index DIR for an existing index")
 
 
-def ingest_documents(index: HybridIndex, paths: Sequence[Path], progress: bool) -> None:
-    """Add files and folders; a bad file is reported and skipped, but nothing indexable is an error."""
-    results = index.add_files(paths, progress=progress)
+def ingest_documents(index: HybridIndex, paths: Sequence[Path], progress: bool, engine: Engine | None = None) -> None:
+    """Add files and folders; a bad file is reported and skipped, but nothing indexable is an error.
+
+    With an engine, the documents' KV (the target's prefix, the drafter's chunks) is built too.
+    """
+    results = engine.ingest(index, paths, progress) if engine else index.add_files(paths, progress=progress)
     for result in results:
         if not result.ok:
             log(f"skipped {result.source}: {result.message}")

@@ -3,28 +3,32 @@
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable, Iterator
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
 
 import torch
 
+from app.chunk_kv import ChunkKV, Passage, prune
 from app.config import Settings
 from app.errors import QuestionError
-from app.events import Done, Event, Progress, Sources, Status, Token
+from app.events import Done, Event, Preparing, Progress, Sources, Status, Token
+from app.progress import Job, cli_bar, run_with_progress
 from app.registry import resolve_model
 from app.speedup import LcReference, measured_speedup
-from decoding.generate import Finished, PassStats, TextDelta, generate
-from decoding.methods import BASELINE, method_info
+from decoding.generate import Finished, PassStats, PrefixCacheHooks, TextDelta, generate
+from decoding.methods import BASELINE, Drafting, method_info
 from decoding.models import LoadedModel, Prompt, load_model, pick_device, pick_dtype, wants_quantized
-from decoding.prefix_cache import PrefixCache
+from decoding.prefix_cache import PrefixCache, prefill_parts
 from decoding.settings import DecodingSettings
 from decoding.stats import Stats
-from retrieval.context import build_contexts
+from retrieval.context import build_contexts, long_documents, passage
 from retrieval.embedding import Embedder
 from retrieval.errors import ContextTooLongError
 from retrieval.index import HybridIndex
-from retrieval.types import Contexts, RetrievalSettings
+from retrieval.types import Chunk, Contexts, IngestResult, RetrievalSettings
 
 PROMPT_OVERHEAD_TOKENS = 256  # chat template + question, reserved when sizing the long context
 
@@ -43,9 +47,12 @@ class Engine:
         self._models: dict[str, LoadedModel] = {}
         self._model_ids: dict[int, str] = {}
         self._indexes: dict[Path, HybridIndex] = {}
+        self._chunk_kv: dict[tuple[Path, str], ChunkKV] = {}
         self._embedder: Embedder | None = None
         self._load_lock = threading.RLock()  # re-entrant: open_index loads the embedder under it
         self._generate_lock = threading.Lock()
+        self._background_lock = threading.Lock()
+        self._job: Job | None = None  # the computation holding the generate lock, when it reports progress
         self.prefix_cache = PrefixCache(settings.kv_cache_dir, self._model_ids)
         self.lc_reference = LcReference(settings.home / "lc_reference.json")
 
@@ -87,6 +94,130 @@ class Engine:
                 self._indexes[path] = HybridIndex(path, self.settings.retrieval, tokenize, self.embedder)
             return self._indexes[path]
 
+    # -------------------------------------------------------------------- documents
+
+    def ingest(self, index: HybridIndex, paths: Sequence[Path], progress: bool = True) -> list[IngestResult]:
+        """Add files and folders, then prepare what questions will read (see prepare)."""
+        results = index.add_files(paths, progress=progress)
+        self.prepare(index, progress)
+        return results
+
+    def prepare(self, index: HybridIndex, progress: bool = False) -> None:
+        """Compute what questions over this index read: the drafter's chunk KV, then the target's
+        KV of the documents (extending a cached prefix of them where one exists)."""
+        prune(index.directory, self._chunk_ids(index))  # replaced versions' and deleted chunks
+        if self.settings.drafter_chunk_kv:
+            self.build_drafter_kv(index, progress)
+        self.prefill_documents(index, progress)
+
+    def prepare_in_background(self, index: HybridIndex) -> threading.Thread:
+        """After an upload (UI): build what questions will read without holding up the page."""
+
+        def prepare() -> None:
+            with self._background_lock:  # jobs run one after another; each does only what is missing
+                try:
+                    self.prepare(index)
+                except Exception as error:  # a failed build only means questions compute it themselves
+                    self.log(f"preparing the documents failed: {type(error).__name__}: {error}")
+
+        thread = threading.Thread(target=prepare, name="rapidqa-prepare", daemon=True)
+        thread.start()
+        return thread
+
+    def delete(self, index: HybridIndex, doc_id_or_source: str) -> bool:
+        removed = index.delete(doc_id_or_source)
+        prune(index.directory, self._chunk_ids(index))
+        return removed
+
+    def chunk_kv(self, index: HybridIndex) -> ChunkKV:
+        drafter = self.drafter
+        key = (index.directory, self.settings.models.drafter)
+        with self._load_lock:
+            if key not in self._chunk_kv:
+                model_key = self.prefix_cache.model_key(drafter.model)
+                self._chunk_kv[key] = ChunkKV(index.directory, drafter.model, model_key)
+            return self._chunk_kv[key]
+
+    def passages(self, chunks: Sequence[Chunk]) -> list[Passage]:
+        """Chunks as the drafter's prompt holds them (the tokens decoding.models.Prompt gives them)."""
+        target = self.target
+        return [Passage(chunk.chunk_id, target.piece_tokens(passage(chunk))) for chunk in chunks]
+
+    def build_drafter_kv(self, index: HybridIndex, progress: bool = True) -> float:
+        """Encode every chunk the drafter has no KV for yet; returns the seconds spent encoding."""
+        chunks = [chunk for doc in index.documents() for chunk in index.chunks(doc.doc_id)]
+        store = self.chunk_kv(index)
+        todo = store.missing(self.passages(chunks))
+        if not todo:
+            return 0.0
+        with self._generate_lock, torch.inference_mode(), self._track("Drafter reading passages", progress) as job:
+            return store.build(todo, job.update)
+
+    def document_prompt(self, index: HybridIndex) -> Prompt | None:
+        """The long prompt's document prefix (any question: it ends where the question starts);
+        None without documents or when they do not fit (a question then says so)."""
+        documents = long_documents(index)
+        target = self.target
+        prompt = target.prompt(documents, "?") if documents else None
+        if prompt is None or len(prompt.prefix) + PROMPT_OVERHEAD_TOKENS > target.max_positions:
+            return None
+        return prompt
+
+    def prefill_documents(self, index: HybridIndex, progress: bool = True) -> float:
+        """The target's KV of every document, cached (after an ingest, before any question)."""
+        prompt = self.document_prompt(index)
+        if prompt is None or self.prefix_cache.contains(self.target.model, prompt.prefix):
+            return 0.0
+        with self._generate_lock:
+            return self._prefill_prefix(prompt, progress)
+
+    def _prefill_prefix(self, prompt: Prompt, progress: bool) -> float:
+        """Restore the longest cached run of the prompt's first documents, prefill the rest, store
+        it; the caller holds the generate lock. Returns the seconds spent."""
+        model, prefix, cuts = self.target.model, prompt.prefix, prompt.cuts()
+        if self.prefix_cache.contains(model, prefix):
+            return 0.0
+        started = time.perf_counter()
+        with torch.inference_mode(), self._track("Reading documents", progress) as job:
+            cache = self.prefix_cache.longest(model, prefix, cuts, len(prefix) + 1)
+            cache = cache or model.new_cache(len(prefix) + 1)
+            job.update(0, len(prefix) - cache.length)
+            prefill_parts(model, prefix, cuts, cache, job.update)
+            self.prefix_cache.save(model, prefix, cache, cuts)
+        return time.perf_counter() - started
+
+    def preparing(self) -> Preparing | None:
+        """Progress of the computation running now (e.g. the documents' prefill after an upload)."""
+        job = self._job
+        return job.event() if job is not None else None
+
+    @contextmanager
+    def _track(self, what: str, bar: bool) -> Iterator[Job]:
+        """Progress of a computation that holds the generate lock: questions waiting show it."""
+        job = Job(what, 0, bar=cli_bar(what, 0) if bar else None)
+        self._job = job
+        try:
+            yield job
+        finally:
+            job.close()
+            if self._job is job:
+                self._job = None
+
+    def _wait_for_engine(self) -> Iterator[Event]:
+        """Take the generate lock, meanwhile reporting what holds it when that reports progress."""
+        announced = False
+        while not self._generate_lock.acquire(timeout=0.5):
+            job = self._job
+            if job is not None:
+                yield job.event()
+            elif not announced:
+                yield Status("Waiting for the previous question to finish")
+                announced = True
+
+    @staticmethod
+    def _chunk_ids(index: HybridIndex) -> set[str]:
+        return {chunk.chunk_id for doc in index.documents() for chunk in index.chunks(doc.doc_id)}
+
     # ------------------------------------------------------------------------- answering
 
     def check_question(self, question: str, decoding: DecodingSettings) -> None:
@@ -116,13 +247,13 @@ class Engine:
             index, question, retrieval or self.settings.retrieval, target.encode,
             max_long_tokens=target.max_positions - room - PROMPT_OVERHEAD_TOKENS,
         )
-        long_prompt = target.prompt(contexts.long_context, question)
+        long_prompt = target.prompt(contexts.long_documents or contexts.long_context, question)
         if len(long_prompt) + room > target.max_positions:
             raise ContextTooLongError(
                 f"The documents and question take {len(long_prompt)} tokens and the answer needs {room} more, "
                 f"but {target.name} reads at most {target.max_positions}. Remove documents or lower max new tokens."
             )
-        return contexts, long_prompt, target.prompt(contexts.rag_context, question)
+        return contexts, long_prompt, target.prompt(contexts.rag_passages or contexts.rag_context, question)
 
     def answer(
         self,
@@ -137,17 +268,25 @@ class Engine:
         compare=True also runs LC on the same input afterwards and reports the measured speedup.
         Raises QuestionError, retrieval errors (EmptyIndexError, ContextTooLongError) before any token.
         """
+        received = time.perf_counter()
         decoding = decoding or self.settings.decoding
         self.check_question(question, decoding)
         yield Status("Retrieving passages")
         contexts, long_prompt, rag_prompt = self.prompts(question, index, decoding, retrieval)
         yield Sources(contexts.citations)
-        with self._generate_lock:
+        yield from self._wait_for_engine()
+        try:
+            if method_info(decoding.method).uses_prefix_cache and not self.prefix_cache.contains(
+                self.target.model, long_prompt.prefix
+            ):
+                yield Status(f"Reading {len(long_prompt.prefix)} tokens of documents (once; later questions reuse it)")
+                yield from run_with_progress(lambda: self._prefill_prefix(long_prompt, False), lambda: self._job)
             target_name = self.settings.models.target
             yield Status(self._prefill_message(decoding.method, long_prompt, rag_prompt))
             stats: Stats | None = None
             answer = ""
-            for event in self._run(decoding, long_prompt, rag_prompt):
+            rag_prefix = self._rag_prefix(decoding, index, contexts, rag_prompt)
+            for event in self._run(decoding, long_prompt, rag_prompt, rag_prefix):
                 if isinstance(event, TextDelta):
                     yield Token(event.text)
                 elif isinstance(event, PassStats):
@@ -155,6 +294,7 @@ class Engine:
                 elif isinstance(event, Finished):
                     stats, answer = event.stats, event.text
             assert stats is not None
+            stats.answer_s = time.perf_counter() - received
             self.lc_reference.record(target_name, stats)
             lc_stats = None
             speedup = self.lc_reference.speedup(target_name, stats)
@@ -163,14 +303,26 @@ class Engine:
                 lc_stats = self._finish(self._run(replace(decoding, method=BASELINE), long_prompt, rag_prompt))
                 self.lc_reference.record(target_name, lc_stats)
                 speedup = measured_speedup(stats, lc_stats)
+        finally:
+            self._generate_lock.release()
         yield Done(answer, stats, contexts.citations, speedup, lc_stats)
 
-    def _run(self, decoding: DecodingSettings, long_prompt: Prompt, rag_prompt: Prompt) -> Iterator[object]:
+    def _rag_prefix(
+        self, decoding: DecodingSettings, index: HybridIndex, contexts: Contexts, rag_prompt: Prompt
+    ) -> PrefixCacheHooks | None:
+        """RAPID's drafter context from per-chunk KV, when the prompt is made of the chunks' passages."""
+        rag_drafter = method_info(decoding.method).drafting is Drafting.RAG_MODEL
+        if not rag_drafter or not self.settings.drafter_chunk_kv or not contexts.rag_chunk_ids:
+            return None
+        return self.chunk_kv(index).hooks(rag_prompt, contexts.rag_chunk_ids)
+
+    def _run(self, decoding: DecodingSettings, long_prompt: Prompt, rag_prompt: Prompt,
+             rag_prefix: PrefixCacheHooks | None = None) -> Iterator[object]:
         method = decoding.method
         drafter = self.drafter if method_info(method).runs_drafter_model else None
         with torch.inference_mode():
-            hooks = self.prefix_cache.hooks()
-            yield from generate(method, self.target, drafter, long_prompt, rag_prompt, decoding, hooks)
+            hooks = self.prefix_cache.hooks(long_prompt.cuts())
+            yield from generate(method, self.target, drafter, long_prompt, rag_prompt, decoding, hooks, rag_prefix)
 
     @staticmethod
     def _finish(events: Iterator[object]) -> Stats:

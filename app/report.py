@@ -55,6 +55,7 @@ def stats_lines(done: Done) -> list[str]:
         f"acceptance rate {_figure(s.acceptance_rate, '.1%')}, "
         f"mean accepted length per target pass {_figure(s.mean_accepted_length, '.2f')}",
         f"context {s.context_tokens} tokens{cached}, drafter context {s.draft_context_tokens} tokens",
+        f"answer in {s.answer_s:.2f} s end to end",
         f"first token after {s.first_token_s:.2f} s, prefill {s.prefill_s:.2f} s, decode {s.decode_s:.2f} s, "
         f"{_figure(s.decode_tokens_per_s or None, '.2f')} tokens/s",
         f"speedup over LC decoding: {speed} ({done.speedup.label})",

@@ -20,6 +20,7 @@ decode step as one row (min_rows = 1).
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -218,12 +219,19 @@ class Transformer(nn.Module):
         return self.lm_head(self.norm(x[lo : lo + self.min_rows])).float()[n - 1 - lo]
 
     @torch.inference_mode()
-    def prefill(self, tokens: torch.Tensor, cache: KVCache) -> torch.Tensor:
-        """Feed a prompt in fixed-size chunks; returns the logits after its last token."""
+    def prefill(
+        self, tokens: torch.Tensor, cache: KVCache, progress: Callable[[int, int], None] | None = None
+    ) -> torch.Tensor:
+        """Feed a prompt in fixed-size chunks; returns the logits after its last token.
+
+        progress, when given, is called with (tokens done, tokens total) after each chunk.
+        """
         cache.reserve(tokens.shape[0] + 1)
         logits = None
         for begin in range(0, tokens.shape[0], PREFILL_CHUNK):
             logits = self.forward(tokens[begin : begin + PREFILL_CHUNK], cache)
+            if progress is not None:
+                progress(min(begin + PREFILL_CHUNK, tokens.shape[0]), tokens.shape[0])
         assert logits is not None
         return logits
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,18 +18,46 @@ SYSTEM_PROMPT = (
     "the documents; if they do not contain the answer, say so."
 )
 QUESTION_MARK = "\n\nQuestion: "
+PIECE_SEPARATOR = "\n\n"
+DOCUMENTS_MARK = "\x00documents\x00"  # where the pieces go in the rendered template
 
 
 @dataclass(frozen=True)
 class Prompt:
-    """Prompt tokens split where the question starts: the prefix depends on the documents only."""
+    """Prompt tokens split where the question starts: the prefix depends on the documents only.
+
+    The prefix is a header followed by pieces (documents or passages), each tokenised on its own;
+    `boundaries` holds where each piece starts in the prefix, so a piece's tokens never depend on
+    its neighbours and a prefix can be cached, extended or assembled piece by piece.
+    """
 
     prefix: list[int]
     suffix: list[int]
+    boundaries: tuple[int, ...] = ()
 
     @property
     def tokens(self) -> list[int]:
         return self.prefix + self.suffix
+
+    @property
+    def header(self) -> list[int]:
+        return self.prefix[: self.boundaries[0]] if self.boundaries else self.prefix
+
+    def cuts(self) -> list[int]:
+        """Where the prefix's parts end: the header, then each piece (the whole prefix last)."""
+        return [*self.boundaries, len(self.prefix)]
+
+    def prefix_parts(self) -> list[list[int]]:
+        """The prefix as header and pieces; prefilled one part at a time, so a cached part and a
+        from-scratch prefill split alike (a pass's rows may round differently at another split)."""
+        starts = [0, *self.boundaries]
+        return [self.prefix[a:b] for a, b in zip(starts, self.cuts(), strict=True) if b > a]
+
+    def pieces(self) -> list[list[int]]:
+        if not self.boundaries:
+            return []
+        ends = [*self.boundaries[1:], len(self.prefix)]
+        return [self.prefix[start:end] for start, end in zip(self.boundaries, ends, strict=True)]
 
     def __len__(self) -> int:
         return len(self.prefix) + len(self.suffix)
@@ -53,18 +82,31 @@ class LoadedModel:
     def decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=True)
 
-    def prompt(self, context: str, question: str) -> Prompt:
-        """Chat-templated prompt when the model has a template, else a plain document/question text."""
-        user = f"Documents:\n{context}{QUESTION_MARK}{question}"
+    def piece_tokens(self, piece: str) -> list[int]:
+        """A document or passage as the prompt holds it: after a blank line, tokenised alone."""
+        return self.encode(PIECE_SEPARATOR + piece)
+
+    def prompt(self, context: str | Sequence[str], question: str) -> Prompt:
+        """Chat-templated prompt when the model has a template, else a plain document/question text.
+
+        context is one text or a list of pieces (documents, passages), each after a blank line.
+        """
+        pieces = [context] if isinstance(context, str) else list(context)
+        user = f"Documents:{DOCUMENTS_MARK}{QUESTION_MARK}{question}"
         if self.tokenizer.chat_template:
             messages = [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": user}]
             text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
         else:
             text = f"{SYSTEM_PROMPT}\n\n{user}\nAnswer:"
-        # Split at the question and tokenise both halves apart, always: then a cached prefix and a
-        # from-scratch prompt are the very same token sequence.
-        cut = text.rindex(QUESTION_MARK + question)
-        return Prompt(self.encode(text[:cut]), self.encode(text[cut:]))
+        # Header, pieces and question are tokenised apart, always: a cached or assembled prefix and
+        # a from-scratch prompt are then the very same token sequence.
+        head, tail = text.split(DOCUMENTS_MARK)
+        prefix = self.encode(head)
+        boundaries = []
+        for piece in pieces:
+            boundaries.append(len(prefix))
+            prefix += self.piece_tokens(piece)
+        return Prompt(prefix, self.encode(tail), tuple(boundaries))
 
 
 def pick_device(requested: str = "auto") -> torch.device:

@@ -1,94 +1,292 @@
 """Prefill once: the target's KV cache for a document prefix, kept on disk and in memory.
 
-Keyed by the model's identity, its dtype and the exact prefix tokens (which already encode the
-corpus content, the document order and the prompt template), so any change to documents,
-template or model is a different key: nothing stale can be served. Files are evicted least
-recently used first when the directory grows past its size limit.
+Keyed by what the KV values depend on: the engine's code (its sources, the attention kernel's,
+torch's version), the model (its stable id when the caller has one, and always a fingerprint of
+what it computes), its dtype and the exact prefix tokens (which already encode the corpus
+content, the document order and the prompt template). Anything that would change the values is
+a different key: nothing stale can be served.
+
+Stored prefixes are never handed out: every load gets its own cache with a copy, so two callers
+(the target and a drafter with the same weights, two sessions) can never crop or overwrite each
+other's cache. Files are evicted least recently used first when the directory grows past its
+size limit.
 """
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import hashlib
 import json
 import os
+import platform
+import tempfile
 import time
+import weakref
 from collections import OrderedDict
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
+from decoding.attention import native_attention
 from decoding.cache import KVCache
 from decoding.generate import PrefixCacheHooks
 from decoding.model import Transformer
 
+ENGINE_DIR = Path(__file__).resolve().parent
+PROBE_TOKENS = 16
+PrefillProgress = Callable[[int, int], None]  # (tokens done, tokens to do)
+STALE_PARTIAL_S = 3600.0  # a temp file this old belongs to a writer that died
+
+
+@functools.cache
+def engine_stamp() -> str:
+    """Hash of everything besides the weights that decides KV values: the engine's sources, the
+    kernel sources, torch's version, the CPU and whether the native attention kernel runs."""
+    digest = hashlib.sha256()
+    for path in sorted([*ENGINE_DIR.glob("*.py"), *ENGINE_DIR.glob("kernels/*")]):
+        digest.update(path.name.encode() + b"\0" + path.read_bytes())
+    digest.update(f"{torch.__version__}|{platform.machine()}|{native_attention() is not None}".encode())
+    return digest.hexdigest()
+
+
+def model_fingerprint(model: Transformer) -> str:
+    """What the model computes, hashed: its logits for a fixed probe sequence (with its config).
+
+    Two objects with the same weights agree; different weights, a quantised variant or another
+    kernel path of the same directory disagree, with no file name or id to trust.
+    """
+    probe = torch.arange(PROBE_TOKENS, device=model.device) * 7919 % model.args.vocab_size
+    logits = model.forward(probe, model.new_cache(PROBE_TOKENS), all_logits=True)
+    digest = hashlib.sha256(repr(model.args).encode() + str(model.dtype).encode())
+    digest.update(logits.float().cpu().numpy().tobytes())
+    return digest.hexdigest()
+
+
+class KVStore:
+    """Named per-layer K/V tensors of a token sequence, on disk (atomic writes, LRU eviction by size)."""
+
+    def __init__(self, directory: Path, max_bytes: int | None = None) -> None:
+        self.directory = directory
+        self.max_bytes = max_bytes
+
+    def path(self, name: str) -> Path:
+        return self.directory / f"{name}.safetensors"
+
+    def read(self, name: str, device: torch.device) -> dict[str, torch.Tensor] | None:
+        path = self.path(name)
+        try:
+            tensors = load_file(str(path), device=str(device))
+            os.utime(path)  # recency for eviction
+        except FileNotFoundError:
+            return None
+        return tensors
+
+    def metadata(self, name: str) -> dict[str, str]:
+        try:
+            with safe_open(str(self.path(name)), framework="pt") as handle:
+                return handle.metadata() or {}
+        except (FileNotFoundError, OSError):
+            return {}
+
+    def write(self, name: str, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
+        self.directory.mkdir(parents=True, exist_ok=True)
+        # A temp name of its own per writer: two processes saving the same key never write into
+        # one file, and the rename is atomic, so a reader sees a whole file or none.
+        handle, partial = tempfile.mkstemp(prefix=f"{name}.", suffix=".partial", dir=self.directory)
+        os.close(handle)
+        try:
+            save_file(tensors, partial, metadata=metadata)
+            os.replace(partial, self.path(name))
+        except BaseException:
+            Path(partial).unlink(missing_ok=True)
+            raise
+        self._evict()
+
+    def delete(self, name: str) -> None:
+        self.path(name).unlink(missing_ok=True)
+
+    def names(self) -> list[str]:
+        return [p.name.removesuffix(".safetensors") for p in self.directory.glob("*.safetensors")]
+
+    def _evict(self) -> None:
+        now = time.time()
+        for partial in self.directory.glob("*.partial"):
+            with contextlib.suppress(FileNotFoundError):  # another process may remove it first
+                if now - partial.stat().st_mtime > STALE_PARTIAL_S:
+                    partial.unlink()
+        if self.max_bytes is None:
+            return
+        files = []
+        for path in self.directory.glob("*.safetensors"):
+            with contextlib.suppress(FileNotFoundError):
+                stat = path.stat()
+                files.append((stat.st_mtime, stat.st_size, path))
+        files.sort()
+        total = sum(size for _, size, _ in files)
+        while files and total > self.max_bytes:
+            _, size, oldest = files.pop(0)
+            total -= size
+            oldest.unlink(missing_ok=True)
+
+
+def kv_tensors(model: Transformer, cache: KVCache, start: int, end: int) -> dict[str, torch.Tensor]:
+    """Slots [start, end) of every layer, copied (safe to keep while the cache moves on)."""
+    tensors = {}
+    for layer in range(model.args.n_layers):
+        tensors[f"k{layer}"] = cache.keys[layer][:, start:end].clone()
+        tensors[f"v{layer}"] = cache.values[layer][:, start:end].clone()
+    return tensors
+
+
+@dataclass(frozen=True)
+class _Entry:
+    tensors: dict[str, torch.Tensor]
+    cut_keys: list[str]  # key of the prefix up to each document end, the whole prefix last
+
+
+def prefill_parts(model: Transformer, prefix: list[int], cuts: Sequence[int], cache: KVCache,
+                  progress: PrefillProgress | None = None) -> None:
+    """Prefill prefix[cache.length:] one part (between cuts) at a time, as generate does."""
+    first = start = cache.length
+    total = len(prefix) - first
+    for end in sorted({c for c in [*cuts, len(prefix)] if c > first}):
+        report = None
+        if progress is not None:
+            def report(done: int, _: int, before: int = start - first) -> None:
+                progress(before + done, total)
+        model.prefill(torch.tensor(prefix[start:end], device=model.device), cache, report)
+        start = end
+
 
 class PrefixCache:
-    def __init__(self, directory: Path, model_ids: dict[int, str], max_bytes: int = 8 << 30,
+    def __init__(self, directory: Path, model_ids: dict[int, str] | None = None, max_bytes: int = 8 << 30,
                  in_memory: int = 2) -> None:
-        """model_ids maps id(Transformer) -> a stable identity (e.g. its weights' directory and source hash).
+        """model_ids maps id(Transformer) -> a stable identity (e.g. its weights' directory and stamp).
 
         The last `in_memory` prefixes stay in RAM (two: the target's and the SD drafter's).
         """
-        self.directory = directory
-        self.model_ids = model_ids
-        self.max_bytes = max_bytes
+        self.store = KVStore(directory, max_bytes)
+        self.model_ids = model_ids if model_ids is not None else {}
         self.in_memory = in_memory
-        self._hot: OrderedDict[str, KVCache] = OrderedDict()
-        self.hits = 0
-        self.misses = 0
+        self._hot: OrderedDict[str, dict[str, torch.Tensor]] = OrderedDict()
+        self._fingerprints: weakref.WeakKeyDictionary[Transformer, str] = weakref.WeakKeyDictionary()
+
+    @property
+    def directory(self) -> Path:
+        return self.store.directory
+
+    def model_key(self, model: Transformer) -> str:
+        """The model's part of every key: engine stamp, given identity, fingerprint and dtype."""
+        if model not in self._fingerprints:
+            self._fingerprints[model] = model_fingerprint(model)
+        parts = (engine_stamp(), self.model_ids.get(id(model), ""), self._fingerprints[model], str(model.dtype))
+        return hashlib.sha256("\n".join(parts).encode()).hexdigest()
 
     def key(self, model: Transformer, prefix: list[int]) -> str:
-        digest = hashlib.sha256()
-        digest.update(self.model_ids.get(id(model), repr(model.args)).encode())
-        digest.update(str(model.dtype).encode())
-        digest.update(torch.tensor(prefix, dtype=torch.int64).numpy().tobytes())
-        return digest.hexdigest()[:32]
+        return self.cut_keys(model, prefix, [len(prefix)])[-1]
 
-    def hooks(self) -> PrefixCacheHooks:
-        return PrefixCacheHooks(load=self.load, save=self.save)
+    def cut_keys(self, model: Transformer, prefix: list[int], cuts: Sequence[int]) -> list[str]:
+        """key(model, prefix[:cut]) for each cut, hashed in one pass."""
+        digest = hashlib.sha256(self.model_key(model).encode())
+        keys, start = [], 0
+        for cut in cuts:
+            digest.update(torch.tensor(prefix[start:cut], dtype=torch.int64).numpy().tobytes())
+            keys.append(digest.copy().hexdigest()[:32])
+            start = cut
+        return keys
+
+    def hooks(self, cuts: Sequence[int] = (), progress: PrefillProgress | None = None) -> PrefixCacheHooks:
+        """Loader and saver for generate(). With `cuts` (where the prefix's documents end, see
+        Prompt.cuts), a prefix that is not stored is still served when a stored one shares its
+        first documents: those are restored and the rest prefilled (reporting progress), document
+        by document as generate prefills a prefix from scratch, so both give the same bits."""
+        if not cuts:
+            return PrefixCacheHooks(load=self.load, save=self.save)
+
+        def load(model: Transformer, prefix: list[int], capacity: int) -> KVCache | None:
+            return self.load(model, prefix, capacity) or self.extend(model, prefix, cuts, capacity, progress)
+
+        def save(model: Transformer, prefix: list[int], cache: KVCache) -> None:
+            self.save(model, prefix, cache, cuts)
+
+        return PrefixCacheHooks(load=load, save=save)
+
+    def contains(self, model: Transformer, prefix: list[int]) -> bool:
+        key = self.key(model, prefix)
+        return key in self._hot or self.store.path(key).exists()
 
     def load(self, model: Transformer, prefix: list[int], capacity: int) -> KVCache | None:
+        """A new cache of at least `capacity` slots holding the prefix, or None when it is not stored."""
         key = self.key(model, prefix)
-        if key in self._hot:
-            cache = self._hot[key]
-            self._hot.move_to_end(key)
-            cache.crop(len(prefix))  # drop the previous question's tokens; the prefix is untouched
-            cache.reserve(capacity - len(prefix))
-            self.hits += 1
-            return cache
-        path = self.directory / f"{key}.safetensors"
-        if not path.exists():
-            self.misses += 1
+        entry = self._entry(key, model.device)
+        return None if entry is None else self._materialize(model, entry, len(prefix), capacity)
+
+    def longest(self, model: Transformer, prefix: list[int], cuts: Sequence[int], capacity: int) -> KVCache | None:
+        """A new cache holding the longest prefix[:cut] that a stored prefix starts with, or None."""
+        wanted = dict(zip(self.cut_keys(model, prefix, cuts), cuts, strict=True))
+        best: tuple[int, str] | None = None
+        for key, entry_cuts in self._known_cuts():
+            for cut_key in entry_cuts:
+                n = wanted.get(cut_key)
+                if n is not None and (best is None or n > best[0]):
+                    best = (n, key)
+        if best is None:
             return None
-        tensors = load_file(str(path), device=str(model.device))
-        cache = model.new_cache(max(capacity, len(prefix)))
-        for layer in range(model.args.n_layers):
-            cache.keys[layer][:, : len(prefix)] = tensors[f"k{layer}"]
-            cache.values[layer][:, : len(prefix)] = tensors[f"v{layer}"]
-        cache.length = cache.next_position = len(prefix)
-        os.utime(path)  # recency for eviction
-        self._remember(key, cache)
-        self.hits += 1
+        entry = self._entry(best[1], model.device)
+        return None if entry is None else self._materialize(model, entry, best[0], capacity)
+
+    def extend(self, model: Transformer, prefix: list[int], cuts: Sequence[int], capacity: int,
+               progress: PrefillProgress | None = None) -> KVCache | None:
+        """The longest stored document prefix, then the remaining documents prefilled; None when no
+        stored prefix shares even the header."""
+        cache = self.longest(model, prefix, cuts, capacity)
+        if cache is None:
+            return None
+        prefill_parts(model, prefix, cuts, cache, progress)
+        self.save(model, prefix, cache, cuts)
         return cache
 
-    def save(self, model: Transformer, prefix: list[int], cache: KVCache) -> None:
-        key = self.key(model, prefix)
-        n = len(prefix)
-        tensors = {}
-        for layer in range(model.args.n_layers):
-            tensors[f"k{layer}"] = cache.keys[layer][:, :n].contiguous()
-            tensors[f"v{layer}"] = cache.values[layer][:, :n].contiguous()
-        self.directory.mkdir(parents=True, exist_ok=True)
-        partial = self.directory / f"{key}.partial"
-        save_file(tensors, str(partial), metadata={"tokens": str(n), "created": str(time.time())})
-        partial.replace(self.directory / f"{key}.safetensors")  # atomic: a crash leaves no half file
-        (self.directory / f"{key}.json").write_text(json.dumps({"tokens": n, "dtype": str(model.dtype)}))
-        self._remember(key, cache)
-        self._evict()
+    def save(self, model: Transformer, prefix: list[int], cache: KVCache, cuts: Sequence[int] = ()) -> None:
+        cuts = [c for c in cuts if 0 < c < len(prefix)] + [len(prefix)]
+        keys = self.cut_keys(model, prefix, cuts)
+        tensors = kv_tensors(model, cache, 0, len(prefix))
+        self.store.write(keys[-1], tensors, metadata={"cuts": json.dumps(keys)})
+        self._remember(keys[-1], _Entry(tensors, keys))
 
-    def _remember(self, key: str, cache: KVCache) -> None:
-        self._hot[key] = cache
+    def _entry(self, key: str, device: torch.device) -> _Entry | None:
+        entry = self._hot.get(key)
+        if entry is None:
+            tensors = self.store.read(key, device)
+            if tensors is None:
+                return None
+            entry = _Entry(tensors, json.loads(self.store.metadata(key).get("cuts", "[]")))
+        self._remember(key, entry)
+        return entry
+
+    def _known_cuts(self) -> list[tuple[str, list[str]]]:
+        """(key, its cut keys) of every stored prefix, in memory first."""
+        known = [(key, entry.cut_keys) for key, entry in reversed(self._hot.items())]
+        for name in self.store.names():
+            if name not in self._hot:
+                known.append((name, json.loads(self.store.metadata(name).get("cuts", "[]"))))
+        return known
+
+    @staticmethod
+    def _materialize(model: Transformer, entry: _Entry, n: int, capacity: int) -> KVCache:
+        cache = model.new_cache(max(capacity, n))
+        for layer in range(model.args.n_layers):
+            cache.keys[layer][:, :n] = entry.tensors[f"k{layer}"][:, :n]
+            cache.values[layer][:, :n] = entry.tensors[f"v{layer}"][:, :n]
+        cache.length = cache.next_position = n
+        return cache
+
+    def _remember(self, key: str, entry: _Entry) -> None:
+        self._hot[key] = entry
         self._hot.move_to_end(key)
         while len(self._hot) > self.in_memory:
             self._hot.popitem(last=False)
@@ -96,12 +294,3 @@ class PrefixCache:
     def bytes_per_1k_tokens(self, model: Transformer) -> int:
         a = model.args
         return 2 * a.n_layers * a.n_kv_heads * a.head_dim * 1000 * model.dtype.itemsize
-
-    def _evict(self) -> None:
-        files = sorted(self.directory.glob("*.safetensors"), key=lambda p: p.stat().st_mtime)
-        total = sum(p.stat().st_size for p in files)
-        while files and total > self.max_bytes:
-            oldest = files.pop(0)
-            total -= oldest.stat().st_size
-            oldest.unlink(missing_ok=True)
-            oldest.with_suffix(".json").unlink(missing_ok=True)

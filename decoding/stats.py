@@ -22,6 +22,7 @@ class Stats:
     target_passes: int = 0  # target forward passes that produced answer tokens (the prefill's included)
     prefill_s: float = 0.0  # the target's prompt plus the drafter's (built after the first token)
     first_token_s: float = 0.0  # from the start of generation to the first answer token
+    answer_s: float = 0.0  # from the question's arrival to its last token, retrieval and waits included
     decode_s: float = 0.0  # from the first answer token to the last, the drafter's prefill excluded
     accepted_lengths: list[int] = field(default_factory=list)  # tokens produced per target pass
     token_times: list[float] = field(default_factory=list)  # decode seconds at each emitted token

@@ -1,7 +1,8 @@
 """Question + index -> the target's long context, the drafter's short (RAG) context, citations.
 
-Long context: every document, whole, in documents() order. Never truncated: if it does not fit
-the target's window the user is told, because a silently cut document gives wrong answers.
+Long context: every document, whole, in the order they were added (so a new one extends it).
+Never truncated: if it does not fit the target's window the user is told, because a silently
+cut document gives wrong answers.
 RAG context (paper settings): best chunks up to a token budget, put back in document order.
 """
 
@@ -11,7 +12,7 @@ from collections.abc import Callable, Sequence
 
 from retrieval.errors import ContextTooLongError, EmptyIndexError
 from retrieval.index import HybridIndex
-from retrieval.types import Chunk, Citation, Contexts, RetrievalSettings, ScoredChunk
+from retrieval.types import Chunk, Citation, Contexts, DocumentInfo, RetrievalSettings, ScoredChunk
 
 Tokenize = Callable[[str], Sequence[int]]
 EXCERPT_CHARS = 300
@@ -24,12 +25,11 @@ def build_contexts(
     tokenize: Tokenize,
     max_long_tokens: int,
 ) -> Contexts:
-    documents = index.documents()
+    documents = index.documents(in_ingest_order=True)
     if not documents:
         raise EmptyIndexError("No documents are indexed yet: add documents first.")
-    long_context = "\n\n".join(
-        f"### Document: {doc.source}\n{index.document_text(doc.doc_id)}" for doc in documents
-    )
+    document_texts = [long_document(index, doc) for doc in documents]
+    long_context = "\n\n".join(document_texts)
     long_tokens = len(tokenize(long_context))
     if long_tokens > max_long_tokens:
         raise ContextTooLongError(
@@ -46,14 +46,33 @@ def build_contexts(
         rag_chunks = [chunk for doc in documents for chunk in index.chunks(doc.doc_id)]
     else:
         rag_chunks = in_document_order([hit.chunk for hit in kept], [doc.doc_id for doc in documents])
-    rag_context = "\n\n".join(f"{_header(chunk)}\n{chunk.text}" for chunk in rag_chunks)
+    rag_passages = [passage(chunk) for chunk in rag_chunks]
+    rag_context = "\n\n".join(rag_passages)
     return Contexts(
         long_context=long_context,
         long_tokens=long_tokens,
         rag_context=rag_context,
         rag_tokens=len(tokenize(rag_context)),
         citations=[citation(hit) for hit in kept],
+        long_documents=document_texts,
+        rag_passages=rag_passages,
+        rag_chunk_ids=[chunk.chunk_id for chunk in rag_chunks],
     )
+
+
+def long_document(index: HybridIndex, doc: DocumentInfo) -> str:
+    """A document as the long context shows it: a header line with its name, then its whole text."""
+    return f"### Document: {doc.source}\n{index.document_text(doc.doc_id)}"
+
+
+def long_documents(index: HybridIndex) -> list[str]:
+    """Every document of the long context, in ingest order: adding one extends the context."""
+    return [long_document(index, doc) for doc in index.documents(in_ingest_order=True)]
+
+
+def passage(chunk: Chunk) -> str:
+    """A chunk as the drafter's context shows it: its citation label, then its text."""
+    return f"{_header(chunk)}\n{chunk.text}"
 
 
 def rag_budget(long_tokens: int, settings: RetrievalSettings) -> int:

@@ -136,12 +136,14 @@ class DocStore:
                     rows += db.execute("SELECT chunk_id FROM chunks WHERE doc_id = ?", (doc_id,)).fetchall()
         return [chunk_id for (chunk_id,) in rows]
 
-    def documents(self) -> list[DocumentRow]:
-        """Complete documents by source name, then doc_id (the order of every listing and context)."""
+    def documents(self, in_ingest_order: bool = False) -> list[DocumentRow]:
+        """Complete documents by source name, then doc_id (the order of every listing), or in the
+        order they were added (the long context's: a new document extends it at the end)."""
+        order = "added_at, doc_id" if in_ingest_order else "source, doc_id"
         with self._connect() as db:
             rows = db.execute(
                 "SELECT doc_id, source, sha256, n_pages, n_tokens FROM documents "
-                "WHERE status = ? ORDER BY source, doc_id",
+                f"WHERE status = ? ORDER BY {order}",
                 (COMPLETE,),
             ).fetchall()
         return [DocumentRow(*row) for row in rows]

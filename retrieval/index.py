@@ -50,6 +50,7 @@ class _Snapshot:
     """Everything a search needs, for one state of the index; replaced whole, never mutated."""
 
     documents: tuple[DocumentInfo, ...]
+    ingest_order: tuple[DocumentInfo, ...]  # the same documents in the order they were added
     chunks: tuple[Chunk, ...]  # document order: source, doc_id, chunk order
     by_id: Mapping[str, Chunk]
     by_doc: Mapping[str, tuple[Chunk, ...]]
@@ -74,6 +75,10 @@ class HybridIndex:
         self._vectors = ChromaVectors(self._directory, settings)
         self._recover()
         self._snapshot = self._load_snapshot()
+
+    @property
+    def directory(self) -> Path:
+        return self._directory
 
     # --- adding documents ------------------------------------------------------------------------
 
@@ -183,8 +188,9 @@ class HybridIndex:
 
     # --- reading ---------------------------------------------------------------------------------
 
-    def documents(self) -> list[DocumentInfo]:
-        return list(self._snapshot.documents)
+    def documents(self, in_ingest_order: bool = False) -> list[DocumentInfo]:
+        """By source name (listings), or in the order they were added (the long context)."""
+        return list(self._snapshot.ingest_order if in_ingest_order else self._snapshot.documents)
 
     def chunks(self, doc_id: str) -> list[Chunk]:
         return list(self._snapshot.by_doc.get(doc_id, ()))
@@ -267,8 +273,10 @@ class HybridIndex:
                          row.n_tokens)
             for row in rows
         )
+        position = {row.doc_id: i for i, row in enumerate(self._docstore.documents(in_ingest_order=True))}
         return _Snapshot(
             documents=documents,
+            ingest_order=tuple(sorted(documents, key=lambda doc: position.get(doc.doc_id, len(position)))),
             chunks=chunks,
             by_id=MappingProxyType({chunk.chunk_id: chunk for chunk in chunks}),
             by_doc=MappingProxyType({doc_id: tuple(group) for doc_id, group in by_doc.items()}),

@@ -111,3 +111,7 @@ class Contexts:
     rag_context: str
     rag_tokens: int
     citations: list[Citation] = field(default_factory=list)
+    # The same contexts as pieces (the strings joined above), for prompts tokenised piece by piece:
+    long_documents: list[str] = field(default_factory=list)
+    rag_passages: list[str] = field(default_factory=list)
+    rag_chunk_ids: list[str] = field(default_factory=list)  # one per passage

@@ -159,7 +159,7 @@ def wait_until(predicate: Any, timeout: float, interval: float = 0.2) -> bool:
 
 
 class ScriptedEngine:
-    """Engine's interface as the UI uses it (settings, open_index, answer), answering from a script.
+    """Engine's interface as the UI uses it (settings, open_index, answer, delete), answering from a script.
 
     Indexes are real HybridIndex instances with a word tokenizer and a hashing embedder, so uploads
     go through the real readers and index. "boom" in a question raises an unexpected error; "slow"
@@ -182,6 +182,12 @@ class ScriptedEngine:
 
         return HybridIndex(directory or self.settings.default_index_dir, self.settings.retrieval, word_tokens,
                            HashEmbedder())
+
+    def prepare_in_background(self, index: HybridIndex) -> None:
+        """Nothing to prepare: the script needs no KV."""
+
+    def delete(self, index: HybridIndex, doc_id_or_source: str) -> bool:
+        return index.delete(doc_id_or_source)
 
     def answer(self, question: str, index: HybridIndex, decoding: DecodingSettings | None = None,
                compare: bool = False, retrieval: RetrievalSettings | None = None) -> Iterator[Event]:

@@ -20,8 +20,9 @@ import gradio as gr
 
 from app.config import Settings
 from app.errors import user_message
-from app.events import Done, Progress, Sources, Status, Token
+from app.events import Done, Preparing, Progress, Sources, Status, Token
 from app.pipeline import Engine
+from app.progress import describe
 from app.report import sources_record, speedup_record, stats_record
 from decoding.methods import METHODS
 from decoding.settings import DecodingSettings
@@ -80,6 +81,7 @@ def build_app(engine: Engine, index_dir: Path | None = None) -> gr.Blocks:
 
     def on_upload(files: list[str] | None) -> tuple[str, str, Any, None]:
         lines = ingest_uploads(index, [Path(f) for f in files or []], uploads_dir, limits)
+        engine.prepare_in_background(index)  # the documents' KV, so the first question need not wait
         return (upload_markdown(lines) or "_No files received._", *refresh_documents(), None)
 
     def on_delete(doc_id: str | None) -> tuple[str, str, Any]:
@@ -87,12 +89,14 @@ def build_app(engine: Engine, index_dir: Path | None = None) -> gr.Blocks:
             return "Choose a document to delete first.", *refresh_documents()
         name = next((d.source for d in index.documents() if d.doc_id == doc_id), doc_id)
         try:
-            removed = index.delete(doc_id)
+            removed = engine.delete(index, doc_id)
         except Exception as error:
             message = user_message(error)
             if message is None:
                 logger.exception("deleting %s failed", name)
             return f"✗ **{md_escape(name)}** was not deleted: {md_escape(message or UNEXPECTED)}", *refresh_documents()
+        if removed:
+            engine.prepare_in_background(index)  # the documents' KV from the first changed one on
         text = f"✓ deleted **{md_escape(name)}**" if removed else f"**{md_escape(name)}** was already gone."
         return text, *refresh_documents()
 
@@ -123,6 +127,8 @@ def build_app(engine: Engine, index_dir: Path | None = None) -> gr.Blocks:
                         if shown.panel.stats is not None:  # e.g. the LC run of a comparison
                             shown.panel = PanelView(f"{event.message}…", shown.panel.stats)
                             panel = shown.panel.markdown()
+                    elif isinstance(event, Preparing):
+                        view.status = describe(event)
                     elif isinstance(event, Sources):
                         view.citations = tuple(event.citations)
                     elif isinstance(event, Token):
@@ -175,6 +181,7 @@ def build_app(engine: Engine, index_dir: Path | None = None) -> gr.Blocks:
 
     def upload_api(files: list[str] | None) -> dict[str, Any]:
         lines = ingest_uploads(index, [Path(f) for f in files or []], uploads_dir, limits)
+        engine.prepare_in_background(index)
         return {"files": [line.to_dict() for line in lines],
                 "documents": [{"document": d.source, "doc_id": d.doc_id, "pages": d.n_pages,
                                "chunks": d.n_chunks, "tokens": d.n_tokens} for d in index.documents()]}

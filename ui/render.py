@@ -104,6 +104,7 @@ def stats_markdown(state: str, stats: Stats | None = None, speedup: Speedup | No
         ("Decode speed", f"{_number(stats.decode_tokens_per_s, '.2f')} tokens/s"),
         ("Mean accepted length", f"{_number(stats.mean_accepted_length, '.2f')} tokens per target pass"),
         ("First token after", f"{stats.first_token_s:.2f} s"),
+        ("Answer end to end", f"{stats.answer_s:.2f} s"),
         ("Prefill", f"{stats.prefill_s:.2f} s"),
         ("Decode", f"{stats.decode_s:.2f} s"),
         ("Tokens generated / drafted / accepted", f"{stats.generated} / {stats.drafted} / {stats.accepted}"),

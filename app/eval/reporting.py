@@ -25,9 +25,11 @@ def format_table(results: dict) -> str:
         f"(median over questions), drafter context {context['draft_tokens']} tokens",
         f"questions: {results['n_questions']}, greedy, "
         f"max_new_tokens {results['decoding']['max_new_tokens']}; "
-        f"speedup = median over questions of decode tok/s / LC decode tok/s on the same question",
+        f"speedup = median over questions of decode tok/s / LC decode tok/s on the same question; "
+        f"answer s = median seconds from question to last token, e2e speedup = LC's over the method's",
     ]
-    columns = ["method", "EM", "F1", "contains", "b/m/e", "tok/s", "accept", "MAL", "prefill s", "speedup"]
+    columns = ["method", "EM", "F1", "contains", "b/m/e", "tok/s", "accept", "MAL", "prefill s", "speedup",
+               "answer s", "e2e speedup"]
     body = []
     for s in results["summary"]:
         positions = "/".join(figure(s["contains_by_position"][p], ".2f", "-") for p in POSITIONS)
@@ -36,6 +38,8 @@ def format_table(results: dict) -> str:
             figure(s["decode_tokens_per_s"], ".2f"), figure(s["acceptance_rate"], ".1%"),
             figure(s["mean_accepted_length"], ".2f"), f"{s['prefill_s']:.2f}",
             figure(s["median_speedup_vs_lc"], ".2f") + ("x" if s["median_speedup_vs_lc"] is not None else ""),
+            figure(s.get("median_answer_s"), ".2f"),
+            figure(s.get("median_e2e_speedup_vs_lc"), ".2f") + ("x" if s.get("median_e2e_speedup_vs_lc") else ""),
         ])
     widths = [max(len(row[i]) for row in [columns, *body]) for i in range(len(columns))]
 

@@ -220,11 +220,12 @@ def run_eval(
     rows: list[dict] = results["rows"]
     for number, item in enumerate(items, 1):
         lc_tokens_per_s: float | None = None
+        lc_answer_s: float | None = None
         for run in runs:
             done = answer_once(engine, item.question, index, run.decoding)
             if run.decoding.method == BASELINE:
-                lc_tokens_per_s = done.stats.decode_tokens_per_s
-            row = score_row(item, run, done.answer, done.stats, lc_tokens_per_s)
+                lc_tokens_per_s, lc_answer_s = done.stats.decode_tokens_per_s, done.stats.answer_s
+            row = score_row(item, run, done.answer, done.stats, lc_tokens_per_s, lc_answer_s)
             rows.append(row)
             log(f"[{number}/{len(items)} {item.id}] {run.label}: "
                 f"{figure(row['decode_tokens_per_s'], '.2f')} tok/s, "

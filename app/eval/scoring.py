@@ -85,10 +85,12 @@ def mean_or_none(values: Iterable[float | None]) -> float | None:
 
 
 
-def score_row(item: QAItem, run: MethodRun, answer: str, stats: Stats, lc_tokens_per_s: float | None) -> dict:
+def score_row(item: QAItem, run: MethodRun, answer: str, stats: Stats, lc_tokens_per_s: float | None,
+              lc_answer_s: float | None = None) -> dict:
     method = METHODS[run.decoding.method]
     tokens_per_s = stats.decode_tokens_per_s
     speedup = tokens_per_s / lc_tokens_per_s if tokens_per_s and lc_tokens_per_s else None
+    e2e_speedup = lc_answer_s / stats.answer_s if lc_answer_s and stats.answer_s else None
     return {
         "id": item.id,
         "question": item.question,
@@ -112,6 +114,8 @@ def score_row(item: QAItem, run: MethodRun, answer: str, stats: Stats, lc_tokens
         "context_tokens": stats.context_tokens,
         "draft_context_tokens": stats.draft_context_tokens,
         "speedup_vs_lc": speedup,
+        "answer_s": stats.answer_s,
+        "e2e_speedup_vs_lc": e2e_speedup,
         "stats": stats_record(stats),
     }
 
@@ -144,6 +148,9 @@ def summarize(rows: list[dict], labels: Sequence[str]) -> list[dict]:
             "decode_s": statistics.fmean(r["decode_s"] for r in mine),
             "generated": statistics.fmean(r["generated"] for r in mine),
             "median_speedup_vs_lc": median_or_none(r["speedup_vs_lc"] for r in mine),
+            # End to end: question received -> last token, retrieval included (older results lack it).
+            "median_answer_s": median_or_none(r.get("answer_s") for r in mine),
+            "median_e2e_speedup_vs_lc": median_or_none(r.get("e2e_speedup_vs_lc") for r in mine),
         })
     return summary
 

@@ -1,0 +1,109 @@
+"""The drafter's KV per chunk, built at ingest and stored with the index.
+
+At question time RAPID's drafter reads its retrieved passages from these (decoding.segments puts
+them at their positions after the prompt header) and prefills only the question. Files live in
+<index>/chunk_kv/<drafter key>/<chunk id>.<tokens hash>.safetensors: the drafter key changes with
+the drafter's weights, dtype and the engine's code, the tokens hash with the passage's exact
+tokens, so a file is used only for the very tokens it was computed from.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from decoding.cache import KVCache
+from decoding.generate import PrefixCacheHooks
+from decoding.model import Transformer
+from decoding.models import Prompt
+from decoding.prefix_cache import KVStore
+from decoding.segments import PieceKV, assemble, encode_piece
+
+CHUNK_KV_DIR = "chunk_kv"
+
+# (tokens done, tokens total) while chunks are encoded
+BuildProgress = Callable[[int, int], None]
+
+
+@dataclass(frozen=True)
+class Passage:
+    chunk_id: str
+    tokens: list[int]
+
+
+def tokens_hash(tokens: Sequence[int]) -> str:
+    return hashlib.sha256(torch.tensor(list(tokens), dtype=torch.int64).numpy().tobytes()).hexdigest()[:16]
+
+
+class ChunkKV:
+    """One drafter's per-chunk KV for one index."""
+
+    def __init__(self, index_dir: Path, model: Transformer, model_key: str) -> None:
+        self.model = model
+        self.store = KVStore(index_dir / CHUNK_KV_DIR / model_key[:32])
+        self._headers: dict[str, PieceKV] = {}
+
+    @staticmethod
+    def name(passage: Passage) -> str:
+        return f"{passage.chunk_id}.{tokens_hash(passage.tokens)}"
+
+    def missing(self, passages: Sequence[Passage]) -> list[Passage]:
+        present = set(self.store.names())
+        return [p for p in passages if self.name(p) not in present]
+
+    def build(self, passages: Sequence[Passage], progress: BuildProgress | None = None) -> float:
+        """Encode and store the passages that have no KV yet; returns the seconds spent encoding."""
+        todo = self.missing(passages)
+        total, done, spent = sum(len(p.tokens) for p in todo), 0, 0.0
+        for passage in todo:
+            start = time.perf_counter()
+            piece = encode_piece(self.model, passage.tokens)
+            spent += time.perf_counter() - start
+            self.store.write(self.name(passage), piece)
+            done += len(passage.tokens)
+            if progress is not None:
+                progress(done, total)
+        return spent
+
+    def piece(self, passage: Passage) -> PieceKV:
+        stored = self.store.read(self.name(passage), self.model.device)
+        if stored is not None:
+            return stored
+        piece = encode_piece(self.model, passage.tokens)  # not built at ingest (older index, other drafter)
+        self.store.write(self.name(passage), piece)
+        return piece
+
+    def header(self, tokens: list[int]) -> PieceKV:
+        key = tokens_hash(tokens)
+        if key not in self._headers:
+            self._headers[key] = encode_piece(self.model, tokens)
+        return self._headers[key]
+
+    def hooks(self, prompt: Prompt, chunk_ids: Sequence[str]) -> PrefixCacheHooks:
+        """Serves exactly this prompt's prefix (header + one passage per chunk id) to this drafter."""
+        pieces = prompt.pieces()
+        if len(pieces) != len(chunk_ids):
+            raise ValueError(f"{len(chunk_ids)} chunk ids for {len(pieces)} passages")
+        passages = [Passage(chunk_id, tokens) for chunk_id, tokens in zip(chunk_ids, pieces, strict=True)]
+
+        def load(model: Transformer, prefix: list[int], capacity: int) -> KVCache | None:
+            if model is not self.model or prefix != prompt.prefix:
+                return None
+            return assemble(model, [self.header(prompt.header), *map(self.piece, passages)], capacity)
+
+        return PrefixCacheHooks(load=load, save=lambda model, prefix, cache: None)
+
+
+def prune(index_dir: Path, live_chunk_ids: set[str]) -> int:
+    """Remove every drafter's KV of chunks the index no longer has; returns how many files went."""
+    removed = 0
+    for path in (index_dir / CHUNK_KV_DIR).glob("*/*.safetensors"):
+        if path.name.split(".", 1)[0] not in live_chunk_ids:
+            path.unlink(missing_ok=True)
+            removed += 1
+    return removed

@@ -1,0 +1,162 @@
+"""RAPID's drafter context assembled from KV encoded per chunk (tiny models)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from app.chunk_kv import ChunkKV, prune
+from decoding.generate import PrefixCacheHooks, generate, prefill, run_to_end
+from decoding.models import LoadedModel, Prompt
+from decoding.prefix_cache import PrefixCache
+from decoding.segments import assemble, encode_piece
+from decoding.settings import DecodingSettings
+from tests.tiny import tiny_model
+
+PASSAGES = [
+    "[notes.txt, p. 1]\nThe quick brown fox jumps over the lazy dog near the river bank.",
+    "[notes.txt, p. 4]\nread.fwf reads fixed width files; it needs the field widths.",
+    "[other.txt]\nA third passage, shorter.",
+]
+QUESTION = "Which function reads fixed width files?"
+
+
+@pytest.fixture(scope="module")
+def pair() -> tuple[LoadedModel, LoadedModel]:
+    return tiny_model(1), tiny_model(2, noise_from=1, noise=0.01)
+
+
+def _alone_at(model: LoadedModel, tokens: list[int], position: int):
+    """Reference: the tokens run alone (attending only to each other) starting at `position`."""
+    cache = model.model.new_cache(len(tokens) + 1)
+    cache.next_position = position
+    model.model.prefill(torch.tensor(tokens), cache)
+    return cache
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_placed_keys_match_an_encoding_at_that_position(dtype: torch.dtype) -> None:
+    """Encoded at 0 and rotated to position p = encoded at p directly (RoPE makes attention
+    depend on relative positions only, so the pre-RoPE keys and the values are the same)."""
+    model = tiny_model(1, dtype)
+    header, piece = model.encode("a header of some length "), model.piece_tokens(PASSAGES[1])
+    placed = assemble(model.model, [encode_piece(model.model, header), encode_piece(model.model, piece)], 200)
+    direct = _alone_at(model, piece, len(header))
+    span = slice(len(header), len(header) + len(piece))
+    # bf16 rounds differently at other positions, and the difference grows through the layers.
+    tolerance = 1e-5 if dtype == torch.float32 else 0.05
+    for layer in range(model.model.args.n_layers):
+        expected_k, expected_v = direct.keys[layer][:, : len(piece)], direct.values[layer][:, : len(piece)]
+        assert _relative_error(placed.keys[layer][:, span], expected_k) < tolerance
+        assert _relative_error(placed.values[layer][:, span], expected_v) < tolerance
+        # Not a vacuous comparison: the same keys left where they were encoded are far off.
+        assert _relative_error(encode_piece(model.model, piece)[f"k{layer}"], expected_k) > 0.5
+
+
+def _relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    return float((actual.float() - expected.float()).norm() / expected.float().norm())
+
+
+def test_assembled_prefix_gives_the_logits_of_a_chunkwise_prefill(pair) -> None:
+    """Drafter logits after the question: chunk KV assembly vs each chunk prefilled on its own at
+    its place in the prompt (header first, then the question over everything)."""
+    model = pair[1]
+    prompt = model.prompt(PASSAGES, QUESTION)
+    reference = model.model.new_cache(len(prompt) + 8)
+    model.model.prefill(torch.tensor(prompt.header), reference)
+    for start, tokens in zip(prompt.boundaries, prompt.pieces(), strict=True):
+        alone = _alone_at(model, tokens, start)
+        for layer in range(model.model.args.n_layers):
+            reference.keys[layer][:, start : start + len(tokens)] = alone.keys[layer][:, : len(tokens)]
+            reference.values[layer][:, start : start + len(tokens)] = alone.values[layer][:, : len(tokens)]
+    reference.length = reference.next_position = len(prompt.prefix)
+    expected = model.model.prefill(torch.tensor(prompt.suffix), reference)
+
+    store = ChunkKV(Path("/nonexistent"), model.model, "key")  # nothing is read: every piece given here
+    pieces = [store.header(prompt.header), *(encode_piece(model.model, p) for p in prompt.pieces())]
+    hooks = PrefixCacheHooks(lambda m, prefix, capacity: assemble(m, pieces, capacity), lambda *a: None)
+    cache, logits, restored = prefill(model.model, prompt, hooks, len(prompt) + 8)
+    assert restored and cache.length == len(prompt)
+    torch.testing.assert_close(logits, expected, atol=1e-4, rtol=1e-4)
+    # ... and a plain prefill, where chunks see each other, is a different context.
+    plain = model.model.prefill(torch.tensor(prompt.tokens), model.model.new_cache(len(prompt) + 8))
+    assert not torch.allclose(plain, expected, atol=1e-3)
+
+
+def test_pieces_are_tokenised_apart(pair) -> None:
+    model = pair[0]
+    one, two = model.prompt(PASSAGES[:2], QUESTION), model.prompt(PASSAGES[1:], QUESTION)
+    assert one.pieces()[1] == two.pieces()[0] == model.piece_tokens(PASSAGES[1])
+    assert one.header == two.header
+    assert one.prefix == one.header + [t for p in one.pieces() for t in p]
+
+
+@pytest.mark.parametrize("gamma", [1, 4])
+def test_rapid_with_chunk_kv_returns_lc_tokens(pair, tmp_path: Path, gamma: int) -> None:
+    target, drafter = pair
+    long_prompt = target.prompt(["Some preamble that only the target reads.", *PASSAGES], QUESTION)
+    rag_prompt = target.prompt(PASSAGES, QUESTION)
+    settings = DecodingSettings(max_new_tokens=40, gamma=gamma, eta=0.0)
+    lc = run_to_end(generate("lc", target, drafter, long_prompt, rag_prompt, settings))
+    store = ChunkKV(tmp_path, drafter.model, PrefixCache(tmp_path / "kv", {}).model_key(drafter.model))
+    ids = ["doc-000000", "doc-000003", "other-000000"]
+    hooks = store.hooks(rag_prompt, ids)
+    served: list[int] = []
+
+    def load(model, prefix, capacity):
+        cache = hooks.load(model, prefix, capacity)
+        served.append(cache is not None)
+        return cache
+
+    out = run_to_end(generate("rapid", target, drafter, long_prompt, rag_prompt, settings,
+                              rag_prefix=PrefixCacheHooks(load, hooks.save)))
+    assert served == [True]
+    assert out.token_ids == lc.token_ids
+    assert out.stats.drafted > 0 and out.stats.accepted > 0
+    assert out.stats.draft_context_tokens == len(rag_prompt)
+    assert len(list((tmp_path / "chunk_kv").glob("*/*.safetensors"))) == 3  # built on demand, stored
+
+
+def test_hooks_serve_only_their_own_prompt_and_drafter(pair, tmp_path: Path) -> None:
+    target, drafter = pair
+    store = ChunkKV(tmp_path, drafter.model, "key")
+    prompt = drafter.prompt(PASSAGES, QUESTION)
+    hooks = store.hooks(prompt, ["a-000000", "a-000001", "b-000000"])
+    assert hooks.load(target.model, prompt.prefix, 500) is None  # another model
+    assert hooks.load(drafter.model, prompt.prefix[:-1], 500) is None  # another prefix
+    cache = hooks.load(drafter.model, prompt.prefix, 500)
+    assert cache is not None and cache.length == len(prompt.prefix) and cache.capacity >= 500
+    with pytest.raises(ValueError, match="chunk ids"):
+        store.hooks(prompt, ["a-000000"])
+
+
+def test_a_passage_is_served_only_for_the_tokens_it_was_built_from(pair, tmp_path: Path) -> None:
+    drafter = pair[1]
+    store = ChunkKV(tmp_path, drafter.model, "key")
+    first = drafter.prompt(PASSAGES[:1], QUESTION)
+    store.hooks(first, ["a-000000"]).load(drafter.model, first.prefix, 100)
+    edited = drafter.prompt([PASSAGES[0] + " (edited)"], QUESTION)  # same chunk id, other text
+    cache = store.hooks(edited, ["a-000000"]).load(drafter.model, edited.prefix, 100)
+    fresh = assemble(drafter.model, [store.header(edited.header), encode_piece(drafter.model, edited.pieces()[0])],
+                     100)
+    assert cache is not None
+    for layer in range(drafter.model.args.n_layers):
+        torch.testing.assert_close(cache.keys[layer][:, : cache.length], fresh.keys[layer][:, : cache.length])
+
+
+def test_prune_removes_the_kv_of_deleted_chunks_for_every_drafter(tmp_path: Path) -> None:
+    for model_dir in ("drafter-a", "drafter-b"):
+        directory = tmp_path / "chunk_kv" / model_dir
+        directory.mkdir(parents=True)
+        for name in ("doc1-000000.aa", "doc1-000001.bb", "doc2-000000.cc"):
+            (directory / f"{name}.safetensors").write_bytes(b"")
+    assert prune(tmp_path, {"doc2-000000"}) == 4
+    left = sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*.safetensors"))
+    assert left == ["chunk_kv/drafter-a/doc2-000000.cc.safetensors", "chunk_kv/drafter-b/doc2-000000.cc.safetensors"]
+
+
+def test_prompt_without_pieces_keeps_working() -> None:
+    prompt = Prompt([1, 2, 3], [4])
+    assert prompt.header == [1, 2, 3] and prompt.pieces() == []

@@ -1,0 +1,190 @@
+"""The target's prefix cache: private copies, keys that cannot collide, room for the whole answer."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+import decoding.prefix_cache as prefix_cache_module
+from decoding.cache import KVCache
+from decoding.generate import PrefixCacheHooks, generate, run_to_end
+from decoding.prefix_cache import PrefixCache
+from decoding.settings import DecodingSettings
+from tests.tiny import random_prompt, tiny_model
+
+
+@pytest.fixture(scope="module")
+def model():
+    return tiny_model(1)
+
+
+def _filled(model, prefix: list[int]) -> KVCache:
+    cache = model.model.new_cache(len(prefix) + 8)
+    model.model.prefill(torch.tensor(prefix), cache)
+    return cache
+
+
+def _same_prefix(a: KVCache, b: KVCache, n: int) -> bool:
+    return all(torch.equal(x[:, :n], y[:, :n]) for x, y in zip(a.keys + a.values, b.keys + b.values, strict=True))
+
+
+def test_every_load_is_a_private_copy(model, tmp_path: Path) -> None:
+    """#14.2: the live stored cache was handed out, so one user's writes showed up in the next load."""
+    prefix = random_prompt(60, seed=1).prefix
+    reference = _filled(model, prefix)
+    cache = PrefixCache(tmp_path, {})
+    cache.save(model.model, prefix, reference.clone())
+    first = cache.load(model.model, prefix, 100)
+    assert first is not None
+    model.model.forward(torch.tensor([1, 2, 3]), first)  # the caller answers a question
+    for layer in range(len(first.keys)):
+        first.keys[layer].fill_(7.0)  # ... and scribbles over its own cache
+    second = cache.load(model.model, prefix, 100)
+    assert second is not None and second is not first
+    assert second.length == second.next_position == len(prefix)
+    assert _same_prefix(second, reference, len(prefix))
+
+
+def test_two_model_objects_with_one_weights_never_share_a_cache(model, tmp_path: Path) -> None:
+    """#14.2: target and drafter loaded twice from one directory shared a key and one live cache;
+    the drafter's load cropped the target's cache in the middle of its answer."""
+    twin = tiny_model(1)  # same weights, another object (e.g. two specs naming one directory)
+    prefix = random_prompt(60, seed=2).prefix
+    cache = PrefixCache(tmp_path, {})
+    cache.save(model.model, prefix, _filled(model, prefix))
+    target_cache = cache.load(model.model, prefix, 100)
+    assert target_cache is not None
+    model.model.forward(torch.tensor([5, 6, 7, 8]), target_cache)
+    drafter_cache = cache.load(twin.model, prefix, 100)  # same weights: the stored values are valid
+    assert drafter_cache is not None and drafter_cache is not target_cache
+    assert target_cache.length == len(prefix) + 4  # untouched by the twin's load
+
+
+def test_models_without_an_id_are_told_apart_by_their_weights(tmp_path: Path) -> None:
+    """#14.2: without a model id the key was repr(model.args): any two models of one shape collided."""
+    a, b = tiny_model(1), tiny_model(3)  # same config, different weights
+    prefix = random_prompt(40, seed=3).prefix
+    cache = PrefixCache(tmp_path, {})
+    assert cache.key(a.model, prefix) != cache.key(b.model, prefix)
+    cache.save(a.model, prefix, _filled(a, prefix))
+    assert cache.load(b.model, prefix, 64) is None
+    assert PrefixCache(tmp_path, {}).load(b.model, prefix, 64) is None  # nor from disk
+
+
+def test_kv_written_by_other_engine_code_is_not_served(model, tmp_path: Path, monkeypatch) -> None:
+    """#14.2: the key held no hash of the engine code, kernel or torch: old KV was served silently."""
+    prefix = random_prompt(40, seed=4).prefix
+    PrefixCache(tmp_path, {}).save(model.model, prefix, _filled(model, prefix))
+    assert PrefixCache(tmp_path, {}).load(model.model, prefix, 64) is not None
+    monkeypatch.setattr(prefix_cache_module, "engine_stamp", lambda: "another version of the engine")
+    assert PrefixCache(tmp_path, {}).load(model.model, prefix, 64) is None
+
+
+def test_every_writer_has_its_own_temp_file(model, tmp_path: Path, monkeypatch) -> None:
+    """#14.2: `.partial` was one name per key, so two writers of one key wrote into the same file."""
+    prefix = random_prompt(40, seed=5).prefix
+    filled = _filled(model, prefix)
+    written: list[str] = []
+    real_save_file = prefix_cache_module.save_file
+
+    def recording_save_file(tensors, filename, metadata=None):
+        written.append(str(filename))
+        return real_save_file(tensors, filename, metadata=metadata)
+
+    monkeypatch.setattr(prefix_cache_module, "save_file", recording_save_file)
+    PrefixCache(tmp_path, {}).save(model.model, prefix, filled)
+    PrefixCache(tmp_path, {}).save(model.model, prefix, filled)
+    assert len(written) == 2 and written[0] != written[1]
+    assert all(Path(p).parent == tmp_path for p in written)
+    # Only the stored prefix is left: no temp file, and no unread sidecar (#14.7).
+    assert [p.suffix for p in tmp_path.iterdir()] == [".safetensors"]
+
+
+@pytest.mark.parametrize("from_disk", [False, True])
+def test_a_restored_cache_holds_the_whole_answer(model, tmp_path: Path, from_disk: bool) -> None:
+    """#14.7: a cache restored from disk had 1024 spare slots, so a longer answer copied the whole
+    cache (1.5x) mid-decode. The capacity the session asks for is there from the start."""
+    prompt, rag = random_prompt(80, seed=6), random_prompt(20, seed=7)
+    settings = DecodingSettings(max_new_tokens=1100, gamma=3)
+    PrefixCache(tmp_path, {}).save(model.model, prompt.prefix, _filled(model, prompt.prefix))
+    store = PrefixCache(tmp_path, {})
+    if not from_disk:
+        assert store.load(model.model, prompt.prefix, 10) is not None  # now held in memory
+    handed_out: list[tuple[KVCache, torch.Tensor]] = []
+
+    def load(m, prefix, capacity):
+        cache = store.load(m, prefix, capacity)
+        assert cache is not None and cache.capacity >= capacity
+        handed_out.append((cache, cache.keys[0]))
+        return cache
+
+    out = run_to_end(generate("lc", model, None, prompt, rag, settings, PrefixCacheHooks(load, store.save)))
+    assert out.stats.prefix_cached_tokens == len(prompt.prefix)
+    assert out.stats.generated == settings.max_new_tokens  # tiny models have no stop token
+    (cache, first_keys), = handed_out
+    assert cache.keys[0] is first_keys  # never reallocated while decoding
+
+
+# ------------------------------------------------ document prefixes: extended on add, cut on delete
+
+DOCS = ["first document " * 30, "second document, a little longer " * 25, "third one " * 40, "fourth " * 20]
+
+
+def _prompt(model, docs: list[str]):
+    return model.prompt(docs, "What do the documents say?")
+
+
+def _scratch(model, prompt) -> KVCache:
+    """What generate computes without any cache: the prefix part by part."""
+    cache = model.model.new_cache(len(prompt.prefix) + 8)
+    for part in prompt.prefix_parts():
+        model.model.prefill(torch.tensor(part), cache)
+    return cache
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_an_added_document_extends_the_cached_prefix(tmp_path: Path, dtype: torch.dtype) -> None:
+    model = tiny_model(1, dtype)
+    before, after = _prompt(model, DOCS[:2]), _prompt(model, DOCS[:3])
+    cache = PrefixCache(tmp_path, {})
+    cache.save(model.model, before.prefix, _scratch(model, before), before.cuts())
+    done: list[tuple[int, int]] = []
+    hooks = PrefixCache(tmp_path, {}).hooks(after.cuts(), progress=lambda d, t: done.append((d, t)))
+    extended = hooks.load(model.model, after.prefix, len(after) + 50)
+    assert extended is not None and extended.length == len(after.prefix)
+    new_tokens = len(after.prefix) - len(before.prefix)
+    assert done[-1] == (new_tokens, new_tokens)  # only the new document was read
+    assert _same_prefix(extended, _scratch(model, after), len(after.prefix))  # bit for bit
+    settings = DecodingSettings(max_new_tokens=30)
+    reopened = PrefixCache(tmp_path, {})  # the extended prefix was stored too
+    assert reopened.contains(model.model, after.prefix)
+    from_cache = run_to_end(generate("lc", model, None, after, after, settings, reopened.hooks(after.cuts())))
+    from_scratch = run_to_end(generate("lc", model, None, after, after, settings))
+    assert from_cache.stats.prefix_cached_tokens == len(after.prefix)
+    assert from_cache.token_ids == from_scratch.token_ids
+
+
+def test_a_deleted_document_recomputes_from_the_first_changed_one(model, tmp_path: Path) -> None:
+    full, without_second = _prompt(model, DOCS), _prompt(model, [DOCS[0], *DOCS[2:]])
+    cache = PrefixCache(tmp_path, {})
+    cache.save(model.model, full.prefix, _scratch(model, full), full.cuts())
+    restored = cache.longest(model.model, without_second.prefix, without_second.cuts(), 10)
+    assert restored is not None and restored.length == without_second.cuts()[1]  # header + first document
+    done: list[tuple[int, int]] = []
+    cut = cache.extend(model.model, without_second.prefix, without_second.cuts(), 10, lambda d, t: done.append((d, t)))
+    assert cut is not None
+    assert done[-1][1] == len(without_second.prefix) - without_second.cuts()[1]  # documents 3 and 4, again
+    assert _same_prefix(cut, _scratch(model, without_second), len(without_second.prefix))
+
+
+def test_nothing_is_restored_when_the_first_document_changed(model, tmp_path: Path) -> None:
+    cache = PrefixCache(tmp_path, {})
+    old = _prompt(model, DOCS[:2])
+    cache.save(model.model, old.prefix, _scratch(model, old), old.cuts())
+    new = _prompt(model, ["another first document " * 10, DOCS[1]])
+    restored = cache.longest(model.model, new.prefix, new.cuts(), 10)
+    assert restored is not None and restored.length == len(new.header)  # only the header is shared
+    other = tiny_model(3)
+    assert cache.longest(other.model, old.prefix, old.cuts(), 10) is None  # another model shares nothing
