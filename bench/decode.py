@@ -28,7 +28,7 @@ import torch
 from app.machine import machine_summary
 from app.options import add_model_options, settings_from_args
 from app.pipeline import Engine
-from bench.peers import find_llama_cpp, measure_peers
+from bench.peers import PEERS, find_llama_cpp, measure_peers
 from decoding.attention import native_attention
 from decoding.generate import generate, run_to_end
 from decoding.methods import BASELINE, Drafting
@@ -187,11 +187,14 @@ def run(argv: Sequence[str] | None = None) -> dict[str, object]:
     parser.add_argument("--no-peers", action="store_true", help="skip llama.cpp (built by `make peers`)")
     parser.add_argument("--peer-contexts", default="4096,8192,16384",
                         help="context lengths that also run llama.cpp on the same GGUF files and prompt")
+    parser.add_argument("--peers", default=",".join(PEERS), help=f"which llama.cpp runs (default {','.join(PEERS)})")
     parser.add_argument("--question", default=LONG_ANSWER_QUESTION,
                         help="asked over every context (default: one whose answer runs to several sentences)")
     parser.add_argument("--out", type=Path, default=REPO / "artifacts" / "bench_decode.json")
     add_model_options(parser)
     args = parser.parse_args(argv)
+    if unknown := set(args.peers.split(",")) - set(PEERS) - {""}:
+        parser.error(f"unknown peer(s) {', '.join(sorted(unknown))}; choose from {', '.join(PEERS)}")
     settings = settings_from_args(args)
     question = args.question
     decoding = replace(settings.decoding, max_new_tokens=args.new_tokens, gamma=args.gamma, eta=args.eta)
@@ -279,7 +282,8 @@ def run_peers(args: argparse.Namespace, target: LoadedModel, drafter: LoadedMode
         print("llama.cpp rows left out: the models were not loaded from GGUF files")
         return {}
     text = target.tokenizer.decode(prompt.tokens, skip_special_tokens=False)
-    return measure_peers(args.peer, ggufs[0], ggufs[1], text, args.new_tokens, args.gamma)
+    which = tuple(p for p in args.peers.split(",") if p)
+    return measure_peers(args.peer, ggufs[0], ggufs[1], text, args.new_tokens, args.gamma, which)
 
 
 def print_table(context_tokens: int, rows: dict[str, dict[str, float | None]], hf: dict[str, dict[str, float]],

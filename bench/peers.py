@@ -20,6 +20,7 @@ from pathlib import Path
 
 TOOLS = ("llama-completion", "llama-speculative-simple")
 PEER_TIMEOUT_S = 3600
+PEERS = ("llama.cpp", "llama.cpp draft", "llama.cpp ngram")
 
 
 @dataclass(frozen=True)
@@ -95,8 +96,7 @@ def speculative_decode(peer: LlamaCpp, model: Path, draft_model: Path | None, pr
 
 
 def measure_peers(peer: LlamaCpp, target_gguf: Path, drafter_gguf: Path, prompt_text: str, new_tokens: int,
-                  gamma: int, which: tuple[str, ...] = ("llama.cpp", "llama.cpp draft", "llama.cpp ngram"),
-                  ) -> dict[str, dict[str, float | None]]:
+                  gamma: int, which: tuple[str, ...] = PEERS) -> dict[str, dict[str, float | None]]:
     """One run of each peer on the same prompt text; a failed peer reports its error, the others go on."""
     results: dict[str, dict[str, float | None]] = {}
     with tempfile.TemporaryDirectory() as tmp:
