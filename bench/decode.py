@@ -283,7 +283,7 @@ def run_peers(args: argparse.Namespace, target: LoadedModel, drafter: LoadedMode
         return {}
     text = target.tokenizer.decode(prompt.tokens, skip_special_tokens=False)
     which = tuple(p for p in args.peers.split(",") if p)
-    return measure_peers(args.peer, ggufs[0], ggufs[1], text, args.new_tokens, args.gamma, which)
+    return measure_peers(args.peer, ggufs[0], ggufs[1], text, len(prompt), args.new_tokens, args.gamma, which)
 
 
 def print_table(context_tokens: int, rows: dict[str, dict[str, float | None]], hf: dict[str, dict[str, float]],

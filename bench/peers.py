@@ -76,11 +76,12 @@ def _eval_speed(out: str) -> float:
 
 
 def speculative_decode(peer: LlamaCpp, model: Path, draft_model: Path | None, prompt_file: Path, new_tokens: int,
-                       gamma: int) -> dict[str, float]:
+                       gamma: int, prompt_tokens: int) -> dict[str, float]:
     """llama-speculative-simple: with a draft model (draft-simple) or n-gram lookup (ngram-simple)."""
     command = [peer.tool("llama-speculative-simple"), "-m", str(model), "-f", str(prompt_file),
                "-n", str(new_tokens), "--temp", "0", "-t", str(peer.threads), "-c", "0",
-               "--spec-draft-n-max", str(gamma)]
+               # the tool reads the whole prompt as one batch: the batch must hold it
+               "-b", str(prompt_tokens + 64), "-ub", "512", "--spec-draft-n-max", str(gamma)]
     if draft_model is not None:
         command += ["-md", str(draft_model), "--spec-type", "draft-simple"]
     else:
@@ -95,8 +96,8 @@ def speculative_decode(peer: LlamaCpp, model: Path, draft_model: Path | None, pr
     }
 
 
-def measure_peers(peer: LlamaCpp, target_gguf: Path, drafter_gguf: Path, prompt_text: str, new_tokens: int,
-                  gamma: int, which: tuple[str, ...] = PEERS) -> dict[str, dict[str, float | None]]:
+def measure_peers(peer: LlamaCpp, target_gguf: Path, drafter_gguf: Path, prompt_text: str, prompt_tokens: int,
+                  new_tokens: int, gamma: int, which: tuple[str, ...] = PEERS) -> dict[str, dict[str, float | None]]:
     """One run of each peer on the same prompt text; a failed peer reports its error, the others go on."""
     results: dict[str, dict[str, float | None]] = {}
     with tempfile.TemporaryDirectory() as tmp:
@@ -105,12 +106,13 @@ def measure_peers(peer: LlamaCpp, target_gguf: Path, drafter_gguf: Path, prompt_
         runs = {
             "llama.cpp": lambda: plain_decode(peer, target_gguf, prompt_file, new_tokens),
             "llama.cpp draft": lambda: speculative_decode(peer, target_gguf, drafter_gguf, prompt_file, new_tokens,
-                                                          gamma),
-            "llama.cpp ngram": lambda: speculative_decode(peer, target_gguf, None, prompt_file, new_tokens, gamma),
+                                                          gamma, prompt_tokens),
+            "llama.cpp ngram": lambda: speculative_decode(peer, target_gguf, None, prompt_file, new_tokens, gamma,
+                                                          prompt_tokens),
         }
         for name in which:
             try:
                 results[name] = runs[name]()
             except (RuntimeError, subprocess.TimeoutExpired) as error:
-                results[name] = {"tokens_per_s": None, "error": str(error)[:500]}  # type: ignore[dict-item]
+                results[name] = {"tokens_per_s": None, "error": str(error)[-800:]}  # type: ignore[dict-item]
     return results
