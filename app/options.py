@@ -44,7 +44,9 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--target", help="target model: embedded name, HF model directory or .gguf path "
                        "(default qwen2.5-coder-1.5b)")
     group.add_argument("--drafter", help="RAG drafter model, same tokenizer as the target (default qwen2.5-coder-0.5b)")
-    group.add_argument("--dtype", choices=["auto", "bf16", "fp32", "fp16"], help="weights dtype (default auto)")
+    group.add_argument("--dtype", choices=["auto", "bf16", "fp32", "fp16"],
+                       help="weights (default auto: a GGUF model's own 4/8-bit blocks on a CPU, bf16 on CUDA; "
+                       "an explicit dtype keeps dense weights)")
     group.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda when present)")
     group.add_argument("--fast", action="store_true",
                        help="quick setting: Qwen2.5-Coder-0.5B as both target and drafter (self-speculation)")
