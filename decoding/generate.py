@@ -15,7 +15,7 @@ import torch
 
 from decoding.cache import KVCache
 from decoding.drafters import Draft, Drafter, build_drafter
-from decoding.methods import Drafting, Method, method_info
+from decoding.methods import Drafting, method_info
 from decoding.model import Transformer
 from decoding.models import LoadedModel, Prompt
 from decoding.sampling import accept_probability, greedy_choice, probabilities, residual, retrieval_augmented, sample
@@ -232,9 +232,14 @@ def generate(
         draft_model = (drafter or target) if info.runs_drafter_model else None
         if draft_model is not None and draft_model is not target:
             check_same_vocabulary(target, draft_model)
-        return build_drafter(info, session, draft_model, {Drafting.RAG_MODEL: rag_prompt, Drafting.LONG_MODEL:
-                             long_prompt}, settings, room, drafter_prefill(info, target, session, stats, prefix_cache,
-                                                                          rag_prefix))
+        prompts = {Drafting.RAG_MODEL: rag_prompt, Drafting.LONG_MODEL: long_prompt}
+        if info.drafting is Drafting.LONG_MODEL:
+            # With self-speculation the target has just read this prefix itself: no second restore.
+            hooks = prefix_cache if draft_model is not target else None
+        else:
+            hooks = rag_prefix
+        read_prompt = drafter_prefill(session, stats, hooks)
+        return build_drafter(info, session, draft_model, prompts, settings, room, read_prompt)
 
     eta = settings.eta if info.eta_applies else 0.0
     yield from decode(session, make_drafter, logits, Sampler.seeded(settings), eta, target.stop_ids, stats,
@@ -248,18 +253,12 @@ def check_same_vocabulary(target: LoadedModel, drafter: LoadedModel) -> None:
 
 
 def drafter_prefill(
-    info: Method, target: LoadedModel, target_session: Session, stats: Stats,
-    prefix_cache: PrefixCacheHooks | None, rag_prefix: PrefixCacheHooks | None,
+    target_session: Session, stats: Stats, hooks: PrefixCacheHooks | None
 ) -> Callable[[LoadedModel, Prompt, int], Session]:
-    """How a model drafter reads its prompt: SD's document prefix from the prefix cache, RAPID's
-    retrieved passages from rag_prefix (per-chunk KV) when given, otherwise a plain prefill."""
+    """How a model drafter reads its prompt: through the given hooks (SD's document prefix from the
+    prefix cache, RAPID's retrieved passages from per-chunk KV), otherwise a plain prefill."""
 
     def run(draft_model: LoadedModel, prompt: Prompt, capacity: int) -> Session:
-        # With self-speculation the target already holds the document prefix's cache: no sharing.
-        if info.drafting is Drafting.LONG_MODEL:
-            hooks = prefix_cache if draft_model is not target else None
-        else:
-            hooks = rag_prefix
         cache, _, _ = prefill(draft_model.model, prompt, hooks, capacity)
         stats.draft_context_tokens = len(prompt)
         return Session(draft_model.model, cache, prompt.tokens, target_session.output)
