@@ -18,10 +18,10 @@ from app.events import Done, Event, Preparing, Progress, Sources, Status, Token
 from app.progress import Job, cli_bar, run_with_progress
 from app.registry import resolve_model
 from app.speedup import LcReference, measured_speedup
-from decoding.generate import Finished, PassStats, PrefixCacheHooks, TextDelta, generate
+from decoding.generate import Finished, PassStats, PrefixCacheHooks, TextDelta, generate, prefill_parts
 from decoding.methods import BASELINE, Drafting, method_info
 from decoding.models import LoadedModel, Prompt, load_model, pick_device, pick_dtype, wants_quantized
-from decoding.prefix_cache import PrefixCache, prefill_parts
+from decoding.prefix_cache import PrefixCache
 from decoding.settings import DecodingSettings
 from decoding.stats import Stats
 from retrieval.context import build_contexts, long_documents, passage

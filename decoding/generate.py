@@ -8,7 +8,7 @@ target reads, who drafts, whether eta applies - comes from the table in decoding
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -27,6 +27,7 @@ from decoding.stats import Stats
 # prefix, for the caller's use alone until its next load; or None to prefill the prefix.
 PrefixLoader = Callable[[Transformer, list[int], int], KVCache | None]
 PrefixSaver = Callable[[Transformer, list[int], KVCache], None]
+PrefillProgress = Callable[[int, int], None]  # (tokens done, tokens to do)
 
 
 @dataclass(frozen=True)
@@ -72,12 +73,25 @@ def prefill(
     if restored is None and prompt.prefix:
         # Document by document: a prefix extended by an added document then matches one computed
         # from scratch bit for bit (a prefill split elsewhere rounds a few KV rows differently).
-        for part in prompt.prefix_parts():
-            model.prefill(torch.tensor(part, device=model.device), cache)
+        prefill_parts(model, prompt.prefix, prompt.cuts(), cache)
         if hooks:
             hooks.save(model, prompt.prefix, cache)
     logits = model.prefill(torch.tensor(prompt.suffix, device=model.device), cache)
     return cache, logits, restored is not None
+
+
+def prefill_parts(model: Transformer, prefix: list[int], cuts: Sequence[int], cache: KVCache,
+                  progress: PrefillProgress | None = None) -> None:
+    """Prefill prefix[cache.length:] one part (between cuts: the header, each document) at a time."""
+    first = start = cache.length
+    total = len(prefix) - first
+    for end in sorted({c for c in [*cuts, len(prefix)] if c > first}):
+        report = None
+        if progress is not None:
+            def report(done: int, _: int, before: int = start - first) -> None:
+                progress(before + done, total)
+        model.prefill(torch.tensor(prefix[start:end], device=model.device), cache, report)
+        start = end
 
 
 def verify(target: Session, draft: Draft) -> torch.Tensor:

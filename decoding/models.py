@@ -47,12 +47,6 @@ class Prompt:
         """Where the prefix's parts end: the header, then each piece (the whole prefix last)."""
         return [*self.boundaries, len(self.prefix)]
 
-    def prefix_parts(self) -> list[list[int]]:
-        """The prefix as header and pieces; prefilled one part at a time, so a cached part and a
-        from-scratch prefill split alike (a pass's rows may round differently at another split)."""
-        starts = [0, *self.boundaries]
-        return [self.prefix[a:b] for a, b in zip(starts, self.cuts(), strict=True) if b > a]
-
     def pieces(self) -> list[list[int]]:
         if not self.boundaries:
             return []

@@ -24,7 +24,7 @@ import tempfile
 import time
 import weakref
 from collections import OrderedDict
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -34,12 +34,11 @@ from safetensors.torch import load_file, save_file
 
 from decoding.attention import native_attention
 from decoding.cache import KVCache
-from decoding.generate import PrefixCacheHooks
+from decoding.generate import PrefillProgress, PrefixCacheHooks, prefill_parts
 from decoding.model import Transformer
 
 ENGINE_DIR = Path(__file__).resolve().parent
 PROBE_TOKENS = 16
-PrefillProgress = Callable[[int, int], None]  # (tokens done, tokens to do)
 STALE_PARTIAL_S = 3600.0  # a temp file this old belongs to a writer that died
 
 
@@ -134,33 +133,10 @@ class KVStore:
             oldest.unlink(missing_ok=True)
 
 
-def kv_tensors(model: Transformer, cache: KVCache, start: int, end: int) -> dict[str, torch.Tensor]:
-    """Slots [start, end) of every layer, copied (safe to keep while the cache moves on)."""
-    tensors = {}
-    for layer in range(model.args.n_layers):
-        tensors[f"k{layer}"] = cache.keys[layer][:, start:end].clone()
-        tensors[f"v{layer}"] = cache.values[layer][:, start:end].clone()
-    return tensors
-
-
 @dataclass(frozen=True)
 class _Entry:
     tensors: dict[str, torch.Tensor]
     cut_keys: list[str]  # key of the prefix up to each document end, the whole prefix last
-
-
-def prefill_parts(model: Transformer, prefix: list[int], cuts: Sequence[int], cache: KVCache,
-                  progress: PrefillProgress | None = None) -> None:
-    """Prefill prefix[cache.length:] one part (between cuts) at a time, as generate does."""
-    first = start = cache.length
-    total = len(prefix) - first
-    for end in sorted({c for c in [*cuts, len(prefix)] if c > first}):
-        report = None
-        if progress is not None:
-            def report(done: int, _: int, before: int = start - first) -> None:
-                progress(before + done, total)
-        model.prefill(torch.tensor(prefix[start:end], device=model.device), cache, report)
-        start = end
 
 
 class PrefixCache:
@@ -254,7 +230,7 @@ class PrefixCache:
     def save(self, model: Transformer, prefix: list[int], cache: KVCache, cuts: Sequence[int] = ()) -> None:
         cuts = [c for c in cuts if 0 < c < len(prefix)] + [len(prefix)]
         keys = self.cut_keys(model, prefix, cuts)
-        tensors = kv_tensors(model, cache, 0, len(prefix))
+        tensors = cache.slots(0, len(prefix))
         self.store.write(keys[-1], tensors, metadata={"cuts": json.dumps(keys)})
         self._remember(keys[-1], _Entry(tensors, keys))
 

@@ -23,21 +23,12 @@ def piece_length(piece: PieceKV) -> int:
     return piece["k0"].shape[1]
 
 
-def kv_slots(model: Transformer, cache: KVCache, start: int, end: int) -> PieceKV:
-    """Slots [start, end) of every layer, copied (safe to keep while the cache moves on)."""
-    tensors = {}
-    for layer in range(model.args.n_layers):
-        tensors[f"k{layer}"] = cache.keys[layer][:, start:end].clone()
-        tensors[f"v{layer}"] = cache.values[layer][:, start:end].clone()
-    return tensors
-
-
 @torch.inference_mode()
 def encode_piece(model: Transformer, tokens: Sequence[int]) -> PieceKV:
     """The piece's KV with the piece alone at position 0."""
     cache = model.new_cache(len(tokens) + 1)
     model.prefill(torch.tensor(list(tokens), device=model.device), cache)
-    return kv_slots(model, cache, 0, len(tokens))
+    return cache.slots(0, len(tokens))
 
 
 @torch.inference_mode()

@@ -9,7 +9,7 @@ import torch
 
 import decoding.prefix_cache as prefix_cache_module
 from decoding.cache import KVCache
-from decoding.generate import PrefixCacheHooks, generate, run_to_end
+from decoding.generate import PrefixCacheHooks, generate, prefill_parts, run_to_end
 from decoding.prefix_cache import PrefixCache
 from decoding.settings import DecodingSettings
 from tests.tiny import random_prompt, tiny_model
@@ -139,8 +139,7 @@ def _prompt(model, docs: list[str]):
 def _scratch(model, prompt) -> KVCache:
     """What generate computes without any cache: the prefix part by part."""
     cache = model.model.new_cache(len(prompt.prefix) + 8)
-    for part in prompt.prefix_parts():
-        model.model.prefill(torch.tensor(part), cache)
+    prefill_parts(model.model, prompt.prefix, prompt.cuts(), cache)
     return cache
 
 
