@@ -145,9 +145,8 @@ class Engine:
 
     def build_drafter_kv(self, index: HybridIndex, progress: bool = True) -> float:
         """Encode every chunk the drafter has no KV for yet; returns the seconds spent encoding."""
-        chunks = [chunk for doc in index.documents() for chunk in index.chunks(doc.doc_id)]
         store = self.chunk_kv(index)
-        todo = store.missing(self.passages(chunks))
+        todo = store.missing(self.passages(self._chunks(index)))
         if not todo:
             return 0.0
         with self._generate_lock, torch.inference_mode(), self._track("Drafter reading passages", progress) as job:
@@ -215,8 +214,11 @@ class Engine:
                 announced = True
 
     @staticmethod
-    def _chunk_ids(index: HybridIndex) -> set[str]:
-        return {chunk.chunk_id for doc in index.documents() for chunk in index.chunks(doc.doc_id)}
+    def _chunks(index: HybridIndex) -> list[Chunk]:
+        return [chunk for doc in index.documents() for chunk in index.chunks(doc.doc_id)]
+
+    def _chunk_ids(self, index: HybridIndex) -> set[str]:
+        return {chunk.chunk_id for chunk in self._chunks(index)}
 
     # ------------------------------------------------------------------------- answering
 
