@@ -84,12 +84,17 @@ class ChunkKV:
             self._headers[key] = encode_piece(self.model, tokens)
         return self._headers[key]
 
-    def hooks(self, prompt: Prompt, chunk_ids: Sequence[str]) -> PrefixCacheHooks:
-        """Serves exactly this prompt's prefix (header + one passage per chunk id) to this drafter."""
+    @staticmethod
+    def prompt_passages(prompt: Prompt, chunk_ids: Sequence[str]) -> list[Passage]:
+        """The passages of a drafter prompt made of these chunks, one per chunk id."""
         pieces = prompt.pieces()
         if len(pieces) != len(chunk_ids):
             raise ValueError(f"{len(chunk_ids)} chunk ids for {len(pieces)} passages")
-        passages = [Passage(chunk_id, tokens) for chunk_id, tokens in zip(chunk_ids, pieces, strict=True)]
+        return [Passage(chunk_id, tokens) for chunk_id, tokens in zip(chunk_ids, pieces, strict=True)]
+
+    def hooks(self, prompt: Prompt, chunk_ids: Sequence[str]) -> PrefixCacheHooks:
+        """Serves exactly this prompt's prefix (header + one passage per chunk id) to this drafter."""
+        passages = self.prompt_passages(prompt, chunk_ids)
 
         def load(model: Transformer, prefix: list[int], capacity: int) -> KVCache | None:
             if model is not self.model or prefix != prompt.prefix:

@@ -129,9 +129,15 @@ class Engine:
         prune(index.directory, self._chunk_ids(index))
         return removed
 
-    def chunk_kv(self, index: HybridIndex) -> ChunkKV:
-        drafter = self.drafter
-        key = (index.directory, self.settings.models.drafter)
+    def drafter_spec(self, method: str) -> str:
+        """The model that drafts for `method` on the retrieved passages (the target drafts for itself in rapid-self)."""
+        return self.settings.models.target if method_info(method).drafter_is_target else self.settings.models.drafter
+
+    def chunk_kv(self, index: HybridIndex, spec: str | None = None) -> ChunkKV:
+        """Per-chunk KV of the model `spec` (default: the drafter) for this index."""
+        spec = spec or self.settings.models.drafter
+        drafter = self.model(spec)
+        key = (index.directory, spec)
         with self._load_lock:
             if key not in self._chunk_kv:
                 model_key = self.prefix_cache.model_key(drafter.model)
@@ -288,6 +294,8 @@ class Engine:
             stats: Stats | None = None
             answer = ""
             rag_prefix = self._rag_prefix(decoding, index, contexts, rag_prompt)
+            if rag_prefix is not None:
+                yield from self._encode_missing_passages(decoding.method, index, contexts, rag_prompt)
             for event in self._run(decoding, long_prompt, rag_prompt, rag_prefix):
                 if isinstance(event, TextDelta):
                     yield Token(event.text)
@@ -316,11 +324,27 @@ class Engine:
         rag_drafter = method_info(decoding.method).drafting is Drafting.RAG_MODEL
         if not rag_drafter or not self.settings.drafter_chunk_kv or not contexts.rag_chunk_ids:
             return None
-        return self.chunk_kv(index).hooks(rag_prompt, contexts.rag_chunk_ids)
+        return self.chunk_kv(index, self.drafter_spec(decoding.method)).hooks(rag_prompt, contexts.rag_chunk_ids)
+
+    def _encode_missing_passages(self, method: str, index: HybridIndex, contexts: Contexts,
+                                 rag_prompt: Prompt) -> Iterator[Event]:
+        """Passages without chunk KV for this drafter (ingest builds the default drafter's only) are
+        encoded now, with progress; the caller holds the generate lock."""
+        store = self.chunk_kv(index, self.drafter_spec(method))
+        todo = store.missing(store.prompt_passages(rag_prompt, contexts.rag_chunk_ids))
+        if not todo:
+            return
+
+        def build() -> None:
+            with torch.inference_mode(), self._track("Drafter reading passages", False) as job:
+                store.build(todo, job.update)
+
+        yield from run_with_progress(build, lambda: self._job)
 
     def _run(self, decoding: DecodingSettings, long_prompt: Prompt, rag_prompt: Prompt,
              rag_prefix: PrefixCacheHooks | None = None) -> Iterator[object]:
         method = decoding.method
+        # None where no separate drafter runs: generate then drafts with the target (rapid-self, MagicDec).
         drafter = self.drafter if method_info(method).runs_drafter_model else None
         with torch.inference_mode():
             hooks = self.prefix_cache.hooks(long_prompt.cuts())

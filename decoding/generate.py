@@ -243,7 +243,7 @@ def generate(
     stats.prefill_s = time.perf_counter() - t0
 
     def make_drafter() -> Drafter | None:
-        draft_model = (drafter or target) if info.runs_drafter_model else None
+        draft_model = (target if info.drafter_is_target else drafter or target) if info.drafts_with_model else None
         if draft_model is not None and draft_model is not target:
             check_same_vocabulary(target, draft_model)
         prompts = {Drafting.RAG_MODEL: rag_prompt, Drafting.LONG_MODEL: long_prompt}

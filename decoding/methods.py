@@ -24,11 +24,19 @@ class Method:
     target_reads_rag: bool  # the target reads the retrieved passages instead of the documents
     drafting: Drafting
     eta_applies: bool  # the retrieval-augmented target distribution (eta > 0) is used
+    # The target drafts for itself on the drafter's context: a drafter as strong as the target is
+    # what lets eta > 0 improve answers (paper, Table 1) instead of pulling towards a weaker model.
+    drafter_is_target: bool = False
+
+    @property
+    def drafts_with_model(self) -> bool:
+        """A model (the drafter, or the target itself) drafts from its own prompt and cache."""
+        return self.drafting in (Drafting.RAG_MODEL, Drafting.LONG_MODEL)
 
     @property
     def runs_drafter_model(self) -> bool:
         """Whether the separate drafter model is loaded and run."""
-        return self.drafting in (Drafting.RAG_MODEL, Drafting.LONG_MODEL)
+        return self.drafts_with_model and not self.drafter_is_target
 
     @property
     def speculative(self) -> bool:
@@ -48,6 +56,8 @@ METHODS: dict[str, Method] = {
     m.name: m
     for m in (
         Method("rapid", "RAPID: RAG drafter + long-context target", False, Drafting.RAG_MODEL, True),
+        Method("rapid-self", "RAPID, target as its own RAG drafter (best answers with eta > 0)", False,
+               Drafting.RAG_MODEL, True, drafter_is_target=True),
         Method("lc", "LC: target alone on everything (the baseline)", False, Drafting.NONE, False),
         Method("rag", "RAG: model alone on the retrieved passages", True, Drafting.NONE, False),
         Method("sd", "SD: speculative decoding, exact (eta = 0)", False, Drafting.LONG_MODEL, False),

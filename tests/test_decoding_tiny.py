@@ -16,7 +16,7 @@ from decoding.models import LoadedModel, Prompt
 from decoding.settings import MAX_GAMMA, DecodingSettings
 from tests.tiny import random_prompt, tiny_model
 
-SPECULATIVE = ("sd", "magicdec", "rapid", "lookup")
+SPECULATIVE = ("sd", "magicdec", "rapid", "rapid-self", "lookup")
 
 
 def run(method: str, target, drafter, prompt: Prompt, rag: Prompt, **overrides) -> Finished:
@@ -83,13 +83,14 @@ def small_vocab_pair(request):
 
 
 def check_drafters_exact(target: LoadedModel, drafter: LoadedModel, length: int) -> None:
-    """SD, MagicDec and RAPID at every gamma return LC's tokens, each drafting, right and wrong."""
+    """SD, MagicDec, RAPID and RAPID with the target as its own drafter, at every gamma, return LC's
+    tokens, each drafting, right and wrong."""
     prompt = random_prompt(length, seed=length, vocab=EXACT_VOCAB)
     rag = Prompt(prompt.prefix[length // 4 :], prompt.suffix)
     window = {"magicdec_window": max(4, length * 3 // 4), "magicdec_sinks": 4}
     lc = run("lc", target, drafter, prompt, rag)
     assert lc.stats.generated == 40
-    for method in ("sd", "magicdec", "rapid"):
+    for method in ("sd", "magicdec", "rapid", "rapid-self"):
         for gamma in EXACT_GAMMAS:
             out = run(method, target, drafter, prompt, rag, gamma=gamma, eta=0.0, **window)
             assert out.token_ids == lc.token_ids, (method, gamma)

@@ -15,7 +15,15 @@ import pytest
 from app.errors import CliError
 from app.eval.reporting import format_table
 from app.eval.runner import load_questions, method_runs
-from app.eval.scoring import contains_answer, exact_match, normalize, summarize, token_f1
+from app.eval.scoring import (
+    contains_answer,
+    exact_match,
+    first_sentence,
+    lead_contains,
+    normalize,
+    summarize,
+    token_f1,
+)
 from decoding.settings import DecodingSettings
 from tests.conftest import real_models_dir
 from tests.docs import SAMPLE_PDF, pdf_excerpt
@@ -67,6 +75,14 @@ def test_contains_answer_needs_whole_tokens() -> None:
     assert not contains_answer("anything", ["!!!"])  # an answer that normalises away never matches
 
 
+def test_lead_scores_what_the_answer_commits_to_first() -> None:
+    assert lead_contains("The primary function is `scan`. It reads text files.", ["scan"])
+    assert lead_contains("Use read.table() for tables", ["read.table"])  # a dot inside a name ends nothing
+    assert not lead_contains("It is read.table. Another option is scan.", ["scan"])  # hedged after a wrong claim
+    assert not lead_contains("Possibly read.csv\nor scan", ["scan"])
+    assert first_sentence("Written by Brian Ripley. He also wrote") == "Written by Brian Ripley."
+
+
 # ---------------------------------------------------------------------------------------- method rows
 
 
@@ -93,6 +109,7 @@ def test_method_runs_reject_unknown_methods_and_orphan_sweeps() -> None:
 def _row(method: str, position: str, contains: bool, tok_s: float | None, speedup: float | None,
          accepted: int = 0, drafted: int = 0, generated: int = 10, passes: int = 10) -> dict:
     return {"method": method, "position": position, "exact_match": False, "f1": 0.5, "contains": contains,
+            "answer": "It is scan." if contains else "Not known.", "answers": ["scan"],
             "decode_tokens_per_s": tok_s, "speedup_vs_lc": speedup, "prefill_s": 1.0, "decode_s": 2.0,
             "generated": generated, "stats": {"accepted": accepted, "drafted": drafted, "target_passes": passes,
                                               # one pass carries the closing stop token too
@@ -109,7 +126,7 @@ def test_summarize_takes_the_median_speedup_and_pools_acceptance() -> None:
     ]
     lc, rapid = summarize(rows, ["lc", "rapid"])
     assert lc["median_speedup_vs_lc"] == 1.0 and lc["acceptance_rate"] is None
-    assert lc["contains"] == pytest.approx(2 / 3)
+    assert lc["contains"] == pytest.approx(2 / 3) and lc["lead"] == pytest.approx(2 / 3)
     assert lc["contains_by_position"] == {"beginning": 1.0, "middle": 1.0, "end": 0.0}
     assert rapid["median_speedup_vs_lc"] == 2.0  # a single outlier does not move the median
     assert rapid["acceptance_rate"] == pytest.approx(10 / 20)

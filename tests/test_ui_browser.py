@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING
 
 import pytest
 
+from app.events import Preparing
 from tests.ui_helpers import (
     ARTIFACTS,
     EXPECTED,
@@ -130,6 +131,15 @@ def test_delete_and_errors_without_models(tmp_path: Path) -> None:
         chat, stats, documents = page.locator("#chat"), page.locator("#stats"), page.locator("#documents")
         upload(page, notes)
         expect(page.locator("#upload-status")).to_contain_text("added: notes.md", timeout=30_000)
+
+        # The engine's background work for the documents shows under the list, as a bar with an ETA.
+        preparing = page.locator("#preparing")
+        engine.now_preparing = Preparing("Reading documents", 4096, 20614, 71.0, 213.0)
+        expect(preparing).to_contain_text("Reading documents: 4,096 / 20,614 tokens (20%)", timeout=10_000)
+        expect(preparing).to_contain_text("about 3 min 33 s left")
+        assert preparing.locator("progress").get_attribute("value") == "4096"
+        engine.now_preparing = None
+        expect(preparing).not_to_contain_text("Reading documents", timeout=10_000)
 
         ask(page, "boom")
         expect(chat).to_contain_text("Something went wrong on the server", timeout=30_000)

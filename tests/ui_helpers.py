@@ -18,7 +18,7 @@ import pytest
 
 from app.config import Limits, ModelSettings, ServerSettings, Settings
 from app.errors import QuestionError
-from app.events import Done, Event, Progress, Sources, Status, Token
+from app.events import Done, Event, Preparing, Progress, Sources, Status, Token
 from app.speedup import Speedup
 from decoding.settings import DecodingSettings
 from decoding.stats import Stats
@@ -176,6 +176,7 @@ class ScriptedEngine:
         self.log = print
         self.questions: list[tuple[str, DecodingSettings, bool]] = []
         self.finished = 0
+        self.now_preparing: Preparing | None = None
 
     def open_index(self, directory: Path | None = None) -> HybridIndex:
         from retrieval.index import HybridIndex
@@ -185,6 +186,10 @@ class ScriptedEngine:
 
     def prepare_in_background(self, index: HybridIndex) -> None:
         """Nothing to prepare: the script needs no KV."""
+
+    def preparing(self) -> Preparing | None:
+        """What a test sets in `now_preparing`, as the real engine reports its background prefill."""
+        return self.now_preparing
 
     def delete(self, index: HybridIndex, doc_id_or_source: str) -> bool:
         return index.delete(doc_id_or_source)

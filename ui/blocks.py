@@ -36,6 +36,7 @@ from ui.render import (
     document_choices,
     documents_markdown,
     md_escape,
+    preparing_html,
     size_text,
     stats_markdown,
     upload_markdown,
@@ -205,6 +206,9 @@ def build_app(engine: Engine, index_dir: Path | None = None) -> gr.Blocks:
                 )
                 upload_status = gr.Markdown(elem_id="upload-status")
                 documents = gr.Markdown(documents_markdown(index.documents()), elem_id="documents")
+                # The documents' KV builds in the background after an upload: its progress, polled.
+                preparing = gr.HTML(elem_id="preparing")
+                poll = gr.Timer(1.0)
                 with gr.Row():
                     doc_choice = gr.Dropdown(label="Remove a document", choices=document_choices(index.documents()),
                                              value=None, scale=3, elem_id="delete-choice")
@@ -259,6 +263,8 @@ def build_app(engine: Engine, index_dir: Path | None = None) -> gr.Blocks:
         stop.click(on_stop, [chatbot, showing], [chatbot, stats_panel, showing], cancels=[answering],
                    api_visibility="private", queue=False)
         demo.load(refresh_documents, None, [documents, doc_choice], api_visibility="private")
+        poll.tick(lambda: preparing_html(engine.preparing()), None, preparing, api_visibility="private",
+                  show_progress="hidden", queue=False)
 
         # API: `ask` takes plain values; `upload` goes through a (hidden) File component so that
         # Gradio checks the file paths a client sends are its own uploads, not server files.

@@ -6,6 +6,7 @@ Document text and file names are always escaped: they are shown as written, neve
 
 from __future__ import annotations
 
+import html
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -14,6 +15,8 @@ from typing import TYPE_CHECKING, Any
 import gradio as gr
 import pandas as pd
 
+from app.events import Preparing
+from app.progress import describe
 from app.speedup import Speedup
 from decoding.stats import Stats
 from retrieval.types import Citation, DocumentInfo
@@ -57,6 +60,14 @@ def documents_markdown(documents: Sequence[DocumentInfo]) -> str:
     total = sum(doc.n_tokens for doc in documents)
     return (f"| Document | Pages | Chunks | Tokens |\n|---|--:|--:|--:|\n{rows}\n\n"
             f"{len(documents)} document{'s' * (len(documents) != 1)}, {total:,} tokens of long context.")
+
+
+def preparing_html(event: Preparing | None) -> str:
+    """The computation the engine runs for the documents now, as a bar with done/total and the ETA; '' when idle."""
+    if event is None:
+        return ""
+    bar = f'<progress value="{event.done}" max="{max(event.total, 1)}" style="width:100%"></progress>'
+    return f'<div class="preparing">{bar}<div>{html.escape(describe(event))}</div></div>'
 
 
 def document_choices(documents: Sequence[DocumentInfo]) -> list[tuple[str, str]]:

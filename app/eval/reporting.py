@@ -28,13 +28,14 @@ def format_table(results: dict) -> str:
         f"speedup = median over questions of decode tok/s / LC decode tok/s on the same question; "
         f"answer s = median seconds from question to last token, e2e speedup = LC's over the method's",
     ]
-    columns = ["method", "EM", "F1", "contains", "b/m/e", "tok/s", "accept", "MAL", "prefill s", "speedup",
-               "answer s", "e2e speedup"]
+    columns = ["method", "EM", "F1", "contains", "lead", "b/m/e", "len", "tok/s", "accept", "MAL", "prefill s",
+               "speedup", "answer s", "e2e speedup"]
     body = []
     for s in results["summary"]:
         positions = "/".join(figure(s["contains_by_position"][p], ".2f", "-") for p in POSITIONS)
         body.append([
-            s["method"], f"{s['exact_match']:.2f}", f"{s['f1']:.2f}", f"{s['contains']:.2f}", positions,
+            s["method"], f"{s['exact_match']:.2f}", f"{s['f1']:.2f}", f"{s['contains']:.2f}", f"{s['lead']:.2f}",
+            positions, f"{s['generated']:.1f}",
             figure(s["decode_tokens_per_s"], ".2f"), figure(s["acceptance_rate"], ".1%"),
             figure(s["mean_accepted_length"], ".2f"), f"{s['prefill_s']:.2f}",
             figure(s["median_speedup_vs_lc"], ".2f") + ("x" if s["median_speedup_vs_lc"] is not None else ""),
@@ -48,8 +49,9 @@ def format_table(results: dict) -> str:
         return "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in pairs)
 
     rule = "-" * len(line(columns))
-    notes = ("EM/F1/contains: exact match, token F1, answer contained; b/m/e: contains rate for facts\n"
-             "at the beginning/middle/end of the document; accept: drafts accepted (pooled);\n"
+    notes = ("EM/F1/contains: exact match, token F1, answer contained; lead: answer contained in the\n"
+             "answer's first sentence; b/m/e: contains rate for facts at the beginning/middle/end of the\n"
+             "document; len: mean answer tokens; accept: drafts accepted (pooled);\n"
              "MAL: tokens emitted per target pass; prefill s: mean per answer, documents from the prefix cache")
     return "\n".join([*header, rule, line(columns), rule, *(line(row) for row in body), rule, notes])
 

@@ -74,6 +74,25 @@ def contains_answer(prediction: str, answers: Iterable[str]) -> bool:
     return False
 
 
+_SENTENCE_END = re.compile(r"(?<=[.!?])\s+(?=[A-Z`'\"(])|\n")
+
+
+def first_sentence(text: str) -> str:
+    """Up to the first sentence end (a stop followed by a capital) or line break."""
+    return _SENTENCE_END.split(text.strip(), maxsplit=1)[0]
+
+
+def lead_contains(prediction: str, answers: Iterable[str]) -> bool:
+    """An acceptable answer in the answer's first sentence.
+
+    "contains" credits an answer that lists several candidates, or buries the right one after a wrong
+    claim; EM and F1 penalise a correct answer phrased as a sentence. This scores what the answer
+    commits to first, in its own words: paraphrases of the gold answer are covered by the
+    alternatives each question lists.
+    """
+    return contains_answer(first_sentence(prediction), answers)
+
+
 def median_or_none(values: Iterable[float | None]) -> float | None:
     present = [v for v in values if v is not None]
     return statistics.median(present) if present else None
@@ -105,6 +124,7 @@ def score_row(item: QAItem, run: MethodRun, answer: str, stats: Stats, lc_tokens
         "exact_match": exact_match(answer, item.answers),
         "f1": token_f1(answer, item.answers),
         "contains": contains_answer(answer, item.answers),
+        "lead": lead_contains(answer, item.answers),
         "decode_tokens_per_s": tokens_per_s,
         "acceptance_rate": stats.acceptance_rate,
         "mean_accepted_length": stats.mean_accepted_length,
@@ -138,6 +158,8 @@ def summarize(rows: list[dict], labels: Sequence[str]) -> list[dict]:
             "exact_match": sum(r["exact_match"] for r in mine) / len(mine),
             "f1": statistics.fmean(r["f1"] for r in mine),
             "contains": sum(r["contains"] for r in mine) / len(mine),
+            # From the saved answers, so results written before this scorer existed gain it on --report.
+            "lead": sum(lead_contains(r["answer"], r["answers"]) for r in mine) / len(mine),
             "contains_by_position": by_position,
             "decode_tokens_per_s": mean_or_none(r["decode_tokens_per_s"] for r in mine),
             # Pooled over questions: a 3-token answer should not weigh as much as a 48-token one.
