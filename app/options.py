@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING
 
 from app.config import Settings
 from app.errors import CliError
+from app.presets import QUALITY
 from decoding.methods import METHODS
 
 if TYPE_CHECKING:
@@ -54,6 +55,9 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
 
 def add_decoding_options(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("decoding")
+    group.add_argument("--quality", action="store_true",
+                       help=f"best answers: {QUALITY.method} with eta {QUALITY.eta:g} (the target also drafts from the "
+                       "retrieved passages); --method, --eta and --gamma still override it")
     group.add_argument("--method", choices=list(METHODS), help="decoding method (default rapid)")
     group.add_argument("--max-new-tokens", type=int, help="answer length limit in tokens (default 128)")
     group.add_argument("--temperature", type=float, help="0 = greedy (default); > 0 samples")
@@ -75,6 +79,8 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
         if getattr(args, field, None):
             models = replace(models, **{field: getattr(args, field)})
     decoding = settings.decoding
+    if getattr(args, "quality", False):
+        decoding = QUALITY.apply(decoding)
     for field in ("method", "max_new_tokens", "temperature", "top_p", "seed", "gamma", "eta"):
         value = getattr(args, field, None)
         if value is not None:

@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING
 import pytest
 
 from app.events import Preparing
+from app.presets import FAST, QUALITY
 from tests.ui_helpers import (
     ARTIFACTS,
     EXPECTED,
@@ -144,6 +145,14 @@ def test_delete_and_errors_without_models(tmp_path: Path) -> None:
         ask(page, "boom")
         expect(chat).to_contain_text("Something went wrong on the server", timeout=30_000)
         expect(chat).not_to_contain_text("secret internal detail")
+
+        # "Best answers" sets the method and its knobs; the next question is asked with them.
+        page.get_by_label(QUALITY.label).check()
+        ask(page, "Which version, carefully?")
+        expect(stats).to_contain_text("Answer complete", timeout=30_000)
+        decoding = engine.questions[-1][1]
+        assert (decoding.method, decoding.eta, decoding.gamma) == (QUALITY.method, QUALITY.eta, QUALITY.gamma)
+        page.get_by_label(FAST.label).check()
 
         page.locator("#compare input[type=checkbox]").check()
         ask(page, "Which version?")

@@ -22,6 +22,7 @@ from app.config import Settings
 from app.errors import user_message
 from app.events import Done, Preparing, Progress, Sources, Status, Token
 from app.pipeline import Engine
+from app.presets import FAST, PRESETS
 from app.progress import describe
 from app.report import sources_record, speedup_record, stats_record
 from decoding.methods import METHODS
@@ -226,6 +227,8 @@ def build_app(engine: Engine, index_dir: Path | None = None) -> gr.Blocks:
                     clear = gr.ClearButton(value="Clear chat")
                     compare = gr.Checkbox(label="Compare with LC (measures the speedup side by side; slower)",
                                           value=False, elem_id="compare")
+                mode = gr.Radio([(p.label, p.name) for p in PRESETS.values()], value=FAST.name, label="Answer mode",
+                                elem_id="mode")
                 with gr.Accordion("Settings", open=False, elem_id="settings"):
                     method = gr.Dropdown(label="Method", choices=[(m.label, m.name) for m in METHODS.values()],
                                          value=default.method, elem_id="method")
@@ -263,6 +266,9 @@ def build_app(engine: Engine, index_dir: Path | None = None) -> gr.Blocks:
         stop.click(on_stop, [chatbot, showing], [chatbot, stats_panel, showing], cancels=[answering],
                    api_visibility="private", queue=False)
         demo.load(refresh_documents, None, [documents, doc_choice], api_visibility="private")
+        # A mode sets the method and its knobs, which stay visible and adjustable under Settings.
+        mode.change(lambda name: (PRESETS[name].method, PRESETS[name].eta, PRESETS[name].gamma), [mode],
+                    [method, eta, gamma], api_visibility="private", queue=False)
         poll.tick(lambda: preparing_html(engine.preparing()), None, preparing, api_visibility="private",
                   show_progress="hidden", queue=False)
 

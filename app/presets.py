@@ -1,0 +1,31 @@
+"""The answer modes offered by name in the CLI (--quality) and the UI, chosen from `ask eval` tables.
+
+README "Answer quality" holds the measurements each choice rests on; the method, eta and gamma here
+are the product's defaults, and every one of them can still be set by hand.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+from decoding.settings import DecodingSettings
+
+
+@dataclass(frozen=True)
+class Preset:
+    name: str
+    label: str  # one line for the UI
+    method: str
+    eta: float
+    gamma: int
+
+    def apply(self, decoding: DecodingSettings) -> DecodingSettings:
+        return replace(decoding, method=self.method, eta=self.eta, gamma=self.gamma)
+
+
+# Exact: eta = 0 returns LC's tokens, decoded faster; the 0.5B drafter's pull at eta > 0 costs quality.
+FAST = Preset("fast", "Fast: the long-context answer, exactly, sooner", "rapid", 0.0, 5)
+# The target as its own RAG drafter: with a drafter as strong as the target, eta > 0 adds the
+# retrieved passages' view to the long-context one instead of a weaker model's mistakes.
+QUALITY = Preset("quality", "Best answers: the target also drafts from the retrieved passages", "rapid-self", 5.0, 5)
+PRESETS: dict[str, Preset] = {p.name: p for p in (FAST, QUALITY)}
