@@ -10,15 +10,21 @@ in document order.
 
 from __future__ import annotations
 
+import math
+import re
 from collections.abc import Callable, Sequence
 
 from retrieval.errors import ContextTooLongError, EmptyIndexError
 from retrieval.index import HybridIndex
+from retrieval.lexical import bm25_tokens
 from retrieval.types import Chunk, Citation, Contexts, DocumentInfo, Reading, RetrievalSettings, ScoredChunk
 from retrieval.windows import Route, Window, route, whole_document
 
 Tokenize = Callable[[str], Sequence[int]]
 EXCERPT_CHARS = 300
+EXCERPT_SENTENCES = 2
+_SENTENCE_END = re.compile(r"(?<=[.!?;:])\s+")
+_SUFFIXES = ("ing", "ed", "es", "s")
 
 
 def build_contexts(
@@ -134,7 +140,7 @@ def in_document_order(chunks: list[Chunk], doc_order: list[str]) -> list[Chunk]:
 def citation(hit: ScoredChunk, question: str = "", routed: Route | None = None) -> Citation:
     chunk = hit.chunk
     read = routed is None or routed.window.holds(chunk)
-    return Citation(chunk.source, chunk.page, chunk.section, excerpt(chunk.text), hit.score, read)
+    return Citation(chunk.source, chunk.page, chunk.section, best_sentences(chunk.text, question), hit.score, read)
 
 
 def excerpt(text: str, limit: int = EXCERPT_CHARS) -> str:
@@ -143,6 +149,41 @@ def excerpt(text: str, limit: int = EXCERPT_CHARS) -> str:
         return flat
     cut = flat.rfind(" ", 0, limit)
     return flat[: cut if cut > limit // 2 else limit] + "…"
+
+
+def best_sentences(text: str, question: str, limit: int = EXCERPT_CHARS, keep: int = EXCERPT_SENTENCES) -> str:
+    """The chunk's sentences that best match the question (BM25-style: each question word counts
+    its rarity among the chunk's sentences), at most `keep`, in document order, "…" where text was
+    skipped; the chunk's opening when no sentence shares a word with the question."""
+    flat = " ".join(text.split())
+    sentences = [s for s in _SENTENCE_END.split(flat) if s]
+    terms = {_stem(word) for word in bm25_tokens(question)}
+    words = [{_stem(word) for word in bm25_tokens(sentence)} & terms for sentence in sentences]
+    n = len(sentences)
+    idf = {term: math.log(1 + (n - df + 0.5) / (df + 0.5))
+           for term in terms if (df := sum(term in found for found in words))}
+    scores = [sum(idf[term] for term in found) for found in words]
+    ranked = sorted((i for i in range(n) if scores[i] > 0), key=lambda i: (-scores[i], i))
+    if not ranked:
+        return excerpt(text, limit)
+    chosen = [ranked[0]]
+    for i in ranked[1:keep]:
+        if sum(len(sentences[j]) + 2 for j in [*chosen, i]) <= limit:
+            chosen.append(i)
+    chosen.sort()
+    out = "…" if chosen[0] > 0 else ""
+    for previous, i in zip([-1, *chosen], chosen, strict=False):
+        out += (" … " if previous >= 0 and i > previous + 1 else " " if previous >= 0 else "") + sentences[i]
+    out = excerpt(out, limit)
+    return out if out.endswith("…") or chosen[-1] == n - 1 else out + " …"
+
+
+def _stem(word: str) -> str:
+    """Plural and verb endings off, so "reads" matches "read" (crude, but deterministic and cheap)."""
+    for suffix in _SUFFIXES:
+        if word.endswith(suffix) and len(word) - len(suffix) >= 3:
+            return word[: -len(suffix)]
+    return word
 
 
 def _header(chunk: Chunk) -> str:
