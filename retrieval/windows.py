@@ -7,14 +7,18 @@ longer than a window between chunks. Packing in ingest order keeps every window'
 adding a document changes only the last window (or adds windows), deleting one changes the windows
 from the one that held it.
 
-Routing: every retrieved chunk votes for the window holding it with its fused score; the window
-with the highest sum is read, and a tie goes to the window holding the best-ranked chunk.
+Routing: the retrieved chunks (the drafter's, best first) vote for the windows holding them, the
+chunk at rank r with weight 1/r; the window with the highest sum is read, and a tie (sums are exact
+fractions) goes to the window holding the best-ranked chunk. Rank weights rather than the fused
+scores themselves: reciprocal-rank-fusion scores are nearly flat over the top dozen chunks, so their
+sum counts chunks and lets a long tail of weak hits outvote the best ones (bench/windows.py).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from fractions import Fraction
 
 from retrieval.errors import ContextTooLongError
 from retrieval.index import HybridIndex
@@ -127,14 +131,14 @@ def plan_windows(index: HybridIndex, piece_tokens: PieceTokens, capacity: int) -
 
 def route(windows: Sequence[Window], hits: Sequence[ScoredChunk]) -> Route:
     """The window holding most of the retrieved evidence (see the module docstring)."""
-    scores = [0.0] * len(windows)
+    scores = [Fraction(0)] * len(windows)
     counts = [0] * len(windows)
     first: int | None = None
-    for hit in hits:
+    for rank, hit in enumerate(hits, start=1):
         where = next((i for i, window in enumerate(windows) if window.holds(hit.chunk)), None)
         if where is None:
             continue
-        scores[where] += hit.score
+        scores[where] += Fraction(1, rank)
         counts[where] += 1
         first = where if first is None else first
     best = first if first is not None else 0

@@ -143,9 +143,13 @@ def _hit(doc_id: str, score: float) -> ScoredChunk:
     return ScoredChunk(Chunk(f"{doc_id}-{score}", doc_id, doc_id, 0, "t", None, None, 0, 1, 1), score, None, None)
 
 
-def test_routing_sums_scores_and_ties_go_to_the_best_ranked_chunk() -> None:
+def test_routing_weighs_chunks_by_rank_and_ties_go_to_the_best_ranked_chunk() -> None:
     windows = [_window(1, "a"), _window(2, "b"), _window(3, "c")]
-    assert route(windows, [_hit("a", 0.5), _hit("b", 0.3), _hit("b", 0.3)]).window.number == 2
-    tied = route(windows, [_hit("c", 0.4), _hit("a", 0.2), _hit("a", 0.2)])
-    assert tied.window.number == 3 and tied.evidence == ((1, 2), (3, 1)) and tied.elsewhere == 2
+    # 1 against 1/2 + 1/3: the best chunk outweighs two weaker ones, whatever their fused scores ...
+    assert route(windows, [_hit("a", 0.01), _hit("b", 0.03), _hit("b", 0.02)]).window.number == 1
+    # ... but not four: 1/2 + 1/3 + 1/4 + 1/5 > 1.
+    assert route(windows, [_hit("a", 0.5), *(_hit("b", 0.4 - i / 10) for i in range(4))]).window.number == 2
+    tied = route(windows, [_hit("c", 0.4), _hit("a", 0.3), _hit("a", 0.2), _hit("b", 0.2), _hit("b", 0.1),
+                           _hit("a", 0.1)])  # c: 1; a: 1/2 + 1/3 + 1/6 = 1 exactly
+    assert tied.window.number == 3 and tied.evidence == ((1, 3), (2, 2), (3, 1)) and tied.elsewhere == 5
     assert route(windows, []).window.number == 1

@@ -14,6 +14,7 @@ import app.pipeline as pipeline
 from app.config import Limits, ModelSettings, Settings
 from app.events import Done, Sources
 from app.pipeline import Engine, answer_once
+from app.report import done_record, summary_text
 from decoding.settings import DecodingSettings
 from retrieval.index import HybridIndex
 from retrieval.types import RetrievalSettings
@@ -115,6 +116,15 @@ def test_a_question_reads_the_window_holding_its_evidence(engine: Engine, index:
     assert done.citations[0].source == source and done.citations[0].read
     assert done.stats.prefix_cached_tokens == len(long_prompt.prefix)  # prefilled at ingest: a cache hit
     assert prefills == []
+    # Said wherever the answer is shown: what the target read, and evidence it did not read.
+    record = done_record(done)["read"]
+    assert record["part"] == number and record["parts"] == len(engine.windows(index))
+    assert record["label"] == window.label() and source in record["label"]
+    assert [s["read_by_target"] for s in done_record(done)["sources"]] == [c.read for c in done.citations]
+    text = summary_text(done)
+    assert f"The target read {window.label()} (part {number} of {record['parts']})" in text
+    if record["retrieved_elsewhere"]:
+        assert "lie in parts not read" in text and "(not read by the target)" in text
 
 
 def test_follow_up_questions_reuse_their_windows(tmp_path: Path, prefills) -> None:
@@ -183,3 +193,20 @@ def test_speculative_methods_at_eta_0_return_lc_tokens_on_the_routed_window(engi
     assert out.stats.context_tokens == lc.stats.context_tokens
     if method in ("rapid", "sd"):
         assert out.stats.drafted > 0
+
+
+def test_eval_rows_say_whether_the_window_read_held_the_labelled_page(engine: Engine, index: HybridIndex,
+                                                                      tmp_path: Path) -> None:
+    from app.eval.runner import QAItem, method_runs, run_eval
+
+    items = [QAItem("q1", QUESTIONS["volcano.txt"], ["lava"], page=None, source="volcano.txt"),
+             QAItem("q2", QUESTIONS["orchid.txt"], ["pollinia"], page=None, source="orchid.txt")]
+    runs = method_runs(["lc", "rapid"], DECODING)
+    results = run_eval(engine, index, items, runs, engine.settings, warmup=True, out=tmp_path,
+                       log=lambda _: None, documents=list(TOPICS), argv=[])
+    assert results["complete"] and len(results["rows"]) == 4
+    for row in results["rows"]:
+        assert row["read"] is not None and row["source"] in row["read"]
+        assert row["page_retrieved"] is None and row["page_read"] is None  # text files have no pages
+    lc, rapid = results["rows"][:2]
+    assert lc["answer"] == rapid["answer"]  # eta = 0 on the routed window
