@@ -24,7 +24,7 @@ Tokenize = Callable[[str], Sequence[int]]
 EXCERPT_CHARS = 300
 EXCERPT_SENTENCES = 2
 _SENTENCE_END = re.compile(r"(?<=[.!?;:])\s+")
-_SUFFIXES = ("ing", "ed", "es", "s")
+_SUFFIXES = ("ing", "ed")
 
 
 def build_contexts(
@@ -179,7 +179,14 @@ def best_sentences(text: str, question: str, limit: int = EXCERPT_CHARS, keep: i
 
 
 def _stem(word: str) -> str:
-    """Plural and verb endings off, so "reads" matches "read" (crude, but deterministic and cheap)."""
+    """Plural and verb endings off, so "reads" matches "read" and "files" "file" (crude, but
+    deterministic and cheap)."""
+    if word.endswith(("sses", "ches", "shes", "xes")):
+        word = word[:-2]
+    elif word.endswith("ies") and len(word) > 4:
+        word = word[:-3] + "y"
+    elif word.endswith("s") and not word.endswith("ss") and len(word) > 3:
+        word = word[:-1]
     for suffix in _SUFFIXES:
         if word.endswith(suffix) and len(word) - len(suffix) >= 3:
             return word[: -len(suffix)]
