@@ -100,9 +100,9 @@ class _Unit:
 
 def plan_windows(index: HybridIndex, piece_tokens: PieceTokens, capacity: int) -> list[Window]:
     """Windows whose pieces take at most `capacity` tokens each; one window when the corpus fits."""
+    texts = {doc.doc_id: index.document_text(doc.doc_id) for doc in index.documents(in_ingest_order=True)}
     units = [unit for doc in index.documents(in_ingest_order=True)
-             for unit in _units(index, doc, piece_tokens, capacity)]
-    texts = {doc.doc_id: index.document_text(doc.doc_id) for doc in {u.doc.doc_id: u.doc for u in units}.values()}
+             for unit in _units(doc, texts[doc.doc_id], index.chunks(doc.doc_id), piece_tokens, capacity)]
     header_tokens = piece_tokens(document_header("x" * 24, "pages 1000-1000"))  # a generous header
     windows: list[Window] = []
     start = 0
@@ -149,9 +149,8 @@ def route(windows: Sequence[Window], hits: Sequence[ScoredChunk]) -> Route:
     return Route(windows[best], len(windows), evidence)
 
 
-def _units(index: HybridIndex, doc: DocumentInfo, piece_tokens: PieceTokens, capacity: int) -> list[_Unit]:
-    text = index.document_text(doc.doc_id)
-    chunks = index.chunks(doc.doc_id)
+def _units(doc: DocumentInfo, text: str, chunks: Sequence[Chunk], piece_tokens: PieceTokens,
+           capacity: int) -> list[_Unit]:
     whole = whole_document(doc.source, text)
     tokens = piece_tokens(whole)
     if tokens <= capacity or not chunks:
