@@ -88,6 +88,8 @@ def run_question(argv: Sequence[str]) -> int:
             log(f"[{event.message}]")
         elif isinstance(event, Sources) and not args.json:
             log(f"[retrieved {len(event.citations)} passages for the drafter]")
+            if event.reading is not None:
+                log(f"[the target will {event.reading.note()}]")
         elif isinstance(event, Token) and not args.json:
             print(event.text, end="", flush=True)
         elif isinstance(event, Done):

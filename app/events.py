@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 from app.speedup import Speedup
 from decoding.stats import Stats
-from retrieval.types import Citation
+from retrieval.types import Citation, Reading
 
 
 @dataclass(frozen=True)
@@ -30,6 +30,7 @@ class Preparing:
 @dataclass(frozen=True)
 class Sources:
     citations: list[Citation]
+    reading: Reading | None = None  # which part of a corpus larger than the target's window it reads
 
 
 @dataclass(frozen=True)
@@ -54,6 +55,7 @@ class Done:
     citations: list[Citation]
     speedup: Speedup
     lc_stats: Stats | None = None  # the LC run of a side-by-side comparison
+    reading: Reading | None = None  # which part of a corpus larger than the target's window it read
 
 
 Event = Status | Preparing | Sources | Token | Progress | Done

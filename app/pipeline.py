@@ -22,13 +22,14 @@ from decoding.generate import Finished, PassStats, PrefixCacheHooks, TextDelta, 
 from decoding.methods import BASELINE, Drafting, method_info
 from decoding.models import LoadedModel, Prompt, load_model, pick_device, pick_dtype, wants_quantized
 from decoding.prefix_cache import PrefixCache
-from decoding.settings import DecodingSettings
+from decoding.settings import MAX_GAMMA, DecodingSettings
 from decoding.stats import Stats
-from retrieval.context import build_contexts, long_documents, passage
+from retrieval.context import build_contexts, passage
 from retrieval.embedding import Embedder
 from retrieval.errors import ContextTooLongError
 from retrieval.index import HybridIndex
 from retrieval.types import Chunk, Contexts, IngestResult, RetrievalSettings
+from retrieval.windows import Window, plan_windows
 
 PROMPT_OVERHEAD_TOKENS = 256  # chat template + question, reserved when sizing the long context
 
@@ -48,6 +49,7 @@ class Engine:
         self._model_ids: dict[int, str] = {}
         self._indexes: dict[Path, HybridIndex] = {}
         self._chunk_kv: dict[tuple[Path, str], ChunkKV] = {}
+        self._windows: dict[Path, tuple[tuple[object, ...], list[Window]]] = {}  # the last plan per index
         self._embedder: Embedder | None = None
         self._load_lock = threading.RLock()  # re-entrant: open_index loads the embedder under it
         self._generate_lock = threading.Lock()
@@ -158,32 +160,57 @@ class Engine:
         with self._generate_lock, torch.inference_mode(), self._track("Drafter reading passages", progress) as job:
             return store.build(todo, job.update)
 
-    def document_prompt(self, index: HybridIndex) -> Prompt | None:
-        """The long prompt's document prefix (any question: it ends where the question starts);
-        None without documents or when they do not fit (a question then says so)."""
-        documents = long_documents(index)
+    def window_capacity(self) -> int:
+        """Tokens of documents one window holds: the target's window less its prompt header, the
+        question and the longest answer a question may ask for (so any question fits any window)."""
         target = self.target
-        prompt = target.prompt(documents, "?") if documents else None
-        if prompt is None or len(prompt.prefix) + PROMPT_OVERHEAD_TOKENS > target.max_positions:
-            return None
-        return prompt
+        answer_room = self.settings.limits.max_new_tokens + MAX_GAMMA + 2
+        header = len(target.prompt([], "?").prefix)
+        return target.max_positions - PROMPT_OVERHEAD_TOKENS - answer_room - header
+
+    def windows(self, index: HybridIndex) -> list[Window]:
+        """The corpus as the target reads it: one window when it fits, else several (retrieval.windows)."""
+        target = self.target
+        capacity = self.window_capacity()
+        key = (capacity, *((doc.doc_id, doc.source) for doc in index.documents(in_ingest_order=True)))
+        with self._load_lock:
+            known = self._windows.get(index.directory)
+        if known is not None and known[0] == key:
+            return known[1]
+        planned = plan_windows(index, lambda piece: len(target.piece_tokens(piece)), capacity)
+        with self._load_lock:
+            self._windows[index.directory] = (key, planned)
+        return planned
+
+    def document_prompts(self, index: HybridIndex) -> list[Prompt]:
+        """Each window's document prefix (any question: it ends where the question starts)."""
+        target = self.target
+        return [target.prompt(window.pieces, "?") for window in self.windows(index)]
+
+    def document_prompt(self, index: HybridIndex) -> Prompt | None:
+        """The first window's document prefix (the whole corpus when it fits); None without documents."""
+        prompts = self.document_prompts(index)
+        return prompts[0] if prompts else None
 
     def prefill_documents(self, index: HybridIndex, progress: bool = True) -> float:
-        """The target's KV of every document, cached (after an ingest, before any question)."""
-        prompt = self.document_prompt(index)
-        if prompt is None or self.prefix_cache.contains(self.target.model, prompt.prefix):
-            return 0.0
-        with self._generate_lock:
-            return self._prefill_prefix(prompt, progress)
+        """The target's KV of every window, cached (after an ingest, before any question)."""
+        prompts = self.document_prompts(index)
+        todo = [(i, p) for i, p in enumerate(prompts, 1) if not self.prefix_cache.contains(self.target.model, p.prefix)]
+        spent = 0.0
+        for number, prompt in todo:
+            what = "Reading documents" if len(prompts) == 1 else f"Reading documents, part {number} of {len(prompts)}"
+            with self._generate_lock:
+                spent += self._prefill_prefix(prompt, progress, what)
+        return spent
 
-    def _prefill_prefix(self, prompt: Prompt, progress: bool) -> float:
+    def _prefill_prefix(self, prompt: Prompt, progress: bool, what: str = "Reading documents") -> float:
         """Restore the longest cached run of the prompt's first documents, prefill the rest, store
         it; the caller holds the generate lock. Returns the seconds spent."""
         model, prefix, cuts = self.target.model, prompt.prefix, prompt.cuts()
         if self.prefix_cache.contains(model, prefix):
             return 0.0
         started = time.perf_counter()
-        with torch.inference_mode(), self._track("Reading documents", progress) as job:
+        with torch.inference_mode(), self._track(what, progress) as job:
             cache = self.prefix_cache.longest(model, prefix, cuts, len(prefix) + 1)
             cache = cache or model.new_cache(len(prefix) + 1)
             job.update(0, len(prefix) - cache.length)
@@ -253,7 +280,7 @@ class Engine:
         room = decoding.max_new_tokens + decoding.gamma + 2
         contexts = build_contexts(
             index, question, retrieval or self.settings.retrieval, target.encode,
-            max_long_tokens=target.max_positions - room - PROMPT_OVERHEAD_TOKENS,
+            max_long_tokens=target.max_positions - room - PROMPT_OVERHEAD_TOKENS, windows=self.windows(index),
         )
         long_prompt = target.prompt(contexts.long_documents or contexts.long_context, question)
         if len(long_prompt) + room > target.max_positions:
@@ -281,7 +308,7 @@ class Engine:
         self.check_question(question, decoding)
         yield Status("Retrieving passages")
         contexts, long_prompt, rag_prompt = self.prompts(question, index, decoding, retrieval)
-        yield Sources(contexts.citations)
+        yield Sources(contexts.citations, contexts.reading)
         yield from self._wait_for_engine()
         try:
             if method_info(decoding.method).uses_prefix_cache and not self.prefix_cache.contains(
@@ -315,7 +342,7 @@ class Engine:
                 speedup = measured_speedup(stats, lc_stats)
         finally:
             self._generate_lock.release()
-        yield Done(answer, stats, contexts.citations, speedup, lc_stats)
+        yield Done(answer, stats, contexts.citations, speedup, lc_stats, contexts.reading)
 
     def _rag_prefix(
         self, decoding: DecodingSettings, index: HybridIndex, contexts: Contexts, rag_prompt: Prompt

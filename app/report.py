@@ -10,7 +10,7 @@ from collections.abc import Sequence
 from app.events import Done
 from app.speedup import Speedup
 from decoding.stats import Stats
-from retrieval.types import Citation
+from retrieval.types import Citation, Reading
 
 
 def stats_record(stats: Stats) -> dict[str, object]:
@@ -26,9 +26,21 @@ def speedup_record(speedup: Speedup) -> dict[str, object]:
 
 def sources_record(citations: Sequence[Citation]) -> list[dict[str, object]]:
     return [
-        {"document": c.source, "page": c.page, "section": c.section, "excerpt": c.excerpt, "score": c.score}
+        {"document": c.source, "page": c.page, "section": c.section, "excerpt": c.excerpt, "score": c.score,
+         "read_by_target": c.read}
         for c in citations
     ]
+
+
+def reading_record(reading: Reading | None) -> dict[str, object] | None:
+    """Which part of a corpus larger than the target's window the target read (None: all of it)."""
+    if reading is None:
+        return None
+    return {
+        "part": reading.window, "parts": reading.windows, "label": reading.label,
+        "evidence": [{"part": number, "retrieved": n, "label": label} for number, n, label in reading.evidence],
+        "retrieved_elsewhere": reading.elsewhere, "note": reading.note(),
+    }
 
 
 def done_record(done: Done) -> dict[str, object]:
@@ -39,6 +51,7 @@ def done_record(done: Done) -> dict[str, object]:
         "stats": stats_record(done.stats),
         **speedup_record(done.speedup),
         "lc_stats": stats_record(done.lc_stats) if done.lc_stats else None,
+        "read": reading_record(done.reading),
     }
 
 
@@ -64,6 +77,8 @@ def stats_lines(done: Done) -> list[str]:
 
 def summary_text(done: Done) -> str:
     """What `ask` prints after the streamed answer: the sources, then the statistics."""
-    sources = [f"  [{i}] {c.label()}: {c.excerpt[:200]}" for i, c in enumerate(done.citations, 1)]
+    sources = [f"  [{i}] {c.label()}{'' if c.read else ' (not read by the target)'}: {c.excerpt[:200]}"
+               for i, c in enumerate(done.citations, 1)]
+    read = [f"  The target {done.reading.note()}"] if done.reading else []
     stats = [f"  {line}" for line in stats_lines(done)]
-    return "\n".join(["", "", "Sources:", *sources, "", "Statistics:", *stats])
+    return "\n".join(["", "", "Sources:", *read, *sources, "", "Statistics:", *stats])

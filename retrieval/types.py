@@ -73,9 +73,35 @@ class Citation:
     section: str | None
     excerpt: str
     score: float
+    read: bool = True  # inside what the target read (False: retrieved from another window)
 
     def label(self) -> str:
         return locator(self.source, self.page, self.section)
+
+
+@dataclass(frozen=True)
+class Reading:
+    """Which window of a corpus larger than the target's window the target read, and where the
+    retrieved evidence lies (so evidence outside it is never silent)."""
+
+    window: int  # 1-based
+    windows: int
+    label: str  # what the window holds, e.g. "R-data.pdf, pages 1-12 of R-intro.pdf"
+    evidence: tuple[tuple[int, int, str], ...]  # (window, retrieved chunks in it, its label)
+    retrieved: int  # retrieved chunks in all
+
+    @property
+    def elsewhere(self) -> int:
+        return sum(n for number, n, _ in self.evidence if number != self.window)
+
+    def note(self) -> str:
+        """One line for people: what was read and, when it applies, the evidence it left out."""
+        text = f"read {self.label} (part {self.window} of {self.windows})"
+        others = [f"part {number}: {label}" for number, n, label in self.evidence if number != self.window]
+        if others:
+            text += (f"; {self.elsewhere} of {self.retrieved} retrieved passages lie in parts not read ("
+                     + "; ".join(others) + ")")
+        return text
 
 
 @dataclass(frozen=True)
@@ -115,3 +141,4 @@ class Contexts:
     long_documents: list[str] = field(default_factory=list)
     rag_passages: list[str] = field(default_factory=list)
     rag_chunk_ids: list[str] = field(default_factory=list)  # one per passage
+    reading: Reading | None = None  # set when the corpus has several windows

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from retrieval.context import build_contexts, excerpt, rag_budget, select_chunks
+from retrieval.context import best_sentences, build_contexts, excerpt, rag_budget, select_chunks
 from retrieval.errors import ContextTooLongError, EmptyIndexError
 from retrieval.index import HybridIndex
 from retrieval.types import Chunk, RetrievalSettings, ScoredChunk
@@ -76,7 +76,8 @@ def test_rag_context_keeps_the_best_chunks_within_budget_in_document_order(index
     # Document order (sources sorted, chunks by position), whatever their scores were.
     positions = [contexts.long_context.index(text) for _, text in blocks]
     assert positions == sorted(positions)
-    assert {excerpt(text) for _, text in blocks} == {c.excerpt for c in contexts.citations}
+    question = "glaciers grind valleys"
+    assert {best_sentences(text, question) for _, text in blocks} == {c.excerpt for c in contexts.citations}
 
 
 def test_small_corpus_gives_the_drafter_everything(index: HybridIndex) -> None:
@@ -124,3 +125,21 @@ def test_excerpt_is_short_and_single_spaced() -> None:
     short = excerpt(text)
     assert len(short) <= 301 and "  " not in short and "\n" not in short and short.endswith("…")
     assert excerpt("  a\n b  ") == "a b"
+
+
+CHUNK = ("R has many ways to import data. The function read.fwf reads fixed-width files; it needs the widths "
+         "of the\nfields. Spreadsheets are another matter. Excel files can be read with packages such as readxl. "
+         "Nothing else is here.")
+
+
+def test_excerpt_shows_the_sentences_that_match_the_question() -> None:
+    shown = best_sentences(CHUNK, "Which function reads a fixed-width file?")
+    assert shown.startswith("…The function read.fwf reads fixed-width files;") and shown.endswith(" …")
+    assert "import data" not in shown and "Nothing else" not in shown
+    both = best_sentences(CHUNK, "fixed-width files or Excel spreadsheets?")
+    assert "read.fwf" in both and "Excel files" in both and " … " in both
+    assert both.index("read.fwf") < both.index("Excel")  # document order, whatever the scores
+    assert best_sentences(CHUNK, "zebra stripes") == excerpt(CHUNK)  # no match: the chunk's opening
+    assert best_sentences(CHUNK, "Nothing else?") == "…Nothing else is here."  # the last sentence: no trailing …
+    assert best_sentences(CHUNK, "Which function reads a fixed-width file?") == shown  # deterministic
+    assert len(best_sentences("word " * 400, "word")) <= 301

@@ -58,7 +58,9 @@ def test_ask_returns_answer_stats_and_sources(scripted: tuple[ScriptedEngine, st
     assert stats["accepted_lengths"] == [2, 2, 2]
     assert stats["speedup_vs_lc"] is None and "no LC run" in stats["speedup_basis"]
     assert sources == [{"document": "manual.pdf", "page": 2, "section": None,
-                        "excerpt": "This manual is for R, version 4.2.2 <b>Patched</b>", "score": 0.5}]
+                        "excerpt": "This manual is for R, version 4.2.2 <b>Patched</b>", "score": 0.5,
+                        "read_by_target": True}]
+    assert stats["read"] is None  # the corpus fits the target's window: it read all of it
     question, decoding, compare = engine.questions[-1]
     assert (question, decoding.method, decoding.max_new_tokens, compare) == ("What version?", "sd", 12, False)
 

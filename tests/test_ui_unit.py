@@ -12,7 +12,7 @@ from app.config import Limits
 from app.speedup import Speedup
 from decoding.stats import Stats
 from retrieval.errors import IngestError
-from retrieval.types import Citation, IngestResult
+from retrieval.types import Citation, IngestResult, Reading
 from ui.render import AnswerView, size_text, sources_markdown, stats_markdown, upload_markdown
 from ui.uploads import MAX_NAME_BYTES, UploadLine, ingest_uploads, safe_upload_name
 
@@ -173,6 +173,19 @@ def test_sources_show_document_page_and_escaped_excerpt() -> None:
     assert "1. **guide.pdf, p. 4** — Use \\<script\\>alert(1)\\</script\\> \\*here\\*" in text
     assert "2. **notes.md, Setup** — " in text and text.endswith("…") and "x" * 400 not in text
     assert sources_markdown([]) == ""
+
+
+def test_sources_say_which_part_of_a_large_corpus_the_model_read() -> None:
+    part = "pages 22-80 of R-intro.pdf"
+    reading = Reading(2, 3, part, ((1, 1, "R-data.pdf"), (2, 2, part)), 3)
+    text = sources_markdown([Citation("R-intro.pdf", 30, None, "a", 0.1), Citation("R-data.pdf", 3, None, "b", 0.1,
+                                                                                   read=False)], reading)
+    assert text.startswith("**Sources**\n\n_The model read pages 22-80 of R-intro.pdf (part 2 of 3); 1 of 3 "
+                           "retrieved passages lie in parts not read (part 1: R-data.pdf)._")
+    assert "1. **R-intro.pdf, p. 30** — a" in text and "2. **R-data.pdf, p. 3** _(not read by the model)_ — b" in text
+    view = AnswerView(text="x", citations=(Citation("R-intro.pdf", 30, None, "a", 0.1),), reading=reading,
+                      finished=True)
+    assert "_The model read pages 22-80 of R-intro.pdf" in view.markdown()
 
 
 def test_answer_view_shows_status_then_answer_then_error() -> None:

@@ -28,7 +28,7 @@ class ByteTokenizer:
 
 def tiny_model(seed: int, dtype: torch.dtype = torch.float32, layers: int = 2, noise_from: int | None = None,
                noise: float = 0.0, stop_ids: frozenset[int] = frozenset(), vocab: int = VOCAB,
-               attention_gain: float = 1.0) -> LoadedModel:
+               attention_gain: float = 1.0, max_positions: int = 4096) -> LoadedModel:
     """A tiny Qwen2; with noise_from, a perturbed copy of that seed's model (a drafter that mostly agrees).
 
     attention_gain < 1 weakens attention's output, so the next token depends mostly on the last one
@@ -36,7 +36,7 @@ def tiny_model(seed: int, dtype: torch.dtype = torch.float32, layers: int = 2, n
     """
     # head_dim 64: a size the C attention kernel takes, so these tests run the production path.
     config = Qwen2Config(vocab_size=vocab, hidden_size=256, intermediate_size=256, num_hidden_layers=layers,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=max_positions,
                          rope_theta=10000.0)
     torch.manual_seed(seed if noise_from is None else noise_from)
     hf = Qwen2ForCausalLM(config).eval()

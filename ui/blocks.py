@@ -24,7 +24,7 @@ from app.events import Done, Preparing, Progress, Sources, Status, Token
 from app.pipeline import Engine
 from app.presets import FAST, PRESETS
 from app.progress import describe
-from app.report import sources_record, speedup_record, stats_record
+from app.report import reading_record, sources_record, speedup_record, stats_record
 from decoding.methods import METHODS
 from decoding.settings import DecodingSettings
 from retrieval.readers import supported_extensions
@@ -132,7 +132,7 @@ def build_app(engine: Engine, index_dir: Path | None = None) -> gr.Blocks:
                     elif isinstance(event, Preparing):
                         view.status = describe(event)
                     elif isinstance(event, Sources):
-                        view.citations = tuple(event.citations)
+                        view.citations, view.reading = tuple(event.citations), event.reading
                     elif isinstance(event, Token):
                         view.text += event.text
                         view.status = "Generating"
@@ -142,6 +142,7 @@ def build_app(engine: Engine, index_dir: Path | None = None) -> gr.Blocks:
                         plot = accepted_lengths_plot(event.stats, decoding.gamma)
                     elif isinstance(event, Done):
                         view.text, view.citations, view.finished = event.answer, tuple(event.citations), True
+                        view.reading = event.reading
                         elapsed = time.perf_counter() - started
                         reason = f", stopped by {event.stats.finish_reason}" if event.stats.finish_reason else ""
                         shown.panel = PanelView(f"Answer complete in {elapsed:.1f} s{reason}", event.stats,
@@ -179,7 +180,8 @@ def build_app(engine: Engine, index_dir: Path | None = None) -> gr.Blocks:
         if done is None:
             raise gr.Error(UNEXPECTED, print_exception=False)
         # The layout of `ask --json`, so a script can switch between the two.
-        return done.answer, stats_record(done.stats) | speedup_record(done.speedup), sources_record(done.citations)
+        stats = stats_record(done.stats) | speedup_record(done.speedup) | {"read": reading_record(done.reading)}
+        return done.answer, stats, sources_record(done.citations)
 
     def upload_api(files: list[str] | None) -> dict[str, Any]:
         lines = ingest_uploads(index, [Path(f) for f in files or []], uploads_dir, limits)

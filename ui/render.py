@@ -19,7 +19,7 @@ from app.events import Preparing
 from app.progress import describe
 from app.speedup import Speedup
 from decoding.stats import Stats
-from retrieval.types import Citation, DocumentInfo
+from retrieval.types import Citation, DocumentInfo, Reading
 
 if TYPE_CHECKING:
     from ui.uploads import UploadLine
@@ -74,14 +74,16 @@ def document_choices(documents: Sequence[DocumentInfo]) -> list[tuple[str, str]]
     return [(doc.source, doc.doc_id) for doc in documents]
 
 
-def sources_markdown(citations: Sequence[Citation]) -> str:
+def sources_markdown(citations: Sequence[Citation], reading: Reading | None = None) -> str:
     if not citations:
         return ""
     items = "\n".join(
-        f"{i}. **{md_escape(c.label())}** — {md_escape(_shorten(c.excerpt, SOURCE_EXCERPT_CHARS))}"
+        f"{i}. **{md_escape(c.label())}**{'' if c.read else ' _(not read by the model)_'} — "
+        f"{md_escape(_shorten(c.excerpt, SOURCE_EXCERPT_CHARS))}"
         for i, c in enumerate(citations, 1)
     )
-    return f"**Sources**\n\n{items}"
+    read = f"_The model {md_escape(reading.note())}._\n\n" if reading is not None else ""
+    return f"**Sources**\n\n{read}{items}"
 
 
 def _shorten(text: str, limit: int) -> str:
@@ -151,6 +153,7 @@ class AnswerView:
     status: str = "Waiting for the model"
     text: str = ""
     citations: tuple[Citation, ...] = ()
+    reading: Reading | None = None  # the part of a large corpus the model read
     error: str | None = None
     finished: bool = False
     stopped: bool = False  # cancelled by the user: the text so far stays
@@ -170,7 +173,7 @@ class AnswerView:
         elif not self.finished:
             parts.append(f"_{md_escape(self.status)}…_")
         if self.citations and not self.error:
-            parts.append(sources_markdown(self.citations))
+            parts.append(sources_markdown(self.citations, self.reading))
         return "\n\n".join(parts)
 
 

@@ -21,6 +21,7 @@ from app.config import Settings
 from app.errors import CliError
 from app.eval.reporting import figure, report, write_json, write_report
 from app.eval.scoring import context_summary, score_row, summarize
+from app.events import Done
 from app.machine import machine_info
 from app.options import add_model_options, check_document_args, index_dir_for, ingest_documents, log, settings_from_args
 from app.pipeline import Engine, answer_once
@@ -37,6 +38,7 @@ class QAItem:
     answers: list[str]
     page: int | None = None
     position: str | None = None  # beginning | middle | end of the document
+    source: str | None = None  # the document holding `page`, when the corpus has several
 
 
 def load_questions(path: Path) -> list[QAItem]:
@@ -56,6 +58,7 @@ def load_questions(path: Path) -> list[QAItem]:
                 answers=[str(a) for a in data["answers"]],
                 page=data.get("page"),
                 position=data.get("position"),
+                source=data.get("source"),
             )
         except (ValueError, KeyError, TypeError) as error:
             raise CliError(f"{path}, line {number}: not a question record ({error})") from None
@@ -128,7 +131,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--index", type=Path, metavar="DIR",
                    help="index directory (default: one kept per --docs set)")
     p.add_argument("--questions", type=Path, metavar="JSONL",
-                   help='one {"id", "question", "answers": [...], "page", "position"} per line (required)')
+                   help='one {"id", "question", "answers": [...], "page", "position", "source"} per line (required)')
     p.add_argument("--report", type=Path, metavar="RESULTS_JSON",
                    help="only re-draw the table and plot of a finished (or interrupted) run from its results.json")
     p.add_argument("--methods", default=DEFAULT_METHODS, help=f"comma-separated (default {DEFAULT_METHODS}); "
@@ -183,6 +186,18 @@ def main(argv: Sequence[str]) -> int:
     return write_report(results, out)
 
 
+def evidence_row(item: QAItem, done: Done) -> dict:
+    """Whether retrieval found the labelled page and whether the target read it (its window)."""
+    cited = [c for c in done.citations if c.page == item.page and item.source in (None, c.source)]
+    return {
+        "source": item.source,
+        "page_retrieved": bool(cited) if item.page is not None else None,
+        "page_read": any(c.read for c in cited) if item.page is not None else None,
+        "read": done.reading.label if done.reading else None,
+        "retrieved_elsewhere": done.reading.elsewhere if done.reading else 0,
+    }
+
+
 def run_eval(
     engine: Engine, index: HybridIndex, items: list[QAItem], runs: list[MethodRun], settings: Settings,
     warmup: bool, out: Path, log: Callable[[str], None], documents: list[str], argv: list[str],
@@ -212,6 +227,7 @@ def run_eval(
         # question 1 is measured like every later one.
         log("[warm-up: reading the documents once]")
         started = time.perf_counter()
+        engine.prefill_documents(index, progress=False)  # every window of a corpus larger than the target's
         short = replace(settings.decoding, method=BASELINE, max_new_tokens=2)
         done = answer_once(engine, items[0].question, index, short)
         results["warmup"] = {"seconds": time.perf_counter() - started, "prefill_s": done.stats.prefill_s,
@@ -226,6 +242,7 @@ def run_eval(
             if run.decoding.method == BASELINE:
                 lc_tokens_per_s, lc_answer_s = done.stats.decode_tokens_per_s, done.stats.answer_s
             row = score_row(item, run, done.answer, done.stats, lc_tokens_per_s, lc_answer_s)
+            row |= evidence_row(item, done)
             rows.append(row)
             log(f"[{number}/{len(items)} {item.id}] {run.label}: "
                 f"{figure(row['decode_tokens_per_s'], '.2f')} tok/s, "

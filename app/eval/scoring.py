@@ -173,6 +173,9 @@ def summarize(rows: list[dict], labels: Sequence[str]) -> list[dict]:
             # End to end: question received -> last token, retrieval included (older results lack it).
             "median_answer_s": median_or_none(r.get("answer_s") for r in mine),
             "median_e2e_speedup_vs_lc": median_or_none(r.get("e2e_speedup_vs_lc") for r in mine),
+            # Retrieval found the labelled page / found it inside the window the target read.
+            "page_retrieved": mean_or_none(r.get("page_retrieved") for r in mine),
+            "page_read": mean_or_none(r.get("page_read") for r in mine),
         })
     return summary
 
