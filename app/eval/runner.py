@@ -227,7 +227,8 @@ def run_eval(
         # question 1 is measured like every later one.
         log("[warm-up: reading the documents once]")
         started = time.perf_counter()
-        engine.prefill_documents(index, progress=False)  # every window of a corpus larger than the target's
+        # Every window of a corpus larger than the target's, with a progress bar: this can take minutes.
+        engine.prefill_documents(index, progress=True)
         short = replace(settings.decoding, method=BASELINE, max_new_tokens=2)
         done = answer_once(engine, items[0].question, index, short)
         results["warmup"] = {"seconds": time.perf_counter() - started, "prefill_s": done.stats.prefill_s,
