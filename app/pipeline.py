@@ -151,9 +151,9 @@ class Engine:
         target = self.target
         return [Passage(chunk.chunk_id, target.piece_tokens(passage(chunk))) for chunk in chunks]
 
-    def build_drafter_kv(self, index: HybridIndex, progress: bool = True) -> float:
-        """Encode every chunk the drafter has no KV for yet; returns the seconds spent encoding."""
-        store = self.chunk_kv(index)
+    def build_drafter_kv(self, index: HybridIndex, progress: bool = True, spec: str | None = None) -> float:
+        """Encode every chunk the drafter (or the model `spec`) has no KV for yet; returns the seconds spent."""
+        store = self.chunk_kv(index, spec)
         todo = store.missing(self.passages(self._chunks(index)))
         if not todo:
             return 0.0

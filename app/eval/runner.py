@@ -25,7 +25,7 @@ from app.events import Done
 from app.machine import machine_info
 from app.options import add_model_options, check_document_args, index_dir_for, ingest_documents, log, settings_from_args
 from app.pipeline import Engine, answer_once
-from decoding.methods import BASELINE, METHODS
+from decoding.methods import BASELINE, METHODS, Drafting
 from decoding.settings import DecodingSettings
 from retrieval.index import HybridIndex
 
@@ -227,8 +227,12 @@ def run_eval(
         # question 1 is measured like every later one.
         log("[warm-up: reading the documents once]")
         started = time.perf_counter()
-        # Every window of a corpus larger than the target's, with a progress bar: this can take minutes.
-        engine.prefill_documents(index, progress=True)
+        # What ingest prepares (every window's prefill, the drafter's chunk KV) and the chunk KV of any
+        # other model that drafts from the passages (rapid-self), with progress bars: minutes when cold.
+        engine.prepare(index, progress=True)
+        for spec in dict.fromkeys(engine.drafter_spec(r.decoding.method) for r in runs
+                                  if METHODS[r.decoding.method].drafting is Drafting.RAG_MODEL):
+            engine.build_drafter_kv(index, progress=True, spec=spec)
         short = replace(settings.decoding, method=BASELINE, max_new_tokens=2)
         done = answer_once(engine, items[0].question, index, short)
         results["warmup"] = {"seconds": time.perf_counter() - started, "prefill_s": done.stats.prefill_s,
