@@ -30,12 +30,22 @@ DIM, INTERMEDIATE, KV = 1536, 8960, 256
 
 
 def random_weight(kind: int, group: int, n: int, k: int, gen: torch.Generator) -> QuantWeight:
+    """Random values and scales in the GGUF's own shapes (Q4_K for kind 4, Q6_K for kind 8)."""
     tiles, groups = n // 16, k // group
+    per = 256 // group
+    supers = -(-groups // per)
     tile_bytes = 256 if kind == 4 else 16 * group
+
+    def top() -> torch.Tensor:
+        return (torch.rand(tiles, supers, 16, generator=gen) * 1e-3).half()
+
+    def sub() -> torch.Tensor:
+        return torch.randint(0, 64, (tiles, groups, 16), dtype=torch.int8, generator=gen)
+
     q = torch.randint(0, 256, (tiles, groups, tile_bytes), dtype=torch.uint8, generator=gen)
-    scale = torch.rand(tiles, groups, 16, generator=gen) * 1e-2
-    minimum = torch.rand(tiles, groups, 16, generator=gen) * 1e-2 if kind == 4 else None
-    return QuantWeight(kind, group, n, k, q, scale, minimum)
+    if kind == 4:
+        return QuantWeight(kind, group, n, k, q, top(), sub(), top(), sub(), per)
+    return QuantWeight(kind, group, n, k, q, top(), sub(), None, None, per)
 
 
 def quant_layers(n_layers: int) -> list[list[QuantLinear]]:

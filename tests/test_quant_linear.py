@@ -45,16 +45,37 @@ def activations(rows: int, k: int = 256, seed: int = 1, dtype: torch.dtype = tor
 @pytest.mark.parametrize(("kind", "group"), LAYOUTS)
 def test_pack_round_trips_values(kind: int, group: int) -> None:
     gen = torch.Generator().manual_seed(2)
-    n, k = 48, 128
+    n, k = 48, 640  # 20 or 40 groups: the last super-block is partial
+    per = 1 if (kind, group) == (8, 32) else 256 // group
+    supers, groups = -(-k // (group * per)), k // group
     low, high = (0, 16) if kind == 4 else (-128, 128)
     values = torch.randint(low, high, (n, k), generator=gen).numpy()
-    scale = torch.rand(n, k // group, generator=gen).numpy() + 0.5
-    minimum = torch.rand(n, k // group, generator=gen).numpy() if kind == 4 else None
-    w = quant.pack(values, scale, minimum, kind, group)
+
+    def top() -> np.ndarray:
+        return (torch.rand(n, supers, generator=gen) + 0.5).numpy().astype(np.float16)
+
+    def sub() -> np.ndarray | None:
+        return None if per == 1 else torch.randint(-64, 64, (n, groups), generator=gen).numpy().astype(np.int8)
+
+    d, s = top(), sub()
+    dmin, msub = (top(), sub()) if kind == 4 else (None, None)
+    w = quant.pack(values, d, s, kind, group, per, dmin, msub)
+    scale, minimum = quant.Unpacked(values, d, s, group, per, dmin, msub).scales()
     expected = np.repeat(scale, group, axis=1) * values.astype(np.float32)
     if minimum is not None:
         expected = expected - np.repeat(minimum, group, axis=1)
     assert np.array_equal(quant.dequantize_torch(w).numpy(), expected.astype(np.float32))
+    # the scales cost what they cost in the GGUF: fp16 per super-block, one byte per group
+    scale_bytes = n * (2 * supers + (0 if per == 1 else groups))
+    assert w.nbytes == {4: n * k // 2 + 2 * scale_bytes, 8: n * k + scale_bytes}[kind]
+
+
+def test_pack_refuses_inconsistent_scales() -> None:
+    values, d = np.zeros((16, 64), np.int16), np.ones((16, 2), np.float16)
+    with pytest.raises(ValueError):
+        quant.pack(values, d, np.ones((16, 2), np.int8), 8, 32, 1)  # sub-scales need super-blocks
+    with pytest.raises(ValueError):
+        quant.pack(values, d, None, 4, 32, 1)  # a 4-bit weight without its mins
 
 
 @pytest.mark.parametrize(("kind", "group"), LAYOUTS)

@@ -6,12 +6,18 @@
  *
  * Weight layouts (the Python side builds them; both tile 16 output columns, so one 512-bit
  * vector holds 4 consecutive inputs of each of the 16 columns):
- *   kind 4: groups of 32 inputs; q in 0..15; w = scale * q - min (fp32 scale, fp32 min per
- *           column and group). 256 bytes per tile and group: byte 64h + 4j + b holds input
- *           4h + b of column j in its low nibble and input 16 + 4h + b in its high nibble.
+ *   kind 4: groups of 32 inputs; q in 0..15; w = scale * q - min. 256 bytes per tile and group:
+ *           byte 64h + 4j + b holds input 4h + b of column j in its low nibble and input
+ *           16 + 4h + b in its high nibble.
  *   kind 8: groups of 16 or 32 inputs; q stored as u8 = signed value + 128; w = scale * (u - 128).
  *           byte 64p + 4j + b holds input 4p + b of column j.
- *   q is [n/16][k/group][tile bytes], scale and min are [n/16][k/group][16].
+ *   q is [n/16][k/group][tile bytes].
+ * Scales keep the GGUF's own two levels (Q4_K, Q6_K: an fp16 scale per super-block of `per`
+ * groups times a signed 8-bit sub-scale per group), so they cost what they cost in the file:
+ *   scale = d[g / per] * sub[g]  (fp16 d [n/16][ceil(ng/per)][16], int8 sub [n/16][ng][16]);
+ *   min   = dmin[g / per] * msub[g] (kind 4 only, same shapes). Without sub (Q5_0, Q8_0: per = 1)
+ *   scale = d[g]. The fp32 products are exact (11-bit by 8-bit mantissas), so they equal the
+ *   products gguf forms when it dequantizes.
  *
  * Exactness: a row's result depends only on that row: its quantization uses its own values,
  * integer sums are exact, and the float sums run over groups in a fixed order for every row,
@@ -56,6 +62,32 @@ static inline uint16_t f32_to_bf16(float f) { /* round to nearest even, as torch
     u += 0x7fffu + ((u >> 16) & 1u);
     return (uint16_t)(u >> 16);
 }
+
+static inline float f16_to_f32(uint16_t h) { /* exact, subnormals included */
+    const uint32_t sign = (uint32_t)(h & 0x8000u) << 16, e = (h >> 10) & 0x1fu, m = h & 0x3ffu;
+    uint32_t u;
+    if (e == 0x1f) {
+        u = sign | 0x7f800000u | (m << 13);
+    } else if (e != 0) {
+        u = sign | ((e + 112) << 23) | (m << 13);
+    } else {
+        const float f = (float)m * 5.9604644775390625e-8f; /* m * 2^-24: exact */
+        memcpy(&u, &f, 4);
+        u |= sign;
+    }
+    float f;
+    memcpy(&f, &u, 4);
+    return f;
+}
+
+/* One weight's (or one tile's) two-level scales; sub and msub are NULL when per is 1. */
+typedef struct {
+    const uint16_t *d;
+    const int8_t *sub;
+    const uint16_t *dmin;
+    const int8_t *msub;
+    int per;
+} Scales;
 
 /* Activations: per row and 32-value block, xs = amax / 127 and xq = round(x / xs); bsum16 holds
  * the sum of xq per 16 values (for the 8-bit offset), xsb = xs * (sum of xq per 32) (for mins). */
@@ -107,13 +139,21 @@ typedef struct {
 
 #ifdef RQ_VNNI
 
+/* The 16 columns' scale (or min) of group g in super-block sb. */
+static inline __m512 group_scale(const uint16_t *d, const int8_t *sub, int sb, int g) {
+    const __m512 top = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(d + (int64_t)sb * TILE)));
+    if (!sub) return top;
+    const __m512i s8 = _mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(sub + (int64_t)g * TILE)));
+    return _mm512_mul_ps(top, _mm512_cvtepi32_ps(s8));
+}
+
 /* One tile (16 columns) of kind 4 for R rows. */
 static inline __attribute__((always_inline)) void tile4(const Block *a, const int R, const uint8_t *q,
-                                                        const float *scale, const float *min, int ng, float *out) {
+                                                        const Scales *s, int ng, float *out) {
     __m512 acc[MAX_R];
     for (int r = 0; r < R; r++) acc[r] = _mm512_setzero_ps();
     const __m512i low = _mm512_set1_epi8(0x0f);
-    for (int g = 0; g < ng; g++) {
+    for (int g = 0, sb = 0, in_sb = 0; g < ng; g++) {
         const uint8_t *qg = q + (int64_t)g * 256;
         const int32_t *xg = a->xp + (int64_t)g * 8 * R;
         __m512i iacc[MAX_R];
@@ -127,11 +167,12 @@ static inline __attribute__((always_inline)) void tile4(const Block *a, const in
                 iacc[r] = _mm512_dpbusd_epi32(iacc[r], hi, _mm512_set1_epi32(xg[(4 + h) * R + r]));
             }
         }
-        const __m512 sc = _mm512_loadu_ps(scale + (int64_t)g * TILE);
-        const __m512 mn = _mm512_loadu_ps(min + (int64_t)g * TILE);
+        const __m512 sc = group_scale(s->d, s->sub, sb, g);
+        const __m512 mn = group_scale(s->dmin, s->msub, sb, g);
+        if (++in_sb == s->per) in_sb = 0, sb++;
         for (int r = 0; r < R; r++) {
-            const __m512 s = _mm512_mul_ps(sc, _mm512_set1_ps(a->xs[g * R + r]));
-            acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(iacc[r]), s, acc[r]);
+            const __m512 sr = _mm512_mul_ps(sc, _mm512_set1_ps(a->xs[g * R + r]));
+            acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(iacc[r]), sr, acc[r]);
             acc[r] = _mm512_fnmadd_ps(mn, _mm512_set1_ps(a->xsb[g * R + r]), acc[r]);
         }
     }
@@ -140,11 +181,11 @@ static inline __attribute__((always_inline)) void tile4(const Block *a, const in
 
 /* One tile of kind 8 (groups of G = 16 or 32 inputs) for R rows. */
 static inline __attribute__((always_inline)) void tile8(const Block *a, const int R, const int G, const uint8_t *q,
-                                                        const float *scale, int ng, float *out) {
+                                                        const Scales *s, int ng, float *out) {
     __m512 acc[MAX_R];
     for (int r = 0; r < R; r++) acc[r] = _mm512_setzero_ps();
     const int32_t *off = G == 16 ? a->off16 : a->off32;
-    for (int g = 0; g < ng; g++) {
+    for (int g = 0, sb = 0, in_sb = 0; g < ng; g++) {
         const uint8_t *qg = q + (int64_t)g * 16 * G;
         const int32_t *xg = a->xp + (int64_t)g * (G / 4) * R;
         /* the stored u8 is value + 128: start from -128 * sum(xq) over the group (exact) */
@@ -154,11 +195,12 @@ static inline __attribute__((always_inline)) void tile8(const Block *a, const in
             const __m512i w = _mm512_loadu_si512(qg + 64 * p);
             for (int r = 0; r < R; r++) iacc[r] = _mm512_dpbusd_epi32(iacc[r], w, _mm512_set1_epi32(xg[p * R + r]));
         }
-        const __m512 sc = _mm512_loadu_ps(scale + (int64_t)g * TILE);
+        const __m512 sc = group_scale(s->d, s->sub, sb, g);
+        if (++in_sb == s->per) in_sb = 0, sb++;
         const int b = G == 16 ? g / 2 : g;
         for (int r = 0; r < R; r++) {
-            const __m512 s = _mm512_mul_ps(sc, _mm512_set1_ps(a->xs[b * R + r]));
-            acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(iacc[r]), s, acc[r]);
+            const __m512 sr = _mm512_mul_ps(sc, _mm512_set1_ps(a->xs[b * R + r]));
+            acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(iacc[r]), sr, acc[r]);
         }
     }
     for (int r = 0; r < R; r++) _mm512_storeu_ps(out + (int64_t)r * TILE, acc[r]);
@@ -176,16 +218,16 @@ static inline __attribute__((always_inline)) void tile8(const Block *a, const in
     default: CALL(8); break;                                                                              \
     }
 
-static void tile_rows(const Block *a, int R, int kind, int G, const uint8_t *q, const float *scale,
-                      const float *min, int ng, float *out) {
+static void tile_rows(const Block *a, int R, int kind, int G, const uint8_t *q, const Scales *s, int ng,
+                      float *out) {
     if (kind == 4) {
-#define T4(n) tile4(a, n, q, scale, min, ng, out)
+#define T4(n) tile4(a, n, q, s, ng, out)
         DISPATCH(T4)
     } else if (G == 16) {
-#define T8A(n) tile8(a, n, 16, q, scale, ng, out)
+#define T8A(n) tile8(a, n, 16, q, s, ng, out)
         DISPATCH(T8A)
     } else {
-#define T8B(n) tile8(a, n, 32, q, scale, ng, out)
+#define T8B(n) tile8(a, n, 32, q, s, ng, out)
         DISPATCH(T8B)
     }
 }
@@ -196,8 +238,13 @@ static inline int8_t quad_byte(const int32_t *xp, int R, int index, int r) {
     return ((const int8_t *)&xp[(index / 4) * R + r])[index % 4];
 }
 
-static void tile_rows(const Block *a, int R, int kind, int G, const uint8_t *q, const float *scale,
-                      const float *min, int ng, float *out) {
+static inline float group_scale(const uint16_t *d, const int8_t *sub, int sb, int g, int j) {
+    const float top = f16_to_f32(d[(int64_t)sb * TILE + j]);
+    return sub ? top * (float)sub[(int64_t)g * TILE + j] : top;
+}
+
+static void tile_rows(const Block *a, int R, int kind, int G, const uint8_t *q, const Scales *s, int ng,
+                      float *out) {
     for (int r = 0; r < R; r++) {
         for (int j = 0; j < TILE; j++) {
             float acc = 0.0f;
@@ -211,17 +258,17 @@ static void tile_rows(const Block *a, int R, int kind, int G, const uint8_t *q, 
                             isum += (byte & 15) * quad_byte(a->xp, R, g * 32 + 4 * h + b, r) +
                                     (byte >> 4) * quad_byte(a->xp, R, g * 32 + 16 + 4 * h + b, r);
                         }
-                    const float s = scale[(int64_t)g * TILE + j] * a->xs[g * R + r];
-                    acc = fmaf((float)isum, s, acc);
-                    acc = fmaf(-min[(int64_t)g * TILE + j], a->xsb[g * R + r], acc);
+                    const float sr = group_scale(s->d, s->sub, g / s->per, g, j) * a->xs[g * R + r];
+                    acc = fmaf((float)isum, sr, acc);
+                    acc = fmaf(-group_scale(s->dmin, s->msub, g / s->per, g, j), a->xsb[g * R + r], acc);
                 } else {
                     const uint8_t *qg = q + (int64_t)g * 16 * G;
                     for (int p = 0; p < G / 4; p++)
                         for (int b = 0; b < 4; b++)
                             isum += qg[64 * p + 4 * j + b] * quad_byte(a->xp, R, g * G + 4 * p + b, r);
                     isum -= (G == 16 ? a->off16 : a->off32)[g * R + r];
-                    const float s = scale[(int64_t)g * TILE + j] * a->xs[(G == 16 ? g / 2 : g) * R + r];
-                    acc = fmaf((float)isum, s, acc);
+                    const float sr = group_scale(s->d, s->sub, g / s->per, g, j) * a->xs[(G == 16 ? g / 2 : g) * R + r];
+                    acc = fmaf((float)isum, sr, acc);
                 }
             }
             out[r * TILE + j] = acc;
@@ -235,12 +282,13 @@ static void tile_rows(const Block *a, int R, int kind, int G, const uint8_t *q, 
  * columns of one weight in the layout above; the activations come from rq_quantize_rows.
  * Returns nonzero for shapes it does not take. */
 int rq_linear(const int8_t *xq, const float *xs, const int32_t *bsum16, const float *xsb, int rows, int k,
-              const uint8_t *q, const float *scale, const float *min, int kind, int group, int n,
-              const float *bias, float *y, int64_t ldy, int n_threads) {
-    if (k % QBLOCK || n % TILE || (kind != 4 && kind != 8)) return 1;
+              const uint8_t *q, const uint16_t *d, const int8_t *sub, const uint16_t *dmin, const int8_t *msub,
+              int per, int kind, int group, int n, const float *bias, float *y, int64_t ldy, int n_threads) {
+    if (k % QBLOCK || n % TILE || (kind != 4 && kind != 8) || per < 1 || (!sub && per != 1)) return 1;
+    if (kind == 4 && (!dmin || !sub != !msub)) return 1;
     if (kind == 4 && group != 32) return 1;
     if (kind == 8 && group != 16 && group != 32) return 1;
-    const int ng = k / group, nb = k / QBLOCK;
+    const int ng = k / group, nb = k / QBLOCK, ns = (ng + per - 1) / per;
     const int n_tiles = n / TILE;
     const int n_blocks = (rows + MAX_R - 1) / MAX_R;
     const int64_t tile_bytes = kind == 4 ? (int64_t)ng * 256 : (int64_t)ng * 16 * group;
@@ -290,9 +338,10 @@ int rq_linear(const int8_t *xq, const float *xs, const int32_t *bsum16, const fl
                 const Block a = {bx, bs, bs + nb * R, bx + quads * R, bx + quads * R + 2 * nb * R};
                 for (int t = item * TILES_PER_ITEM; t < t_end; t++) {
                     const uint8_t *qt = q + t * tile_bytes;
-                    const float *st = scale + (int64_t)t * ng * TILE;
-                    const float *mt = kind == 4 ? min + (int64_t)t * ng * TILE : 0;
-                    tile_rows(&a, R, kind, group, qt, st, mt, ng, out);
+                    const Scales st = {d + (int64_t)t * ns * TILE, sub ? sub + (int64_t)t * ng * TILE : 0,
+                                       kind == 4 ? dmin + (int64_t)t * ns * TILE : 0,
+                                       msub ? msub + (int64_t)t * ng * TILE : 0, per};
+                    tile_rows(&a, R, kind, group, qt, &st, ng, out);
                     for (int r = 0; r < R; r++) {
                         float *dst = y + (int64_t)(r0 + r) * ldy + (int64_t)t * TILE;
                         for (int j = 0; j < TILE; j++)
@@ -309,10 +358,12 @@ int rq_linear(const int8_t *xq, const float *xs, const int32_t *bsum16, const fl
 
 /* Dequantize columns `cols` (all n when cols is NULL) of a weight into out [count, k], fp32 or
  * bf16. Values equal the GGUF's own dequantization: scale * q - min in fp32, unfused. */
-int rq_dequantize(const uint8_t *q, const float *scale, const float *min, int kind, int group, int n, int k,
-                  const int64_t *cols, int count, void *out, int out_bf16, int n_threads) {
-    if (k % group || n % TILE) return 1;
-    const int ng = k / group;
+int rq_dequantize(const uint8_t *q, const uint16_t *d, const int8_t *sub, const uint16_t *dmin, const int8_t *msub,
+                  int per, int kind, int group, int n, int k, const int64_t *cols, int count, void *out,
+                  int out_bf16, int n_threads) {
+    if (k % group || n % TILE || per < 1 || (!sub && per != 1)) return 1;
+    if (kind == 4 && (!dmin || !sub != !msub)) return 1;
+    const int ng = k / group, ns = (ng + per - 1) / per;
     const int64_t tile_bytes = kind == 4 ? (int64_t)ng * 256 : (int64_t)ng * 16 * group;
 #pragma omp parallel for schedule(static) num_threads(n_threads)
     for (int i = 0; i < count; i++) {
@@ -321,10 +372,11 @@ int rq_dequantize(const uint8_t *q, const float *scale, const float *min, int ki
         const int64_t t = col / TILE, j = col % TILE;
         const uint8_t *qt = q + t * tile_bytes;
         for (int g = 0; g < ng; g++) {
-            const float s = scale[(t * ng + g) * TILE + j];
+            const int64_t top = (t * ns + g / per) * TILE + j, own = (t * ng + g) * TILE + j;
+            const float s = sub ? f16_to_f32(d[top]) * (float)sub[own] : f16_to_f32(d[top]);
             float v[32];
             if (kind == 4) {
-                const float m = min[(t * ng + g) * TILE + j];
+                const float m = msub ? f16_to_f32(dmin[top]) * (float)msub[own] : f16_to_f32(dmin[top]);
                 const uint8_t *qg = qt + (int64_t)g * 256;
                 for (int h = 0; h < 4; h++)
                     for (int b = 0; b < 4; b++) {
