@@ -149,38 +149,80 @@ weighted_values_generic(float scores[][BLOCK], int rows, const void *v, int64_t 
 #if defined(__AVX512BF16__) && defined(__AVX512BW__)
 #define HAVE_BF16_DOT 1
 
+/* In place: r[t] lane p -> r[p] lane t, 32-bit lanes (unpack within 128-bit lanes, then a 4x4
+ * transpose of the 128-bit lanes). */
+static inline __attribute__((always_inline)) void transpose16(__m512i r[16]) {
+    __m512i t[16], u[16];
+    for (int i = 0; i < 8; ++i) {
+        t[2 * i] = _mm512_unpacklo_epi32(r[2 * i], r[2 * i + 1]);
+        t[2 * i + 1] = _mm512_unpackhi_epi32(r[2 * i], r[2 * i + 1]);
+    }
+    /* u[4G + c], 128-bit lane L: element 4L + c of rows 4G..4G+3 */
+    for (int g = 0; g < 4; ++g) {
+        u[4 * g] = _mm512_unpacklo_epi64(t[4 * g], t[4 * g + 2]);
+        u[4 * g + 1] = _mm512_unpackhi_epi64(t[4 * g], t[4 * g + 2]);
+        u[4 * g + 2] = _mm512_unpacklo_epi64(t[4 * g + 1], t[4 * g + 3]);
+        u[4 * g + 3] = _mm512_unpackhi_epi64(t[4 * g + 1], t[4 * g + 3]);
+    }
+    for (int c = 0; c < 4; ++c) {
+        const __m512i v0 = _mm512_shuffle_i32x4(u[c], u[4 + c], 0x44), v1 = _mm512_shuffle_i32x4(u[c], u[4 + c], 0xEE);
+        const __m512i v2 = _mm512_shuffle_i32x4(u[8 + c], u[12 + c], 0x44);
+        const __m512i v3 = _mm512_shuffle_i32x4(u[8 + c], u[12 + c], 0xEE);
+        r[c] = _mm512_shuffle_i32x4(v0, v2, 0x88);
+        r[4 + c] = _mm512_shuffle_i32x4(v0, v2, 0xDD);
+        r[8 + c] = _mm512_shuffle_i32x4(v1, v3, 0x88);
+        r[12 + c] = _mm512_shuffle_i32x4(v1, v3, 0xDD);
+    }
+}
+
+#define SCORE_ROWS 8 /* rows sharing each load of a transposed key vector */
+
+/* a[i] lane t = q_i . key t, over the transposed keys kt, for n rows of bf16 pairs qp. */
+static inline __attribute__((always_inline)) void score_rows(const uint32_t (*qp)[MAX_VECS * 8], const int n,
+                                                             const __m512i kt[][16], const int pairs, __m512 *a) {
+    for (int i = 0; i < n; ++i) a[i] = _mm512_setzero_ps();
+    for (int p = 0; p < pairs; ++p) {
+        const __m512bh kv = (__m512bh)kt[p / 16][p % 16];
+        for (int i = 0; i < n; ++i) a[i] = _mm512_dpbf16_ps(a[i], (__m512bh)_mm512_set1_epi32((int)qp[i][p]), kv);
+    }
+}
+
 /* bf16 K: dot products with vdpbf16ps straight from the cache (q rounded to bf16 - it came
- * from bf16 activations, so this is exact), 2 products per lane per instruction. */
+ * from bf16 activations, so this is exact). Each step's 16 keys are transposed once so that
+ * lane t of a vector holds key t's pair of dimensions 2p, 2p + 1: a row's 16 scores then build
+ * up in one register, in dimension order, with no reduction across lanes, and the transposed
+ * keys serve every row of the call. */
 static inline __attribute__((always_inline)) void
 scores_bf16(const float *q, int rows, const uint16_t *k, int64_t begin, int64_t n, float scale,
             float scores[][BLOCK], const int head_dim) {
-    const int nw = head_dim / 32;
-    __m512bh qb[MAX_ROWS][MAX_VECS / 2];
+    const int pairs = head_dim / 2;
+    uint32_t qp[MAX_ROWS][MAX_VECS * 8]; /* q as bf16 pairs */
     for (int r = 0; r < rows; ++r)
-        for (int c = 0; c < nw; ++c)
-            qb[r][c] = _mm512_cvtne2ps_pbh(_mm512_loadu_ps(q + (int64_t)r * head_dim + c * 32 + 16),
-                                           _mm512_loadu_ps(q + (int64_t)r * head_dim + c * 32));
+        for (int c = 0; c < pairs / 16; ++c) {
+            const __m512bh b = _mm512_cvtne2ps_pbh(_mm512_loadu_ps(q + (int64_t)r * head_dim + c * 32 + 16),
+                                                   _mm512_loadu_ps(q + (int64_t)r * head_dim + c * 32));
+            memcpy(&qp[r][c * 16], &b, 64);
+        }
+    __m512i kt[MAX_VECS * 8 / 16][16]; /* [pair / 16][16 keys] -> [pair][key] after transposing */
     for (int64_t j0 = 0; j0 < n; j0 += KEY_STEP) {
         const int steps = n - j0 < KEY_STEP ? (int)(n - j0) : KEY_STEP;
-        for (int r = 0; r < rows; ++r) { /* the step's 16 keys stay in L1 across rows */
-            /* 16 independent accumulators, interleaved: the dot products' latency overlaps */
-            __m512 a[KEY_STEP];
-            for (int t = 0; t < KEY_STEP; ++t) a[t] = _mm512_setzero_ps();
-            if (steps == KEY_STEP) {
-                for (int c = 0; c < nw; ++c)
-                    for (int t = 0; t < KEY_STEP; ++t)
-                        a[t] = _mm512_dpbf16_ps(a[t], qb[r][c],
-                                                (__m512bh)_mm512_loadu_si512(k + (begin + j0 + t) * head_dim + c * 32));
-            } else {
-                for (int c = 0; c < nw; ++c)
-                    for (int t = 0; t < steps; ++t)
-                        a[t] = _mm512_dpbf16_ps(a[t], qb[r][c],
-                                                (__m512bh)_mm512_loadu_si512(k + (begin + j0 + t) * head_dim + c * 32));
+        for (int c = 0; c < pairs / 16; ++c) {
+            for (int t = 0; t < KEY_STEP; ++t)
+                kt[c][t] = t < steps ? _mm512_loadu_si512(k + (begin + j0 + t) * head_dim + c * 32)
+                                     : _mm512_setzero_si512();
+            transpose16(kt[c]);
+        }
+        for (int r0 = 0; r0 < rows; r0 += SCORE_ROWS) {
+            const int rn = rows - r0 < SCORE_ROWS ? rows - r0 : SCORE_ROWS;
+            __m512 a[SCORE_ROWS];
+            switch (rn) { /* a constant row count per case keeps the accumulators in registers */
+#define SCORE_CASE(N)                                                                                        \
+    case N: score_rows(qp + r0, N, kt, pairs, a); break;
+            SCORE_CASE(1) SCORE_CASE(2) SCORE_CASE(3) SCORE_CASE(4) SCORE_CASE(5) SCORE_CASE(6) SCORE_CASE(7)
+            default: score_rows(qp + r0, SCORE_ROWS, kt, pairs, a); break;
+#undef SCORE_CASE
             }
-            vf acc[KEY_STEP];
-            for (int t = 0; t < KEY_STEP; ++t) acc[t] = (vf)a[t];
-            vf s = reduce16(acc) * scale;
-            memcpy(&scores[r][j0], &s, sizeof s);
+            for (int i = 0; i < rn; ++i) _mm512_storeu_ps(&scores[r0 + i][j0], _mm512_mul_ps(a[i], _mm512_set1_ps(scale)));
         }
     }
 }
