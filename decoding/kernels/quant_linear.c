@@ -80,14 +80,23 @@ static inline float f16_to_f32(uint16_t h) { /* exact, subnormals included */
     return f;
 }
 
-/* One weight's (or one tile's) two-level scales; sub and msub are NULL when per is 1. */
+/* One tile's two-level scales (sub and msub NULL when per is 1), and optionally the same
+ * scales and mins already multiplied out to fp32 [ng][16] (prefill: formed once per tile, then
+ * read by every block of rows). */
 typedef struct {
     const uint16_t *d;
     const int8_t *sub;
     const uint16_t *dmin;
     const int8_t *msub;
     int per;
+    const float *scale;
+    const float *min;
 } Scales;
+
+static inline float scale_at(const uint16_t *d, const int8_t *sub, int per, int g, int j) {
+    const float top = f16_to_f32(d[(int64_t)(g / per) * TILE + j]);
+    return sub ? top * (float)sub[(int64_t)g * TILE + j] : top;
+}
 
 /* Activations: per row and 32-value block, xs = amax / 127 and xq = round(x / xs); bsum16 holds
  * the sum of xq per 16 values (for the 8-bit offset), xsb = xs * (sum of xq per 32) (for mins). */
@@ -167,8 +176,8 @@ static inline __attribute__((always_inline)) void tile4(const Block *a, const in
                 iacc[r] = _mm512_dpbusd_epi32(iacc[r], hi, _mm512_set1_epi32(xg[(4 + h) * R + r]));
             }
         }
-        const __m512 sc = group_scale(s->d, s->sub, sb, g);
-        const __m512 mn = group_scale(s->dmin, s->msub, sb, g);
+        const __m512 sc = s->scale ? _mm512_loadu_ps(s->scale + (int64_t)g * TILE) : group_scale(s->d, s->sub, sb, g);
+        const __m512 mn = s->min ? _mm512_loadu_ps(s->min + (int64_t)g * TILE) : group_scale(s->dmin, s->msub, sb, g);
         if (++in_sb == s->per) in_sb = 0, sb++;
         for (int r = 0; r < R; r++) {
             const __m512 sr = _mm512_mul_ps(sc, _mm512_set1_ps(a->xs[g * R + r]));
@@ -195,7 +204,7 @@ static inline __attribute__((always_inline)) void tile8(const Block *a, const in
             const __m512i w = _mm512_loadu_si512(qg + 64 * p);
             for (int r = 0; r < R; r++) iacc[r] = _mm512_dpbusd_epi32(iacc[r], w, _mm512_set1_epi32(xg[p * R + r]));
         }
-        const __m512 sc = group_scale(s->d, s->sub, sb, g);
+        const __m512 sc = s->scale ? _mm512_loadu_ps(s->scale + (int64_t)g * TILE) : group_scale(s->d, s->sub, sb, g);
         if (++in_sb == s->per) in_sb = 0, sb++;
         const int b = G == 16 ? g / 2 : g;
         for (int r = 0; r < R; r++) {
@@ -238,11 +247,6 @@ static inline int8_t quad_byte(const int32_t *xp, int R, int index, int r) {
     return ((const int8_t *)&xp[(index / 4) * R + r])[index % 4];
 }
 
-static inline float group_scale(const uint16_t *d, const int8_t *sub, int sb, int g, int j) {
-    const float top = f16_to_f32(d[(int64_t)sb * TILE + j]);
-    return sub ? top * (float)sub[(int64_t)g * TILE + j] : top;
-}
-
 static void tile_rows(const Block *a, int R, int kind, int G, const uint8_t *q, const Scales *s, int ng,
                       float *out) {
     for (int r = 0; r < R; r++) {
@@ -258,16 +262,16 @@ static void tile_rows(const Block *a, int R, int kind, int G, const uint8_t *q, 
                             isum += (byte & 15) * quad_byte(a->xp, R, g * 32 + 4 * h + b, r) +
                                     (byte >> 4) * quad_byte(a->xp, R, g * 32 + 16 + 4 * h + b, r);
                         }
-                    const float sr = group_scale(s->d, s->sub, g / s->per, g, j) * a->xs[g * R + r];
+                    const float sr = scale_at(s->d, s->sub, s->per, g, j) * a->xs[g * R + r];
                     acc = fmaf((float)isum, sr, acc);
-                    acc = fmaf(-group_scale(s->dmin, s->msub, g / s->per, g, j), a->xsb[g * R + r], acc);
+                    acc = fmaf(-scale_at(s->dmin, s->msub, s->per, g, j), a->xsb[g * R + r], acc);
                 } else {
                     const uint8_t *qg = q + (int64_t)g * 16 * G;
                     for (int p = 0; p < G / 4; p++)
                         for (int b = 0; b < 4; b++)
                             isum += qg[64 * p + 4 * j + b] * quad_byte(a->xp, R, g * G + 4 * p + b, r);
                     isum -= (G == 16 ? a->off16 : a->off32)[g * R + r];
-                    const float sr = group_scale(s->d, s->sub, g / s->per, g, j) * a->xs[(G == 16 ? g / 2 : g) * R + r];
+                    const float sr = scale_at(s->d, s->sub, s->per, g, j) * a->xs[(G == 16 ? g / 2 : g) * R + r];
                     acc = fmaf((float)isum, sr, acc);
                 }
             }
@@ -277,6 +281,21 @@ static void tile_rows(const Block *a, int R, int kind, int G, const uint8_t *q, 
 }
 
 #endif
+
+/* The fp32 scales (and mins) of one tile, [ng][16]: the same exact products the kernel forms. */
+static void expand_scales(const Scales *s, int ng, float *scale, float *min) {
+    for (int g = 0; g < ng; g++) {
+#ifdef RQ_VNNI
+        _mm512_storeu_ps(scale + (int64_t)g * TILE, group_scale(s->d, s->sub, g / s->per, g));
+        if (min) _mm512_storeu_ps(min + (int64_t)g * TILE, group_scale(s->dmin, s->msub, g / s->per, g));
+#else
+        for (int j = 0; j < TILE; j++) {
+            scale[g * TILE + j] = scale_at(s->d, s->sub, s->per, g, j);
+            if (min) min[g * TILE + j] = scale_at(s->dmin, s->msub, s->per, g, j);
+        }
+#endif
+    }
+}
 
 /* y[r, col] (row stride ldy floats) = sum over k of x[r, k] w[col, k] (+ bias[col]), for the n
  * columns of one weight in the layout above; the activations come from rq_quantize_rows.
@@ -327,21 +346,32 @@ int rq_linear(const int8_t *xq, const float *xs, const int32_t *bsum16, const fl
                 }
             }
         }
+        /* several row blocks: each tile's scales are multiplied out once, not once per block */
+        float *expanded = n_blocks > 1 ? malloc(sizeof(float) * 2 * TILES_PER_ITEM * (size_t)ng * TILE) : 0;
 #pragma omp for schedule(dynamic, 1)
         for (int item = 0; item < n_items; item++) {
             float out[MAX_R * TILE];
             const int t_end = (item + 1) * TILES_PER_ITEM < n_tiles ? (item + 1) * TILES_PER_ITEM : n_tiles;
+            Scales tiles[TILES_PER_ITEM];
+            for (int t = item * TILES_PER_ITEM; t < t_end; t++) {
+                Scales *st = &tiles[t - item * TILES_PER_ITEM];
+                *st = (Scales){d + (int64_t)t * ns * TILE, sub ? sub + (int64_t)t * ng * TILE : 0,
+                               kind == 4 ? dmin + (int64_t)t * ns * TILE : 0, msub ? msub + (int64_t)t * ng * TILE : 0,
+                               per, 0, 0};
+                if (expanded) {
+                    float *es = expanded + (int64_t)(t - item * TILES_PER_ITEM) * 2 * ng * TILE;
+                    expand_scales(st, ng, es, kind == 4 ? es + (int64_t)ng * TILE : 0);
+                    st->scale = es;
+                    st->min = kind == 4 ? es + (int64_t)ng * TILE : 0;
+                }
+            }
             for (int blk = 0; blk < n_blocks; blk++) {
                 const int r0 = blk * MAX_R, R = rows - r0 < MAX_R ? rows - r0 : MAX_R;
                 const int32_t *bx = xp + (int64_t)blk * MAX_R * (quads + 3 * nb);
                 const float *bs = fs + (int64_t)blk * MAX_R * 2 * nb;
                 const Block a = {bx, bs, bs + nb * R, bx + quads * R, bx + quads * R + 2 * nb * R};
                 for (int t = item * TILES_PER_ITEM; t < t_end; t++) {
-                    const uint8_t *qt = q + t * tile_bytes;
-                    const Scales st = {d + (int64_t)t * ns * TILE, sub ? sub + (int64_t)t * ng * TILE : 0,
-                                       kind == 4 ? dmin + (int64_t)t * ns * TILE : 0,
-                                       msub ? msub + (int64_t)t * ng * TILE : 0, per};
-                    tile_rows(&a, R, kind, group, qt, &st, ng, out);
+                    tile_rows(&a, R, kind, group, q + t * tile_bytes, &tiles[t - item * TILES_PER_ITEM], ng, out);
                     for (int r = 0; r < R; r++) {
                         float *dst = y + (int64_t)(r0 + r) * ldy + (int64_t)t * TILE;
                         for (int j = 0; j < TILE; j++)
@@ -350,6 +380,7 @@ int rq_linear(const int8_t *xq, const float *xs, const int32_t *bsum16, const fl
                 }
             }
         }
+        free(expanded);
     }
     free(xp);
     free(fs);
