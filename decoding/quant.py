@@ -257,40 +257,45 @@ class NativeQuant:
         self._quantize = library.rq_quantize_rows
         self._quantize.argtypes = [p, i, i, i, p, p, p, p, i]
         self._linear = library.rq_linear
-        self._linear.argtypes = [p, p, p, p, i, i, p, p, p, p, p, i, i, i, i, p, p, i64, i]
+        self._linear.argtypes = [p, p, p, p, i, i, p, p, p, p, p, i, i, i, i, p, p, i, i64, i]
         self._dequantize = library.rq_dequantize
         self._dequantize.argtypes = [p, p, p, p, p, i, i, i, i, i, p, i, p, i, i]
         for fn in (self._quantize, self._linear, self._dequantize):
             fn.restype = ctypes.c_int
         self.vnni = bool(ctypes.c_int.in_dll(library, "rq_vnni").value)
 
-    def linear(self, x: torch.Tensor, parts: list[QuantWeight], bias: torch.Tensor | None) -> torch.Tensor:
-        """fp32 [rows, sum of n] = x [rows, k] @ W^T (+ bias); parts stack along the outputs."""
+    def linear(self, x: torch.Tensor, parts: list[QuantWeight], bias: torch.Tensor | None,
+               out_dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """[rows, sum of n] = x [rows, k] @ W^T (+ bias), in fp32 or bf16 (rounded once, from the
+        fp32 sum); parts stack along the outputs."""
         x = x.contiguous()
         rows, k = x.shape
         if x.dtype not in (torch.bfloat16, torch.float32):
             x = x.float()
         threads = torch.get_num_threads()
-        xq = torch.empty(rows, k, dtype=torch.int8)
-        xs = torch.empty(rows, k // 32, dtype=torch.float32)
-        bsum = torch.empty(rows, k // 16, dtype=torch.int32)
-        xsb = torch.empty(rows, k // 32, dtype=torch.float32)
-        if self._quantize(x.data_ptr(), int(x.dtype == torch.bfloat16), rows, k, xq.data_ptr(), xs.data_ptr(),
-                          bsum.data_ptr(), xsb.data_ptr(), threads):
+        # the quantized activations in one buffer: int8 values, fp32 scales, int32 sums per 16,
+        # fp32 scale x sum per 32
+        scratch = torch.empty(rows * k * 2, dtype=torch.uint8)
+        xq = scratch.data_ptr()
+        xs = xq + rows * k
+        bsum = xs + rows * k // 8
+        xsb = bsum + rows * k // 4
+        if self._quantize(x.data_ptr(), int(x.dtype == torch.bfloat16), rows, k, xq, xs, bsum, xsb, threads):
             raise RuntimeError(f"quant kernel rejected k={k}")
         n_total = sum(w.n for w in parts)
-        y = torch.empty(rows, n_total, dtype=torch.float32)
+        y_bf16 = out_dtype == torch.bfloat16
+        y = torch.empty(rows, n_total, dtype=torch.bfloat16 if y_bf16 else torch.float32)
         offset = 0
         for w in parts:
             status = self._linear(
-                xq.data_ptr(), xs.data_ptr(), bsum.data_ptr(), xsb.data_ptr(), rows, k, *_weight_args(w), w.kind,
-                w.group, w.n, None if bias is None else bias[offset:].data_ptr(), y[:, offset:].data_ptr(),
-                n_total, threads,
+                xq, xs, bsum, xsb, rows, k, *_weight_args(w), w.kind, w.group, w.n,
+                None if bias is None else bias[offset:].data_ptr(), y[:, offset:].data_ptr(), int(y_bf16), n_total,
+                threads,
             )
             if status:
                 raise RuntimeError(f"quant kernel rejected a {w.n}x{w.k} kind-{w.kind} weight")
             offset += w.n
-        return y
+        return y if y.dtype == out_dtype else y.to(out_dtype)
 
     def dequantize(self, w: QuantWeight, cols: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
         count = w.n if cols is None else cols.numel()
@@ -360,7 +365,7 @@ class QuantLinear(nn.Module):
         out_dtype = self.out_dtype or x.dtype
         kernel = native_quant()
         if kernel is not None and x.device.type == "cpu":
-            return kernel.linear(x, self.parts, self.bias).to(out_dtype)
+            return kernel.linear(x, self.parts, self.bias, out_dtype)
         bias = None if self.bias is None else self.bias.to(x.dtype)
         return F.linear(x, self.dense(x.dtype), bias).to(out_dtype)
 

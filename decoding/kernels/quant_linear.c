@@ -297,12 +297,14 @@ static void expand_scales(const Scales *s, int ng, float *scale, float *min) {
     }
 }
 
-/* y[r, col] (row stride ldy floats) = sum over k of x[r, k] w[col, k] (+ bias[col]), for the n
- * columns of one weight in the layout above; the activations come from rq_quantize_rows.
- * Returns nonzero for shapes it does not take. */
+/* y[r, col] (row stride ldy elements; fp32, or bf16 rounded to nearest even as torch rounds
+ * when y_bf16) = sum over k of x[r, k] w[col, k] (+ bias[col]), for the n columns of one weight
+ * in the layout above; the activations come from rq_quantize_rows. Returns nonzero for shapes it
+ * does not take. */
 int rq_linear(const int8_t *xq, const float *xs, const int32_t *bsum16, const float *xsb, int rows, int k,
               const uint8_t *q, const uint16_t *d, const int8_t *sub, const uint16_t *dmin, const int8_t *msub,
-              int per, int kind, int group, int n, const float *bias, float *y, int64_t ldy, int n_threads) {
+              int per, int kind, int group, int n, const float *bias, void *y, int y_bf16, int64_t ldy,
+              int n_threads) {
     if (k % QBLOCK || n % TILE || (kind != 4 && kind != 8) || per < 1 || (!sub && per != 1)) return 1;
     if (kind == 4 && (!dmin || !sub != !msub)) return 1;
     if (kind == 4 && group != 32) return 1;
@@ -373,9 +375,12 @@ int rq_linear(const int8_t *xq, const float *xs, const int32_t *bsum16, const fl
                 for (int t = item * TILES_PER_ITEM; t < t_end; t++) {
                     tile_rows(&a, R, kind, group, q + t * tile_bytes, &tiles[t - item * TILES_PER_ITEM], ng, out);
                     for (int r = 0; r < R; r++) {
-                        float *dst = y + (int64_t)(r0 + r) * ldy + (int64_t)t * TILE;
-                        for (int j = 0; j < TILE; j++)
-                            dst[j] = bias ? out[r * TILE + j] + bias[t * TILE + j] : out[r * TILE + j];
+                        const int64_t at = (int64_t)(r0 + r) * ldy + (int64_t)t * TILE;
+                        for (int j = 0; j < TILE; j++) {
+                            const float v = bias ? out[r * TILE + j] + bias[t * TILE + j] : out[r * TILE + j];
+                            if (y_bf16) ((uint16_t *)y)[at + j] = f32_to_bf16(v);
+                            else ((float *)y)[at + j] = v;
+                        }
                     }
                 }
             }
