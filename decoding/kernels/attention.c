@@ -14,6 +14,7 @@
  * floating-point sum is fixed by the source (no -ffast-math).
  */
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
 #if defined(__AVX512BF16__) && defined(__AVX512BW__)
 #include <immintrin.h>
@@ -37,6 +38,14 @@ static inline vf load_bf16(const uint16_t *p) {
     vh h;
     memcpy(&h, p, sizeof h);
     return (vf)(__builtin_convertvector(h, vu) << 16);
+}
+
+static inline uint16_t f32_to_bf16(float f) { /* round to nearest even, as torch does; NaN stays NaN */
+    uint32_t u;
+    memcpy(&u, &f, 4);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((u >> 16) | 0x40);
+    u += 0x7fffu + ((u >> 16) & 1u);
+    return (uint16_t)(u >> 16);
 }
 
 static inline vf load_f32(const float *p) {
@@ -334,9 +343,11 @@ BLOCK_VARIANT(256, f32, 0)
 typedef void (*block_fn)(const float *, int, const void *, const void *, const int32_t *, int64_t, int64_t,
                          float, float *);
 
-/* Softmax-weighted merge of the blocks' partial results, in block order. */
-static void combine(const float *scratch, int n_kv, int rows, int head_dim, int64_t n_blocks, float *out,
-                    int n_threads) {
+/* Softmax-weighted merge of the blocks' partial results, in block order, written to out as
+ * [token][q head][head_dim] (fp32, or bf16 rounded to nearest even as torch rounds). */
+static void combine(const float *scratch, int n_kv, int group, int tokens, int head_dim, int64_t n_blocks, void *out,
+                    int out_bf16, int64_t out_stride, int n_threads) {
+    const int rows = group * tokens;
     const int64_t partial_size = (int64_t)rows * (head_dim + 2);
 #pragma omp parallel for schedule(static) num_threads(n_threads)
     for (int64_t hr = 0; hr < (int64_t)n_kv * rows; ++hr) {
@@ -347,7 +358,7 @@ static void combine(const float *scratch, int n_kv, int rows, int head_dim, int6
             m = mb > m ? mb : m;
         }
         float total = 0.0f;
-        float *o = out + hr * head_dim;
+        float o[256];
         for (int d = 0; d < head_dim; ++d) o[d] = 0.0f;
         for (int64_t b = 0; b < n_blocks; ++b) {
             const float *pb = scratch + (h * n_blocks + b) * partial_size + r * (head_dim + 2);
@@ -357,17 +368,26 @@ static void combine(const float *scratch, int n_kv, int rows, int head_dim, int6
             for (int d = 0; d < head_dim; ++d) o[d] += pb[2 + d] * w;
         }
         const float inv = 1.0f / total;
-        for (int d = 0; d < head_dim; ++d) o[d] *= inv;
+        /* row r is group member r / tokens of K/V head h, at token r % tokens */
+        const int64_t at = (r % tokens) * out_stride + (h * group + r / tokens) * head_dim;
+        for (int d = 0; d < head_dim; ++d) {
+            const float x = o[d] * inv;
+            if (out_bf16) ((uint16_t *)out)[at + d] = f32_to_bf16(x);
+            else ((float *)out)[at + d] = x;
+        }
     }
 }
 
-/* q: [n_kv][rows][head_dim] fp32; scores are q . k * scale. k, v: bf16 (bf16 = 1) or
- * fp32; one head is head_stride elements from the next, keys head_dim apart. lengths: valid keys
- * per row (the same for every head). scratch: n_kv * ceil(n_keys / BLOCK) * rows * (head_dim + 2)
- * floats. out: [n_kv][rows][head_dim] fp32. Returns 0, or -1 for a shape it does not take. */
-int rq_attend(const float *q, const void *k, const void *v, int bf16, int64_t head_stride, const int32_t *lengths,
-              int n_kv, int rows, int head_dim, int64_t n_keys, float scale, float *scratch, float *out,
-              int n_threads) {
+/* q: [tokens][n_kv * group][head_dim], bf16 (q_bf16 = 1) or fp32, q_stride elements from one
+ * token to the next; scores are q . k * scale. k, v: bf16 (bf16 = 1) or fp32; one head is
+ * head_stride elements from the next, keys head_dim apart. Token i sees first_length + i keys.
+ * scratch: n_kv * ceil(n_keys / BLOCK) * group * tokens * (head_dim + 2) floats. out: [tokens]
+ * [n_kv * group * head_dim], out_stride elements from one token to the next, bf16 (out_bf16) or
+ * fp32. Returns 0, -1 for a shape it does not take, -2 when out of memory. */
+int rq_attend(const void *q, int q_bf16, int64_t q_stride, const void *k, const void *v, int bf16,
+              int64_t head_stride, int first_length, int tokens, int group, int n_kv, int head_dim, int64_t n_keys,
+              float scale, float *scratch, void *out, int out_bf16, int64_t out_stride, int n_threads) {
+    const int rows = group * tokens;
     if (rows < 1 || rows > MAX_ROWS) return -1;
     block_fn block;
     switch (head_dim) {
@@ -376,6 +396,24 @@ int rq_attend(const float *q, const void *k, const void *v, int bf16, int64_t he
     case 256: block = bf16 ? block_bf16_256 : block_f32_256; break;
     default: return -1;
     }
+    /* rows ordered (group member, token) per K/V head: fp32 queries and their valid key counts */
+    float *qf = malloc(sizeof(float) * (size_t)n_kv * rows * head_dim);
+    if (!qf) return -2;
+    int32_t lengths[MAX_ROWS];
+    for (int r = 0; r < rows; ++r) lengths[r] = first_length + r % tokens;
+    for (int h = 0; h < n_kv; ++h)
+        for (int r = 0; r < rows; ++r) {
+            const int64_t from = (r % tokens) * q_stride + (int64_t)(h * group + r / tokens) * head_dim;
+            float *to = qf + ((int64_t)h * rows + r) * head_dim;
+            for (int d = 0; d < head_dim; ++d) {
+                if (q_bf16) {
+                    const uint32_t u = (uint32_t)((const uint16_t *)q)[from + d] << 16;
+                    memcpy(&to[d], &u, 4);
+                } else {
+                    to[d] = ((const float *)q)[from + d];
+                }
+            }
+        }
     const int64_t n_blocks = (n_keys + BLOCK - 1) / BLOCK;
     const int64_t partial_size = (int64_t)rows * (head_dim + 2);
     const int elem = bf16 ? 2 : 4;
@@ -384,8 +422,9 @@ int rq_attend(const float *q, const void *k, const void *v, int bf16, int64_t he
         const int64_t h = item / n_blocks, b = item % n_blocks;
         const int64_t begin = b * BLOCK, end = begin + BLOCK < n_keys ? begin + BLOCK : n_keys;
         const char *kh = (const char *)k + h * head_stride * elem, *vh = (const char *)v + h * head_stride * elem;
-        block(q + h * rows * head_dim, rows, kh, vh, lengths, begin, end, scale, scratch + item * partial_size);
+        block(qf + h * rows * head_dim, rows, kh, vh, lengths, begin, end, scale, scratch + item * partial_size);
     }
-    combine(scratch, n_kv, rows, head_dim, n_blocks, out, n_threads);
+    combine(scratch, n_kv, group, tokens, head_dim, n_blocks, out, out_bf16, out_stride, n_threads);
+    free(qf);
     return 0;
 }
