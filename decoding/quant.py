@@ -255,7 +255,7 @@ class NativeQuant:
     def __init__(self, library: ctypes.CDLL) -> None:
         p, i, i64 = ctypes.c_void_p, ctypes.c_int, ctypes.c_int64
         self._quantize = library.rq_quantize_rows
-        self._quantize.argtypes = [p, i, i, i, p, p, p, p, i]
+        self._quantize.argtypes = [p, i, i, i, p, p, p, p, i, p, ctypes.c_float]
         self._linear = library.rq_linear
         self._linear.argtypes = [p, p, p, p, i, i, p, p, p, p, p, i, i, i, i, p, p, i, i64, i]
         self._dequantize = library.rq_dequantize
@@ -265,13 +265,19 @@ class NativeQuant:
         self.vnni = bool(ctypes.c_int.in_dll(library, "rq_vnni").value)
 
     def linear(self, x: torch.Tensor, parts: list[QuantWeight], bias: torch.Tensor | None,
-               out_dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        """[rows, sum of n] = x [rows, k] @ W^T (+ bias), in fp32 or bf16 (rounded once, from the
-        fp32 sum); parts stack along the outputs."""
+               out_dtype: torch.dtype = torch.float32, norm: nn.Module | None = None) -> torch.Tensor:
+        """[rows, sum of n] = norm(x) [rows, k] @ W^T (+ bias), in fp32 or bf16 (rounded once, from
+        the fp32 sum); parts stack along the outputs. norm: an RMSNorm (weight, eps) that the
+        kernel applies while it quantizes the rows."""
         x = x.contiguous()
         rows, k = x.shape
         if x.dtype not in (torch.bfloat16, torch.float32):
             x = x.float()
+        norm_w, eps = None, 0.0
+        if norm is not None:
+            norm_w, eps = norm.weight.detach(), float(norm.eps)
+            if norm_w.dtype != x.dtype:
+                norm_w = norm_w.to(x.dtype)
         threads = torch.get_num_threads()
         # the quantized activations in one buffer: int8 values, fp32 scales, int32 sums per 16,
         # fp32 scale x sum per 32
@@ -280,7 +286,8 @@ class NativeQuant:
         xs = xq + rows * k
         bsum = xs + rows * k // 8
         xsb = bsum + rows * k // 4
-        if self._quantize(x.data_ptr(), int(x.dtype == torch.bfloat16), rows, k, xq, xs, bsum, xsb, threads):
+        if self._quantize(x.data_ptr(), int(x.dtype == torch.bfloat16), rows, k, xq, xs, bsum, xsb, threads,
+                          None if norm_w is None else norm_w.data_ptr(), eps):
             raise RuntimeError(f"quant kernel rejected k={k}")
         n_total = sum(w.n for w in parts)
         y_bf16 = out_dtype == torch.bfloat16
@@ -361,11 +368,15 @@ class QuantLinear(nn.Module):
     def dense(self, dtype: torch.dtype) -> torch.Tensor:
         return torch.cat([dequantize(w, dtype) for w in self.parts])
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, norm: nn.Module | None = None) -> torch.Tensor:
+        """self(norm(x)) when a norm (the model's RMSNorm) is given: the kernel normalises the rows
+        as it quantizes them, with no torch ops of its own."""
         out_dtype = self.out_dtype or x.dtype
         kernel = native_quant()
         if kernel is not None and x.device.type == "cpu":
-            return kernel.linear(x, self.parts, self.bias, out_dtype)
+            return kernel.linear(x, self.parts, self.bias, out_dtype, norm)
+        if norm is not None:
+            x = norm(x)
         bias = None if self.bias is None else self.bias.to(x.dtype)
         return F.linear(x, self.dense(x.dtype), bias).to(out_dtype)
 

@@ -110,6 +110,25 @@ def test_rows_are_bit_identical_across_row_counts(kernel: quant.NativeQuant, kin
         torch.set_num_threads(threads)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_norm_in_the_kernel(kernel: quant.NativeQuant, dtype: torch.dtype) -> None:
+    from decoding.model import RMSNorm
+
+    norm = RMSNorm(256, 1e-6).to(dtype)
+    with torch.no_grad():
+        norm.weight.copy_(torch.rand(256, generator=torch.Generator().manual_seed(6)) + 0.5)
+    parts = [random_weight(4, 32, seed=3), random_weight(8, 16, n=32, seed=4)]
+    x = activations(32, dtype=dtype) * 3
+    fused = kernel.linear(x, parts, None, torch.float32, norm)
+    for rows in (1, 6, 17):  # row-invariant, like the plain kernel
+        assert torch.equal(kernel.linear(x[:rows], parts, None, torch.float32, norm), fused[:rows]), rows
+    # the same function as norm then linear (the sum of squares is ordered differently, so a
+    # value may round to a neighbouring bf16)
+    separate = kernel.linear(norm(x), parts, None)
+    torch.testing.assert_close(fused, separate, rtol=0.02, atol=0.02 * separate.abs().max().item())
+    assert (fused == separate).float().mean() > 0.5
+
+
 def reference_linear(x: torch.Tensor, w: QuantWeight) -> torch.Tensor:
     """float64 model of the kernel: int8 activations per 32 values, then exact products."""
     xf = x.double().view(x.shape[0], -1, 32)

@@ -98,21 +98,51 @@ static inline float scale_at(const uint16_t *d, const int8_t *sub, int per, int 
     return sub ? top * (float)sub[(int64_t)g * TILE + j] : top;
 }
 
+static inline float round_bf16(float f) {
+    const uint32_t u = (uint32_t)f32_to_bf16(f) << 16;
+    float r;
+    memcpy(&r, &u, 4);
+    return r;
+}
+
+static inline float load_x(const void *x, int x_bf16, int64_t i) {
+    return x_bf16 ? bf16_to_f32(((const uint16_t *)x)[i]) : ((const float *)x)[i];
+}
+
 /* Activations: per row and 32-value block, xs = amax / 127 and xq = round(x / xs); bsum16 holds
- * the sum of xq per 16 values (for the 8-bit offset), xsb = xs * (sum of xq per 32) (for mins). */
+ * the sum of xq per 16 values (for the 8-bit offset), xsb = xs * (sum of xq per 32) (for mins).
+ * With norm_w, the rows are RMS-normalised first, as the model's RMSNorm does (x * rsqrt(mean
+ * (x^2) + eps) in fp32, rounded to the activations' dtype, times the weight, rounded again), so
+ * a norm followed by a linear costs no pass of its own; norm_w has the activations' dtype. */
 int rq_quantize_rows(const void *x, int x_bf16, int rows, int k, int8_t *xq, float *xs, int32_t *bsum16,
-                     float *xsb, int n_threads) {
+                     float *xsb, int n_threads, const void *norm_w, float eps) {
     if (k % QBLOCK) return 1;
     const int nb = k / QBLOCK;
     /* a parallel region costs a barrier: worth it only for prefill-sized calls */
 #pragma omp parallel for schedule(static) num_threads(n_threads) if (rows >= 16)
     for (int r = 0; r < rows; r++) {
         float v[QBLOCK];
+        float inv = 1.0f;
+        if (norm_w) { /* sum of squares in 16 lanes, then a fixed tree: the same order for every row */
+            float lanes[16] = {0};
+            for (int i = 0; i < k; i += 16)
+                for (int l = 0; l < 16; l++) {
+                    const float a = load_x(x, x_bf16, (int64_t)r * k + i + l);
+                    lanes[l] += a * a;
+                }
+            for (int w = 8; w > 0; w /= 2)
+                for (int l = 0; l < w; l++) lanes[l] += lanes[l + w];
+            inv = 1.0f / sqrtf(lanes[0] / (float)k + eps);
+        }
         for (int b = 0; b < nb; b++) {
             const int64_t base = (int64_t)r * k + (int64_t)b * QBLOCK;
             float amax = 0.0f;
             for (int i = 0; i < QBLOCK; i++) {
-                v[i] = x_bf16 ? bf16_to_f32(((const uint16_t *)x)[base + i]) : ((const float *)x)[base + i];
+                v[i] = load_x(x, x_bf16, base + i);
+                if (norm_w) {
+                    const float h = v[i] * inv, w = load_x(norm_w, x_bf16, (int64_t)b * QBLOCK + i);
+                    v[i] = x_bf16 ? round_bf16(w * round_bf16(h)) : w * h;
+                }
                 float a = fabsf(v[i]);
                 amax = a > amax ? a : amax;
             }
