@@ -22,6 +22,7 @@ import ctypes
 import functools
 import os
 import subprocess
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -451,10 +452,12 @@ class UnsupportedQuantization(ValueError):
     """The GGUF holds a tensor type or shape without an exact kernel layout."""
 
 
-def state_from_gguf(tensors: dict, n_layers: int, architecture: str) -> QuantizedState:
+def state_from_gguf(tensors: dict, n_layers: int, architecture: str,
+                    progress: Callable[[int, int], None] | None = None) -> QuantizedState:
     """Engine weights from a llama-family GGUF's tensors (gguf.ReaderTensor-like: .tensor_type.name,
     .data, .shape with the input size first). Raises UnsupportedQuantization where a tensor has
-    no exact layout; the caller then keeps the bf16 engine."""
+    no exact layout; the caller then keeps the bf16 engine. progress, when given, is called with
+    (layers done, layers total) after each layer."""
 
     # llama.cpp stores Llama-style q/k rows permuted for its RoPE; Qwen2's are stored as they are.
     if architecture != "qwen2":
@@ -489,4 +492,6 @@ def state_from_gguf(tensors: dict, n_layers: int, architecture: str) -> Quantize
         linears[p + "down"] = [weight(b + "ffn_down.weight")]
         out[p + "attn_norm.weight"] = dense(b + "attn_norm.weight")
         out[p + "mlp_norm.weight"] = dense(b + "ffn_norm.weight")
+        if progress is not None:
+            progress(i + 1, n_layers)
     return QuantizedState(linears, out, tied)
