@@ -1,9 +1,10 @@
 """Linear layers on weights that keep a GGUF file's quantized values, for CPU decoding.
 
-Every block format of the embedded models maps exactly, without re-quantizing, onto one of two
+Every block format of the embedded models maps exactly, without re-quantizing, onto one of three
 layouts (see kernels/quant_linear.c for the byte order):
   kind 4: 4-bit unsigned values in groups of 32, w = scale * q - min  (Q4_K)
-  kind 8: 8-bit signed values in groups of 16 or 32, w = scale * q   (Q6_K: 16; Q5_0, Q8_0: 32)
+  kind 6: 6-bit signed values in groups of 16, w = scale * q          (Q6_K)
+  kind 8: 8-bit signed values in groups of 32, w = scale * q          (Q5_0, Q8_0; groups of 16 also run)
 Scales keep the file's own form: an fp16 scale per super-block times an int8 sub-scale per group
 (Q4_K's scales and mins, Q6_K's scales), or an fp16 scale per group (Q5_0, Q8_0). Their fp32
 products are exact, so they equal what gguf forms when it dequantizes.
@@ -32,7 +33,7 @@ from torch import nn
 
 from decoding.attention import KERNEL_FLAGS, build_library, kernel_cache_dir
 
-QUANT_FORMAT = 2  # bump when the layout below changes, so converted caches are rebuilt
+QUANT_FORMAT = 3  # bump when the layout below changes, so converted caches are rebuilt
 KERNEL_SOURCE = os.path.join(os.path.dirname(__file__), "kernels", "quant_linear.c")
 QUANT_FLAGS = (*KERNEL_FLAGS, "-ffp-contract=off")
 TILE = 16  # output columns per tile
@@ -42,11 +43,11 @@ TILE = 16  # output columns per tile
 class QuantWeight:
     """One [n, k] weight in the kernel layout."""
 
-    kind: int  # 4 or 8
+    kind: int  # 4, 6 or 8
     group: int
     n: int
     k: int
-    q: torch.Tensor  # uint8, [n/16, k/group, tile bytes]
+    q: torch.Tensor  # uint8, [n/16, k/group, tile bytes] (kind 6: [n/16, k/32, 384])
     d: torch.Tensor  # fp16, [n/16, super-blocks, 16]: the scale, times sub when there is one
     sub: torch.Tensor | None  # int8, [n/16, k/group, 16]; None when per == 1
     dmin: torch.Tensor | None  # like d, for the min (kind 4 only)
@@ -75,7 +76,7 @@ def takes_shape(n: int, k: int) -> bool:
 
 def pack(values: np.ndarray, d: np.ndarray, sub: np.ndarray | None, kind: int, group: int, per: int = 1,
          dmin: np.ndarray | None = None, msub: np.ndarray | None = None) -> QuantWeight:
-    """values [n, k] (kind 4: 0..15; kind 8: -128..127); d, dmin fp16 [n, super-blocks of `per`
+    """values [n, k] (kind 4: 0..15; kind 6: -32..31; kind 8: -128..127); d, dmin fp16 [n, super-blocks of `per`
     groups]; sub, msub int8 [n, k/group] (None when per is 1) -> kernel layout."""
     n, k = values.shape
     if not takes_shape(n, k) or k % group:
@@ -89,6 +90,12 @@ def pack(values: np.ndarray, d: np.ndarray, sub: np.ndarray | None, kind: int, g
         v = values.astype(np.uint8).reshape(tiles, TILE, groups, 2, 4, 4)  # input = 16 half + 4 h + b
         v = v.transpose(0, 2, 3, 4, 1, 5)  # tile, group, half, h, column, b
         q = v[:, :, 0] | (v[:, :, 1] << 4)
+    elif kind == 6 and group == 16:
+        u = (values.astype(np.int16) + 32).astype(np.uint8).reshape(tiles, TILE, k // 32, 2, 4, 4)
+        u = u.transpose(0, 2, 3, 4, 1, 5)  # tile, 32 inputs, half, h, column, b
+        low = (u[:, :, 0] & 15) | ((u[:, :, 1] & 15) << 4)  # [tile, 32 inputs, h, column, b]
+        crumbs = ((u >> 4) << (2 * np.arange(4, dtype=np.uint8)).reshape(1, 1, 1, 4, 1, 1)).sum(3, dtype=np.uint8)
+        q = np.concatenate([low.reshape(tiles, k // 32, 256), crumbs.reshape(tiles, k // 32, 128)], axis=-1)
     elif kind == 8:
         u = (values.astype(np.int16) + 128).astype(np.uint8)
         q = u.reshape(tiles, TILE, groups, group // 4, 4).transpose(0, 2, 3, 1, 4)  # tile, group, p, column, b
@@ -102,7 +109,8 @@ def pack(values: np.ndarray, d: np.ndarray, sub: np.ndarray | None, kind: int, g
         return torch.from_numpy(np.ascontiguousarray(tiled))
 
     return QuantWeight(
-        kind, group, n, k, torch.from_numpy(np.ascontiguousarray(q).reshape(tiles, groups, -1)),
+        kind, group, n, k,
+        torch.from_numpy(np.ascontiguousarray(q).reshape(tiles, k // 32 if kind == 6 else groups, -1)),
         per_tile(d, np.float16, supers), per_tile(sub, np.int8, groups),
         per_tile(dmin, np.float16, supers), per_tile(msub, np.int8, groups), per,
     )
@@ -170,7 +178,7 @@ def unpack_gguf(qtype: str, blocks: np.ndarray, n: int, k: int) -> Unpacked:
     raise ValueError(f"GGUF type {qtype} has no exact kernel layout")
 
 
-GGUF_KINDS = {"Q4_K": 4, "Q6_K": 8, "Q5_0": 8, "Q8_0": 8}
+GGUF_KINDS = {"Q4_K": 4, "Q6_K": 6, "Q5_0": 8, "Q8_0": 8}
 
 
 def from_gguf(qtype: str, blocks: np.ndarray, n: int, k: int) -> QuantWeight:
@@ -194,11 +202,12 @@ def _two_level(scale: np.ndarray, per: int) -> tuple[np.ndarray, np.ndarray]:
 def quantize(weight: torch.Tensor, kind: int, group: int = 32) -> QuantWeight:
     """Round a float weight into the layout (tests build quantized tiny models with it; real
     models never re-quantize: their values come from the GGUF file). Two-level scales as in
-    Q4_K (kind 4) and Q6_K (kind 8, group 16); fp16 per group as in Q8_0 (kind 8, group 32)."""
+    Q4_K (kind 4) and Q6_K (kind 6, groups of 16); fp16 per group as in Q8_0 (kind 8, group 32)."""
+    group = 16 if kind == 6 else group
     w = weight.detach().float().numpy()
     n, k = w.shape
     blocks = w.reshape(n, k // group, group)
-    per = 256 // group if kind == 4 or group == 16 else 1
+    per = 256 // group if kind in (4, 6) or group == 16 else 1
 
     def expand(top: np.ndarray, sub: np.ndarray) -> np.ndarray:
         return np.repeat(top.astype(np.float32), per, axis=1)[:, : k // group] * sub.astype(np.float32)
@@ -211,17 +220,18 @@ def quantize(weight: torch.Tensor, kind: int, group: int = 32) -> QuantWeight:
         scale, minimum = expand(d, sub), expand(dmin, msub)
         q = np.clip(np.rint((blocks + minimum[..., None]) / scale[..., None]), 0, 15)
         return pack(q.reshape(n, k), d, sub, 4, group, per, dmin, msub)
+    top_q = 31 if kind == 6 else 127
     amax = np.abs(blocks).max(-1)
     if per == 1:
         d, sub = (amax / 127.0).astype(np.float16), None
         d = np.where(d > 0, d, np.float16(1)).astype(np.float16)
         scale = d.astype(np.float32)
     else:
-        d, sub = _two_level((amax / 127.0).astype(np.float32), per)
+        d, sub = _two_level((amax / top_q).astype(np.float32), per)
         sub = np.maximum(sub, 1).astype(np.int8)
         scale = expand(d, sub)
-    q = np.clip(np.rint(blocks / scale[..., None]), -127, 127)
-    return pack(q.reshape(n, k), d, sub, 8, group, per)
+    q = np.clip(np.rint(blocks / scale[..., None]), -top_q - (kind == 6), top_q)
+    return pack(q.reshape(n, k), d, sub, kind, group, per)
 
 
 def _group_scales(top: torch.Tensor, sub: torch.Tensor | None, per: int, tiles: torch.Tensor, j: torch.Tensor,
@@ -242,6 +252,15 @@ def dequantize_torch(w: QuantWeight, cols: torch.Tensor | None = None) -> torch.
         values = torch.cat([q & 15, q >> 4], dim=-2).reshape(-1, groups, 32).float()
         minimum = _group_scales(w.dmin, w.msub, w.per, tiles, j, groups)
         return (scale[..., None] * values - minimum[..., None]).reshape(-1, w.k)
+    if w.kind == 6:
+        q = w.q.view(-1, w.k // 32, 384)
+        low = q[:, :, :256].reshape(-1, w.k // 32, 4, TILE, 4)[tiles, :, :, j]  # [c, 32 inputs, h, b]
+        crumbs = q[:, :, 256:].reshape(-1, w.k // 32, 2, TILE, 4)[tiles, :, :, j]  # [c, 32 inputs, half, b]
+        shifts = (2 * torch.arange(4, dtype=torch.uint8)).view(1, 1, 1, 4, 1)
+        high = (crumbs[:, :, :, None, :] >> shifts) & 3  # [c, 32 inputs, half, h, b]
+        nibbles = torch.stack([low & 15, low >> 4], dim=2)  # [c, 32 inputs, half, h, b]
+        values = ((nibbles | (high << 4)).int() - 32).reshape(-1, groups, 16).float()
+        return (scale[..., None] * values).reshape(-1, w.k)
     q = w.q.view(-1, groups, w.group // 4, TILE, 4)[tiles, :, :, j]
     values = (q.int() - 128).reshape(-1, groups, w.group).float()
     return (scale[..., None] * values).reshape(-1, w.k)

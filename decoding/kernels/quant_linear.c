@@ -11,7 +11,11 @@
  *           16 + 4h + b in its high nibble.
  *   kind 8: groups of 16 or 32 inputs; q stored as u8 = signed value + 128; w = scale * (u - 128).
  *           byte 64p + 4j + b holds input 4p + b of column j.
- *   q is [n/16][k/group][tile bytes].
+ *   kind 6: groups of 16 inputs (Q6_K); u = signed value + 32 in 0..63; w = scale * (u - 32).
+ *           384 bytes per tile and 32 inputs (two groups): the low 4 bits as in kind 4 (bytes
+ *           0-255), then the high 2 bits: byte 256 + 64c + 4j + b holds, in bits 2h and 2h + 1,
+ *           those of input 16c + 4h + b of column j.
+ *   q is [n/16][k/group][tile bytes] (kind 6: [n/16][k/32][384]).
  * Scales keep the GGUF's own two levels (Q4_K, Q6_K: an fp16 scale per super-block of `per`
  * groups times a signed 8-bit sub-scale per group), so they cost what they cost in the file:
  *   scale = d[g / per] * sub[g]  (fp16 d [n/16][ceil(ng/per)][16], int8 sub [n/16][ng][16]);
@@ -164,6 +168,20 @@ int rq_quantize_rows(const void *x, int x_bf16, int rows, int k, int8_t *xq, flo
     return 0;
 }
 
+/* Kind 6: the stored u (value + 32) of input i (0..15) of group g, column j, in a tile's bytes. */
+static inline int kind6_u(const uint8_t *qt, int g, int j, int i) {
+    const uint8_t *qg = qt + (int64_t)(g / 2) * 384;
+    const int half = g % 2, h = i / 4, b = i % 4;
+    const uint8_t byte = qg[64 * h + 4 * j + b];
+    const int nibble = half ? byte >> 4 : byte & 15;
+    return nibble | (((qg[256 + 64 * half + 4 * j + b] >> (2 * h)) & 3) << 4);
+}
+
+/* Bytes of one tile (16 columns) of a weight with k inputs. */
+static inline int64_t tile_bytes_of(int kind, int group, int k) {
+    return kind == 4 ? (int64_t)(k / 32) * 256 : kind == 6 ? (int64_t)(k / 32) * 384 : (int64_t)k * 16;
+}
+
 /* A block of up to MAX_R rows' activations, interleaved by row so that one base pointer with
  * constant offsets reaches every row (per-row pointers ran out of registers and were spilled):
  * xp[quad][r] = 4 consecutive int8 values as one int32; xs, xsb per 32 values; off16 and off32
@@ -245,6 +263,58 @@ static inline __attribute__((always_inline)) void tile8(const Block *a, const in
     for (int r = 0; r < R; r++) _mm512_storeu_ps(out + (int64_t)r * TILE, acc[r]);
 }
 
+/* The high 2 bits of kind 6 for h = 0..3: bits 2h, 2h + 1 of each byte moved to bits 4, 5 (the
+ * other bits are junk for the caller to mask; 16-bit shifts move nothing into bits 4, 5 from the
+ * neighbouring byte). */
+static inline __m512i crumbs_at(__m512i c, int h) {
+    switch (h) {
+    case 0: return _mm512_slli_epi16(c, 4);
+    case 1: return _mm512_slli_epi16(c, 2);
+    case 2: return c;
+    default: return _mm512_srli_epi16(c, 2);
+    }
+}
+
+/* One tile of kind 6 for R rows: the same integer sums and float steps as kind 8 with G = 16, so
+ * the two layouts give the same bits for the same values. */
+static inline __attribute__((always_inline)) void tile6(const Block *a, const int R, const uint8_t *q,
+                                                        const Scales *s, int ng, float *out) {
+    __m512 acc[MAX_R];
+    for (int r = 0; r < R; r++) acc[r] = _mm512_setzero_ps();
+    const __m512i low = _mm512_set1_epi8(0x0f), high = _mm512_set1_epi8(0x30);
+    for (int gp = 0; gp < ng / 2; gp++) {
+        const uint8_t *qg = q + (int64_t)gp * 384;
+        const int32_t *xg = a->xp + (int64_t)gp * 8 * R;
+        const __m512i c0 = _mm512_loadu_si512(qg + 256), c1 = _mm512_loadu_si512(qg + 320);
+        /* u = value + 32: start from -32 * sum(xq) over each group (off16 is 128 times it) */
+        __m512i i0[MAX_R], i1[MAX_R];
+        for (int r = 0; r < R; r++) {
+            i0[r] = _mm512_set1_epi32(-(a->off16[(2 * gp) * R + r] / 4));
+            i1[r] = _mm512_set1_epi32(-(a->off16[(2 * gp + 1) * R + r] / 4));
+        }
+        for (int h = 0; h < 4; h++) {
+            const __m512i packed = _mm512_loadu_si512(qg + 64 * h);
+            const __m512i lo = _mm512_or_si512(_mm512_and_si512(packed, low), _mm512_and_si512(crumbs_at(c0, h), high));
+            const __m512i hi = _mm512_or_si512(_mm512_and_si512(_mm512_srli_epi16(packed, 4), low),
+                                               _mm512_and_si512(crumbs_at(c1, h), high));
+            for (int r = 0; r < R; r++) {
+                i0[r] = _mm512_dpbusd_epi32(i0[r], lo, _mm512_set1_epi32(xg[h * R + r]));
+                i1[r] = _mm512_dpbusd_epi32(i1[r], hi, _mm512_set1_epi32(xg[(4 + h) * R + r]));
+            }
+        }
+        const int g = 2 * gp, sb = g / s->per;
+        const __m512 sc0 = s->scale ? _mm512_loadu_ps(s->scale + (int64_t)g * TILE) : group_scale(s->d, s->sub, sb, g);
+        const __m512 sc1 = s->scale ? _mm512_loadu_ps(s->scale + (int64_t)(g + 1) * TILE)
+                                    : group_scale(s->d, s->sub, (g + 1) / s->per, g + 1);
+        for (int r = 0; r < R; r++) {
+            const __m512 x = _mm512_set1_ps(a->xs[gp * R + r]);
+            acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(i0[r]), _mm512_mul_ps(sc0, x), acc[r]);
+            acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(i1[r]), _mm512_mul_ps(sc1, x), acc[r]);
+        }
+    }
+    for (int r = 0; r < R; r++) _mm512_storeu_ps(out + (int64_t)r * TILE, acc[r]);
+}
+
 #define DISPATCH(CALL)                                                                                    \
     switch (R) {                                                                                          \
     case 1: CALL(1); break;                                                                               \
@@ -262,6 +332,9 @@ static void tile_rows(const Block *a, int R, int kind, int G, const uint8_t *q, 
     if (kind == 4) {
 #define T4(n) tile4(a, n, q, s, ng, out)
         DISPATCH(T4)
+    } else if (kind == 6) {
+#define T6(n) tile6(a, n, q, s, ng, out)
+        DISPATCH(T6)
     } else if (G == 16) {
 #define T8A(n) tile8(a, n, 16, q, s, ng, out)
         DISPATCH(T8A)
@@ -295,6 +368,11 @@ static void tile_rows(const Block *a, int R, int kind, int G, const uint8_t *q, 
                     const float sr = scale_at(s->d, s->sub, s->per, g, j) * a->xs[g * R + r];
                     acc = fmaf((float)isum, sr, acc);
                     acc = fmaf(-scale_at(s->dmin, s->msub, s->per, g, j), a->xsb[g * R + r], acc);
+                } else if (kind == 6) {
+                    for (int i = 0; i < 16; i++) isum += kind6_u(q, g, j, i) * quad_byte(a->xp, R, g * 16 + i, r);
+                    isum -= a->off16[g * R + r] / 4;
+                    const float sr = scale_at(s->d, s->sub, s->per, g, j) * a->xs[(g / 2) * R + r];
+                    acc = fmaf((float)isum, sr, acc);
                 } else {
                     const uint8_t *qg = q + (int64_t)g * 16 * G;
                     for (int p = 0; p < G / 4; p++)
@@ -335,14 +413,15 @@ int rq_linear(const int8_t *xq, const float *xs, const int32_t *bsum16, const fl
               const uint8_t *q, const uint16_t *d, const int8_t *sub, const uint16_t *dmin, const int8_t *msub,
               int per, int kind, int group, int n, const float *bias, void *y, int y_bf16, int64_t ldy,
               int n_threads) {
-    if (k % QBLOCK || n % TILE || (kind != 4 && kind != 8) || per < 1 || (!sub && per != 1)) return 1;
+    if (k % QBLOCK || n % TILE || (kind != 4 && kind != 6 && kind != 8) || per < 1 || (!sub && per != 1)) return 1;
     if (kind == 4 && (!dmin || !sub != !msub)) return 1;
     if (kind == 4 && group != 32) return 1;
+    if (kind == 6 && group != 16) return 1;
     if (kind == 8 && group != 16 && group != 32) return 1;
     const int ng = k / group, nb = k / QBLOCK, ns = (ng + per - 1) / per;
     const int n_tiles = n / TILE;
     const int n_blocks = (rows + MAX_R - 1) / MAX_R;
-    const int64_t tile_bytes = kind == 4 ? (int64_t)ng * 256 : (int64_t)ng * 16 * group;
+    const int64_t tile_bytes = tile_bytes_of(kind, group, k);
     const int64_t quads = k / 4;
     int32_t *xp = malloc(sizeof(int32_t) * (size_t)n_blocks * MAX_R * (size_t)(quads + 3 * nb));
     float *fs = malloc(sizeof(float) * (size_t)n_blocks * MAX_R * 2 * (size_t)nb);
@@ -429,8 +508,9 @@ int rq_dequantize(const uint8_t *q, const uint16_t *d, const int8_t *sub, const 
                   int out_bf16, int n_threads) {
     if (k % group || n % TILE || per < 1 || (!sub && per != 1)) return 1;
     if (kind == 4 && (!dmin || !sub != !msub)) return 1;
+    if (kind == 6 && (group != 16 || k % 32)) return 1;
     const int ng = k / group, ns = (ng + per - 1) / per;
-    const int64_t tile_bytes = kind == 4 ? (int64_t)ng * 256 : (int64_t)ng * 16 * group;
+    const int64_t tile_bytes = tile_bytes_of(kind, group, k);
 #pragma omp parallel for schedule(static) num_threads(n_threads)
     for (int i = 0; i < count; i++) {
         const int64_t col = cols ? cols[i] : i;
@@ -451,6 +531,8 @@ int rq_dequantize(const uint8_t *q, const uint16_t *d, const int8_t *sub, const 
                         v[4 * h + b] = p0 - m;
                         v[16 + 4 * h + b] = p1 - m;
                     }
+            } else if (kind == 6) {
+                for (int i = 0; i < 16; i++) v[i] = s * (float)(kind6_u(qt, g, (int)j, i) - 32);
             } else {
                 const uint8_t *qg = qt + (int64_t)g * 16 * group;
                 for (int p = 0; p < group / 4; p++)
