@@ -156,7 +156,9 @@ def write_quantized(gguf_path: Path, target: Path, log: Callable[[str], None]) -
     architecture = reader.fields["general.architecture"].contents()
     marker: dict[str, object] = {"format": QUANT_FORMAT, "file": QUANT_FILE}
     try:
-        state = state_from_gguf({t.name: t for t in reader.tensors}, config["num_hidden_layers"], architecture)
+        with tqdm(total=config["num_hidden_layers"], unit="layer", desc="quantized layout") as bar:
+            state = state_from_gguf({t.name: t for t in reader.tensors}, config["num_hidden_layers"], architecture,
+                                    lambda done, _: bar.update(done - bar.n))
     except UnsupportedQuantization as error:
         marker = {"format": QUANT_FORMAT, "file": None, "reason": str(error)}
         log(f"{target.name}: no quantized weights ({error}); the bf16 weights serve")

@@ -2,7 +2,7 @@
 
 Distinct weights per layer are streamed, as in a real forward (one reused matrix would sit in the
 L3 cache and read at several times memory speed). Shapes and block formats follow the embedded
-Qwen2.5-Coder-1.5B (Q4_K_M: q/k/o/gate/up 4-bit, v and down 8-bit in every other layer).
+Qwen2.5-Coder-1.5B (Q4_K_M: q/k/o/gate/up 4-bit, v and down 6-bit in every other layer).
 
     python -m bench.quant_linear [--layers 28] [--rows 1,2,6,12,32] [--repeats 7] [--engines quant,bf16]
     python -m bench.quant_linear --layers 4 --rows 1024 --repeats 3 --engines quant,bf16,dequant   # prefill
@@ -30,21 +30,31 @@ DIM, INTERMEDIATE, KV = 1536, 8960, 256
 
 
 def random_weight(kind: int, group: int, n: int, k: int, gen: torch.Generator) -> QuantWeight:
+    """Random values and scales in the GGUF's own shapes (Q4_K for kind 4, Q6_K for kind 6)."""
     tiles, groups = n // 16, k // group
-    tile_bytes = 256 if kind == 4 else 16 * group
-    q = torch.randint(0, 256, (tiles, groups, tile_bytes), dtype=torch.uint8, generator=gen)
-    scale = torch.rand(tiles, groups, 16, generator=gen) * 1e-2
-    minimum = torch.rand(tiles, groups, 16, generator=gen) * 1e-2 if kind == 4 else None
-    return QuantWeight(kind, group, n, k, q, scale, minimum)
+    per = 256 // group
+    supers = -(-groups // per)
+
+    def top() -> torch.Tensor:
+        return (torch.rand(tiles, supers, 16, generator=gen) * 1e-3).half()
+
+    def sub() -> torch.Tensor:
+        return torch.randint(0, 64, (tiles, groups, 16), dtype=torch.int8, generator=gen)
+
+    shape = (tiles, k // 32, 384) if kind == 6 else (tiles, groups, 256 if kind == 4 else 16 * group)
+    q = torch.randint(0, 256, shape, dtype=torch.uint8, generator=gen)
+    if kind == 4:
+        return QuantWeight(kind, group, n, k, q, top(), sub(), top(), sub(), per)
+    return QuantWeight(kind, group, n, k, q, top(), sub(), None, None, per)
 
 
 def quant_layers(n_layers: int) -> list[list[QuantLinear]]:
     gen = torch.Generator().manual_seed(0)
     layers = []
     for i in range(n_layers):
-        eight = i % 2 == 0
-        v = random_weight(8, 16, KV, DIM, gen) if eight else random_weight(4, 32, KV, DIM, gen)
-        down = random_weight(8, 16, DIM, INTERMEDIATE, gen) if eight else random_weight(4, 32, DIM, INTERMEDIATE, gen)
+        six = i % 2 == 0
+        v = random_weight(6, 16, KV, DIM, gen) if six else random_weight(4, 32, KV, DIM, gen)
+        down = random_weight(6, 16, DIM, INTERMEDIATE, gen) if six else random_weight(4, 32, DIM, INTERMEDIATE, gen)
         layers.append([
             QuantLinear([random_weight(4, 32, DIM + KV, DIM, gen), v], torch.zeros(DIM + 2 * KV)),
             QuantLinear([random_weight(4, 32, DIM, DIM, gen)], None),

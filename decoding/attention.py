@@ -72,9 +72,9 @@ class NativeAttention:
         self._attend_fn = library.rq_attend
         self._attend_fn.restype = ctypes.c_int
         self._attend_fn.argtypes = [
-            ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int, ctypes.c_int64, ctypes.c_void_p,
-            ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_float, ctypes.c_void_p, ctypes.c_void_p,
-            ctypes.c_int,
+            ctypes.c_void_p, ctypes.c_int, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int,
+            ctypes.c_int64, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_int64,
+            ctypes.c_float, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int, ctypes.c_int64, ctypes.c_int,
         ]
         # The kernel's own constants, so the scratch size and call splitting always match it.
         self.block = ctypes.c_int.in_dll(library, "rq_block").value  # keys per work item
@@ -100,21 +100,25 @@ class NativeAttention:
         t, n_heads, head_dim = q.shape
         n_kv, s, _ = k.shape
         group, n = n_heads // n_kv, stop - first
-        # Rows ordered (group member, token); token i sees the keys up to its own slot s - t + i.
-        grouped = q[first:stop].float().view(n, n_kv, group, head_dim)
-        grouped = grouped.permute(1, 2, 0, 3).contiguous()
-        lengths = (torch.arange(first, stop, dtype=torch.int32) + (s - t + 1)).repeat(group)
+        # The kernel reads q [T, H, D] and writes [n, H * D] as they are (bf16 or fp32); query
+        # token i sees the keys up to its own slot s - t + i.
+        rows = q[first:stop]
+        if rows.dtype not in (torch.bfloat16, torch.float32):
+            rows = rows.float()
+        if rows.stride(2) != 1 or rows.stride(1) != head_dim:
+            rows = rows.contiguous()
         keys = s - t + stop  # later slots are masked for every row of this call
         scratch = torch.empty(n_kv * -(-keys // self.block) * group * n * (head_dim + 2), dtype=torch.float32)
-        out = torch.empty(n_kv, group, n, head_dim, dtype=torch.float32)
+        out = torch.empty(n, n_heads * head_dim, dtype=rows.dtype)
         status = self._attend_fn(
-            grouped.data_ptr(), k.data_ptr(), v.data_ptr(), int(k.dtype == torch.bfloat16), k.stride(0),
-            lengths.data_ptr(), n_kv, group * n, head_dim, keys, head_dim**-0.5, scratch.data_ptr(), out.data_ptr(),
+            rows.data_ptr(), int(rows.dtype == torch.bfloat16), rows.stride(0), k.data_ptr(), v.data_ptr(),
+            int(k.dtype == torch.bfloat16), k.stride(0), s - t + first + 1, n, group, n_kv, head_dim, keys,
+            head_dim**-0.5, scratch.data_ptr(), out.data_ptr(), int(out.dtype == torch.bfloat16), out.stride(0),
             torch.get_num_threads(),
         )
         if status != 0:
-            raise RuntimeError(f"attention kernel rejected rows={group * n}, head_dim={head_dim}")
-        return out.permute(2, 0, 1, 3).reshape(n, n_heads * head_dim).to(q.dtype)
+            raise RuntimeError(f"attention kernel rejected rows={group * n}, head_dim={head_dim} ({status})")
+        return out if out.dtype == q.dtype else out.to(q.dtype)
 
 
 def kernel_cache_dir() -> Path:

@@ -114,6 +114,13 @@ class RMSNorm(nn.Module):
         return self.weight * h.to(x.dtype)
 
 
+def norm_linear(norm: RMSNorm, linear: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """linear(norm(x)); a quantized linear applies the norm inside its kernel instead."""
+    if isinstance(linear, QuantLinear):
+        return linear(x, norm)
+    return linear(norm(x))
+
+
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
     half = x.shape[-1] // 2
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
@@ -138,7 +145,7 @@ class Block(nn.Module):
     ) -> torch.Tensor:
         a = self.args
         t = x.shape[0]
-        qkv = self.qkv(self.attn_norm(x))
+        qkv = norm_linear(self.attn_norm, self.qkv, x)
         q_out, kv_out = a.n_heads * a.head_dim, a.n_kv_heads * a.head_dim
         q = qkv[:, :q_out].view(t, a.n_heads, a.head_dim)
         k = qkv[:, q_out : q_out + kv_out].view(t, a.n_kv_heads, a.head_dim)
@@ -150,7 +157,7 @@ class Block(nn.Module):
         if n_queries < t:  # padding rows (see the module docstring) copy the last real row
             attended = torch.cat([attended, attended[-1:].expand(t - n_queries, -1)])
         x = x + self.o_proj(attended)
-        gate, up = self.gate_up(self.mlp_norm(x)).chunk(2, dim=-1)
+        gate, up = norm_linear(self.mlp_norm, self.gate_up, x).chunk(2, dim=-1)
         return x + self.down(F.silu(gate) * up)
 
 
@@ -212,11 +219,11 @@ class Transformer(nn.Module):
             x = layer(x, cos, sin, cache, i, attention, n)
         cache.advance(n)
         if all_logits:
-            return self.lm_head(self.norm(x)).float()[:n]
+            return norm_linear(self.norm, self.lm_head, x).float()[:n]
         # lm_head on min_rows rows for the same reason; row n-1 is the real last token (a padded
         # decode's second row is the duplicate, which also attends to its own copy).
         lo = max(n - self.min_rows, 0)
-        return self.lm_head(self.norm(x[lo : lo + self.min_rows])).float()[n - 1 - lo]
+        return norm_linear(self.norm, self.lm_head, x[lo : lo + self.min_rows]).float()[n - 1 - lo]
 
     @torch.inference_mode()
     def prefill(

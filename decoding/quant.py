@@ -1,10 +1,13 @@
 """Linear layers on weights that keep a GGUF file's quantized values, for CPU decoding.
 
-Every block format of the embedded models maps exactly, without re-quantizing, onto one of two
+Every block format of the embedded models maps exactly, without re-quantizing, onto one of three
 layouts (see kernels/quant_linear.c for the byte order):
   kind 4: 4-bit unsigned values in groups of 32, w = scale * q - min  (Q4_K)
-  kind 8: 8-bit signed values in groups of 16 or 32, w = scale * q   (Q6_K: 16; Q5_0, Q8_0: 32)
-with fp32 scales and mins computed exactly as gguf computes them when it dequantizes.
+  kind 6: 6-bit signed values in groups of 16, w = scale * q          (Q6_K)
+  kind 8: 8-bit signed values in groups of 32, w = scale * q          (Q5_0, Q8_0; groups of 16 also run)
+Scales keep the file's own form: an fp16 scale per super-block times an int8 sub-scale per group
+(Q4_K's scales and mins, Q6_K's scales), or an fp16 scale per group (Q5_0, Q8_0). Their fp32
+products are exact, so they equal what gguf forms when it dequantizes.
 
 QuantLinear runs every call through the C kernel, whose rows do not depend on the row count (so
 a decode step and a verify pass give bit-identical rows). Prefill chunks take the same kernel: on
@@ -20,6 +23,7 @@ import ctypes
 import functools
 import os
 import subprocess
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -29,7 +33,7 @@ from torch import nn
 
 from decoding.attention import KERNEL_FLAGS, build_library, kernel_cache_dir
 
-QUANT_FORMAT = 1  # bump when the layout below changes, so converted caches are rebuilt
+QUANT_FORMAT = 3  # bump when the layout below changes, so converted caches are rebuilt
 KERNEL_SOURCE = os.path.join(os.path.dirname(__file__), "kernels", "quant_linear.c")
 QUANT_FLAGS = (*KERNEL_FLAGS, "-ffp-contract=off")
 TILE = 16  # output columns per tile
@@ -39,20 +43,28 @@ TILE = 16  # output columns per tile
 class QuantWeight:
     """One [n, k] weight in the kernel layout."""
 
-    kind: int  # 4 or 8
+    kind: int  # 4, 6 or 8
     group: int
     n: int
     k: int
-    q: torch.Tensor  # uint8, [n/16, k/group, tile bytes]
-    scale: torch.Tensor  # fp32, [n/16, k/group, 16]
-    min: torch.Tensor | None  # fp32, like scale (kind 4 only)
+    q: torch.Tensor  # uint8, [n/16, k/group, tile bytes] (kind 6: [n/16, k/32, 384])
+    d: torch.Tensor  # fp16, [n/16, super-blocks, 16]: the scale, times sub when there is one
+    sub: torch.Tensor | None  # int8, [n/16, k/group, 16]; None when per == 1
+    dmin: torch.Tensor | None  # like d, for the min (kind 4 only)
+    msub: torch.Tensor | None  # like sub, for the min
+    per: int  # groups per super-block
+
+    @property
+    def tensors(self) -> dict[str, torch.Tensor]:
+        named = {"q": self.q, "d": self.d, "sub": self.sub, "dmin": self.dmin, "msub": self.msub}
+        return {name: t for name, t in named.items() if t is not None}
 
     @property
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (self.q, self.scale, self.min) if t is not None)
+        return sum(t.numel() * t.element_size() for t in self.tensors.values())
 
     def meta(self) -> dict[str, int]:
-        return {"kind": self.kind, "group": self.group, "n": self.n, "k": self.k}
+        return {"kind": self.kind, "group": self.group, "n": self.n, "k": self.k, "per": self.per}
 
 
 def takes_shape(n: int, k: int) -> bool:
@@ -62,103 +74,171 @@ def takes_shape(n: int, k: int) -> bool:
 # --------------------------------------------------------------------------- layout
 
 
-def pack(values: np.ndarray, scale: np.ndarray, minimum: np.ndarray | None, kind: int, group: int) -> QuantWeight:
-    """values [n, k] (kind 4: 0..15; kind 8: -128..127), scale/min [n, k/group] -> kernel layout."""
+def pack(values: np.ndarray, d: np.ndarray, sub: np.ndarray | None, kind: int, group: int, per: int = 1,
+         dmin: np.ndarray | None = None, msub: np.ndarray | None = None) -> QuantWeight:
+    """values [n, k] (kind 4: 0..15; kind 6: -32..31; kind 8: -128..127); d, dmin fp16 [n, super-blocks of `per`
+    groups]; sub, msub int8 [n, k/group] (None when per is 1) -> kernel layout."""
     n, k = values.shape
     if not takes_shape(n, k) or k % group:
         raise ValueError(f"shape {n}x{k} does not fit the kernel layout (tiles of 16 outputs, groups of {group})")
+    mins_match = (dmin is not None) == (kind == 4) and (kind != 4 or (msub is None) == (sub is None))
+    if (sub is None) != (per == 1) or not mins_match:
+        raise ValueError("sub-scales come with super-blocks of several groups; mins with 4-bit weights only")
     tiles, groups = n // TILE, k // group
+    supers = -(-groups // per)
     if kind == 4:
         v = values.astype(np.uint8).reshape(tiles, TILE, groups, 2, 4, 4)  # input = 16 half + 4 h + b
         v = v.transpose(0, 2, 3, 4, 1, 5)  # tile, group, half, h, column, b
         q = v[:, :, 0] | (v[:, :, 1] << 4)
+    elif kind == 6 and group == 16:
+        u = (values.astype(np.int16) + 32).astype(np.uint8).reshape(tiles, TILE, k // 32, 2, 4, 4)
+        u = u.transpose(0, 2, 3, 4, 1, 5)  # tile, 32 inputs, half, h, column, b
+        low = (u[:, :, 0] & 15) | ((u[:, :, 1] & 15) << 4)  # [tile, 32 inputs, h, column, b]
+        crumbs = ((u >> 4) << (2 * np.arange(4, dtype=np.uint8)).reshape(1, 1, 1, 4, 1, 1)).sum(3, dtype=np.uint8)
+        q = np.concatenate([low.reshape(tiles, k // 32, 256), crumbs.reshape(tiles, k // 32, 128)], axis=-1)
     elif kind == 8:
         u = (values.astype(np.int16) + 128).astype(np.uint8)
         q = u.reshape(tiles, TILE, groups, group // 4, 4).transpose(0, 2, 3, 1, 4)  # tile, group, p, column, b
     else:
         raise ValueError(f"unknown kind {kind}")
 
-    def per_group(a: np.ndarray) -> torch.Tensor:
-        grouped = a.astype(np.float32).reshape(tiles, TILE, groups).transpose(0, 2, 1)
-        return torch.from_numpy(np.ascontiguousarray(grouped))
+    def per_tile(a: np.ndarray | None, dtype: type, count: int) -> torch.Tensor | None:
+        if a is None:
+            return None
+        tiled = a.astype(dtype).reshape(tiles, TILE, count).transpose(0, 2, 1)
+        return torch.from_numpy(np.ascontiguousarray(tiled))
 
     return QuantWeight(
-        kind, group, n, k, torch.from_numpy(np.ascontiguousarray(q).reshape(tiles, groups, -1)),
-        per_group(scale), None if minimum is None else per_group(minimum),
+        kind, group, n, k,
+        torch.from_numpy(np.ascontiguousarray(q).reshape(tiles, k // 32 if kind == 6 else groups, -1)),
+        per_tile(d, np.float16, supers), per_tile(sub, np.int8, groups),
+        per_tile(dmin, np.float16, supers), per_tile(msub, np.int8, groups), per,
     )
 
 
 def _f16(a: np.ndarray) -> np.ndarray:
-    return a.copy().view(np.float16).astype(np.float32)
+    return np.ascontiguousarray(a).view(np.float16)
 
 
-def unpack_gguf(
-    qtype: str, blocks: np.ndarray, n: int, k: int,
-) -> tuple[np.ndarray, np.ndarray, np.ndarray | None, int]:
-    """A GGUF tensor's raw blocks ([n, bytes per row], uint8) -> (values, scale, min, group).
+@dataclass
+class Unpacked:
+    """A GGUF tensor's values and scales, as pack() takes them."""
 
-    Scales and mins are the fp32 products gguf's own dequantization forms, so
-    scale * q - min reproduces gguf.quants.dequantize bit for bit.
-    """
+    values: np.ndarray  # [n, k]
+    d: np.ndarray  # fp16 [n, super-blocks]
+    sub: np.ndarray | None  # int8 [n, k/group]
+    group: int
+    per: int
+    dmin: np.ndarray | None = None
+    msub: np.ndarray | None = None
+
+    def scales(self) -> tuple[np.ndarray, np.ndarray | None]:
+        """fp32 scale and min per group: the products gguf's own dequantization forms."""
+        def level(top: np.ndarray, sub: np.ndarray | None) -> np.ndarray:
+            full = np.repeat(top.astype(np.float32), self.per, axis=1)[:, : self.values.shape[1] // self.group]
+            return full if sub is None else full * sub.astype(np.float32)
+        return level(self.d, self.sub), None if self.dmin is None else level(self.dmin, self.msub)
+
+
+def unpack_gguf(qtype: str, blocks: np.ndarray, n: int, k: int) -> Unpacked:
+    """A GGUF tensor's raw blocks ([n, bytes per row], uint8) -> its values and two-level scales,
+    unchanged (scale * q - min in fp32 reproduces gguf.quants.dequantize bit for bit)."""
     from gguf.quants import Q4_K
 
     rows = blocks.reshape(n, -1)
     if qtype == "Q4_K":
         b = rows.reshape(-1, 144)
         d, dmin = _f16(b[:, 0:2]), _f16(b[:, 2:4])
-        sc, m = Q4_K.get_scale_min(b[:, 4:16].copy())
+        sc, m = Q4_K.get_scale_min(b[:, 4:16].copy())  # 6-bit: they fit int8
         qs = b[:, 16:].reshape(-1, 4, 1, 32) >> np.array([0, 4], dtype=np.uint8).reshape(1, 1, 2, 1)
         values = (qs & 0x0F).reshape(n, k)
-        scale = (d * sc.astype(np.float32)).reshape(n, k // 32)
-        minimum = (dmin * m.astype(np.float32)).reshape(n, k // 32)
-        return values, scale, minimum, 32
+        return Unpacked(values, d.reshape(n, k // 256), sc.astype(np.int8).reshape(n, k // 32), 32, 8,
+                        dmin.reshape(n, k // 256), m.astype(np.int8).reshape(n, k // 32))
     if qtype == "Q6_K":
         b = rows.reshape(-1, 210)
         ql, qh = b[:, :128], b[:, 128:192]
-        scales = b[:, 192:208].copy().view(np.int8).astype(np.float32)
+        scales = b[:, 192:208].copy().view(np.int8)
         d = _f16(b[:, 208:210])
         lo = (ql.reshape(-1, 2, 1, 64) >> np.array([0, 4], dtype=np.uint8).reshape(1, 1, 2, 1)) & 0x0F
         hi = (qh.reshape(-1, 2, 1, 32) >> np.array([0, 2, 4, 6], dtype=np.uint8).reshape(1, 1, 4, 1)) & 0x03
         q = (lo.reshape(-1, 8, 32) | (hi.reshape(-1, 8, 32) << 4)).astype(np.int16) - 32
-        return q.reshape(n, k), (d * scales).reshape(n, k // 16), None, 16
+        return Unpacked(q.reshape(n, k), d.reshape(n, k // 256), scales.reshape(n, k // 16), 16, 16)
     if qtype == "Q5_0":
         b = rows.reshape(-1, 22)
         d = _f16(b[:, 0:2])
         qh = b[:, 2:6].copy().view(np.uint32).reshape(-1, 1) >> np.arange(32, dtype=np.uint32).reshape(1, 32)
         ql = (b[:, 6:22].reshape(-1, 1, 16) >> np.array([0, 4], dtype=np.uint8).reshape(1, 2, 1)) & 0x0F
         q = (ql.reshape(-1, 32) | ((qh & 1).astype(np.uint8) << 4)).astype(np.int16) - 16
-        return q.reshape(n, k), d.reshape(n, k // 32), None, 32
+        return Unpacked(q.reshape(n, k), d.reshape(n, k // 32), None, 32, 1)
     if qtype == "Q8_0":
         b = rows.reshape(-1, 34)
         d = _f16(b[:, 0:2])
         q = b[:, 2:].copy().view(np.int8).astype(np.int16)
-        return q.reshape(n, k), d.reshape(n, k // 32), None, 32
+        return Unpacked(q.reshape(n, k), d.reshape(n, k // 32), None, 32, 1)
     raise ValueError(f"GGUF type {qtype} has no exact kernel layout")
 
 
-GGUF_KINDS = {"Q4_K": 4, "Q6_K": 8, "Q5_0": 8, "Q8_0": 8}
+GGUF_KINDS = {"Q4_K": 4, "Q6_K": 6, "Q5_0": 8, "Q8_0": 8}
 
 
 def from_gguf(qtype: str, blocks: np.ndarray, n: int, k: int) -> QuantWeight:
-    values, scale, minimum, group = unpack_gguf(qtype, blocks, n, k)
-    return pack(values, scale, minimum, GGUF_KINDS[qtype], group)
+    u = unpack_gguf(qtype, blocks, n, k)
+    return pack(u.values, u.d, u.sub, GGUF_KINDS[qtype], u.group, u.per, u.dmin, u.msub)
+
+
+def _two_level(scale: np.ndarray, per: int) -> tuple[np.ndarray, np.ndarray]:
+    """fp32 [n, groups] -> fp16 per super-block of `per` groups and int8 per group, product ~ scale."""
+    n, groups = scale.shape
+    supers = -(-groups // per)
+    padded = np.zeros((n, supers * per), np.float32)
+    padded[:, :groups] = scale
+    top = np.abs(padded).reshape(n, supers, per).max(-1) / 127
+    d = top.astype(np.float16)
+    d = np.where(d > 0, d, np.float16(1)).astype(np.float16)
+    sub = np.clip(np.rint(scale / np.repeat(d.astype(np.float32), per, axis=1)[:, :groups]), -127, 127)
+    return d, sub.astype(np.int8)
 
 
 def quantize(weight: torch.Tensor, kind: int, group: int = 32) -> QuantWeight:
     """Round a float weight into the layout (tests build quantized tiny models with it; real
-    models never re-quantize: their values come from the GGUF file)."""
+    models never re-quantize: their values come from the GGUF file). Two-level scales as in
+    Q4_K (kind 4) and Q6_K (kind 6, groups of 16); fp16 per group as in Q8_0 (kind 8, group 32)."""
+    group = 16 if kind == 6 else group
     w = weight.detach().float().numpy()
     n, k = w.shape
     blocks = w.reshape(n, k // group, group)
+    per = 256 // group if kind in (4, 6) or group == 16 else 1
+
+    def expand(top: np.ndarray, sub: np.ndarray) -> np.ndarray:
+        return np.repeat(top.astype(np.float32), per, axis=1)[:, : k // group] * sub.astype(np.float32)
+
     if kind == 4:
         lo, hi = blocks.min(-1), blocks.max(-1)
-        scale = np.where(hi > lo, (hi - lo) / 15.0, 1.0).astype(np.float32)
-        q = np.clip(np.rint((blocks - lo[..., None]) / scale[..., None]), 0, 15)
-        return pack(q.reshape(n, k), scale, -lo.astype(np.float32), 4, group)
+        d, sub = _two_level(np.where(hi > lo, (hi - lo) / 15.0, 0.0).astype(np.float32), per)
+        sub = np.maximum(sub, 1).astype(np.int8)
+        dmin, msub = _two_level(-lo, per)
+        scale, minimum = expand(d, sub), expand(dmin, msub)
+        q = np.clip(np.rint((blocks + minimum[..., None]) / scale[..., None]), 0, 15)
+        return pack(q.reshape(n, k), d, sub, 4, group, per, dmin, msub)
+    top_q = 31 if kind == 6 else 127
     amax = np.abs(blocks).max(-1)
-    scale = np.where(amax > 0, amax / 127.0, 1.0).astype(np.float32)
-    q = np.clip(np.rint(blocks / scale[..., None]), -127, 127)
-    return pack(q.reshape(n, k), scale, None, 8, group)
+    if per == 1:
+        d, sub = (amax / 127.0).astype(np.float16), None
+        d = np.where(d > 0, d, np.float16(1)).astype(np.float16)
+        scale = d.astype(np.float32)
+    else:
+        d, sub = _two_level((amax / top_q).astype(np.float32), per)
+        sub = np.maximum(sub, 1).astype(np.int8)
+        scale = expand(d, sub)
+    q = np.clip(np.rint(blocks / scale[..., None]), -top_q - (kind == 6), top_q)
+    return pack(q.reshape(n, k), d, sub, kind, group, per)
+
+
+def _group_scales(top: torch.Tensor, sub: torch.Tensor | None, per: int, tiles: torch.Tensor, j: torch.Tensor,
+                  groups: int) -> torch.Tensor:
+    """fp32 [c, groups]: the kernel's scale (or min) per column and group."""
+    full = top[tiles, :, j].float().repeat_interleave(per, dim=1)[:, :groups]
+    return full if sub is None else full * sub[tiles, :, j].float()
 
 
 def dequantize_torch(w: QuantWeight, cols: torch.Tensor | None = None) -> torch.Tensor:
@@ -166,12 +246,21 @@ def dequantize_torch(w: QuantWeight, cols: torch.Tensor | None = None) -> torch.
     cols = torch.arange(w.n) if cols is None else cols.long()
     tiles, j = cols // TILE, cols % TILE
     groups = w.k // w.group
-    scale = w.scale[tiles, :, j]  # [c, groups]
+    scale = _group_scales(w.d, w.sub, w.per, tiles, j, groups)  # [c, groups]
     if w.kind == 4:
         q = w.q.view(-1, groups, 4, TILE, 4)[tiles, :, :, j]  # [c, groups, h, b]
         values = torch.cat([q & 15, q >> 4], dim=-2).reshape(-1, groups, 32).float()
-        minimum = w.min[tiles, :, j]
+        minimum = _group_scales(w.dmin, w.msub, w.per, tiles, j, groups)
         return (scale[..., None] * values - minimum[..., None]).reshape(-1, w.k)
+    if w.kind == 6:
+        q = w.q.view(-1, w.k // 32, 384)
+        low = q[:, :, :256].reshape(-1, w.k // 32, 4, TILE, 4)[tiles, :, :, j]  # [c, 32 inputs, h, b]
+        crumbs = q[:, :, 256:].reshape(-1, w.k // 32, 2, TILE, 4)[tiles, :, :, j]  # [c, 32 inputs, half, b]
+        shifts = (2 * torch.arange(4, dtype=torch.uint8)).view(1, 1, 1, 4, 1)
+        high = (crumbs[:, :, :, None, :] >> shifts) & 3  # [c, 32 inputs, half, h, b]
+        nibbles = torch.stack([low & 15, low >> 4], dim=2)  # [c, 32 inputs, half, h, b]
+        values = ((nibbles | (high << 4)).int() - 32).reshape(-1, groups, 16).float()
+        return (scale[..., None] * values).reshape(-1, w.k)
     q = w.q.view(-1, groups, w.group // 4, TILE, 4)[tiles, :, :, j]
     values = (q.int() - 128).reshape(-1, groups, w.group).float()
     return (scale[..., None] * values).reshape(-1, w.k)
@@ -186,42 +275,54 @@ class NativeQuant:
     def __init__(self, library: ctypes.CDLL) -> None:
         p, i, i64 = ctypes.c_void_p, ctypes.c_int, ctypes.c_int64
         self._quantize = library.rq_quantize_rows
-        self._quantize.argtypes = [p, i, i, i, p, p, p, p, i]
+        self._quantize.argtypes = [p, i, i, i, p, p, p, p, i, p, ctypes.c_float]
         self._linear = library.rq_linear
-        self._linear.argtypes = [p, p, p, p, i, i, p, p, p, i, i, i, p, p, i64, i]
+        self._linear.argtypes = [p, p, p, p, i, i, p, p, p, p, p, i, i, i, i, p, p, i, i64, i]
         self._dequantize = library.rq_dequantize
-        self._dequantize.argtypes = [p, p, p, i, i, i, i, p, i, p, i, i]
+        self._dequantize.argtypes = [p, p, p, p, p, i, i, i, i, i, p, i, p, i, i]
         for fn in (self._quantize, self._linear, self._dequantize):
             fn.restype = ctypes.c_int
         self.vnni = bool(ctypes.c_int.in_dll(library, "rq_vnni").value)
 
-    def linear(self, x: torch.Tensor, parts: list[QuantWeight], bias: torch.Tensor | None) -> torch.Tensor:
-        """fp32 [rows, sum of n] = x [rows, k] @ W^T (+ bias); parts stack along the outputs."""
+    def linear(self, x: torch.Tensor, parts: list[QuantWeight], bias: torch.Tensor | None,
+               out_dtype: torch.dtype = torch.float32, norm: nn.Module | None = None) -> torch.Tensor:
+        """[rows, sum of n] = norm(x) [rows, k] @ W^T (+ bias), in fp32 or bf16 (rounded once, from
+        the fp32 sum); parts stack along the outputs. norm: an RMSNorm (weight, eps) that the
+        kernel applies while it quantizes the rows."""
         x = x.contiguous()
         rows, k = x.shape
         if x.dtype not in (torch.bfloat16, torch.float32):
             x = x.float()
+        norm_w, eps = None, 0.0
+        if norm is not None:
+            norm_w, eps = norm.weight.detach(), float(norm.eps)
+            if norm_w.dtype != x.dtype:
+                norm_w = norm_w.to(x.dtype)
         threads = torch.get_num_threads()
-        xq = torch.empty(rows, k, dtype=torch.int8)
-        xs = torch.empty(rows, k // 32, dtype=torch.float32)
-        bsum = torch.empty(rows, k // 16, dtype=torch.int32)
-        xsb = torch.empty(rows, k // 32, dtype=torch.float32)
-        if self._quantize(x.data_ptr(), int(x.dtype == torch.bfloat16), rows, k, xq.data_ptr(), xs.data_ptr(),
-                          bsum.data_ptr(), xsb.data_ptr(), threads):
+        # the quantized activations in one buffer: int8 values, fp32 scales, int32 sums per 16,
+        # fp32 scale x sum per 32
+        scratch = torch.empty(rows * k * 2, dtype=torch.uint8)
+        xq = scratch.data_ptr()
+        xs = xq + rows * k
+        bsum = xs + rows * k // 8
+        xsb = bsum + rows * k // 4
+        if self._quantize(x.data_ptr(), int(x.dtype == torch.bfloat16), rows, k, xq, xs, bsum, xsb, threads,
+                          None if norm_w is None else norm_w.data_ptr(), eps):
             raise RuntimeError(f"quant kernel rejected k={k}")
         n_total = sum(w.n for w in parts)
-        y = torch.empty(rows, n_total, dtype=torch.float32)
+        y_bf16 = out_dtype == torch.bfloat16
+        y = torch.empty(rows, n_total, dtype=torch.bfloat16 if y_bf16 else torch.float32)
         offset = 0
         for w in parts:
             status = self._linear(
-                xq.data_ptr(), xs.data_ptr(), bsum.data_ptr(), xsb.data_ptr(), rows, k, w.q.data_ptr(),
-                w.scale.data_ptr(), None if w.min is None else w.min.data_ptr(), w.kind, w.group, w.n,
-                None if bias is None else bias[offset:].data_ptr(), y[:, offset:].data_ptr(), n_total, threads,
+                xq, xs, bsum, xsb, rows, k, *_weight_args(w), w.kind, w.group, w.n,
+                None if bias is None else bias[offset:].data_ptr(), y[:, offset:].data_ptr(), int(y_bf16), n_total,
+                threads,
             )
             if status:
                 raise RuntimeError(f"quant kernel rejected a {w.n}x{w.k} kind-{w.kind} weight")
             offset += w.n
-        return y
+        return y if y.dtype == out_dtype else y.to(out_dtype)
 
     def dequantize(self, w: QuantWeight, cols: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
         count = w.n if cols is None else cols.numel()
@@ -229,13 +330,20 @@ class NativeQuant:
         out_bf16 = dtype == torch.bfloat16
         out = torch.empty(count, w.k, dtype=torch.bfloat16 if out_bf16 else torch.float32)
         status = self._dequantize(
-            w.q.data_ptr(), w.scale.data_ptr(), None if w.min is None else w.min.data_ptr(), w.kind, w.group, w.n,
-            w.k, None if index is None else index.data_ptr(), count, out.data_ptr(), int(out_bf16),
-            torch.get_num_threads(),
+            *_weight_args(w), w.kind, w.group, w.n, w.k, None if index is None else index.data_ptr(), count,
+            out.data_ptr(), int(out_bf16), torch.get_num_threads(),
         )
         if status:
             raise RuntimeError("quant dequantize rejected its input")
         return out if out.dtype == dtype else out.to(dtype)
+
+
+def _weight_args(w: QuantWeight) -> tuple[int | None, ...]:
+    """q, d, sub, dmin, msub pointers (None where absent) and per, as the C functions take them."""
+    def ptr(t: torch.Tensor | None) -> int | None:
+        return None if t is None else t.data_ptr()
+
+    return ptr(w.q), ptr(w.d), ptr(w.sub), ptr(w.dmin), ptr(w.msub), w.per
 
 
 @functools.cache
@@ -280,11 +388,15 @@ class QuantLinear(nn.Module):
     def dense(self, dtype: torch.dtype) -> torch.Tensor:
         return torch.cat([dequantize(w, dtype) for w in self.parts])
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, norm: nn.Module | None = None) -> torch.Tensor:
+        """self(norm(x)) when a norm (the model's RMSNorm) is given: the kernel normalises the rows
+        as it quantizes them, with no torch ops of its own."""
         out_dtype = self.out_dtype or x.dtype
         kernel = native_quant()
         if kernel is not None and x.device.type == "cpu":
-            return kernel.linear(x, self.parts, self.bias).to(out_dtype)
+            return kernel.linear(x, self.parts, self.bias, out_dtype, norm)
+        if norm is not None:
+            x = norm(x)
         bias = None if self.bias is None else self.bias.to(x.dtype)
         return F.linear(x, self.dense(x.dtype), bias).to(out_dtype)
 
@@ -321,6 +433,9 @@ def quantized_bytes(model: nn.Module) -> int:
 # --------------------------------------------------------------------------- whole models
 
 
+_FIELDS = ("q", "d", "sub", "dmin", "msub")
+
+
 @dataclass
 class QuantizedState:
     """A model's weights in the kernel layout: linears by engine module name (fused q/k/v and
@@ -336,21 +451,19 @@ class QuantizedState:
         for name, parts in self.linears.items():
             layout[name] = [w.meta() for w in parts]
             for i, w in enumerate(parts):
-                tensors[f"{name}.{i}.q"], tensors[f"{name}.{i}.scale"] = w.q, w.scale
-                if w.min is not None:
-                    tensors[f"{name}.{i}.min"] = w.min
+                tensors.update({f"{name}.{i}.{field}": t for field, t in w.tensors.items()})
         return tensors, layout
 
     @classmethod
     def from_tensors(cls, tensors: dict[str, torch.Tensor], layout: dict[str, list[dict[str, int]]],
                      tied_lm_head: bool) -> QuantizedState:
-        linears = {
-            name: [QuantWeight(m["kind"], m["group"], m["n"], m["k"], tensors[f"{name}.{i}.q"],
-                               tensors[f"{name}.{i}.scale"], tensors.get(f"{name}.{i}.min"))
-                   for i, m in enumerate(parts)]
-            for name, parts in layout.items()
-        }
-        dense = {k: v for k, v in tensors.items() if not k.endswith((".q", ".scale", ".min"))}
+        def weight(name: str, m: dict[str, int]) -> QuantWeight:
+            t = {field: tensors.get(f"{name}.{field}") for field in _FIELDS}
+            return QuantWeight(m["kind"], m["group"], m["n"], m["k"], t["q"], t["d"], t["sub"], t["dmin"], t["msub"],
+                               m["per"])
+
+        linears = {name: [weight(f"{name}.{i}", m) for i, m in enumerate(parts)] for name, parts in layout.items()}
+        dense = {k: v for k, v in tensors.items() if not k.endswith(tuple(f".{field}" for field in _FIELDS))}
         return cls(linears, dense, tied_lm_head)
 
 
@@ -358,10 +471,12 @@ class UnsupportedQuantization(ValueError):
     """The GGUF holds a tensor type or shape without an exact kernel layout."""
 
 
-def state_from_gguf(tensors: dict, n_layers: int, architecture: str) -> QuantizedState:
+def state_from_gguf(tensors: dict, n_layers: int, architecture: str,
+                    progress: Callable[[int, int], None] | None = None) -> QuantizedState:
     """Engine weights from a llama-family GGUF's tensors (gguf.ReaderTensor-like: .tensor_type.name,
     .data, .shape with the input size first). Raises UnsupportedQuantization where a tensor has
-    no exact layout; the caller then keeps the bf16 engine."""
+    no exact layout; the caller then keeps the bf16 engine. progress, when given, is called with
+    (layers done, layers total) after each layer."""
 
     # llama.cpp stores Llama-style q/k rows permuted for its RoPE; Qwen2's are stored as they are.
     if architecture != "qwen2":
@@ -396,4 +511,6 @@ def state_from_gguf(tensors: dict, n_layers: int, architecture: str) -> Quantize
         linears[p + "down"] = [weight(b + "ffn_down.weight")]
         out[p + "attn_norm.weight"] = dense(b + "attn_norm.weight")
         out[p + "mlp_norm.weight"] = dense(b + "ffn_norm.weight")
+        if progress is not None:
+            progress(i + 1, n_layers)
     return QuantizedState(linears, out, tied)

@@ -21,7 +21,7 @@ from tests.test_decoding_tiny import EXACT_VOCAB, check_drafters_exact, check_lo
 from tests.tiny import random_prompt, tiny_model
 
 SPECULATIVE = ("sd", "magicdec", "rapid", "lookup")
-LAYOUTS = [(4, 32), (8, 16), (8, 32)]  # (kind, group): Q4_K; Q6_K; Q5_0 and Q8_0
+LAYOUTS = [(4, 32), (6, 16), (8, 16), (8, 32)]  # (kind, group): Q4_K; Q6_K; (Q6_K as 8-bit); Q5_0 and Q8_0
 
 
 @pytest.fixture(scope="module")
@@ -45,16 +45,51 @@ def activations(rows: int, k: int = 256, seed: int = 1, dtype: torch.dtype = tor
 @pytest.mark.parametrize(("kind", "group"), LAYOUTS)
 def test_pack_round_trips_values(kind: int, group: int) -> None:
     gen = torch.Generator().manual_seed(2)
-    n, k = 48, 128
-    low, high = (0, 16) if kind == 4 else (-128, 128)
+    n, k = 48, 640  # 20 or 40 groups: the last super-block is partial
+    per = 1 if (kind, group) == (8, 32) else 256 // group
+    supers, groups = -(-k // (group * per)), k // group
+    low, high = {4: (0, 16), 6: (-32, 32), 8: (-128, 128)}[kind]
     values = torch.randint(low, high, (n, k), generator=gen).numpy()
-    scale = torch.rand(n, k // group, generator=gen).numpy() + 0.5
-    minimum = torch.rand(n, k // group, generator=gen).numpy() if kind == 4 else None
-    w = quant.pack(values, scale, minimum, kind, group)
+
+    def top() -> np.ndarray:
+        return (torch.rand(n, supers, generator=gen) + 0.5).numpy().astype(np.float16)
+
+    def sub() -> np.ndarray | None:
+        return None if per == 1 else torch.randint(-64, 64, (n, groups), generator=gen).numpy().astype(np.int8)
+
+    d, s = top(), sub()
+    dmin, msub = (top(), sub()) if kind == 4 else (None, None)
+    w = quant.pack(values, d, s, kind, group, per, dmin, msub)
+    scale, minimum = quant.Unpacked(values, d, s, group, per, dmin, msub).scales()
     expected = np.repeat(scale, group, axis=1) * values.astype(np.float32)
     if minimum is not None:
         expected = expected - np.repeat(minimum, group, axis=1)
     assert np.array_equal(quant.dequantize_torch(w).numpy(), expected.astype(np.float32))
+    # the scales cost what they cost in the GGUF: fp16 per super-block, one byte per group
+    scale_bytes = n * (2 * supers + (0 if per == 1 else groups))
+    assert w.nbytes == {4: n * k // 2 + 2 * scale_bytes, 6: n * k * 3 // 4 + scale_bytes, 8: n * k + scale_bytes}[kind]
+
+
+def test_six_bit_layout_gives_the_eight_bit_layouts_bits(kernel: quant.NativeQuant) -> None:
+    # Q6_K's values stored in 6 bits or in 8: the same integer sums and float steps
+    gen = torch.Generator().manual_seed(7)
+    values = torch.randint(-32, 32, (64, 512), generator=gen).numpy()
+    d = (torch.rand(64, 2, generator=gen) + 0.5).numpy().astype(np.float16)
+    sub = torch.randint(-64, 64, (64, 32), generator=gen).numpy().astype(np.int8)
+    six, eight = quant.pack(values, d, sub, 6, 16, 16), quant.pack(values, d, sub, 8, 16, 16)
+    assert six.nbytes < 0.8 * eight.nbytes
+    assert torch.equal(quant.dequantize_torch(six), quant.dequantize_torch(eight))
+    for rows in (1, 6, 20):
+        x = activations(rows, k=512, seed=rows)
+        assert torch.equal(kernel.linear(x, [six], None), kernel.linear(x, [eight], None)), rows
+
+
+def test_pack_refuses_inconsistent_scales() -> None:
+    values, d = np.zeros((16, 64), np.int16), np.ones((16, 2), np.float16)
+    with pytest.raises(ValueError):
+        quant.pack(values, d, np.ones((16, 2), np.int8), 8, 32, 1)  # sub-scales need super-blocks
+    with pytest.raises(ValueError):
+        quant.pack(values, d, None, 4, 32, 1)  # a 4-bit weight without its mins
 
 
 @pytest.mark.parametrize(("kind", "group"), LAYOUTS)
@@ -89,6 +124,25 @@ def test_rows_are_bit_identical_across_row_counts(kernel: quant.NativeQuant, kin
         torch.set_num_threads(threads)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_norm_in_the_kernel(kernel: quant.NativeQuant, dtype: torch.dtype) -> None:
+    from decoding.model import RMSNorm
+
+    norm = RMSNorm(256, 1e-6).to(dtype)
+    with torch.no_grad():
+        norm.weight.copy_(torch.rand(256, generator=torch.Generator().manual_seed(6)) + 0.5)
+    parts = [random_weight(4, 32, seed=3), random_weight(8, 16, n=32, seed=4)]
+    x = activations(32, dtype=dtype) * 3
+    fused = kernel.linear(x, parts, None, torch.float32, norm)
+    for rows in (1, 6, 17):  # row-invariant, like the plain kernel
+        assert torch.equal(kernel.linear(x[:rows], parts, None, torch.float32, norm), fused[:rows]), rows
+    # the same function as norm then linear (the sum of squares is ordered differently, so a
+    # value may round to a neighbouring bf16)
+    separate = kernel.linear(norm(x), parts, None)
+    torch.testing.assert_close(fused, separate, rtol=0.02, atol=0.02 * separate.abs().max().item())
+    assert (fused == separate).float().mean() > 0.5
+
+
 def reference_linear(x: torch.Tensor, w: QuantWeight) -> torch.Tensor:
     """float64 model of the kernel: int8 activations per 32 values, then exact products."""
     xf = x.double().view(x.shape[0], -1, 32)
@@ -114,7 +168,7 @@ def test_shapes_it_does_not_take_are_refused(kernel: quant.NativeQuant) -> None:
 
 
 def test_fallback_without_the_native_kernel(monkeypatch) -> None:
-    parts = [random_weight(4, 32), random_weight(8, 16, n=32)]
+    parts = [random_weight(4, 32), random_weight(6, 16, n=32)]
     bias = torch.randn(96)
     linear = QuantLinear(parts, bias)
     x = activations(5, dtype=torch.float32)
@@ -135,7 +189,7 @@ def test_fallback_without_the_native_kernel(monkeypatch) -> None:
 
 # --------------------------------------------------------------------------- tiny models, end to end
 
-KINDS = {"qkv": 8, "down": 8, "embed": 8, "lm_head": 8}  # o_proj, gate_up: 4-bit (Q4_K_M mixes both)
+KINDS = {"qkv": 8, "down": 6, "embed": 8, "lm_head": 6}  # o_proj, gate_up: 4-bit (Q4_K_M mixes them)
 
 
 def quantized(model: LoadedModel, dtype: torch.dtype = torch.float32) -> LoadedModel:

@@ -14,6 +14,7 @@
  * floating-point sum is fixed by the source (no -ffast-math).
  */
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
 #if defined(__AVX512BF16__) && defined(__AVX512BW__)
 #include <immintrin.h>
@@ -37,6 +38,14 @@ static inline vf load_bf16(const uint16_t *p) {
     vh h;
     memcpy(&h, p, sizeof h);
     return (vf)(__builtin_convertvector(h, vu) << 16);
+}
+
+static inline uint16_t f32_to_bf16(float f) { /* round to nearest even, as torch does; NaN stays NaN */
+    uint32_t u;
+    memcpy(&u, &f, 4);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((u >> 16) | 0x40);
+    u += 0x7fffu + ((u >> 16) & 1u);
+    return (uint16_t)(u >> 16);
 }
 
 static inline vf load_f32(const float *p) {
@@ -149,38 +158,80 @@ weighted_values_generic(float scores[][BLOCK], int rows, const void *v, int64_t 
 #if defined(__AVX512BF16__) && defined(__AVX512BW__)
 #define HAVE_BF16_DOT 1
 
+/* In place: r[t] lane p -> r[p] lane t, 32-bit lanes (unpack within 128-bit lanes, then a 4x4
+ * transpose of the 128-bit lanes). */
+static inline __attribute__((always_inline)) void transpose16(__m512i r[16]) {
+    __m512i t[16], u[16];
+    for (int i = 0; i < 8; ++i) {
+        t[2 * i] = _mm512_unpacklo_epi32(r[2 * i], r[2 * i + 1]);
+        t[2 * i + 1] = _mm512_unpackhi_epi32(r[2 * i], r[2 * i + 1]);
+    }
+    /* u[4G + c], 128-bit lane L: element 4L + c of rows 4G..4G+3 */
+    for (int g = 0; g < 4; ++g) {
+        u[4 * g] = _mm512_unpacklo_epi64(t[4 * g], t[4 * g + 2]);
+        u[4 * g + 1] = _mm512_unpackhi_epi64(t[4 * g], t[4 * g + 2]);
+        u[4 * g + 2] = _mm512_unpacklo_epi64(t[4 * g + 1], t[4 * g + 3]);
+        u[4 * g + 3] = _mm512_unpackhi_epi64(t[4 * g + 1], t[4 * g + 3]);
+    }
+    for (int c = 0; c < 4; ++c) {
+        const __m512i v0 = _mm512_shuffle_i32x4(u[c], u[4 + c], 0x44), v1 = _mm512_shuffle_i32x4(u[c], u[4 + c], 0xEE);
+        const __m512i v2 = _mm512_shuffle_i32x4(u[8 + c], u[12 + c], 0x44);
+        const __m512i v3 = _mm512_shuffle_i32x4(u[8 + c], u[12 + c], 0xEE);
+        r[c] = _mm512_shuffle_i32x4(v0, v2, 0x88);
+        r[4 + c] = _mm512_shuffle_i32x4(v0, v2, 0xDD);
+        r[8 + c] = _mm512_shuffle_i32x4(v1, v3, 0x88);
+        r[12 + c] = _mm512_shuffle_i32x4(v1, v3, 0xDD);
+    }
+}
+
+#define SCORE_ROWS 8 /* rows sharing each load of a transposed key vector */
+
+/* a[i] lane t = q_i . key t, over the transposed keys kt, for n rows of bf16 pairs qp. */
+static inline __attribute__((always_inline)) void score_rows(const uint32_t (*qp)[MAX_VECS * 8], const int n,
+                                                             const __m512i kt[][16], const int pairs, __m512 *a) {
+    for (int i = 0; i < n; ++i) a[i] = _mm512_setzero_ps();
+    for (int p = 0; p < pairs; ++p) {
+        const __m512bh kv = (__m512bh)kt[p / 16][p % 16];
+        for (int i = 0; i < n; ++i) a[i] = _mm512_dpbf16_ps(a[i], (__m512bh)_mm512_set1_epi32((int)qp[i][p]), kv);
+    }
+}
+
 /* bf16 K: dot products with vdpbf16ps straight from the cache (q rounded to bf16 - it came
- * from bf16 activations, so this is exact), 2 products per lane per instruction. */
+ * from bf16 activations, so this is exact). Each step's 16 keys are transposed once so that
+ * lane t of a vector holds key t's pair of dimensions 2p, 2p + 1: a row's 16 scores then build
+ * up in one register, in dimension order, with no reduction across lanes, and the transposed
+ * keys serve every row of the call. */
 static inline __attribute__((always_inline)) void
 scores_bf16(const float *q, int rows, const uint16_t *k, int64_t begin, int64_t n, float scale,
             float scores[][BLOCK], const int head_dim) {
-    const int nw = head_dim / 32;
-    __m512bh qb[MAX_ROWS][MAX_VECS / 2];
+    const int pairs = head_dim / 2;
+    uint32_t qp[MAX_ROWS][MAX_VECS * 8]; /* q as bf16 pairs */
     for (int r = 0; r < rows; ++r)
-        for (int c = 0; c < nw; ++c)
-            qb[r][c] = _mm512_cvtne2ps_pbh(_mm512_loadu_ps(q + (int64_t)r * head_dim + c * 32 + 16),
-                                           _mm512_loadu_ps(q + (int64_t)r * head_dim + c * 32));
+        for (int c = 0; c < pairs / 16; ++c) {
+            const __m512bh b = _mm512_cvtne2ps_pbh(_mm512_loadu_ps(q + (int64_t)r * head_dim + c * 32 + 16),
+                                                   _mm512_loadu_ps(q + (int64_t)r * head_dim + c * 32));
+            memcpy(&qp[r][c * 16], &b, 64);
+        }
+    __m512i kt[MAX_VECS * 8 / 16][16]; /* [pair / 16][16 keys] -> [pair][key] after transposing */
     for (int64_t j0 = 0; j0 < n; j0 += KEY_STEP) {
         const int steps = n - j0 < KEY_STEP ? (int)(n - j0) : KEY_STEP;
-        for (int r = 0; r < rows; ++r) { /* the step's 16 keys stay in L1 across rows */
-            /* 16 independent accumulators, interleaved: the dot products' latency overlaps */
-            __m512 a[KEY_STEP];
-            for (int t = 0; t < KEY_STEP; ++t) a[t] = _mm512_setzero_ps();
-            if (steps == KEY_STEP) {
-                for (int c = 0; c < nw; ++c)
-                    for (int t = 0; t < KEY_STEP; ++t)
-                        a[t] = _mm512_dpbf16_ps(a[t], qb[r][c],
-                                                (__m512bh)_mm512_loadu_si512(k + (begin + j0 + t) * head_dim + c * 32));
-            } else {
-                for (int c = 0; c < nw; ++c)
-                    for (int t = 0; t < steps; ++t)
-                        a[t] = _mm512_dpbf16_ps(a[t], qb[r][c],
-                                                (__m512bh)_mm512_loadu_si512(k + (begin + j0 + t) * head_dim + c * 32));
+        for (int c = 0; c < pairs / 16; ++c) {
+            for (int t = 0; t < KEY_STEP; ++t)
+                kt[c][t] = t < steps ? _mm512_loadu_si512(k + (begin + j0 + t) * head_dim + c * 32)
+                                     : _mm512_setzero_si512();
+            transpose16(kt[c]);
+        }
+        for (int r0 = 0; r0 < rows; r0 += SCORE_ROWS) {
+            const int rn = rows - r0 < SCORE_ROWS ? rows - r0 : SCORE_ROWS;
+            __m512 a[SCORE_ROWS];
+            switch (rn) { /* a constant row count per case keeps the accumulators in registers */
+#define SCORE_CASE(N)                                                                                        \
+    case N: score_rows(qp + r0, N, kt, pairs, a); break;
+            SCORE_CASE(1) SCORE_CASE(2) SCORE_CASE(3) SCORE_CASE(4) SCORE_CASE(5) SCORE_CASE(6) SCORE_CASE(7)
+            default: score_rows(qp + r0, SCORE_ROWS, kt, pairs, a); break;
+#undef SCORE_CASE
             }
-            vf acc[KEY_STEP];
-            for (int t = 0; t < KEY_STEP; ++t) acc[t] = (vf)a[t];
-            vf s = reduce16(acc) * scale;
-            memcpy(&scores[r][j0], &s, sizeof s);
+            for (int i = 0; i < rn; ++i) _mm512_storeu_ps(&scores[r0 + i][j0], _mm512_mul_ps(a[i], _mm512_set1_ps(scale)));
         }
     }
 }
@@ -292,9 +343,11 @@ BLOCK_VARIANT(256, f32, 0)
 typedef void (*block_fn)(const float *, int, const void *, const void *, const int32_t *, int64_t, int64_t,
                          float, float *);
 
-/* Softmax-weighted merge of the blocks' partial results, in block order. */
-static void combine(const float *scratch, int n_kv, int rows, int head_dim, int64_t n_blocks, float *out,
-                    int n_threads) {
+/* Softmax-weighted merge of the blocks' partial results, in block order, written to out as
+ * [token][q head][head_dim] (fp32, or bf16 rounded to nearest even as torch rounds). */
+static void combine(const float *scratch, int n_kv, int group, int tokens, int head_dim, int64_t n_blocks, void *out,
+                    int out_bf16, int64_t out_stride, int n_threads) {
+    const int rows = group * tokens;
     const int64_t partial_size = (int64_t)rows * (head_dim + 2);
 #pragma omp parallel for schedule(static) num_threads(n_threads)
     for (int64_t hr = 0; hr < (int64_t)n_kv * rows; ++hr) {
@@ -305,7 +358,7 @@ static void combine(const float *scratch, int n_kv, int rows, int head_dim, int6
             m = mb > m ? mb : m;
         }
         float total = 0.0f;
-        float *o = out + hr * head_dim;
+        float o[256];
         for (int d = 0; d < head_dim; ++d) o[d] = 0.0f;
         for (int64_t b = 0; b < n_blocks; ++b) {
             const float *pb = scratch + (h * n_blocks + b) * partial_size + r * (head_dim + 2);
@@ -315,17 +368,26 @@ static void combine(const float *scratch, int n_kv, int rows, int head_dim, int6
             for (int d = 0; d < head_dim; ++d) o[d] += pb[2 + d] * w;
         }
         const float inv = 1.0f / total;
-        for (int d = 0; d < head_dim; ++d) o[d] *= inv;
+        /* row r is group member r / tokens of K/V head h, at token r % tokens */
+        const int64_t at = (r % tokens) * out_stride + (h * group + r / tokens) * head_dim;
+        for (int d = 0; d < head_dim; ++d) {
+            const float x = o[d] * inv;
+            if (out_bf16) ((uint16_t *)out)[at + d] = f32_to_bf16(x);
+            else ((float *)out)[at + d] = x;
+        }
     }
 }
 
-/* q: [n_kv][rows][head_dim] fp32; scores are q . k * scale. k, v: bf16 (bf16 = 1) or
- * fp32; one head is head_stride elements from the next, keys head_dim apart. lengths: valid keys
- * per row (the same for every head). scratch: n_kv * ceil(n_keys / BLOCK) * rows * (head_dim + 2)
- * floats. out: [n_kv][rows][head_dim] fp32. Returns 0, or -1 for a shape it does not take. */
-int rq_attend(const float *q, const void *k, const void *v, int bf16, int64_t head_stride, const int32_t *lengths,
-              int n_kv, int rows, int head_dim, int64_t n_keys, float scale, float *scratch, float *out,
-              int n_threads) {
+/* q: [tokens][n_kv * group][head_dim], bf16 (q_bf16 = 1) or fp32, q_stride elements from one
+ * token to the next; scores are q . k * scale. k, v: bf16 (bf16 = 1) or fp32; one head is
+ * head_stride elements from the next, keys head_dim apart. Token i sees first_length + i keys.
+ * scratch: n_kv * ceil(n_keys / BLOCK) * group * tokens * (head_dim + 2) floats. out: [tokens]
+ * [n_kv * group * head_dim], out_stride elements from one token to the next, bf16 (out_bf16) or
+ * fp32. Returns 0, -1 for a shape it does not take, -2 when out of memory. */
+int rq_attend(const void *q, int q_bf16, int64_t q_stride, const void *k, const void *v, int bf16,
+              int64_t head_stride, int first_length, int tokens, int group, int n_kv, int head_dim, int64_t n_keys,
+              float scale, float *scratch, void *out, int out_bf16, int64_t out_stride, int n_threads) {
+    const int rows = group * tokens;
     if (rows < 1 || rows > MAX_ROWS) return -1;
     block_fn block;
     switch (head_dim) {
@@ -334,6 +396,24 @@ int rq_attend(const float *q, const void *k, const void *v, int bf16, int64_t he
     case 256: block = bf16 ? block_bf16_256 : block_f32_256; break;
     default: return -1;
     }
+    /* rows ordered (group member, token) per K/V head: fp32 queries and their valid key counts */
+    float *qf = malloc(sizeof(float) * (size_t)n_kv * rows * head_dim);
+    if (!qf) return -2;
+    int32_t lengths[MAX_ROWS];
+    for (int r = 0; r < rows; ++r) lengths[r] = first_length + r % tokens;
+    for (int h = 0; h < n_kv; ++h)
+        for (int r = 0; r < rows; ++r) {
+            const int64_t from = (r % tokens) * q_stride + (int64_t)(h * group + r / tokens) * head_dim;
+            float *to = qf + ((int64_t)h * rows + r) * head_dim;
+            for (int d = 0; d < head_dim; ++d) {
+                if (q_bf16) {
+                    const uint32_t u = (uint32_t)((const uint16_t *)q)[from + d] << 16;
+                    memcpy(&to[d], &u, 4);
+                } else {
+                    to[d] = ((const float *)q)[from + d];
+                }
+            }
+        }
     const int64_t n_blocks = (n_keys + BLOCK - 1) / BLOCK;
     const int64_t partial_size = (int64_t)rows * (head_dim + 2);
     const int elem = bf16 ? 2 : 4;
@@ -342,8 +422,9 @@ int rq_attend(const float *q, const void *k, const void *v, int bf16, int64_t he
         const int64_t h = item / n_blocks, b = item % n_blocks;
         const int64_t begin = b * BLOCK, end = begin + BLOCK < n_keys ? begin + BLOCK : n_keys;
         const char *kh = (const char *)k + h * head_stride * elem, *vh = (const char *)v + h * head_stride * elem;
-        block(q + h * rows * head_dim, rows, kh, vh, lengths, begin, end, scale, scratch + item * partial_size);
+        block(qf + h * rows * head_dim, rows, kh, vh, lengths, begin, end, scale, scratch + item * partial_size);
     }
-    combine(scratch, n_kv, rows, head_dim, n_blocks, out, n_threads);
+    combine(scratch, n_kv, group, tokens, head_dim, n_blocks, out, out_bf16, out_stride, n_threads);
+    free(qf);
     return 0;
 }

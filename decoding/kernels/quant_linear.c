@@ -6,12 +6,22 @@
  *
  * Weight layouts (the Python side builds them; both tile 16 output columns, so one 512-bit
  * vector holds 4 consecutive inputs of each of the 16 columns):
- *   kind 4: groups of 32 inputs; q in 0..15; w = scale * q - min (fp32 scale, fp32 min per
- *           column and group). 256 bytes per tile and group: byte 64h + 4j + b holds input
- *           4h + b of column j in its low nibble and input 16 + 4h + b in its high nibble.
+ *   kind 4: groups of 32 inputs; q in 0..15; w = scale * q - min. 256 bytes per tile and group:
+ *           byte 64h + 4j + b holds input 4h + b of column j in its low nibble and input
+ *           16 + 4h + b in its high nibble.
  *   kind 8: groups of 16 or 32 inputs; q stored as u8 = signed value + 128; w = scale * (u - 128).
  *           byte 64p + 4j + b holds input 4p + b of column j.
- *   q is [n/16][k/group][tile bytes], scale and min are [n/16][k/group][16].
+ *   kind 6: groups of 16 inputs (Q6_K); u = signed value + 32 in 0..63; w = scale * (u - 32).
+ *           384 bytes per tile and 32 inputs (two groups): the low 4 bits as in kind 4 (bytes
+ *           0-255), then the high 2 bits: byte 256 + 64c + 4j + b holds, in bits 2h and 2h + 1,
+ *           those of input 16c + 4h + b of column j.
+ *   q is [n/16][k/group][tile bytes] (kind 6: [n/16][k/32][384]).
+ * Scales keep the GGUF's own two levels (Q4_K, Q6_K: an fp16 scale per super-block of `per`
+ * groups times a signed 8-bit sub-scale per group), so they cost what they cost in the file:
+ *   scale = d[g / per] * sub[g]  (fp16 d [n/16][ceil(ng/per)][16], int8 sub [n/16][ng][16]);
+ *   min   = dmin[g / per] * msub[g] (kind 4 only, same shapes). Without sub (Q5_0, Q8_0: per = 1)
+ *   scale = d[g]. The fp32 products are exact (11-bit by 8-bit mantissas), so they equal the
+ *   products gguf forms when it dequantizes.
  *
  * Exactness: a row's result depends only on that row: its quantization uses its own values,
  * integer sums are exact, and the float sums run over groups in a fixed order for every row,
@@ -57,21 +67,86 @@ static inline uint16_t f32_to_bf16(float f) { /* round to nearest even, as torch
     return (uint16_t)(u >> 16);
 }
 
+static inline float f16_to_f32(uint16_t h) { /* exact, subnormals included */
+    const uint32_t sign = (uint32_t)(h & 0x8000u) << 16, e = (h >> 10) & 0x1fu, m = h & 0x3ffu;
+    uint32_t u;
+    if (e == 0x1f) {
+        u = sign | 0x7f800000u | (m << 13);
+    } else if (e != 0) {
+        u = sign | ((e + 112) << 23) | (m << 13);
+    } else {
+        const float f = (float)m * 5.9604644775390625e-8f; /* m * 2^-24: exact */
+        memcpy(&u, &f, 4);
+        u |= sign;
+    }
+    float f;
+    memcpy(&f, &u, 4);
+    return f;
+}
+
+/* One tile's two-level scales (sub and msub NULL when per is 1), and optionally the same
+ * scales and mins already multiplied out to fp32 [ng][16] (prefill: formed once per tile, then
+ * read by every block of rows). */
+typedef struct {
+    const uint16_t *d;
+    const int8_t *sub;
+    const uint16_t *dmin;
+    const int8_t *msub;
+    int per;
+    const float *scale;
+    const float *min;
+} Scales;
+
+static inline float scale_at(const uint16_t *d, const int8_t *sub, int per, int g, int j) {
+    const float top = f16_to_f32(d[(int64_t)(g / per) * TILE + j]);
+    return sub ? top * (float)sub[(int64_t)g * TILE + j] : top;
+}
+
+static inline float round_bf16(float f) {
+    const uint32_t u = (uint32_t)f32_to_bf16(f) << 16;
+    float r;
+    memcpy(&r, &u, 4);
+    return r;
+}
+
+static inline float load_x(const void *x, int x_bf16, int64_t i) {
+    return x_bf16 ? bf16_to_f32(((const uint16_t *)x)[i]) : ((const float *)x)[i];
+}
+
 /* Activations: per row and 32-value block, xs = amax / 127 and xq = round(x / xs); bsum16 holds
- * the sum of xq per 16 values (for the 8-bit offset), xsb = xs * (sum of xq per 32) (for mins). */
+ * the sum of xq per 16 values (for the 8-bit offset), xsb = xs * (sum of xq per 32) (for mins).
+ * With norm_w, the rows are RMS-normalised first, as the model's RMSNorm does (x * rsqrt(mean
+ * (x^2) + eps) in fp32, rounded to the activations' dtype, times the weight, rounded again), so
+ * a norm followed by a linear costs no pass of its own; norm_w has the activations' dtype. */
 int rq_quantize_rows(const void *x, int x_bf16, int rows, int k, int8_t *xq, float *xs, int32_t *bsum16,
-                     float *xsb, int n_threads) {
+                     float *xsb, int n_threads, const void *norm_w, float eps) {
     if (k % QBLOCK) return 1;
     const int nb = k / QBLOCK;
     /* a parallel region costs a barrier: worth it only for prefill-sized calls */
 #pragma omp parallel for schedule(static) num_threads(n_threads) if (rows >= 16)
     for (int r = 0; r < rows; r++) {
         float v[QBLOCK];
+        float inv = 1.0f;
+        if (norm_w) { /* sum of squares in 16 lanes, then a fixed tree: the same order for every row */
+            float lanes[16] = {0};
+            for (int i = 0; i < k; i += 16)
+                for (int l = 0; l < 16; l++) {
+                    const float a = load_x(x, x_bf16, (int64_t)r * k + i + l);
+                    lanes[l] += a * a;
+                }
+            for (int w = 8; w > 0; w /= 2)
+                for (int l = 0; l < w; l++) lanes[l] += lanes[l + w];
+            inv = 1.0f / sqrtf(lanes[0] / (float)k + eps);
+        }
         for (int b = 0; b < nb; b++) {
             const int64_t base = (int64_t)r * k + (int64_t)b * QBLOCK;
             float amax = 0.0f;
             for (int i = 0; i < QBLOCK; i++) {
-                v[i] = x_bf16 ? bf16_to_f32(((const uint16_t *)x)[base + i]) : ((const float *)x)[base + i];
+                v[i] = load_x(x, x_bf16, base + i);
+                if (norm_w) {
+                    const float h = v[i] * inv, w = load_x(norm_w, x_bf16, (int64_t)b * QBLOCK + i);
+                    v[i] = x_bf16 ? round_bf16(w * round_bf16(h)) : w * h;
+                }
                 float a = fabsf(v[i]);
                 amax = a > amax ? a : amax;
             }
@@ -93,6 +168,20 @@ int rq_quantize_rows(const void *x, int x_bf16, int rows, int k, int8_t *xq, flo
     return 0;
 }
 
+/* Kind 6: the stored u (value + 32) of input i (0..15) of group g, column j, in a tile's bytes. */
+static inline int kind6_u(const uint8_t *qt, int g, int j, int i) {
+    const uint8_t *qg = qt + (int64_t)(g / 2) * 384;
+    const int half = g % 2, h = i / 4, b = i % 4;
+    const uint8_t byte = qg[64 * h + 4 * j + b];
+    const int nibble = half ? byte >> 4 : byte & 15;
+    return nibble | (((qg[256 + 64 * half + 4 * j + b] >> (2 * h)) & 3) << 4);
+}
+
+/* Bytes of one tile (16 columns) of a weight with k inputs. */
+static inline int64_t tile_bytes_of(int kind, int group, int k) {
+    return kind == 4 ? (int64_t)(k / 32) * 256 : kind == 6 ? (int64_t)(k / 32) * 384 : (int64_t)k * 16;
+}
+
 /* A block of up to MAX_R rows' activations, interleaved by row so that one base pointer with
  * constant offsets reaches every row (per-row pointers ran out of registers and were spilled):
  * xp[quad][r] = 4 consecutive int8 values as one int32; xs, xsb per 32 values; off16 and off32
@@ -107,13 +196,21 @@ typedef struct {
 
 #ifdef RQ_VNNI
 
+/* The 16 columns' scale (or min) of group g in super-block sb. */
+static inline __m512 group_scale(const uint16_t *d, const int8_t *sub, int sb, int g) {
+    const __m512 top = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(d + (int64_t)sb * TILE)));
+    if (!sub) return top;
+    const __m512i s8 = _mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(sub + (int64_t)g * TILE)));
+    return _mm512_mul_ps(top, _mm512_cvtepi32_ps(s8));
+}
+
 /* One tile (16 columns) of kind 4 for R rows. */
 static inline __attribute__((always_inline)) void tile4(const Block *a, const int R, const uint8_t *q,
-                                                        const float *scale, const float *min, int ng, float *out) {
+                                                        const Scales *s, int ng, float *out) {
     __m512 acc[MAX_R];
     for (int r = 0; r < R; r++) acc[r] = _mm512_setzero_ps();
     const __m512i low = _mm512_set1_epi8(0x0f);
-    for (int g = 0; g < ng; g++) {
+    for (int g = 0, sb = 0, in_sb = 0; g < ng; g++) {
         const uint8_t *qg = q + (int64_t)g * 256;
         const int32_t *xg = a->xp + (int64_t)g * 8 * R;
         __m512i iacc[MAX_R];
@@ -127,11 +224,12 @@ static inline __attribute__((always_inline)) void tile4(const Block *a, const in
                 iacc[r] = _mm512_dpbusd_epi32(iacc[r], hi, _mm512_set1_epi32(xg[(4 + h) * R + r]));
             }
         }
-        const __m512 sc = _mm512_loadu_ps(scale + (int64_t)g * TILE);
-        const __m512 mn = _mm512_loadu_ps(min + (int64_t)g * TILE);
+        const __m512 sc = s->scale ? _mm512_loadu_ps(s->scale + (int64_t)g * TILE) : group_scale(s->d, s->sub, sb, g);
+        const __m512 mn = s->min ? _mm512_loadu_ps(s->min + (int64_t)g * TILE) : group_scale(s->dmin, s->msub, sb, g);
+        if (++in_sb == s->per) in_sb = 0, sb++;
         for (int r = 0; r < R; r++) {
-            const __m512 s = _mm512_mul_ps(sc, _mm512_set1_ps(a->xs[g * R + r]));
-            acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(iacc[r]), s, acc[r]);
+            const __m512 sr = _mm512_mul_ps(sc, _mm512_set1_ps(a->xs[g * R + r]));
+            acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(iacc[r]), sr, acc[r]);
             acc[r] = _mm512_fnmadd_ps(mn, _mm512_set1_ps(a->xsb[g * R + r]), acc[r]);
         }
     }
@@ -140,11 +238,11 @@ static inline __attribute__((always_inline)) void tile4(const Block *a, const in
 
 /* One tile of kind 8 (groups of G = 16 or 32 inputs) for R rows. */
 static inline __attribute__((always_inline)) void tile8(const Block *a, const int R, const int G, const uint8_t *q,
-                                                        const float *scale, int ng, float *out) {
+                                                        const Scales *s, int ng, float *out) {
     __m512 acc[MAX_R];
     for (int r = 0; r < R; r++) acc[r] = _mm512_setzero_ps();
     const int32_t *off = G == 16 ? a->off16 : a->off32;
-    for (int g = 0; g < ng; g++) {
+    for (int g = 0, sb = 0, in_sb = 0; g < ng; g++) {
         const uint8_t *qg = q + (int64_t)g * 16 * G;
         const int32_t *xg = a->xp + (int64_t)g * (G / 4) * R;
         /* the stored u8 is value + 128: start from -128 * sum(xq) over the group (exact) */
@@ -154,11 +252,64 @@ static inline __attribute__((always_inline)) void tile8(const Block *a, const in
             const __m512i w = _mm512_loadu_si512(qg + 64 * p);
             for (int r = 0; r < R; r++) iacc[r] = _mm512_dpbusd_epi32(iacc[r], w, _mm512_set1_epi32(xg[p * R + r]));
         }
-        const __m512 sc = _mm512_loadu_ps(scale + (int64_t)g * TILE);
+        const __m512 sc = s->scale ? _mm512_loadu_ps(s->scale + (int64_t)g * TILE) : group_scale(s->d, s->sub, sb, g);
+        if (++in_sb == s->per) in_sb = 0, sb++;
         const int b = G == 16 ? g / 2 : g;
         for (int r = 0; r < R; r++) {
-            const __m512 s = _mm512_mul_ps(sc, _mm512_set1_ps(a->xs[b * R + r]));
-            acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(iacc[r]), s, acc[r]);
+            const __m512 sr = _mm512_mul_ps(sc, _mm512_set1_ps(a->xs[b * R + r]));
+            acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(iacc[r]), sr, acc[r]);
+        }
+    }
+    for (int r = 0; r < R; r++) _mm512_storeu_ps(out + (int64_t)r * TILE, acc[r]);
+}
+
+/* The high 2 bits of kind 6 for h = 0..3: bits 2h, 2h + 1 of each byte moved to bits 4, 5 (the
+ * other bits are junk for the caller to mask; 16-bit shifts move nothing into bits 4, 5 from the
+ * neighbouring byte). */
+static inline __m512i crumbs_at(__m512i c, int h) {
+    switch (h) {
+    case 0: return _mm512_slli_epi16(c, 4);
+    case 1: return _mm512_slli_epi16(c, 2);
+    case 2: return c;
+    default: return _mm512_srli_epi16(c, 2);
+    }
+}
+
+/* One tile of kind 6 for R rows: the same integer sums and float steps as kind 8 with G = 16, so
+ * the two layouts give the same bits for the same values. */
+static inline __attribute__((always_inline)) void tile6(const Block *a, const int R, const uint8_t *q,
+                                                        const Scales *s, int ng, float *out) {
+    __m512 acc[MAX_R];
+    for (int r = 0; r < R; r++) acc[r] = _mm512_setzero_ps();
+    const __m512i low = _mm512_set1_epi8(0x0f), high = _mm512_set1_epi8(0x30);
+    for (int gp = 0; gp < ng / 2; gp++) {
+        const uint8_t *qg = q + (int64_t)gp * 384;
+        const int32_t *xg = a->xp + (int64_t)gp * 8 * R;
+        const __m512i c0 = _mm512_loadu_si512(qg + 256), c1 = _mm512_loadu_si512(qg + 320);
+        /* u = value + 32: start from -32 * sum(xq) over each group (off16 is 128 times it) */
+        __m512i i0[MAX_R], i1[MAX_R];
+        for (int r = 0; r < R; r++) {
+            i0[r] = _mm512_set1_epi32(-(a->off16[(2 * gp) * R + r] / 4));
+            i1[r] = _mm512_set1_epi32(-(a->off16[(2 * gp + 1) * R + r] / 4));
+        }
+        for (int h = 0; h < 4; h++) {
+            const __m512i packed = _mm512_loadu_si512(qg + 64 * h);
+            const __m512i lo = _mm512_or_si512(_mm512_and_si512(packed, low), _mm512_and_si512(crumbs_at(c0, h), high));
+            const __m512i hi = _mm512_or_si512(_mm512_and_si512(_mm512_srli_epi16(packed, 4), low),
+                                               _mm512_and_si512(crumbs_at(c1, h), high));
+            for (int r = 0; r < R; r++) {
+                i0[r] = _mm512_dpbusd_epi32(i0[r], lo, _mm512_set1_epi32(xg[h * R + r]));
+                i1[r] = _mm512_dpbusd_epi32(i1[r], hi, _mm512_set1_epi32(xg[(4 + h) * R + r]));
+            }
+        }
+        const int g = 2 * gp, sb = g / s->per;
+        const __m512 sc0 = s->scale ? _mm512_loadu_ps(s->scale + (int64_t)g * TILE) : group_scale(s->d, s->sub, sb, g);
+        const __m512 sc1 = s->scale ? _mm512_loadu_ps(s->scale + (int64_t)(g + 1) * TILE)
+                                    : group_scale(s->d, s->sub, (g + 1) / s->per, g + 1);
+        for (int r = 0; r < R; r++) {
+            const __m512 x = _mm512_set1_ps(a->xs[gp * R + r]);
+            acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(i0[r]), _mm512_mul_ps(sc0, x), acc[r]);
+            acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(i1[r]), _mm512_mul_ps(sc1, x), acc[r]);
         }
     }
     for (int r = 0; r < R; r++) _mm512_storeu_ps(out + (int64_t)r * TILE, acc[r]);
@@ -176,16 +327,19 @@ static inline __attribute__((always_inline)) void tile8(const Block *a, const in
     default: CALL(8); break;                                                                              \
     }
 
-static void tile_rows(const Block *a, int R, int kind, int G, const uint8_t *q, const float *scale,
-                      const float *min, int ng, float *out) {
+static void tile_rows(const Block *a, int R, int kind, int G, const uint8_t *q, const Scales *s, int ng,
+                      float *out) {
     if (kind == 4) {
-#define T4(n) tile4(a, n, q, scale, min, ng, out)
+#define T4(n) tile4(a, n, q, s, ng, out)
         DISPATCH(T4)
+    } else if (kind == 6) {
+#define T6(n) tile6(a, n, q, s, ng, out)
+        DISPATCH(T6)
     } else if (G == 16) {
-#define T8A(n) tile8(a, n, 16, q, scale, ng, out)
+#define T8A(n) tile8(a, n, 16, q, s, ng, out)
         DISPATCH(T8A)
     } else {
-#define T8B(n) tile8(a, n, 32, q, scale, ng, out)
+#define T8B(n) tile8(a, n, 32, q, s, ng, out)
         DISPATCH(T8B)
     }
 }
@@ -196,8 +350,8 @@ static inline int8_t quad_byte(const int32_t *xp, int R, int index, int r) {
     return ((const int8_t *)&xp[(index / 4) * R + r])[index % 4];
 }
 
-static void tile_rows(const Block *a, int R, int kind, int G, const uint8_t *q, const float *scale,
-                      const float *min, int ng, float *out) {
+static void tile_rows(const Block *a, int R, int kind, int G, const uint8_t *q, const Scales *s, int ng,
+                      float *out) {
     for (int r = 0; r < R; r++) {
         for (int j = 0; j < TILE; j++) {
             float acc = 0.0f;
@@ -211,17 +365,22 @@ static void tile_rows(const Block *a, int R, int kind, int G, const uint8_t *q, 
                             isum += (byte & 15) * quad_byte(a->xp, R, g * 32 + 4 * h + b, r) +
                                     (byte >> 4) * quad_byte(a->xp, R, g * 32 + 16 + 4 * h + b, r);
                         }
-                    const float s = scale[(int64_t)g * TILE + j] * a->xs[g * R + r];
-                    acc = fmaf((float)isum, s, acc);
-                    acc = fmaf(-min[(int64_t)g * TILE + j], a->xsb[g * R + r], acc);
+                    const float sr = scale_at(s->d, s->sub, s->per, g, j) * a->xs[g * R + r];
+                    acc = fmaf((float)isum, sr, acc);
+                    acc = fmaf(-scale_at(s->dmin, s->msub, s->per, g, j), a->xsb[g * R + r], acc);
+                } else if (kind == 6) {
+                    for (int i = 0; i < 16; i++) isum += kind6_u(q, g, j, i) * quad_byte(a->xp, R, g * 16 + i, r);
+                    isum -= a->off16[g * R + r] / 4;
+                    const float sr = scale_at(s->d, s->sub, s->per, g, j) * a->xs[(g / 2) * R + r];
+                    acc = fmaf((float)isum, sr, acc);
                 } else {
                     const uint8_t *qg = q + (int64_t)g * 16 * G;
                     for (int p = 0; p < G / 4; p++)
                         for (int b = 0; b < 4; b++)
                             isum += qg[64 * p + 4 * j + b] * quad_byte(a->xp, R, g * G + 4 * p + b, r);
                     isum -= (G == 16 ? a->off16 : a->off32)[g * R + r];
-                    const float s = scale[(int64_t)g * TILE + j] * a->xs[(G == 16 ? g / 2 : g) * R + r];
-                    acc = fmaf((float)isum, s, acc);
+                    const float sr = scale_at(s->d, s->sub, s->per, g, j) * a->xs[(G == 16 ? g / 2 : g) * R + r];
+                    acc = fmaf((float)isum, sr, acc);
                 }
             }
             out[r * TILE + j] = acc;
@@ -231,19 +390,38 @@ static void tile_rows(const Block *a, int R, int kind, int G, const uint8_t *q, 
 
 #endif
 
-/* y[r, col] (row stride ldy floats) = sum over k of x[r, k] w[col, k] (+ bias[col]), for the n
- * columns of one weight in the layout above; the activations come from rq_quantize_rows.
- * Returns nonzero for shapes it does not take. */
+/* The fp32 scales (and mins) of one tile, [ng][16]: the same exact products the kernel forms. */
+static void expand_scales(const Scales *s, int ng, float *scale, float *min) {
+    for (int g = 0; g < ng; g++) {
+#ifdef RQ_VNNI
+        _mm512_storeu_ps(scale + (int64_t)g * TILE, group_scale(s->d, s->sub, g / s->per, g));
+        if (min) _mm512_storeu_ps(min + (int64_t)g * TILE, group_scale(s->dmin, s->msub, g / s->per, g));
+#else
+        for (int j = 0; j < TILE; j++) {
+            scale[g * TILE + j] = scale_at(s->d, s->sub, s->per, g, j);
+            if (min) min[g * TILE + j] = scale_at(s->dmin, s->msub, s->per, g, j);
+        }
+#endif
+    }
+}
+
+/* y[r, col] (row stride ldy elements; fp32, or bf16 rounded to nearest even as torch rounds
+ * when y_bf16) = sum over k of x[r, k] w[col, k] (+ bias[col]), for the n columns of one weight
+ * in the layout above; the activations come from rq_quantize_rows. Returns nonzero for shapes it
+ * does not take. */
 int rq_linear(const int8_t *xq, const float *xs, const int32_t *bsum16, const float *xsb, int rows, int k,
-              const uint8_t *q, const float *scale, const float *min, int kind, int group, int n,
-              const float *bias, float *y, int64_t ldy, int n_threads) {
-    if (k % QBLOCK || n % TILE || (kind != 4 && kind != 8)) return 1;
+              const uint8_t *q, const uint16_t *d, const int8_t *sub, const uint16_t *dmin, const int8_t *msub,
+              int per, int kind, int group, int n, const float *bias, void *y, int y_bf16, int64_t ldy,
+              int n_threads) {
+    if (k % QBLOCK || n % TILE || (kind != 4 && kind != 6 && kind != 8) || per < 1 || (!sub && per != 1)) return 1;
+    if (kind == 4 && (!dmin || !sub != !msub)) return 1;
     if (kind == 4 && group != 32) return 1;
+    if (kind == 6 && group != 16) return 1;
     if (kind == 8 && group != 16 && group != 32) return 1;
-    const int ng = k / group, nb = k / QBLOCK;
+    const int ng = k / group, nb = k / QBLOCK, ns = (ng + per - 1) / per;
     const int n_tiles = n / TILE;
     const int n_blocks = (rows + MAX_R - 1) / MAX_R;
-    const int64_t tile_bytes = kind == 4 ? (int64_t)ng * 256 : (int64_t)ng * 16 * group;
+    const int64_t tile_bytes = tile_bytes_of(kind, group, k);
     const int64_t quads = k / 4;
     int32_t *xp = malloc(sizeof(int32_t) * (size_t)n_blocks * MAX_R * (size_t)(quads + 3 * nb));
     float *fs = malloc(sizeof(float) * (size_t)n_blocks * MAX_R * 2 * (size_t)nb);
@@ -279,28 +457,44 @@ int rq_linear(const int8_t *xq, const float *xs, const int32_t *bsum16, const fl
                 }
             }
         }
+        /* several row blocks: each tile's scales are multiplied out once, not once per block */
+        float *expanded = n_blocks > 1 ? malloc(sizeof(float) * 2 * TILES_PER_ITEM * (size_t)ng * TILE) : 0;
 #pragma omp for schedule(dynamic, 1)
         for (int item = 0; item < n_items; item++) {
             float out[MAX_R * TILE];
             const int t_end = (item + 1) * TILES_PER_ITEM < n_tiles ? (item + 1) * TILES_PER_ITEM : n_tiles;
+            Scales tiles[TILES_PER_ITEM];
+            for (int t = item * TILES_PER_ITEM; t < t_end; t++) {
+                Scales *st = &tiles[t - item * TILES_PER_ITEM];
+                *st = (Scales){d + (int64_t)t * ns * TILE, sub ? sub + (int64_t)t * ng * TILE : 0,
+                               kind == 4 ? dmin + (int64_t)t * ns * TILE : 0, msub ? msub + (int64_t)t * ng * TILE : 0,
+                               per, 0, 0};
+                if (expanded) {
+                    float *es = expanded + (int64_t)(t - item * TILES_PER_ITEM) * 2 * ng * TILE;
+                    expand_scales(st, ng, es, kind == 4 ? es + (int64_t)ng * TILE : 0);
+                    st->scale = es;
+                    st->min = kind == 4 ? es + (int64_t)ng * TILE : 0;
+                }
+            }
             for (int blk = 0; blk < n_blocks; blk++) {
                 const int r0 = blk * MAX_R, R = rows - r0 < MAX_R ? rows - r0 : MAX_R;
                 const int32_t *bx = xp + (int64_t)blk * MAX_R * (quads + 3 * nb);
                 const float *bs = fs + (int64_t)blk * MAX_R * 2 * nb;
                 const Block a = {bx, bs, bs + nb * R, bx + quads * R, bx + quads * R + 2 * nb * R};
                 for (int t = item * TILES_PER_ITEM; t < t_end; t++) {
-                    const uint8_t *qt = q + t * tile_bytes;
-                    const float *st = scale + (int64_t)t * ng * TILE;
-                    const float *mt = kind == 4 ? min + (int64_t)t * ng * TILE : 0;
-                    tile_rows(&a, R, kind, group, qt, st, mt, ng, out);
+                    tile_rows(&a, R, kind, group, q + t * tile_bytes, &tiles[t - item * TILES_PER_ITEM], ng, out);
                     for (int r = 0; r < R; r++) {
-                        float *dst = y + (int64_t)(r0 + r) * ldy + (int64_t)t * TILE;
-                        for (int j = 0; j < TILE; j++)
-                            dst[j] = bias ? out[r * TILE + j] + bias[t * TILE + j] : out[r * TILE + j];
+                        const int64_t at = (int64_t)(r0 + r) * ldy + (int64_t)t * TILE;
+                        for (int j = 0; j < TILE; j++) {
+                            const float v = bias ? out[r * TILE + j] + bias[t * TILE + j] : out[r * TILE + j];
+                            if (y_bf16) ((uint16_t *)y)[at + j] = f32_to_bf16(v);
+                            else ((float *)y)[at + j] = v;
+                        }
                     }
                 }
             }
         }
+        free(expanded);
     }
     free(xp);
     free(fs);
@@ -309,11 +503,14 @@ int rq_linear(const int8_t *xq, const float *xs, const int32_t *bsum16, const fl
 
 /* Dequantize columns `cols` (all n when cols is NULL) of a weight into out [count, k], fp32 or
  * bf16. Values equal the GGUF's own dequantization: scale * q - min in fp32, unfused. */
-int rq_dequantize(const uint8_t *q, const float *scale, const float *min, int kind, int group, int n, int k,
-                  const int64_t *cols, int count, void *out, int out_bf16, int n_threads) {
-    if (k % group || n % TILE) return 1;
-    const int ng = k / group;
-    const int64_t tile_bytes = kind == 4 ? (int64_t)ng * 256 : (int64_t)ng * 16 * group;
+int rq_dequantize(const uint8_t *q, const uint16_t *d, const int8_t *sub, const uint16_t *dmin, const int8_t *msub,
+                  int per, int kind, int group, int n, int k, const int64_t *cols, int count, void *out,
+                  int out_bf16, int n_threads) {
+    if (k % group || n % TILE || per < 1 || (!sub && per != 1)) return 1;
+    if (kind == 4 && (!dmin || !sub != !msub)) return 1;
+    if (kind == 6 && (group != 16 || k % 32)) return 1;
+    const int ng = k / group, ns = (ng + per - 1) / per;
+    const int64_t tile_bytes = tile_bytes_of(kind, group, k);
 #pragma omp parallel for schedule(static) num_threads(n_threads)
     for (int i = 0; i < count; i++) {
         const int64_t col = cols ? cols[i] : i;
@@ -321,10 +518,11 @@ int rq_dequantize(const uint8_t *q, const float *scale, const float *min, int ki
         const int64_t t = col / TILE, j = col % TILE;
         const uint8_t *qt = q + t * tile_bytes;
         for (int g = 0; g < ng; g++) {
-            const float s = scale[(t * ng + g) * TILE + j];
+            const int64_t top = (t * ns + g / per) * TILE + j, own = (t * ng + g) * TILE + j;
+            const float s = sub ? f16_to_f32(d[top]) * (float)sub[own] : f16_to_f32(d[top]);
             float v[32];
             if (kind == 4) {
-                const float m = min[(t * ng + g) * TILE + j];
+                const float m = msub ? f16_to_f32(dmin[top]) * (float)msub[own] : f16_to_f32(dmin[top]);
                 const uint8_t *qg = qt + (int64_t)g * 256;
                 for (int h = 0; h < 4; h++)
                     for (int b = 0; b < 4; b++) {
@@ -333,6 +531,8 @@ int rq_dequantize(const uint8_t *q, const float *scale, const float *min, int ki
                         v[4 * h + b] = p0 - m;
                         v[16 + 4 * h + b] = p1 - m;
                     }
+            } else if (kind == 6) {
+                for (int i = 0; i < 16; i++) v[i] = s * (float)(kind6_u(qt, g, (int)j, i) - 32);
             } else {
                 const uint8_t *qg = qt + (int64_t)g * 16 * group;
                 for (int p = 0; p < group / 4; p++)
