@@ -56,7 +56,7 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
 def add_decoding_options(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("decoding")
     group.add_argument("--quality", action="store_true",
-                       help=f"best answers: {QUALITY.method} with eta {QUALITY.eta:g} (the target also drafts from the "
+                       help=f"quality mode: {QUALITY.method} with eta {QUALITY.eta:g} (the target also drafts from the "
                        "retrieved passages); --method, --eta and --gamma still override it")
     group.add_argument("--method", choices=list(METHODS), help="decoding method (default rapid)")
     group.add_argument("--max-new-tokens", type=int, help="answer length limit in tokens (default 128)")

@@ -56,7 +56,7 @@ METHODS: dict[str, Method] = {
     m.name: m
     for m in (
         Method("rapid", "RAPID: RAG drafter + long-context target", False, Drafting.RAG_MODEL, True),
-        Method("rapid-self", "RAPID, target as its own RAG drafter (best answers with eta > 0)", False,
+        Method("rapid-self", "RAPID, target as its own RAG drafter (the quality mode, eta > 0)", False,
                Drafting.RAG_MODEL, True, drafter_is_target=True),
         Method("lc", "LC: target alone on everything (the baseline)", False, Drafting.NONE, False),
         Method("rag", "RAG: model alone on the retrieved passages", True, Drafting.NONE, False),

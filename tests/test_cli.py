@@ -73,7 +73,7 @@ def test_ask_answers_from_a_real_pdf_with_the_default_pair(tmp_path: Path, large
     assert "acceptance rate" in again.stdout and "tokens/s" in again.stdout
     assert "from the prefix cache" in again.stdout
 
-    # The "best answers" mode: the target drafts for itself from its retrieved passages (their chunk
+    # The quality mode: the target drafts for itself from its retrieved passages (their chunk
     # KV built now: ingest builds only the default drafter's), eta > 0.
     best = ask(DEMO_QUESTION, "--index", str(index), "--max-new-tokens", "48", "--quality", "--json",
                home=tmp_path / "home")

@@ -146,7 +146,7 @@ def test_delete_and_errors_without_models(tmp_path: Path) -> None:
         expect(chat).to_contain_text("Something went wrong on the server", timeout=30_000)
         expect(chat).not_to_contain_text("secret internal detail")
 
-        # "Best answers" sets the method and its knobs; the next question is asked with them.
+        # The quality mode sets the method and its knobs; the next question is asked with them.
         page.get_by_label(QUALITY.label).check()
         ask(page, "Which version, carefully?")
         expect(stats).to_contain_text("Answer complete", timeout=30_000)
