@@ -17,8 +17,10 @@ class KVCache:
         device: torch.device | str = "cpu",
     ) -> None:
         shape = (n_kv_heads, capacity, head_dim)
-        self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layers)]
-        self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layers)]
+        # Uninitialised: only the `length` valid slots are ever read, and zero-filling a long
+        # context's cache would cost as much as copying a cached prefix into it.
+        self.keys = [torch.empty(shape, dtype=dtype, device=device) for _ in range(n_layers)]
+        self.values = [torch.empty(shape, dtype=dtype, device=device) for _ in range(n_layers)]
         self.length = 0
         self.next_position = 0  # RoPE position of the next token written
 
@@ -34,7 +36,7 @@ class KVCache:
         new_capacity = max(needed, int(self.capacity * 1.5) + 64)
         for store in (self.keys, self.values):
             for i, old in enumerate(store):
-                grown = old.new_zeros((old.shape[0], new_capacity, old.shape[2]))
+                grown = old.new_empty((old.shape[0], new_capacity, old.shape[2]))
                 grown[:, : self.length] = old[:, : self.length]
                 store[i] = grown
 

@@ -262,7 +262,7 @@ def generate(
 
 
 def check_same_vocabulary(target: LoadedModel, drafter: LoadedModel) -> None:
-    if drafter.tokenizer.get_vocab() != target.tokenizer.get_vocab():
+    if drafter.vocabulary_key != target.vocabulary_key:
         raise ValueError("the drafter and the target must share one tokenizer (same vocabulary ids)")
 
 

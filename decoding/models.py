@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -69,6 +71,12 @@ class LoadedModel:
     @property
     def max_positions(self) -> int:
         return self.model.args.max_positions
+
+    @functools.cached_property
+    def vocabulary_key(self) -> str:
+        """A hash of the token -> id map, computed once: drafter and target must share it."""
+        vocabulary = sorted(self.tokenizer.get_vocab().items())
+        return hashlib.sha256(repr(vocabulary).encode()).hexdigest()
 
     def encode(self, text: str) -> list[int]:
         return self.tokenizer.encode(text, add_special_tokens=False)
