@@ -117,15 +117,6 @@ class StreamingCache(KVCache):
             raise ValueError("cannot crop into the evicted part of a streaming cache")
         super().crop(n_positions)
 
-    def slots(self, start: int, end: int) -> dict[str, torch.Tensor]:
-        """Slots [start, end) of every layer as "k{layer}" / "v{layer}", copied (safe to keep while the
-        cache moves on)."""
-        tensors = {}
-        for layer, (keys, values) in enumerate(zip(self.keys, self.values, strict=True)):
-            tensors[f"k{layer}"] = keys[:, start:end].clone()
-            tensors[f"v{layer}"] = values[:, start:end].clone()
-        return tensors
-
     def after_commit(self) -> None:
         excess = self.length - (self.sinks + self.window)
         if excess <= 0:
