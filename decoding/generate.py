@@ -175,12 +175,17 @@ def decode(
     time counts as prefill, not decode.
     """
     settings, output = sampler.settings, target.output
-    start = time.perf_counter()
+    start = first_out = time.perf_counter()
     proposed = [sampler.choose(first_logits)]
     drafter: Drafter | None = None
     while True:
         emitted, stats.finish_reason = commit(output, proposed, settings, stop_ids)
-        now = time.perf_counter() - start
+        clock = time.perf_counter()
+        now = clock - start
+        if stats.target_passes == 0:
+            first_out = clock
+        elif stats.generated == 1:
+            stats.second_token_s = clock - first_out
         stats.token_times.extend([now] * (len(output) - stats.generated))
         stats.record_pass(emitted, len(output), now)
         if piece := detokenizer.delta(output):

@@ -42,12 +42,20 @@ PROBE_TOKENS = 16
 STALE_PARTIAL_S = 3600.0  # a temp file this old belongs to a writer that died
 
 
+# The engine sources that decide a stored KV value: the forward pass and its kernels, weight
+# loading and conversion, the cache layout, prefill (generate.prefill_parts cuts the prompt into
+# parts), the assembly of chunk KV and this file's format. Drafting, acceptance, sampling and
+# statistics only run after a prefix is read, so editing them keeps every cache valid.
+KV_SOURCES = ("attention.py", "cache.py", "generate.py", "model.py", "models.py", "prefix_cache.py",
+              "quant.py", "segments.py", "kernels/*")
+
+
 @functools.cache
 def engine_stamp() -> str:
-    """Hash of everything besides the weights that decides KV values: the engine's sources, the
+    """Hash of everything besides the weights that decides KV values: the KV-deciding engine and
     kernel sources, torch's version, the CPU and whether the native attention kernel runs."""
     digest = hashlib.sha256()
-    for path in sorted([*ENGINE_DIR.glob("*.py"), *ENGINE_DIR.glob("kernels/*")]):
+    for path in sorted(p for pattern in KV_SOURCES for p in ENGINE_DIR.glob(pattern)):
         digest.update(path.name.encode() + b"\0" + path.read_bytes())
     digest.update(f"{torch.__version__}|{platform.machine()}|{native_attention() is not None}".encode())
     return digest.hexdigest()

@@ -24,6 +24,7 @@ class Stats:
     first_token_s: float = 0.0  # from the start of generation to the first answer token
     answer_s: float = 0.0  # from the question's arrival to its last token, retrieval and waits included
     decode_s: float = 0.0  # from the first answer token to the last, the drafter's prefill excluded
+    second_token_s: float = 0.0  # the wait from the first answer token to the second, the drafter's read included
     accepted_lengths: list[int] = field(default_factory=list)  # tokens produced per target pass
     token_times: list[float] = field(default_factory=list)  # decode seconds at each emitted token
     finish_reason: str = ""  # "eos" | "length"

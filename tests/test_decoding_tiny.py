@@ -188,3 +188,5 @@ def test_first_token_before_the_drafter_reads(pair_fp32, method: str, monkeypatc
     finished = run_to_end(events)
     assert len(calls) > calls_at_first_token and finished.stats.drafted > 0
     assert 0 < finished.stats.first_token_s <= finished.stats.prefill_s + finished.stats.decode_s
+    # The second token waits for the drafter's read and one draft-and-verify round, both timed.
+    assert 0 < finished.stats.second_token_s <= finished.stats.prefill_s + finished.stats.decode_s

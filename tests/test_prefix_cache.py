@@ -82,6 +82,19 @@ def test_kv_written_by_other_engine_code_is_not_served(model, tmp_path: Path, mo
     assert PrefixCache(tmp_path, {}).load(model.model, prefix, 64) is None
 
 
+def test_the_engine_stamp_covers_what_kv_sources_import() -> None:
+    """The stamp hashes only the sources that decide KV values; a module they import must be one of them."""
+    import re
+
+    covered = {p.name for pattern in prefix_cache_module.KV_SOURCES
+               for p in prefix_cache_module.ENGINE_DIR.glob(pattern) if p.suffix == ".py"}
+    # generate.py is covered for prefill_parts; its decoding loop imports the drafting modules.
+    for name in covered - {"generate.py"}:
+        source = (prefix_cache_module.ENGINE_DIR / name).read_text()
+        imported = {f"{m}.py" for m in re.findall(r"^from decoding\.(\w+) import", source, re.MULTILINE)}
+        assert imported <= covered, f"{name} imports {imported - covered}, which the engine stamp does not hash"
+
+
 def test_every_writer_has_its_own_temp_file(model, tmp_path: Path, monkeypatch) -> None:
     """#14.2: `.partial` was one name per key, so two writers of one key wrote into the same file."""
     prefix = random_prompt(40, seed=5).prefix

@@ -29,7 +29,7 @@ def format_table(results: dict) -> str:
         f"answer s = median seconds from question to last token, e2e speedup = LC's over the method's",
     ]
     columns = ["method", "EM", "F1", "contains", "lead", "b/m/e", "len", "tok/s", "accept", "MAL", "prefill s",
-               "speedup", "answer s", "e2e speedup"]
+               "speedup", "1st tok s", "2nd tok s", "answer s", "e2e speedup"]
     body = []
     for s in results["summary"]:
         positions = "/".join(figure(s["contains_by_position"][p], ".2f", "-") for p in POSITIONS)
@@ -39,6 +39,7 @@ def format_table(results: dict) -> str:
             figure(s["decode_tokens_per_s"], ".2f"), figure(s["acceptance_rate"], ".1%"),
             figure(s["mean_accepted_length"], ".2f"), f"{s['prefill_s']:.2f}",
             figure(s["median_speedup_vs_lc"], ".2f") + ("x" if s["median_speedup_vs_lc"] is not None else ""),
+            figure(s.get("median_first_token_s"), ".2f"), figure(s.get("median_second_token_s"), ".2f"),
             figure(s.get("median_answer_s"), ".2f"),
             figure(s.get("median_e2e_speedup_vs_lc"), ".2f") + ("x" if s.get("median_e2e_speedup_vs_lc") else ""),
         ])
@@ -52,7 +53,9 @@ def format_table(results: dict) -> str:
     notes = ("EM/F1/contains: exact match, token F1, answer contained; lead: answer contained in the\n"
              "answer's first sentence; b/m/e: contains rate for facts at the beginning/middle/end of the\n"
              "document; len: mean answer tokens; accept: drafts accepted (pooled);\n"
-             "MAL: tokens emitted per target pass; prefill s: mean per answer, documents from the prefix cache")
+             "MAL: tokens emitted per target pass; prefill s: mean per answer, documents from the prefix cache;\n"
+             "1st tok s: median from the start of generation (after retrieval) to the first token; 2nd tok s:\n"
+             "median from the first token to the second")
     return "\n".join([*header, rule, line(columns), rule, *(line(row) for row in body), rule, notes])
 
 

@@ -144,6 +144,9 @@ def parser() -> argparse.ArgumentParser:
                    help="drafted tokens per target pass for sd, magicdec, lookup, rapid (default 5)")
     p.add_argument("--lookup", action="store_true",
                    help="rapid: try n-gram lookup drafts from the retrieved context first")
+    p.add_argument("--drafter-prefills", action="store_true",
+                   help="RAPID's drafter prefills its passages together instead of reading their per-chunk "
+                        "KV: slower, measures what reading chunks apart costs in acceptance and quality")
     p.add_argument("--max-new-tokens", type=int, default=48, help="answer length limit (default 48)")
     p.add_argument("--out", type=Path, metavar="DIR",
                    help="output folder (default $RAPIDQA_HOME/eval/TIMESTAMP)")
@@ -165,7 +168,7 @@ def main(argv: Sequence[str]) -> int:
     settings = settings_from_args(args)
     # Greedy decoding makes every method's answer a deterministic function of its inputs.
     base = replace(settings.decoding, temperature=0.0)
-    settings = replace(settings, decoding=base)
+    settings = replace(settings, decoding=base, drafter_chunk_kv=not args.drafter_prefills)
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     runs = method_runs(methods, base, args.eta_sweep, args.gamma_sweep)
     items = load_questions(args.questions)[: args.limit]
@@ -211,6 +214,7 @@ def run_eval(
                    "drafter": settings.models.drafter if uses_drafter else None},
         "documents": documents,
         "decoding": asdict(settings.decoding),  # every knob, so a result can be reproduced
+        "drafter_chunk_kv": settings.drafter_chunk_kv,
         "methods": [r.label for r in runs],
         "n_questions": len(items),
         "questions": [vars(item) for item in items],
@@ -231,7 +235,8 @@ def run_eval(
         # other model that drafts from the passages (rapid-self), with progress bars: minutes when cold.
         engine.prepare(index, progress=True)
         for spec in dict.fromkeys(engine.drafter_spec(r.decoding.method) for r in runs
-                                  if METHODS[r.decoding.method].drafting is Drafting.RAG_MODEL):
+                                  if METHODS[r.decoding.method].drafting is Drafting.RAG_MODEL
+                                  and settings.drafter_chunk_kv):
             engine.build_drafter_kv(index, progress=True, spec=spec)
         short = replace(settings.decoding, method=BASELINE, max_new_tokens=2)
         done = answer_once(engine, items[0].question, index, short)

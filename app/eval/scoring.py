@@ -172,6 +172,10 @@ def summarize(rows: list[dict], labels: Sequence[str]) -> list[dict]:
             "median_speedup_vs_lc": median_or_none(r["speedup_vs_lc"] for r in mine),
             # End to end: question received -> last token, retrieval included (older results lack it).
             "median_answer_s": median_or_none(r.get("answer_s") for r in mine),
+            "median_first_token_s": median_or_none(r["stats"].get("first_token_s") for r in mine),
+            # First answer token to the second: the drafter's read plus one draft-and-verify round.
+            "median_second_token_s": median_or_none(r["stats"].get("second_token_s") for r in mine
+                                                    if r["generated"] > 1),
             "median_e2e_speedup_vs_lc": median_or_none(r.get("e2e_speedup_vs_lc") for r in mine),
             # Retrieval found the labelled page / found it inside the window the target read.
             "page_retrieved": mean_or_none(r.get("page_retrieved") for r in mine),
