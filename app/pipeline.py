@@ -182,6 +182,11 @@ class Engine:
             self._windows[index.directory] = (key, planned)
         return planned
 
+    def reading_parts(self, index: HybridIndex) -> list[str]:
+        """What each window holds, for people; [] when the corpus fits the target's window whole."""
+        labels = [window.label() for window in self.windows(index)]
+        return labels if len(labels) > 1 else []
+
     def document_prompts(self, index: HybridIndex) -> list[Prompt]:
         """Each window's document prefix (any question: it ends where the question starts)."""
         target = self.target

@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import asdict
 
 from app.events import Done
 from app.speedup import Speedup
@@ -38,8 +39,8 @@ def reading_record(reading: Reading | None) -> dict[str, object] | None:
         return None
     return {
         "part": reading.window, "parts": reading.windows, "label": reading.label,
-        "evidence": [{"part": number, "retrieved": n, "label": label} for number, n, label in reading.evidence],
-        "retrieved_elsewhere": reading.elsewhere, "note": reading.note(),
+        "evidence": [asdict(e) for e in reading.evidence],
+        "retrieved_elsewhere": reading.elsewhere, "split": reading.split, "note": reading.note(),
     }
 
 

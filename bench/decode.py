@@ -5,7 +5,8 @@
 For each context length it builds one real input (a slice of data/R-data.pdf around the demo
 question's answer, indexed with the real retriever), then reports per method the median decode
 tokens/s over runs, acceptance, mean accepted length, the speedup over LC, and the memory
-bandwidth achieved (bytes read per target pass x passes/s) against a measured copy bandwidth.
+bandwidth achieved (bytes read per target pass x passes/s) against a measured copy bandwidth, and
+the process's peak resident memory while the method ran (both models stay loaded).
 Side by side on the same prompt: transformers' own assisted generation (the same drafter as
 `assistant_model`) and prompt-lookup decoding, timed on a prefilled cache so only decoding counts,
 and llama.cpp on the GGUF files the models came from (bench/peers.py; `make peers` builds it).
@@ -15,6 +16,7 @@ It also times one target verify pass of gamma+1 tokens against one decode step.
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import statistics
 import tempfile
@@ -63,6 +65,25 @@ def copy_bandwidth_gbs() -> float:
         dst.copy_(src)
         times.append(time.perf_counter() - start)
     return src.numel() * src.element_size() / min(times) / 1e9
+
+
+def reset_peak_rss() -> bool:
+    """Restart the process's peak resident memory (Linux: VmHWM), so each method gets its own peak."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        return False
+    return True
+
+
+def peak_rss_gb() -> float | None:
+    """Peak resident memory since the last reset (or the process's start), in GB; None off Linux."""
+    try:
+        status = Path("/proc/self/status").read_text()
+    except OSError:
+        return None
+    kib = next((int(line.split()[1]) for line in status.splitlines() if line.startswith("VmHWM:")), None)
+    return kib * 1024 / 1e9 if kib is not None else None
 
 
 def bytes_per_pass(model: Transformer, context_tokens: int) -> int:
@@ -207,14 +228,17 @@ def run(argv: Sequence[str] | None = None) -> dict[str, object]:
         settings = replace(settings, home=Path(tmp), decoding=decoding)
         engine = Engine(settings, log=lambda m: print(m, flush=True))
         target, drafter = engine.target, engine.drafter
+        loaded_gb = peak_rss_gb() if reset_peak_rss() else None  # both models loaded, nothing decoded yet
         bandwidth = copy_bandwidth_gbs()
         attention = "C kernel" if native_attention() is not None else "torch"
         report: dict[str, object] = {"machine": machine_summary(str(engine.device)),
                                      "copy_bandwidth_gbs": bandwidth, "attention": attention,
                                      "target": settings.models.target, "drafter": settings.models.drafter,
                                      "dtype": str(target.model.dtype), "gamma": args.gamma, "eta": args.eta,
-                                     "new_tokens": args.new_tokens, "runs": args.runs, "contexts": []}
-        print(f"machine: {report['machine']}; copy bandwidth {bandwidth:.1f} GB/s; attention: {attention}")
+                                     "new_tokens": args.new_tokens, "runs": args.runs,
+                                     "rss_models_loaded_gb": loaded_gb, "contexts": []}
+        print(f"machine: {report['machine']}; copy bandwidth {bandwidth:.1f} GB/s; attention: {attention}; "
+              f"resident with both models loaded: {'-' if loaded_gb is None else f'{loaded_gb:.2f} GB'}")
         if not args.no_peers and args.peer is None:
             print("llama.cpp not built (run `make peers`): its rows are left out")
         for n_tokens in (int(c) for c in args.contexts.split(",")):
@@ -238,6 +262,8 @@ def bench_context(engine: Engine, target: LoadedModel, drafter: LoadedModel, n_t
         base = method.removesuffix(WITH_LOOKUP)
         settings = replace(decoding, method=base, lookup_in_rapid=decoding.lookup_in_rapid or method != base)
         draft_model = drafter if METHOD_TABLE[base].runs_drafter_model else None
+        gc.collect()  # the previous method's caches are garbage: they should not count towards this peak
+        peak_is_mine = reset_peak_rss()
         for _ in range(args.runs):
             runs.append(run_to_end(generate(base, target, draft_model, long_prompt, rag_prompt, settings, hooks)))
         outputs[method] = runs[-1].token_ids
@@ -253,6 +279,8 @@ def bench_context(engine: Engine, target: LoadedModel, drafter: LoadedModel, n_t
             "generated": stats[-1].generated,
             "target_bandwidth_gbs": bytes_per_pass(target.model, read_tokens) * passes_per_s / 1e9,
             "same_tokens_as_lc": None,
+            # Both models stay loaded throughout, so this is the process's peak while the method ran.
+            "peak_rss_gb": peak_rss_gb() if peak_is_mine else None,
         }
     for method in methods:
         rows[method]["speedup_vs_lc"] = rows[method]["decode_tokens_per_s"] / rows[BASELINE]["decode_tokens_per_s"]
@@ -291,12 +319,13 @@ def print_table(context_tokens: int, rows: dict[str, dict[str, float | None]], h
     print(f"\ncontext {context_tokens} tokens: decode step {decode_s * 1e3:.0f} ms, verify of {gamma + 1} tokens "
           f"{verify_s * 1e3:.0f} ms (ratio {verify_s / decode_s:.2f})")
     print(f"{'method':20s} {'tok/s':>7s} {'vs LC':>6s} {'accept':>7s} {'len/pass':>8s} {'GB/s':>6s} "
-          f"{'prefill s':>9s} {'=LC':>4s}")
+          f"{'prefill s':>9s} {'=LC':>4s} {'peak RSS':>8s}")
     for method, r in rows.items():
         acc = f"{r['acceptance_rate']:.0%}" if r["acceptance_rate"] is not None else "-"
         mal = f"{r['mean_accepted_length']:.2f}" if r["mean_accepted_length"] else "-"
         print(f"{method:20s} {r['decode_tokens_per_s']:7.2f} {r['speedup_vs_lc']:5.2f}x {acc:>7s} {mal:>8s} "
-              f"{r['target_bandwidth_gbs']:6.1f} {r['prefill_s']:9.1f} {'yes' if r['same_tokens_as_lc'] else 'no':>4s}")
+              f"{r['target_bandwidth_gbs']:6.1f} {r['prefill_s']:9.1f} {'yes' if r['same_tokens_as_lc'] else 'no':>4s} "
+              f"{'-' if r['peak_rss_gb'] is None else format(r['peak_rss_gb'], '.2f') + ' GB':>8s}")
     for name, r in hf.items():
         if not r.get("tokens_per_s"):
             print(f"{name:20s} failed: {r.get('error', '')[:200]}")

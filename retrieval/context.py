@@ -13,6 +13,7 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 
 from retrieval.errors import ContextTooLongError, EmptyIndexError
 from retrieval.index import HybridIndex
@@ -85,7 +86,7 @@ def reading(routed: Route, windows: Sequence[Window] | None, kept: Sequence[Scor
         window=routed.window.number,
         windows=routed.windows,
         label=routed.window.label(),
-        evidence=tuple((number, n, labels.get(number, "")) for number, n in routed.evidence),
+        evidence=tuple(replace(e, label=labels.get(e.part, "")) for e in routed.evidence),
         retrieved=len(kept),
     )
 

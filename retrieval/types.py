@@ -80,6 +80,20 @@ class Citation:
 
 
 @dataclass(frozen=True)
+class PartEvidence:
+    """The retrieved chunks that lie in one window of a large corpus."""
+
+    part: int  # the window's number, 1-based
+    retrieved: int  # retrieved chunks in it
+    weight: float  # their routing votes: the sum of 1/rank (retrieval/windows.py)
+    label: str = ""  # what the window holds
+
+
+# Evidence elsewhere is called split when another window's votes reach this share of the read one's.
+SPLIT_SHARE = 0.5
+
+
+@dataclass(frozen=True)
 class Reading:
     """Which window of a corpus larger than the target's window the target read, and where the
     retrieved evidence lies (so evidence outside it is never silent)."""
@@ -87,20 +101,30 @@ class Reading:
     window: int  # 1-based
     windows: int
     label: str  # what the window holds, e.g. "R-data.pdf, pages 1-12 of R-intro.pdf"
-    evidence: tuple[tuple[int, int, str], ...]  # (window, retrieved chunks in it, its label)
+    evidence: tuple[PartEvidence, ...]  # windows holding retrieved chunks, in order
     retrieved: int  # retrieved chunks in all
 
     @property
     def elsewhere(self) -> int:
-        return sum(n for number, n, _ in self.evidence if number != self.window)
+        return sum(e.retrieved for e in self.evidence if e.part != self.window)
+
+    @property
+    def split(self) -> bool:
+        """Another window holds evidence nearly as strong as the window read: a close call."""
+        here = sum(e.weight for e in self.evidence if e.part == self.window)
+        return any(e.weight >= SPLIT_SHARE * here for e in self.evidence if e.part != self.window)
 
     def note(self) -> str:
         """One line for people: what was read and, when it applies, the evidence it left out."""
         text = f"read {self.label} (part {self.window} of {self.windows})"
-        others = [f"part {number}: {label}" for number, n, label in self.evidence if number != self.window]
+        others = [f"part {e.part}: {e.label}" for e in self.evidence if e.part != self.window]
         if others:
-            text += (f"; {self.elsewhere} of {self.retrieved} retrieved passages lie in parts not read ("
-                     + "; ".join(others) + ")")
+            # Five retrieved chunks often touch several windows: say whether those left out were
+            # weaker ones or nearly as strong as those read, so a close call stands out.
+            kind = "the evidence is split: " if self.split else ""
+            strength = "nearly as strong as those read" if self.split else "weaker ones"
+            text += (f"; {kind}{self.elsewhere} of {self.retrieved} retrieved passages, {strength}, lie in parts "
+                     "not read (" + "; ".join(others) + ")")
         return text
 
 

@@ -22,7 +22,7 @@ from fractions import Fraction
 
 from retrieval.errors import ContextTooLongError
 from retrieval.index import HybridIndex
-from retrieval.types import Chunk, DocumentInfo, ScoredChunk
+from retrieval.types import Chunk, DocumentInfo, PartEvidence, ScoredChunk
 
 PieceTokens = Callable[[str], int]  # a piece's token count, tokenised as the long prompt holds it
 
@@ -75,12 +75,12 @@ class Window:
 class Route:
     window: Window
     windows: int  # how many windows the corpus has
-    evidence: tuple[tuple[int, int], ...]  # (window number, retrieved chunks in it), windows in order
+    evidence: tuple[PartEvidence, ...]  # windows holding retrieved chunks, in order (no labels)
 
     @property
     def elsewhere(self) -> int:
         """Retrieved chunks that lie outside the window read."""
-        return sum(n for number, n in self.evidence if number != self.window.number)
+        return sum(e.retrieved for e in self.evidence if e.part != self.window.number)
 
 
 @dataclass(frozen=True)
@@ -145,7 +145,7 @@ def route(windows: Sequence[Window], hits: Sequence[ScoredChunk]) -> Route:
     for i, score in enumerate(scores):
         if score > scores[best]:
             best = i
-    evidence = tuple((windows[i].number, n) for i, n in enumerate(counts) if n)
+    evidence = tuple(PartEvidence(windows[i].number, n, float(scores[i])) for i, n in enumerate(counts) if n)
     return Route(windows[best], len(windows), evidence)
 
 

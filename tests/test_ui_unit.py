@@ -12,8 +12,8 @@ from app.config import Limits
 from app.speedup import Speedup
 from decoding.stats import Stats
 from retrieval.errors import IngestError
-from retrieval.types import Citation, IngestResult, Reading
-from ui.render import AnswerView, size_text, sources_markdown, stats_markdown, upload_markdown
+from retrieval.types import Citation, DocumentInfo, IngestResult, PartEvidence, Reading
+from ui.render import AnswerView, documents_markdown, size_text, sources_markdown, stats_markdown, upload_markdown
 from ui.uploads import MAX_NAME_BYTES, UploadLine, ingest_uploads, safe_upload_name
 
 NASTY_NAMES = [
@@ -177,15 +177,28 @@ def test_sources_show_document_page_and_escaped_excerpt() -> None:
 
 def test_sources_say_which_part_of_a_large_corpus_the_model_read() -> None:
     part = "pages 22-80 of R-intro.pdf"
-    reading = Reading(2, 3, part, ((1, 1, "R-data.pdf"), (2, 2, part)), 3)
+    reading = Reading(2, 3, part, (PartEvidence(1, 1, 1 / 3, "R-data.pdf"), PartEvidence(2, 2, 1.5, part)), 3)
     text = sources_markdown([Citation("R-intro.pdf", 30, None, "a", 0.1), Citation("R-data.pdf", 3, None, "b", 0.1,
                                                                                    read=False)], reading)
     assert text.startswith("**Sources**\n\n_The model read pages 22-80 of R-intro.pdf (part 2 of 3); 1 of 3 "
-                           "retrieved passages lie in parts not read (part 1: R-data.pdf)._")
+                           "retrieved passages, weaker ones, lie in parts not read (part 1: R-data.pdf)._")
+    # The best-ranked passage lies in the part not read: a close call, said so.
+    close = Reading(2, 3, part, (PartEvidence(1, 1, 1.0, "R-data.pdf"), PartEvidence(2, 2, 0.5 + 1 / 3, part)), 3)
+    assert close.split and "; the evidence is split: 1 of 3 retrieved passages, nearly as strong as those read, " \
+        "lie in parts not read (part 1: R-data.pdf)" in close.note()
     assert "1. **R-intro.pdf, p. 30** — a" in text and "2. **R-data.pdf, p. 3** _(not read by the model)_ — b" in text
     view = AnswerView(text="x", citations=(Citation("R-intro.pdf", 30, None, "a", 0.1),), reading=reading,
                       finished=True)
     assert "_The model read pages 22-80 of R-intro.pdf" in view.markdown()
+
+
+def test_the_document_list_names_the_parts_of_a_large_corpus() -> None:
+    docs = [DocumentInfo("a", "R-data.pdf", "0", 40, 12, 20_614),
+            DocumentInfo("b", "R-intro.pdf", "1", 90, 105, 57_522)]
+    assert "parts" not in documents_markdown(docs)
+    text = documents_markdown(docs, ["R-data.pdf, pages 1-14 of R-intro.pdf", "pages 15-105 of R-intro.pdf"])
+    assert text.endswith("for each question it reads one of 2 parts, the one holding most of the retrieved passages "
+                         "(part 1: R-data.pdf, pages 1-14 of R-intro.pdf; part 2: pages 15-105 of R-intro.pdf).")
 
 
 def test_answer_view_shows_status_then_answer_then_error() -> None:

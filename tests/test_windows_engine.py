@@ -99,6 +99,7 @@ def test_prepare_prefills_every_window_once(engine: Engine, index: HybridIndex, 
     assert all(part.whole for w in windows for part in w.parts)  # small documents are never cut
     assert cached(engine, index) == [True] * len(windows)
     assert engine.prefill_documents(index) == 0.0 and prefills == []
+    assert engine.reading_parts(index) == [w.label() for w in windows]  # the UI's document list names them
 
 
 @pytest.mark.parametrize("source", list(QUESTIONS))

@@ -177,6 +177,7 @@ class ScriptedEngine:
         self.questions: list[tuple[str, DecodingSettings, bool]] = []
         self.finished = 0
         self.now_preparing: Preparing | None = None
+        self.parts: list[str] = []  # what reading_parts reports: a corpus larger than the window
 
     def open_index(self, directory: Path | None = None) -> HybridIndex:
         from retrieval.index import HybridIndex
@@ -190,6 +191,9 @@ class ScriptedEngine:
     def preparing(self) -> Preparing | None:
         """What a test sets in `now_preparing`, as the real engine reports its background prefill."""
         return self.now_preparing
+
+    def reading_parts(self, index: HybridIndex) -> list[str]:
+        return self.parts
 
     def delete(self, index: HybridIndex, doc_id_or_source: str) -> bool:
         return index.delete(doc_id_or_source)

@@ -79,7 +79,8 @@ def build_app(engine: Engine, index_dir: Path | None = None) -> gr.Blocks:
 
     def refresh_documents() -> tuple[str, Any]:
         documents = index.documents()
-        return documents_markdown(documents), gr.Dropdown(choices=document_choices(documents), value=None)
+        return (documents_markdown(documents, engine.reading_parts(index)),
+                gr.Dropdown(choices=document_choices(documents), value=None))
 
     def on_upload(files: list[str] | None) -> tuple[str, str, Any, None]:
         lines = ingest_uploads(index, [Path(f) for f in files or []], uploads_dir, limits)
@@ -208,7 +209,8 @@ def build_app(engine: Engine, index_dir: Path | None = None) -> gr.Blocks:
                     file_count="multiple", elem_id="upload", height=120,
                 )
                 upload_status = gr.Markdown(elem_id="upload-status")
-                documents = gr.Markdown(documents_markdown(index.documents()), elem_id="documents")
+                documents = gr.Markdown(documents_markdown(index.documents(), engine.reading_parts(index)),
+                                        elem_id="documents")
                 # The documents' KV builds in the background after an upload: its progress, polled.
                 preparing = gr.HTML(elem_id="preparing")
                 poll = gr.Timer(1.0)

@@ -51,15 +51,21 @@ def upload_markdown(lines: Sequence[UploadLine]) -> str:
     )
 
 
-def documents_markdown(documents: Sequence[DocumentInfo]) -> str:
+def documents_markdown(documents: Sequence[DocumentInfo], parts: Sequence[str] = ()) -> str:
+    """The document table; `parts` labels the windows of a corpus longer than the model's window."""
     if not documents:
         return "_No documents indexed yet: upload some above._"
     rows = "\n".join(
         f"| {md_escape(doc.source)} | {doc.n_pages} | {doc.n_chunks} | {doc.n_tokens:,} |" for doc in documents
     )
     total = sum(doc.n_tokens for doc in documents)
-    return (f"| Document | Pages | Chunks | Tokens |\n|---|--:|--:|--:|\n{rows}\n\n"
+    text = (f"| Document | Pages | Chunks | Tokens |\n|---|--:|--:|--:|\n{rows}\n\n"
             f"{len(documents)} document{'s' * (len(documents) != 1)}, {total:,} tokens of long context.")
+    if len(parts) > 1:
+        listed = "; ".join(f"part {i}: {md_escape(label)}" for i, label in enumerate(parts, 1))
+        text += (f" Longer than the model's window: for each question it reads one of {len(parts)} parts, the "
+                 f"one holding most of the retrieved passages ({listed}).")
+    return text
 
 
 def preparing_html(event: Preparing | None) -> str:

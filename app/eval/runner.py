@@ -198,6 +198,7 @@ def evidence_row(item: QAItem, done: Done) -> dict:
         "page_read": any(c.read for c in cited) if item.page is not None else None,
         "read": done.reading.label if done.reading else None,
         "retrieved_elsewhere": done.reading.elsewhere if done.reading else 0,
+        "evidence_split": done.reading.split if done.reading else False,
     }
 
 
