@@ -332,6 +332,8 @@ class Engine:
                 if isinstance(event, TextDelta):
                     yield Token(event.text)
                 elif isinstance(event, PassStats):
+                    if event.stats.target_passes == 1:
+                        event.stats.question_to_first_s = time.perf_counter() - received
                     yield Progress(event.stats, self.lc_reference.speedup(target_name, event.stats))
                 elif isinstance(event, Finished):
                     stats, answer = event.stats, event.text

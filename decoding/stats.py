@@ -23,6 +23,7 @@ class Stats:
     prefill_s: float = 0.0  # the target's prompt plus the drafter's (built after the first token)
     first_token_s: float = 0.0  # from the start of generation to the first answer token
     answer_s: float = 0.0  # from the question's arrival to its last token, retrieval and waits included
+    question_to_first_s: float = 0.0  # from the question's arrival to the first answer token (set by the app)
     decode_s: float = 0.0  # from the first answer token to the last, the drafter's prefill excluded
     second_token_s: float = 0.0  # the wait from the first answer token to the second, the drafter's read included
     accepted_lengths: list[int] = field(default_factory=list)  # tokens produced per target pass

@@ -142,6 +142,7 @@ def test_follow_up_questions_reuse_their_windows(tmp_path: Path, prefills) -> No
     assert len(prefills) == 1  # the follow-up computed no document KV
     prefix = engine.document_prompts(index)[first.reading.window - 1].prefix
     assert second.stats.prefix_cached_tokens == len(prefix)
+    assert 0 < second.stats.first_token_s < second.stats.question_to_first_s <= second.stats.answer_s
     assert cached(engine, index).count(True) == 1
     index.close()
 

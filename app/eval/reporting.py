@@ -54,8 +54,8 @@ def format_table(results: dict) -> str:
              "answer's first sentence; b/m/e: contains rate for facts at the beginning/middle/end of the\n"
              "document; len: mean answer tokens; accept: drafts accepted (pooled);\n"
              "MAL: tokens emitted per target pass; prefill s: mean per answer, documents from the prefix cache;\n"
-             "1st tok s: median from the start of generation (after retrieval) to the first token; 2nd tok s:\n"
-             "median from the first token to the second")
+             "1st tok s: median from the question's arrival to the first token (retrieval included);\n"
+             "2nd tok s: median from the first token to the second")
     return "\n".join([*header, rule, line(columns), rule, *(line(row) for row in body), rule, notes])
 
 

@@ -172,7 +172,7 @@ def summarize(rows: list[dict], labels: Sequence[str]) -> list[dict]:
             "median_speedup_vs_lc": median_or_none(r["speedup_vs_lc"] for r in mine),
             # End to end: question received -> last token, retrieval included (older results lack it).
             "median_answer_s": median_or_none(r.get("answer_s") for r in mine),
-            "median_first_token_s": median_or_none(r["stats"].get("first_token_s") for r in mine),
+            "median_first_token_s": median_or_none(r["stats"].get("question_to_first_s") for r in mine),
             # First answer token to the second: the drafter's read plus one draft-and-verify round.
             "median_second_token_s": median_or_none(r["stats"].get("second_token_s") for r in mine
                                                     if r["generated"] > 1),
