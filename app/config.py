@@ -58,6 +58,9 @@ class Settings:
     server: ServerSettings = field(default_factory=ServerSettings)
     # RAPID's drafter reads its passages from KV built per chunk at ingest instead of prefilling them.
     drafter_chunk_kv: bool = True
+    # RAM for the target's KV of a corpus larger than its window (the server and eval): when every
+    # window's KV fits, all stay loaded, so a question routed to another window reads no disk.
+    hot_windows_gb: float = 6.0
 
     @property
     def default_index_dir(self) -> Path:

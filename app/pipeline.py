@@ -119,6 +119,7 @@ class Engine:
             with self._background_lock:  # jobs run one after another; each does only what is missing
                 try:
                     self.prepare(index)
+                    self.keep_windows_in_memory(index)
                 except Exception as error:  # a failed build only means questions compute it themselves
                     self.log(f"preparing the documents failed: {type(error).__name__}: {error}")
 
@@ -186,6 +187,22 @@ class Engine:
         """What each window holds, for people; [] when the corpus fits the target's window whole."""
         labels = [window.label() for window in self.windows(index)]
         return labels if len(labels) > 1 else []
+
+    def keep_windows_in_memory(self, index: HybridIndex) -> int:
+        """Load every window's cached KV into RAM when they fit `hot_windows_gb` (a long-running
+        process: the server, eval), so that switching windows costs no disk read; returns how many
+        windows are held. One window is always held by the prefix cache's own recency rule."""
+        prompts = self.document_prompts(index)
+        model = self.target.model
+        needed = sum(len(p.prefix) for p in prompts) * self.prefix_cache.bytes_per_1k_tokens(model) / 1000
+        if len(prompts) < 2 or needed > self.settings.hot_windows_gb * 1e9:
+            return min(len(prompts), 1)
+        # One more than the windows: an SD drafter's prefix shares the same recency list.
+        self.prefix_cache.in_memory = max(self.prefix_cache.in_memory, len(prompts) + 1)
+        for prompt in prompts:  # a load marks the prefix recent, which keeps it in memory
+            with self._generate_lock:  # one window at a time: a question may run in between
+                self.prefix_cache.load(model, prompt.prefix, len(prompt.prefix))
+        return len(prompts)
 
     def document_prompts(self, index: HybridIndex) -> list[Prompt]:
         """Each window's document prefix (any question: it ends where the question starts)."""

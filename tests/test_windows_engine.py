@@ -147,6 +147,24 @@ def test_follow_up_questions_reuse_their_windows(tmp_path: Path, prefills) -> No
     index.close()
 
 
+def test_windows_kept_in_memory_answer_without_reading_the_disk(engine: Engine, index: HybridIndex,
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    windows = engine.windows(index)
+    assert engine.keep_windows_in_memory(index) == len(windows)
+
+    def no_disk(*_: object) -> None:
+        raise AssertionError("a window's KV was read from disk")
+
+    monkeypatch.setattr(engine.prefix_cache.store, "read", no_disk)
+    for source in ("volcano.txt", "orchid.txt", "volcano.txt"):  # two windows, and back
+        done = answer_once(engine, QUESTIONS[source], index, DECODING)
+        assert done.reading is not None and done.reading.window == window_of(engine, index, source)
+        assert done.stats.prefix_cached_tokens > 0
+    # Over the budget, nothing is loaded ahead and the recency rule stays as it was.
+    engine.settings = replace(engine.settings, hot_windows_gb=0.0)
+    assert engine.keep_windows_in_memory(index) == 1
+
+
 def test_adding_a_document_touches_only_the_last_window(engine: Engine, index: HybridIndex, tmp_path: Path,
                                                         prefills) -> None:
     before = engine.windows(index)

@@ -235,6 +235,7 @@ def run_eval(
         # What ingest prepares (every window's prefill, the drafter's chunk KV) and the chunk KV of any
         # other model that drafts from the passages (rapid-self), with progress bars: minutes when cold.
         engine.prepare(index, progress=True)
+        engine.keep_windows_in_memory(index)  # as the server does after an upload
         for spec in dict.fromkeys(engine.drafter_spec(r.decoding.method) for r in runs
                                   if METHODS[r.decoding.method].drafting is Drafting.RAG_MODEL
                                   and settings.drafter_chunk_kv):
