@@ -5,9 +5,9 @@ tokens, causally masked) and return [n, H * D] for the first n queries.
 
 The C kernel (kernels/attention.c) is compiled once per machine with the system's C compiler
 and loaded with ctypes; without a compiler, on a GPU, or with RAPIDQA_NATIVE_ATTENTION=0, the
-torch path runs instead. The kernel takes prefill chunks too, a few query tokens per call: at
-every depth measured it ran 1,024-token chunks about twice as fast as torch's SDPA path (which
-repeats K/V per query head), and a 38-token question over 31K keys 5x as fast.
+torch path runs instead. The kernel takes prefill chunks too, a few query tokens per call: it
+measured faster than torch's SDPA path (which repeats K/V per query head) for chunks of every size
+and depth tried (README, `python -m bench.prefill_depth`).
 """
 
 from __future__ import annotations

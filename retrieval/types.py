@@ -119,7 +119,7 @@ class Reading:
         text = f"read {self.label} (part {self.window} of {self.windows})"
         others = [f"part {e.part}: {e.label}" for e in self.evidence if e.part != self.window]
         if others:
-            # Five retrieved chunks often touch several windows: say whether those left out were
+            # Retrieved chunks usually touch several windows: say whether those left out were
             # weaker ones or nearly as strong as those read, so a close call stands out.
             kind = "the evidence is split: " if self.split else ""
             strength = "nearly as strong as those read" if self.split else "weaker ones"
