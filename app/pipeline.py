@@ -199,9 +199,9 @@ class Engine:
             return min(len(prompts), 1)
         # One more than the windows: an SD drafter's prefix shares the same recency list.
         self.prefix_cache.in_memory = max(self.prefix_cache.in_memory, len(prompts) + 1)
-        for prompt in prompts:  # a load marks the prefix recent, which keeps it in memory
+        for prompt in prompts:
             with self._generate_lock:  # one window at a time: a question may run in between
-                self.prefix_cache.load(model, prompt.prefix, len(prompt.prefix))
+                self.prefix_cache.hold(model, prompt.prefix)
         return len(prompts)
 
     def document_prompts(self, index: HybridIndex) -> list[Prompt]:

@@ -210,6 +210,11 @@ class PrefixCache:
         entry = self._entry(key, model.device)
         return None if entry is None else self._materialize(model, entry, len(prefix), capacity)
 
+    def hold(self, model: Transformer, prefix: list[int]) -> bool:
+        """Read a stored prefix into memory as the most recent one, without copying it into a cache;
+        False when it is not stored."""
+        return self._entry(self.key(model, prefix), model.device) is not None
+
     def longest(self, model: Transformer, prefix: list[int], cuts: Sequence[int], capacity: int) -> KVCache | None:
         """A new cache holding the longest prefix[:cut] that a stored prefix starts with, or None."""
         wanted = dict(zip(self.cut_keys(model, prefix, cuts), cuts, strict=True))

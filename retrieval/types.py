@@ -121,8 +121,9 @@ class Reading:
         if others:
             # Retrieved chunks usually touch several windows: say whether those left out were
             # weaker ones or nearly as strong as those read, so a close call stands out.
-            kind = "the evidence is split: " if self.split else ""
-            strength = "nearly as strong as those read" if self.split else "weaker ones"
+            split = self.split
+            kind = "the evidence is split: " if split else ""
+            strength = "nearly as strong as those read" if split else "weaker ones"
             text += (f"; {kind}{self.elsewhere} of {self.retrieved} retrieved passages, {strength}, lie in parts "
                      "not read (" + "; ".join(others) + ")")
         return text
