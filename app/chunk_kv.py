@@ -18,9 +18,9 @@ from pathlib import Path
 import torch
 
 from decoding.cache import KVCache
-from decoding.generate import PrefixCacheHooks
 from decoding.model import Transformer
 from decoding.models import Prompt
+from decoding.prefill import PrefixCacheHooks
 from decoding.prefix_cache import KVStore
 from decoding.segments import PieceKV, assemble, encode_piece
 

@@ -15,12 +15,14 @@ from app.chunk_kv import ChunkKV, Passage, prune
 from app.config import Settings
 from app.errors import QuestionError
 from app.events import Done, Event, Preparing, Progress, Sources, Status, Token
+from app.focus import focus_tokens
 from app.progress import Job, cli_bar, run_with_progress
 from app.registry import resolve_model
 from app.speedup import LcReference, measured_speedup
-from decoding.generate import Finished, PassStats, PrefixCacheHooks, TextDelta, generate, prefill_parts
+from decoding.generate import Finished, PassStats, TextDelta, generate
 from decoding.methods import BASELINE, Drafting, method_info
 from decoding.models import LoadedModel, Prompt, load_model, pick_device, pick_dtype, wants_quantized
+from decoding.prefill import PrefixCacheHooks, prefill_parts
 from decoding.prefix_cache import PrefixCache
 from decoding.settings import MAX_GAMMA, DecodingSettings
 from decoding.stats import Stats
@@ -345,7 +347,9 @@ class Engine:
             rag_prefix = self._rag_prefix(decoding, index, contexts, rag_prompt)
             if rag_prefix is not None:
                 yield from self._encode_missing_passages(decoding.method, index, contexts, rag_prompt)
-            for event in self._run(decoding, long_prompt, rag_prompt, rag_prefix):
+            focuses = method_info(decoding.method).drafting is Drafting.FOCUS
+            focus = self.focus_spans(long_prompt, contexts) if focuses else None
+            for event in self._run(decoding, long_prompt, rag_prompt, rag_prefix, focus):
                 if isinstance(event, TextDelta):
                     yield Token(event.text)
                 elif isinstance(event, PassStats):
@@ -392,14 +396,20 @@ class Engine:
 
         yield from run_with_progress(build, lambda: self._job)
 
+    def focus_spans(self, long_prompt: Prompt, contexts: Contexts) -> list[tuple[int, int]]:
+        """Where the retrieved passages lie in the long prompt, as token ranges (a focus drafter's)."""
+        return focus_tokens(self.target, long_prompt, contexts.long_documents, contexts.long_focus)
+
     def _run(self, decoding: DecodingSettings, long_prompt: Prompt, rag_prompt: Prompt,
-             rag_prefix: PrefixCacheHooks | None = None) -> Iterator[object]:
+             rag_prefix: PrefixCacheHooks | None = None, focus: list[tuple[int, int]] | None = None,
+             ) -> Iterator[object]:
         method = decoding.method
         # None where no separate drafter runs: generate then drafts with the target (rapid-self, MagicDec).
         drafter = self.drafter if method_info(method).runs_drafter_model else None
         with torch.inference_mode():
             hooks = self.prefix_cache.hooks(long_prompt.cuts())
-            yield from generate(method, self.target, drafter, long_prompt, rag_prompt, decoding, hooks, rag_prefix)
+            yield from generate(method, self.target, drafter, long_prompt, rag_prompt, decoding, hooks, rag_prefix,
+                                focus)
 
     @staticmethod
     def _finish(events: Iterator[object]) -> Stats:

@@ -42,11 +42,15 @@ from decoding.settings import DecodingSettings
 from retrieval.readers import read_document
 
 REPO = Path(__file__).resolve().parent.parent
-WITH_LOOKUP = "+lookup"  # suffix: RAPID that first tries n-gram lookup drafts from its retrieved context
-# Every method, LC first (it fills the prefix cache the others reuse), then a bench-only variant
-# of each method whose drafter model reads the retrieved context: the same with lookup drafts first.
+# Bench-only variants, named by a suffix to the method: RAPID that first tries n-gram lookup drafts
+# from its retrieved context, and a model drafter that scores the whole vocabulary (the default
+# scores only the prompts' tokens), to measure what each choice is worth.
+VARIANTS: dict[str, dict[str, bool]] = {"+lookup": {"lookup_in_rapid": True},
+                                        "+all-tokens": {"draft_vocabulary": False}}
+# Every method, LC first (it fills the prefix cache the others reuse), then the variants of RAPID.
 METHODS = (BASELINE, *(name for name in METHOD_TABLE if name != BASELINE),
-           *(f"{m.name}{WITH_LOOKUP}" for m in METHOD_TABLE.values() if m.drafting is Drafting.RAG_MODEL))
+           *(f"{m.name}{suffix}" for suffix in VARIANTS for m in METHOD_TABLE.values()
+             if m.drafting is Drafting.RAG_MODEL and not m.drafter_is_target))
 # The demo question's answer is one sentence (15-16 tokens): too few passes for stable speeds.
 LONG_ANSWER_QUESTION = (
     "How does read.fwf read a file in fixed width format, what do its widths and sep arguments do, "
@@ -136,12 +140,23 @@ def document_slice(engine: Engine, n_tokens: int, workdir: Path) -> Path:
     return doc
 
 
-def build_input(engine: Engine, n_tokens: int, question: str, workdir: Path) -> tuple[Prompt, Prompt, int]:
-    """A real document slice of about n_tokens, indexed with the real retriever, and the question's prompts."""
+def build_input(engine: Engine, n_tokens: int, question: str,
+                workdir: Path) -> tuple[Prompt, Prompt, list[tuple[int, int]]]:
+    """A real document slice of about n_tokens, indexed with the real retriever, and the question's
+    prompts, with where the retrieved passages lie in the long one."""
     index = engine.open_index(workdir / f"index-{n_tokens}")
     index.add_files([document_slice(engine, n_tokens, workdir)], progress=False)
-    _, long_prompt, rag_prompt = engine.prompts(question, index, engine.settings.decoding)
-    return long_prompt, rag_prompt, len(long_prompt)
+    contexts, long_prompt, rag_prompt = engine.prompts(question, index, engine.settings.decoding)
+    return long_prompt, rag_prompt, engine.focus_spans(long_prompt, contexts)
+
+
+def method_variant(method: str, decoding: DecodingSettings) -> tuple[str, DecodingSettings]:
+    """A bench method name -> the method it runs and its settings (VARIANTS)."""
+    for suffix, overrides in VARIANTS.items():
+        if method.endswith(suffix):
+            base = method.removesuffix(suffix)
+            return base, replace(decoding, method=base, **overrides)
+    return method, replace(decoding, method=method)
 
 
 class _TokenClock:
@@ -267,19 +282,20 @@ def run(argv: Sequence[str] | None = None) -> dict[str, object]:
 def bench_context(engine: Engine, target: LoadedModel, drafter: LoadedModel, n_tokens: int, question: str,
                   decoding: DecodingSettings, methods: list[str], args: argparse.Namespace, bandwidth: float,
                   workdir: Path) -> dict[str, object]:
-    long_prompt, rag_prompt, context_tokens = build_input(engine, n_tokens, question, workdir)
+    long_prompt, rag_prompt, focus = build_input(engine, n_tokens, question, workdir)
+    context_tokens = len(long_prompt)
     hooks = engine.prefix_cache.hooks()
     rows: dict[str, dict[str, float | None]] = {}
     outputs: dict[str, list[int]] = {}
     for method in methods:
         runs = []
-        base = method.removesuffix(WITH_LOOKUP)
-        settings = replace(decoding, method=base, lookup_in_rapid=decoding.lookup_in_rapid or method != base)
+        base, settings = method_variant(method, decoding)
         draft_model = drafter if METHOD_TABLE[base].runs_drafter_model else None
         gc.collect()  # the previous method's caches are garbage: they should not count towards this peak
         peak_is_mine = reset_peak_rss()
         for _ in range(args.runs):
-            runs.append(run_to_end(generate(base, target, draft_model, long_prompt, rag_prompt, settings, hooks)))
+            runs.append(run_to_end(generate(base, target, draft_model, long_prompt, rag_prompt, settings, hooks,
+                                            focus=focus)))
         outputs[method] = runs[-1].token_ids
         stats = [r.stats for r in runs]
         tps = statistics.median(s.decode_tokens_per_s or 0.0 for s in stats)

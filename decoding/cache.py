@@ -6,6 +6,8 @@ prefix or compacted to a window without recomputing anything.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 
 
@@ -70,6 +72,27 @@ class KVCache:
 
     def after_commit(self) -> None:
         """Hook for caches that evict; a full cache keeps everything."""
+
+    @classmethod
+    def gather(cls, full: KVCache, spans: Sequence[tuple[int, int]], spare: int, next_position: int) -> KVCache:
+        """A cache holding only the slots in `spans` (sorted, disjoint [start, end) ranges of a full cache,
+        whose slots are its positions, all before next_position), copied, with room for `spare` more.
+
+        Slots stay in position order and keys keep the rotation of their true positions, so the same
+        causal mask applies; the slot -> position map is simply no longer the identity.
+        """
+        n_kv, _, head_dim = full.keys[0].shape
+        kept = sum(end - start for start, end in spans)
+        cache = cls(len(full.keys), n_kv, head_dim, kept + spare, full.keys[0].dtype, full.keys[0].device)
+        index = torch.cat([torch.arange(start, end) for start, end in spans]).to(full.keys[0].device)
+        for layer in range(len(full.keys)):
+            cache.keys[layer][:, :kept] = full.keys[layer].index_select(1, index)
+            cache.values[layer][:, :kept] = full.values[layer].index_select(1, index)
+        cache.length = kept
+        if spans and spans[-1][1] > next_position:
+            raise ValueError("a gathered slot lies at or after the next position")
+        cache.next_position = next_position
+        return cache
 
     def clone(self) -> KVCache:
         copy = object.__new__(type(self))

@@ -6,14 +6,18 @@ Each drafter has `propose(k, sampler) -> Draft` and `keep(n_output)` (forget rej
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as F
+from torch import nn
 
-from decoding.cache import StreamingCache
+from decoding.cache import KVCache, StreamingCache
 from decoding.methods import Drafting, Method
+from decoding.model import Transformer
 from decoding.models import LoadedModel, Prompt
+from decoding.quant import QuantLinear, dequantize
 from decoding.session import Sampler, Session
 from decoding.settings import DecodingSettings
 
@@ -23,6 +27,14 @@ class Draft:
     tokens: list[int] = field(default_factory=list)
     # Per token: the drafter's logits (model drafts) or None (lookup drafts: q is one-hot).
     logits: list[torch.Tensor | None] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class Focus:
+    """What a focus drafter (the target on the retrieved passages of its own cache) reads."""
+
+    slots: list[tuple[int, int]]  # the target cache's slots of the header and the passages
+    question: int  # where the question starts: the drafter also keeps every slot from there on
 
 
 class ModelDrafter:
@@ -99,6 +111,39 @@ class RapidDrafter:
         self.model_drafter.keep(n_output)
 
 
+class VocabularyHead(nn.Module):
+    """A model's output layer restricted to some tokens; the others score -inf and are never drafted."""
+
+    def __init__(self, rows: torch.Tensor, ids: torch.Tensor, vocab_size: int) -> None:
+        super().__init__()
+        self.rows, self.ids, self.vocab_size = rows, ids, vocab_size
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        logits = torch.full((x.shape[0], self.vocab_size), float("-inf"), device=x.device)
+        logits[:, self.ids] = F.linear(x, self.rows).float()
+        return logits
+
+
+def vocabulary_head(model: Transformer, tokens: Iterable[int]) -> VocabularyHead | None:
+    """The model's output rows for `tokens`, dequantized once per answer; None where the output layer
+    keeps no readable rows (oneDNN-packed dense weights) or the tokens cover most of the vocabulary."""
+    ids = torch.tensor(sorted(set(tokens)), dtype=torch.long)
+    head, vocab = model.lm_head, model.args.vocab_size
+    if ids.numel() > vocab // 2:
+        return None
+    if isinstance(head, QuantLinear):
+        parts, start, rows = [], 0, []
+        for part in head.parts:
+            inside = ids[(ids >= start) & (ids < start + part.n)]
+            rows.append(dequantize(part, model.dtype, inside - start))
+            parts.append(inside)
+            start += part.n
+        return VocabularyHead(torch.cat(rows), torch.cat(parts).to(model.device), vocab)
+    if isinstance(head, nn.Linear):
+        return VocabularyHead(head.weight.detach()[ids.to(head.weight.device)], ids.to(model.device), vocab)
+    return None
+
+
 Drafter = ModelDrafter | LookupDrafter | RapidDrafter
 # (the drafter model, its prompt, capacity) -> a session with the prompt prefilled
 DrafterPrefill = Callable[[LoadedModel, Prompt, int], Session]
@@ -106,20 +151,35 @@ DrafterPrefill = Callable[[LoadedModel, Prompt, int], Session]
 
 def build_drafter(
     method: Method, target: Session, draft_model: LoadedModel | None, prompts: dict[Drafting, Prompt],
-    settings: DecodingSettings, room: int, prefill_drafter: DrafterPrefill,
+    settings: DecodingSettings, room: int, prefill_drafter: DrafterPrefill, focus: Focus | None = None,
+    vocabulary: Iterable[int] = (),
 ) -> Drafter | None:
-    """The method's drafter over the target session; prompts maps a model drafting to what it reads."""
+    """The method's drafter over the target session; prompts maps a model drafting to what it reads;
+    focus: what a focus drafter keeps of the target's cache; vocabulary: the tokens a model drafter
+    scores (settings.draft_vocabulary; empty: all)."""
     if method.drafting is Drafting.NONE:
         return None
     if method.drafting is Drafting.LOOKUP:
         return LookupDrafter(target.tokens, settings.lookup_ngram)
     if method.drafting is Drafting.WINDOW:
-        window = StreamingCache.from_prefix(target.cache, settings.magicdec_sinks, settings.magicdec_window, room)
-        return ModelDrafter(Session(target.model, window, target.prompt, target.output))
-    assert draft_model is not None
-    prompt = prompts[method.drafting]
-    model_drafter = ModelDrafter(prefill_drafter(draft_model, prompt, len(prompt) + room))
-    if method.drafting is Drafting.LONG_MODEL:
+        cache = StreamingCache.from_prefix(target.cache, settings.magicdec_sinks, settings.magicdec_window, room)
+        session = Session(target.model, cache, target.prompt, target.output)
+    elif method.drafting is Drafting.FOCUS:
+        assert focus is not None
+        # The question's slots too, as the target read it (it attended to every document): re-reading
+        # it over the passages alone measured worse answers at eta > 0 (README, Answer quality).
+        slots = [*focus.slots, (focus.question, target.cache.length)]
+        cache = KVCache.gather(target.cache, slots, room, target.cache.next_position)
+        session = Session(target.model, cache, target.prompt, target.output)
+    else:
+        assert draft_model is not None
+        prompt = prompts[method.drafting]
+        session = prefill_drafter(draft_model, prompt, len(prompt) + room)
+    vocabulary = list(vocabulary)
+    if settings.draft_vocabulary and vocabulary:
+        session.head = vocabulary_head(session.model, vocabulary)
+    model_drafter = ModelDrafter(session)
+    if method.drafting is not Drafting.RAG_MODEL:
         return model_drafter
     lookup = LookupDrafter(model_drafter.session.tokens, settings.lookup_ngram) if settings.lookup_in_rapid else None
     return RapidDrafter(model_drafter, lookup)

@@ -13,27 +13,14 @@ from dataclasses import dataclass
 
 import torch
 
-from decoding.cache import KVCache
-from decoding.drafters import Draft, Drafter, build_drafter
+from decoding.drafters import Draft, Drafter, Focus, build_drafter
 from decoding.methods import Drafting, method_info
-from decoding.model import Transformer
 from decoding.models import LoadedModel, Prompt
+from decoding.prefill import PrefixCacheHooks, prefill
 from decoding.sampling import accept_probability, greedy_choice, probabilities, residual, retrieval_augmented, sample
 from decoding.session import Sampler, Session
 from decoding.settings import DecodingSettings
 from decoding.stats import Stats
-
-# (model, prompt prefix tokens, capacity) -> a cache of at least that capacity holding exactly that
-# prefix, for the caller's use alone until its next load; or None to prefill the prefix.
-PrefixLoader = Callable[[Transformer, list[int], int], KVCache | None]
-PrefixSaver = Callable[[Transformer, list[int], KVCache], None]
-PrefillProgress = Callable[[int, int], None]  # (tokens done, tokens to do)
-
-
-@dataclass(frozen=True)
-class PrefixCacheHooks:
-    load: PrefixLoader
-    save: PrefixSaver
 
 
 @dataclass(frozen=True)
@@ -57,41 +44,6 @@ GenerationEvent = TextDelta | PassStats | Finished
 
 
 # ------------------------------------------------------------------------------ the steps
-
-
-def prefill(
-    model: Transformer, prompt: Prompt, hooks: PrefixCacheHooks | None, capacity: int
-) -> tuple[KVCache, torch.Tensor, bool]:
-    """Prefix (header, then each document) then suffix (question), always as separate prefills.
-
-    Splitting the same way with or without the prefix cache keeps both paths bit-identical. A cache
-    of `capacity` slots is allocated only when the prefix is not restored. Returns the cache, the
-    logits after the prompt and whether the prefix came from the prefix cache.
-    """
-    restored = hooks.load(model, prompt.prefix, capacity) if hooks and prompt.prefix else None
-    cache = restored if restored is not None else model.new_cache(capacity)
-    if restored is None and prompt.prefix:
-        # Document by document: a prefix extended by an added document then matches one computed
-        # from scratch bit for bit (a prefill split elsewhere rounds a few KV rows differently).
-        prefill_parts(model, prompt.prefix, prompt.cuts(), cache)
-        if hooks:
-            hooks.save(model, prompt.prefix, cache)
-    logits = model.prefill(torch.tensor(prompt.suffix, device=model.device), cache)
-    return cache, logits, restored is not None
-
-
-def prefill_parts(model: Transformer, prefix: list[int], cuts: Sequence[int], cache: KVCache,
-                  progress: PrefillProgress | None = None) -> None:
-    """Prefill prefix[cache.length:] one part (between cuts: the header, each document) at a time."""
-    first = start = cache.length
-    total = len(prefix) - first
-    for end in sorted({c for c in [*cuts, len(prefix)] if c > first}):
-        report = None
-        if progress is not None:
-            def report(done: int, _: int, before: int = start - first) -> None:
-                progress(before + done, total)
-        model.prefill(torch.tensor(prefix[start:end], device=model.device), cache, report)
-        start = end
 
 
 def verify(target: Session, draft: Draft) -> torch.Tensor:
@@ -226,16 +178,20 @@ def generate(
     settings: DecodingSettings,
     prefix_cache: PrefixCacheHooks | None = None,
     rag_prefix: PrefixCacheHooks | None = None,
+    focus: Sequence[tuple[int, int]] | None = None,
 ) -> Iterator[GenerationEvent]:
     """Run one method; yields text deltas as tokens are accepted, stats per pass, then Finished.
 
     prefix_cache serves the document prefix of the long prompt; rag_prefix, when given, serves the
-    RAG drafter's prompt prefix (its retrieved passages).
+    RAG drafter's prompt prefix (its retrieved passages); focus: where the retrieved passages lie in
+    the long prompt's prefix, as token ranges (a focus drafter reads those slots of the target's cache).
     """
     settings.validate()
     info = method_info(method)
     if info.needs_rag_prompt and rag_prompt is None:
         raise ValueError(f"method {method!r} needs a retrieved (RAG) prompt")
+    if info.drafting is Drafting.FOCUS and focus is None:
+        raise ValueError(f"method {method!r} needs where the retrieved passages lie in the long prompt")
     prompt = rag_prompt if info.target_reads_rag and rag_prompt is not None else long_prompt
     stats = Stats(method=method, context_tokens=len(prompt))
     room = settings.max_new_tokens + settings.gamma + 2
@@ -258,12 +214,33 @@ def generate(
         else:
             hooks = rag_prefix
         read_prompt = drafter_prefill(session, stats, hooks)
-        return build_drafter(info, session, draft_model, prompts, settings, room, read_prompt)
+        reads = None
+        if info.drafting is Drafting.FOCUS:
+            reads = Focus(focus_slots(long_prompt, focus or ()), len(long_prompt.prefix))
+            stats.draft_context_tokens = sum(end - start for start, end in reads.slots) + len(long_prompt.suffix)
+        vocabulary = {*long_prompt.tokens, *(rag_prompt.tokens if rag_prompt else ()), *target.stop_ids}
+        return build_drafter(info, session, draft_model, prompts, settings, room, read_prompt, reads, vocabulary)
 
     eta = settings.eta if info.eta_applies else 0.0
     yield from decode(session, make_drafter, logits, Sampler.seeded(settings), eta, target.stop_ids, stats,
                       Detokenizer(target))
     yield Finished(target.decode(session.output), list(session.output), stats)
+
+
+def focus_slots(prompt: Prompt, spans: Sequence[tuple[int, int]]) -> list[tuple[int, int]]:
+    """The slots a focus drafter keeps of the target's prefix: its header and the given token ranges
+    (clipped to the documents, merged)."""
+    header, documents_end = len(prompt.header), len(prompt.prefix)
+    slots = [(0, header)]
+    for start, end in sorted(spans):
+        start, end = max(start, header), min(end, documents_end)
+        if start >= end:
+            continue
+        if start <= slots[-1][1]:
+            slots[-1] = (slots[-1][0], max(slots[-1][1], end))
+        else:
+            slots.append((start, end))
+    return [(start, end) for start, end in slots if end > start]
 
 
 def check_same_vocabulary(target: LoadedModel, drafter: LoadedModel) -> None:

@@ -15,6 +15,9 @@ class Drafting(Enum):
     RAG_MODEL = "rag model"  # the drafter model on the retrieved passages (RAPID)
     LONG_MODEL = "long model"  # the drafter model on the whole documents (SD)
     WINDOW = "window"  # the target itself on a StreamingLLM window of its cache (MagicDec)
+    # The target itself on the slots of its own cache that hold the retrieved passages (with the
+    # prompt's header and question): a RAG drafter as strong as the target, with nothing to prefill.
+    FOCUS = "focus"
 
 
 @dataclass(frozen=True)
@@ -58,6 +61,8 @@ METHODS: dict[str, Method] = {
         Method("rapid", "RAPID: RAG drafter + long-context target", False, Drafting.RAG_MODEL, True),
         Method("rapid-self", "RAPID, target as its own RAG drafter (the quality mode, eta > 0)", False,
                Drafting.RAG_MODEL, True, drafter_is_target=True),
+        Method("rapid-focus", "RAPID, target drafts from the retrieved passages in its own cache", False,
+               Drafting.FOCUS, True, drafter_is_target=True),
         Method("lc", "LC: target alone on everything (the baseline)", False, Drafting.NONE, False),
         Method("rag", "RAG: model alone on the retrieved passages", True, Drafting.NONE, False),
         Method("sd", "SD: speculative decoding, exact (eta = 0)", False, Drafting.LONG_MODEL, False),

@@ -195,11 +195,12 @@ class Transformer(nn.Module):
         return emb.cos().to(self.dtype), emb.sin().to(self.dtype)
 
     @torch.inference_mode()
-    def forward(self, tokens: torch.Tensor, cache: KVCache, all_logits: bool = False) -> torch.Tensor:
+    def forward(self, tokens: torch.Tensor, cache: KVCache, all_logits: bool = False,
+                head: nn.Module | None = None) -> torch.Tensor:
         """Run new tokens at the cache's next positions; returns fp32 logits.
 
         all_logits=False returns the logits after the last token as [V]; True returns [T, V].
-        The cache advances by len(tokens).
+        The cache advances by len(tokens). head replaces lm_head (a drafter scoring fewer tokens).
         """
         n = tokens.shape[0]
         if n == 0:
@@ -218,12 +219,13 @@ class Transformer(nn.Module):
         for i, layer in enumerate(self.layers):
             x = layer(x, cos, sin, cache, i, attention, n)
         cache.advance(n)
+        head = head or self.lm_head
         if all_logits:
-            return norm_linear(self.norm, self.lm_head, x).float()[:n]
+            return norm_linear(self.norm, head, x).float()[:n]
         # lm_head on min_rows rows for the same reason; row n-1 is the real last token (a padded
         # decode's second row is the duplicate, which also attends to its own copy).
         lo = max(n - self.min_rows, 0)
-        return norm_linear(self.norm, self.lm_head, x[lo : lo + self.min_rows]).float()[n - 1 - lo]
+        return norm_linear(self.norm, head, x[lo : lo + self.min_rows]).float()[n - 1 - lo]
 
     @torch.inference_mode()
     def prefill(

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+from torch import nn
 
 from decoding.cache import KVCache
 from decoding.model import Transformer
@@ -25,6 +26,7 @@ class Session:
     cache: KVCache
     prompt: list[int]
     output: list[int]  # shared with the other session: the committed answer tokens
+    head: nn.Module | None = None  # replaces the model's lm_head (a drafter scoring fewer tokens)
 
     def tokens(self) -> list[int]:
         return self.prompt + self.output
@@ -35,7 +37,7 @@ class Session:
 
     def forward(self, tokens: list[int], all_logits: bool = False) -> torch.Tensor:
         ids = torch.tensor(tokens, dtype=torch.long, device=self.model.device)
-        return self.model.forward(ids, self.cache, all_logits=all_logits)
+        return self.model.forward(ids, self.cache, all_logits=all_logits, head=self.head)
 
     def step(self) -> torch.Tensor:
         """Feed the pending tokens; the logits after the last one."""

@@ -19,7 +19,7 @@ from retrieval.errors import ContextTooLongError, EmptyIndexError
 from retrieval.index import HybridIndex
 from retrieval.lexical import bm25_tokens
 from retrieval.types import Chunk, Citation, Contexts, DocumentInfo, Reading, RetrievalSettings, ScoredChunk
-from retrieval.windows import Route, Window, route, whole_document
+from retrieval.windows import Part, Route, Window, document_header, route, whole_document
 
 Tokenize = Callable[[str], Sequence[int]]
 EXCERPT_CHARS = 300
@@ -57,6 +57,9 @@ def build_contexts(
         assert windows is not None
         routed = route(windows, kept)
         document_texts = routed.window.pieces
+        parts = list(routed.window.parts)
+    else:
+        parts = [whole_part(doc, text) for doc, text in zip(documents, document_texts, strict=True)]
     long_context = "\n\n".join(document_texts)
     long_tokens = len(tokenize(long_context)) if several else corpus_tokens
     _check_fits(long_tokens, max_long_tokens)
@@ -76,8 +79,23 @@ def build_contexts(
         long_documents=document_texts,
         rag_passages=rag_passages,
         rag_chunk_ids=[chunk.chunk_id for chunk in rag_chunks],
+        long_focus=focus(parts, rag_chunks),
         reading=reading(routed, windows, kept) if routed else None,
     )
+
+
+def whole_part(doc: DocumentInfo, piece: str) -> Part:
+    """A document the long context holds whole, as a part (for locating its chunks)."""
+    return Part(doc.doc_id, doc.source, 0, doc.n_chunks - 1, None, None, True, piece,
+                len(document_header(doc.source)))
+
+
+def focus(parts: Sequence[Part], chunks: Sequence[Chunk]) -> list[tuple[int, int, int]]:
+    """(piece index, first char, end char) of each chunk some part holds, in the parts' order."""
+    spans = []
+    for i, part in enumerate(parts):
+        spans += [(i, *part.span(chunk)) for chunk in chunks if part.holds(chunk)]
+    return sorted(spans)
 
 
 def reading(routed: Route, windows: Sequence[Window] | None, kept: Sequence[ScoredChunk]) -> Reading:

@@ -43,9 +43,15 @@ class Part:
     last_page: int | None
     whole: bool
     text: str  # the piece: a header line naming the document (and its pages), then the text
+    offset: int = 0  # where the document's character 0 falls in the piece (before it, for a cut one)
 
     def holds(self, chunk: Chunk) -> bool:
         return chunk.doc_id == self.doc_id and self.first_chunk <= chunk.order <= self.last_chunk
+
+    def span(self, chunk: Chunk) -> tuple[int, int]:
+        """The chunk's character range in the piece (a chunk the part holds)."""
+        start, end = chunk.char_start + self.offset, chunk.char_end + self.offset
+        return max(0, start), min(len(self.text), end)
 
     def label(self) -> str:
         if self.whole:
@@ -206,11 +212,15 @@ def _part(run: Sequence[_Unit], text: str) -> Part:
     doc = first.doc
     if first.whole:
         piece = whole_document(doc.source, text)
+        offset = len(document_header(doc.source))
     else:
-        body = text[first.start:last.end].strip("\n")
-        piece = document_header(doc.source, _pages(first.first_page, last.last_page)) + body
+        raw = text[first.start:last.end]
+        body = raw.strip("\n")
+        header = document_header(doc.source, _pages(first.first_page, last.last_page))
+        piece = header + body
+        offset = len(header) - (first.start + len(raw) - len(raw.lstrip("\n")))
     return Part(doc.doc_id, doc.source, first.first_chunk, last.last_chunk, first.first_page, last.last_page,
-                first.whole, piece)
+                first.whole, piece, offset)
 
 
 def _pages(first: int | None, last: int | None) -> str:

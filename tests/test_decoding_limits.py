@@ -5,8 +5,9 @@ from __future__ import annotations
 import pytest
 
 from decoding.attention import SMALL_T
-from decoding.generate import PrefixCacheHooks, generate, run_to_end
+from decoding.generate import generate, run_to_end
 from decoding.model import ModelArgs
+from decoding.prefill import PrefixCacheHooks
 from decoding.settings import MAX_GAMMA, DecodingSettings, SettingsError
 from decoding.stats import Stats
 from tests.tiny import random_prompt, tiny_model

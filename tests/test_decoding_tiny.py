@@ -9,19 +9,28 @@ from transformers import Qwen2Config, Qwen2ForCausalLM
 import decoding.attention
 import decoding.model
 from decoding.attention import torch_attention
-from decoding.drafters import lookup_continuation
-from decoding.generate import Finished, PassStats, generate, run_to_end
-from decoding.model import transformer_from_hf_model
+from decoding.cache import KVCache
+from decoding.drafters import lookup_continuation, vocabulary_head
+from decoding.generate import Finished, PassStats, focus_slots, generate, run_to_end
+from decoding.model import norm_linear, transformer_from_hf_model
 from decoding.models import LoadedModel, Prompt
 from decoding.settings import MAX_GAMMA, DecodingSettings
 from tests.tiny import random_prompt, tiny_model
 
-SPECULATIVE = ("sd", "magicdec", "rapid", "rapid-self", "lookup")
+SPECULATIVE = ("sd", "magicdec", "rapid", "rapid-self", "rapid-focus", "lookup")
 
 
-def run(method: str, target, drafter, prompt: Prompt, rag: Prompt, **overrides) -> Finished:
+def run(method: str, target, drafter, prompt: Prompt, rag: Prompt, focus=None, **overrides) -> Finished:
     settings = DecodingSettings(method=method, **({"max_new_tokens": 40} | overrides))
-    return run_to_end(generate(method, target, drafter, prompt, rag, settings))
+    if focus is None:
+        focus = focus_of(prompt)
+    return run_to_end(generate(method, target, drafter, prompt, rag, settings, focus=focus))
+
+
+def focus_of(prompt: Prompt) -> list[tuple[int, int]]:
+    """A focus drafter's "retrieved passages" in a tiny prompt: two runs, half of the documents."""
+    n = len(prompt.prefix)
+    return [(n // 4, n // 2), (n * 5 // 8, n * 7 // 8)]
 
 
 @pytest.fixture(scope="module")
@@ -83,14 +92,14 @@ def small_vocab_pair(request):
 
 
 def check_drafters_exact(target: LoadedModel, drafter: LoadedModel, length: int) -> None:
-    """SD, MagicDec, RAPID and RAPID with the target as its own drafter, at every gamma, return LC's
-    tokens, each drafting, right and wrong."""
+    """SD, MagicDec, RAPID and RAPID with the target as its own drafter (reading the passages, or its
+    own cache's slots of them), at every gamma, return LC's tokens, each drafting, right and wrong."""
     prompt = random_prompt(length, seed=length, vocab=EXACT_VOCAB)
     rag = Prompt(prompt.prefix[length // 4 :], prompt.suffix)
     window = {"magicdec_window": max(4, length * 3 // 4), "magicdec_sinks": 4}
     lc = run("lc", target, drafter, prompt, rag)
     assert lc.stats.generated == 40
-    for method in ("sd", "magicdec", "rapid", "rapid-self"):
+    for method in ("sd", "magicdec", "rapid", "rapid-self", "rapid-focus"):
         for gamma in EXACT_GAMMAS:
             out = run(method, target, drafter, prompt, rag, gamma=gamma, eta=0.0, **window)
             assert out.token_ids == lc.token_ids, (method, gamma)
@@ -168,25 +177,85 @@ def test_rapid_with_eta_still_runs_greedy(pair_fp32) -> None:
     assert out.stats.generated == 40 and out.stats.drafted > 0
 
 
-@pytest.mark.parametrize("method", ["sd", "rapid", "magicdec"])
+@pytest.mark.parametrize("method", ["sd", "rapid", "magicdec", "rapid-focus"])
 def test_first_token_before_the_drafter_reads(pair_fp32, method: str, monkeypatch) -> None:
     """The first token needs only the target's prefill: the drafter's own prefill must not delay it."""
     target, drafter = pair_fp32
-    drafter_model = target.model if method == "magicdec" else drafter.model
+    drafter_model = target.model if method in ("magicdec", "rapid-focus") else drafter.model
     calls: list[int] = []
     real_forward = drafter_model.forward
     monkeypatch.setattr(drafter_model, "forward", lambda tokens, *a, **k: calls.append(len(tokens)) or
                         real_forward(tokens, *a, **k))
     prompt, rag = random_prompt(300, seed=4), random_prompt(60, seed=4)
     settings = DecodingSettings(method=method, max_new_tokens=20)
-    events = generate(method, target, drafter, prompt, rag, settings)
+    events = generate(method, target, drafter, prompt, rag, settings, focus=focus_of(prompt))
     first_pass = next(e for e in events if isinstance(e, PassStats))
     assert first_pass.stats.generated == 1
-    if method != "magicdec":  # magicdec's drafter is the target itself, which did prefill
+    if method not in ("magicdec", "rapid-focus"):  # there the drafter is the target, which did prefill
         assert calls == []
     calls_at_first_token = len(calls)
     finished = run_to_end(events)
     assert len(calls) > calls_at_first_token and finished.stats.drafted > 0
+    if method == "rapid-focus":  # nothing to read: its first call drafts on the first answer token
+        assert calls[calls_at_first_token] == 1
     assert 0 < finished.stats.first_token_s <= finished.stats.prefill_s + finished.stats.decode_s
     # The second token waits for the drafter's read and one draft-and-verify round, both timed.
     assert 0 < finished.stats.second_token_s <= finished.stats.prefill_s + finished.stats.decode_s
+
+
+def test_focus_slots_keep_the_header_and_the_passages() -> None:
+    prompt = Prompt(list(range(100)), [100, 101, 102], (10, 60))  # header 0..9, pieces 10..59 and 60..99
+    spans = [(70, 80), (5, 20), (18, 30), (95, 120)]  # out of order, overlapping, in the header, past the end
+    assert focus_slots(prompt, spans) == [(0, 30), (70, 80), (95, 100)]
+    assert focus_slots(prompt, []) == [(0, 10)]
+    assert focus_slots(Prompt(list(range(20)), [20]), [(3, 9)]) == [(0, 20)]  # no pieces: all is header
+
+
+def test_a_gathered_cache_keeps_true_positions(pair_fp32) -> None:
+    """Gathering every slot gives the full cache's logits (positions survive the copy); dropping slots
+    changes them (the drafter really reads less)."""
+    model = pair_fp32[0].model
+    ids = torch.randint(0, 256, (50,), generator=torch.Generator().manual_seed(3))
+    full = model.new_cache(64)
+    model.prefill(ids[:49], full)
+    every = KVCache.gather(full, [(0, 20), (20, 49)], spare=4, next_position=49)
+    some = KVCache.gather(full, [(0, 10), (30, 49)], spare=4, next_position=49)
+    assert every.next_position == some.next_position == 49 and some.length == 29
+    reference = model.forward(ids[49:], full.clone())
+    torch.testing.assert_close(model.forward(ids[49:], every), reference, rtol=0, atol=0)
+    assert not torch.allclose(model.forward(ids[49:], some), reference)
+    with pytest.raises(ValueError):
+        KVCache.gather(full, [(0, 10)], spare=4, next_position=5)
+
+
+def test_vocabulary_head_scores_only_its_tokens(pair_fp32) -> None:
+    from tests.test_quant_linear import quantized
+
+    for loaded in (pair_fp32[0], quantized(pair_fp32[0])):
+        model = loaded.model
+        x = torch.randn(3, model.args.dim, generator=torch.Generator().manual_seed(0)).to(model.dtype)
+        tokens = [200, 7, 31, 7, 150]
+        head = vocabulary_head(model, tokens)
+        assert head is not None
+        full = norm_linear(model.norm, model.lm_head, x).float()
+        restricted = norm_linear(model.norm, head, x)
+        ids = torch.tensor(sorted(set(tokens)))
+        # The quantized kernel rounds its inputs to 8 bits; the dense rows take them as they are.
+        tolerance = 0.05 * float(full.abs().max()) if model.quantized else 1e-4
+        torch.testing.assert_close(restricted[:, ids], full[:, ids], rtol=0, atol=tolerance)
+        others = torch.ones(model.args.vocab_size, dtype=torch.bool)
+        others[ids] = False
+        assert torch.isinf(restricted[:, others]).all()
+    assert vocabulary_head(pair_fp32[0].model, range(200)) is None  # most of the vocabulary: not worth it
+
+
+def test_drafting_over_the_prompts_vocabulary_stays_exact(pair_fp32) -> None:
+    """Drafters score only the prompts' tokens by default; exactness holds either way."""
+    target, drafter = pair_fp32
+    prompt, rag = random_prompt(60, seed=8), random_prompt(30, seed=9)
+    lc = run("lc", target, drafter, prompt, rag)
+    for method in ("rapid", "sd", "rapid-focus"):
+        narrow = run(method, target, drafter, prompt, rag, gamma=4)
+        wide = run(method, target, drafter, prompt, rag, gamma=4, draft_vocabulary=False)
+        assert narrow.token_ids == wide.token_ids == lc.token_ids, method
+        assert narrow.stats.drafted > 0 and wide.stats.drafted > 0

@@ -51,8 +51,12 @@ def test_every_method_returns_lc_tokens(target: LoadedModel, drafter: LoadedMode
     assert lc.stats.prefix_cached_tokens == 0  # computed from scratch, then stored
     assert lc.stats.generated > 5
     rejected = 0
-    for method in ("sd", "magicdec", "lookup", "rapid"):
-        out = run_to_end(generate(method, target, drafter, long_prompt, rag_prompt, settings, cache.hooks()))
+    # A focus drafter keeps the target's slots of the passage the RAG drafter reads.
+    passage = long_prompt.boundaries[0] + 1 + n_tokens // 3
+    focus = [(passage, passage + 200)]
+    for method in ("sd", "magicdec", "lookup", "rapid", "rapid-focus"):
+        out = run_to_end(generate(method, target, drafter, long_prompt, rag_prompt, settings, cache.hooks(),
+                                  focus=focus))
         assert out.token_ids == lc.token_ids, method
         assert out.stats.prefix_cached_tokens == len(long_prompt.prefix)
         assert out.stats.drafted > 0 and out.stats.accepted > 0, method  # every drafter drafted and was right

@@ -94,6 +94,25 @@ def test_a_page_longer_than_a_window_is_cut_between_chunks(index: HybridIndex) -
     assert any(part.first_page == part.last_page == 1 for part in atlas[1:])  # page 1 spans two parts
 
 
+@pytest.mark.parametrize("capacity", [60, 200, 10**6])  # cut between chunks, between pages, one window
+def test_every_chunk_is_found_at_its_span_in_the_piece_holding_it(index: HybridIndex, capacity: int) -> None:
+    """A focus drafter reads the target's slots of the retrieved chunks: their spans in the pieces must
+    hold exactly their text, in whole and in cut documents."""
+    windows = plan_windows(index, piece_tokens, capacity)
+    for window in windows:
+        for part in window.parts:
+            held = [c for doc in index.documents() for c in index.chunks(doc.doc_id) if part.holds(c)]
+            assert held
+            for chunk in held:
+                start, end = part.span(chunk)
+                assert part.text[start:end] == chunk.text, (part.label(), chunk.order)
+    contexts = build_contexts(index, "tundra region weather rivers", SETTINGS, word_tokens, 10**6, windows)
+    assert contexts.long_focus
+    texts = {passage.split("\n", 1)[1] for passage in contexts.rag_passages}
+    for piece, start, end in contexts.long_focus:
+        assert contexts.long_documents[piece][start:end] in texts
+
+
 def test_adding_a_document_changes_only_the_last_window(index: HybridIndex, tmp_path: Path) -> None:
     capacity = max(doc_tokens(index)[0] + doc_tokens(index)[1], 80)
     before = plan_windows(index, piece_tokens, capacity)

@@ -201,7 +201,7 @@ def test_deleting_a_document_recomputes_from_its_window(engine: Engine, index: H
     assert answer.stats.prefix_cached_tokens > 0
 
 
-@pytest.mark.parametrize("method", ["rapid", "sd", "magicdec", "lookup"])
+@pytest.mark.parametrize("method", ["rapid", "sd", "magicdec", "lookup", "rapid-focus"])
 def test_speculative_methods_at_eta_0_return_lc_tokens_on_the_routed_window(engine: Engine, index: HybridIndex,
                                                                             method: str) -> None:
     question = QUESTIONS["volcano.txt"]
@@ -211,7 +211,7 @@ def test_speculative_methods_at_eta_0_return_lc_tokens_on_the_routed_window(engi
     assert out.reading == lc.reading and lc.reading is not None and lc.reading.window > 1
     assert out.answer == lc.answer and out.stats.generated == lc.stats.generated
     assert out.stats.context_tokens == lc.stats.context_tokens
-    if method in ("rapid", "sd"):
+    if method in ("rapid", "sd", "rapid-focus"):
         assert out.stats.drafted > 0
 
 

@@ -41,10 +41,14 @@ def test_a_real_question_reads_its_window_and_rapid_returns_lc_tokens(tmp_path: 
                if part.first_page is not None and part.first_page <= 5 <= (part.last_page or 0)]  # page 15
     lc = answer_once(engine, QUESTION, index, replace(settings.decoding, method="lc", eta=0.0))
     rapid = answer_once(engine, QUESTION, index, replace(settings.decoding, method="rapid", eta=0.0))
+    # The target drafting from its own slots of the retrieved passages, in a window of cut pages.
+    focus = answer_once(engine, QUESTION, index, replace(settings.decoding, method="rapid-focus", eta=0.0))
     assert lc.reading is not None and lc.reading.window in holding
     assert lc.reading.label == windows[lc.reading.window - 1].label()
     assert "read.fwf" in lc.answer, lc.answer
     assert rapid.answer == lc.answer and rapid.stats.drafted > 0
+    assert focus.answer == lc.answer and focus.stats.drafted > 0
+    assert 0 < focus.stats.draft_context_tokens < lc.stats.context_tokens
     assert lc.stats.prefix_cached_tokens == rapid.stats.prefix_cached_tokens > 0  # prefilled at ingest
     # The page-15 source shows its sentences about fixed-width files, not the chunk's opening.
     assert any(c.page == 5 and "Fixed-width-format files" in c.excerpt for c in lc.citations), lc.citations

@@ -19,6 +19,13 @@ class ByteTokenizer:
     def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
         return list(text.encode("utf-8"))
 
+    def __call__(self, text: str, add_special_tokens: bool = False,
+                 return_offsets_mapping: bool = False) -> dict[str, list]:
+        out: dict[str, list] = {"input_ids": self.encode(text)}
+        if return_offsets_mapping:  # every byte of a character spans that character
+            out["offset_mapping"] = [(i, i + 1) for i, char in enumerate(text) for _ in char.encode("utf-8")]
+        return out
+
     def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
         return bytes(ids).decode("utf-8", errors="replace")
 
@@ -56,4 +63,5 @@ def random_prompt(length: int, seed: int, vocab: int = VOCAB) -> Prompt:
     gen = torch.Generator().manual_seed(seed)
     ids = torch.randint(0, vocab, (length,), generator=gen).tolist()
     cut = max(1, length - 8)
-    return Prompt(ids[:cut], ids[cut:])
+    # One header token, then the documents as one piece (a focus drafter keeps the header).
+    return Prompt(ids[:cut], ids[cut:], (1,) if cut > 1 else ())
