@@ -62,6 +62,8 @@ class ModelDrafter:
     def keep(self, n_output: int) -> None:
         self.session.keep(n_output)
         self.session.cache.after_commit()
+        if isinstance(self.session.head, VocabularyHead):
+            self.session.head.add(self.session.output)
 
 
 class LookupDrafter:
@@ -112,36 +114,56 @@ class RapidDrafter:
 
 
 class VocabularyHead(nn.Module):
-    """A model's output layer restricted to some tokens; the others score -inf and are never drafted."""
+    """A model's output layer restricted to some tokens; the others score -inf and are never drafted.
 
-    def __init__(self, rows: torch.Tensor, ids: torch.Tensor, vocab_size: int) -> None:
+    Tokens the answer itself brings (the target chose one no prompt holds) join as they appear.
+    """
+
+    def __init__(self, model: Transformer, tokens: Iterable[int]) -> None:
         super().__init__()
-        self.rows, self.ids, self.vocab_size = rows, ids, vocab_size
+        self.model = model
+        self.members: set[int] = set()
+        self.ids = torch.empty(0, dtype=torch.long, device=model.device)
+        self.rows = torch.empty(0, model.args.dim, dtype=model.dtype, device=model.device)
+        self.add(tokens)
+
+    def add(self, tokens: Iterable[int]) -> None:
+        new = sorted(set(tokens) - self.members)
+        if not new:
+            return
+        self.members.update(new)
+        ids = torch.tensor(new, dtype=torch.long)
+        self.ids = torch.cat([self.ids, ids.to(self.model.device)])
+        self.rows = torch.cat([self.rows, output_rows(self.model, ids)])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        logits = torch.full((x.shape[0], self.vocab_size), float("-inf"), device=x.device)
+        logits = torch.full((x.shape[0], self.model.args.vocab_size), float("-inf"), device=x.device)
         logits[:, self.ids] = F.linear(x, self.rows).float()
         return logits
 
 
-def vocabulary_head(model: Transformer, tokens: Iterable[int]) -> VocabularyHead | None:
-    """The model's output rows for `tokens`, dequantized once per answer; None where the output layer
-    keeps no readable rows (oneDNN-packed dense weights) or the tokens cover most of the vocabulary."""
-    ids = torch.tensor(sorted(set(tokens)), dtype=torch.long)
-    head, vocab = model.lm_head, model.args.vocab_size
-    if ids.numel() > vocab // 2:
-        return None
-    if isinstance(head, QuantLinear):
-        parts, start, rows = [], 0, []
-        for part in head.parts:
-            inside = ids[(ids >= start) & (ids < start + part.n)]
-            rows.append(dequantize(part, model.dtype, inside - start))
-            parts.append(inside)
-            start += part.n
-        return VocabularyHead(torch.cat(rows), torch.cat(parts).to(model.device), vocab)
+def output_rows(model: Transformer, ids: torch.Tensor) -> torch.Tensor:
+    """The output layer's rows for token ids, in the model's dtype (dequantized when quantized)."""
+    head = model.lm_head
     if isinstance(head, nn.Linear):
-        return VocabularyHead(head.weight.detach()[ids.to(head.weight.device)], ids.to(model.device), vocab)
-    return None
+        return head.weight.detach()[ids.to(head.weight.device)].to(model.dtype)
+    assert isinstance(head, QuantLinear)
+    rows, start = torch.empty(len(ids), head.in_features, dtype=model.dtype), 0
+    for part in head.parts:
+        inside = (ids >= start) & (ids < start + part.n)
+        if inside.any():
+            rows[inside] = dequantize(part, model.dtype, ids[inside] - start)
+        start += part.n
+    return rows.to(model.device)
+
+
+def vocabulary_head(model: Transformer, tokens: Iterable[int]) -> VocabularyHead | None:
+    """A head over `tokens`; None where the output layer keeps no readable rows (oneDNN-packed dense
+    weights) or the tokens cover most of the vocabulary (nothing to save)."""
+    tokens = set(tokens)
+    if not isinstance(model.lm_head, (nn.Linear, QuantLinear)) or len(tokens) > model.args.vocab_size // 2:
+        return None
+    return VocabularyHead(model, tokens)
 
 
 Drafter = ModelDrafter | LookupDrafter | RapidDrafter

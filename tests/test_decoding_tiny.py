@@ -246,6 +246,10 @@ def test_vocabulary_head_scores_only_its_tokens(pair_fp32) -> None:
         others = torch.ones(model.args.vocab_size, dtype=torch.bool)
         others[ids] = False
         assert torch.isinf(restricted[:, others]).all()
+        head.add([9, 7])  # a token the answer brought joins; one already in stays once
+        grown = norm_linear(model.norm, head, x)
+        assert len(head.ids) == len(ids) + 1
+        torch.testing.assert_close(grown[:, [7, 9]], full[:, [7, 9]], rtol=0, atol=tolerance)
     assert vocabulary_head(pair_fp32[0].model, range(200)) is None  # most of the vocabulary: not worth it
 
 
