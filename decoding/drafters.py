@@ -174,11 +174,11 @@ DrafterPrefill = Callable[[LoadedModel, Prompt, int], Session]
 def build_drafter(
     method: Method, target: Session, draft_model: LoadedModel | None, prompts: dict[Drafting, Prompt],
     settings: DecodingSettings, room: int, prefill_drafter: DrafterPrefill, focus: Focus | None = None,
-    vocabulary: Iterable[int] = (),
+    stop_ids: frozenset[int] = frozenset(),
 ) -> Drafter | None:
     """The method's drafter over the target session; prompts maps a model drafting to what it reads;
-    focus: what a focus drafter keeps of the target's cache; vocabulary: the tokens a model drafter
-    scores (settings.draft_vocabulary; empty: all)."""
+    focus: what a focus drafter keeps of the target's cache. With settings.draft_vocabulary a model
+    drafter scores only the tokens of the target's prompt, of those prompts and `stop_ids`."""
     if method.drafting is Drafting.NONE:
         return None
     if method.drafting is Drafting.LOOKUP:
@@ -197,9 +197,9 @@ def build_drafter(
         assert draft_model is not None
         prompt = prompts[method.drafting]
         session = prefill_drafter(draft_model, prompt, len(prompt) + room)
-    vocabulary = list(vocabulary)
-    if settings.draft_vocabulary and vocabulary:
-        session.head = vocabulary_head(session.model, vocabulary)
+    if settings.draft_vocabulary:
+        prompted = (token for prompt in prompts.values() if prompt is not None for token in prompt.tokens)
+        session.head = vocabulary_head(session.model, [*target.prompt, *prompted, *stop_ids])
     model_drafter = ModelDrafter(session)
     if method.drafting is not Drafting.RAG_MODEL:
         return model_drafter

@@ -218,8 +218,8 @@ def generate(
         if info.drafting is Drafting.FOCUS:
             reads = Focus(focus_slots(long_prompt, focus or ()), len(long_prompt.prefix))
             stats.draft_context_tokens = sum(end - start for start, end in reads.slots) + len(long_prompt.suffix)
-        vocabulary = {*long_prompt.tokens, *(rag_prompt.tokens if rag_prompt else ()), *target.stop_ids}
-        return build_drafter(info, session, draft_model, prompts, settings, room, read_prompt, reads, vocabulary)
+        return build_drafter(info, session, draft_model, prompts, settings, room, read_prompt, reads,
+                             target.stop_ids)
 
     eta = settings.eta if info.eta_applies else 0.0
     yield from decode(session, make_drafter, logits, Sampler.seeded(settings), eta, target.stop_ids, stats,

@@ -19,7 +19,7 @@ from retrieval.errors import ContextTooLongError, EmptyIndexError
 from retrieval.index import HybridIndex
 from retrieval.lexical import bm25_tokens
 from retrieval.types import Chunk, Citation, Contexts, DocumentInfo, Reading, RetrievalSettings, ScoredChunk
-from retrieval.windows import Part, Route, Window, document_header, route, whole_document
+from retrieval.windows import Part, Route, Window, route, whole_document, whole_part
 
 Tokenize = Callable[[str], Sequence[int]]
 EXCERPT_CHARS = 300
@@ -44,7 +44,9 @@ def build_contexts(
     # The drafter's budget follows the whole corpus: it reads the best chunks wherever they are.
     corpus_tokens = sum(window.tokens for window in windows or ()) if several else 0
     if not several:
-        document_texts = [long_document(index, doc) for doc in documents]
+        # Whole documents, as parts too (a focus drafter locates the chunks in them).
+        parts = [whole_part(doc, index.document_text(doc.doc_id), 0, doc.n_chunks - 1) for doc in documents]
+        document_texts = [part.text for part in parts]
         corpus_tokens = len(tokenize("\n\n".join(document_texts)))
         _check_fits(corpus_tokens, max_long_tokens)
     budget = rag_budget(corpus_tokens, settings)
@@ -58,8 +60,6 @@ def build_contexts(
         routed = route(windows, kept)
         document_texts = routed.window.pieces
         parts = list(routed.window.parts)
-    else:
-        parts = [whole_part(doc, text) for doc, text in zip(documents, document_texts, strict=True)]
     long_context = "\n\n".join(document_texts)
     long_tokens = len(tokenize(long_context)) if several else corpus_tokens
     _check_fits(long_tokens, max_long_tokens)
@@ -82,12 +82,6 @@ def build_contexts(
         long_focus=focus(parts, rag_chunks),
         reading=reading(routed, windows, kept) if routed else None,
     )
-
-
-def whole_part(doc: DocumentInfo, piece: str) -> Part:
-    """A document the long context holds whole, as a part (for locating its chunks)."""
-    return Part(doc.doc_id, doc.source, 0, doc.n_chunks - 1, None, None, True, piece,
-                len(document_header(doc.source)))
 
 
 def focus(parts: Sequence[Part], chunks: Sequence[Chunk]) -> list[tuple[int, int, int]]:

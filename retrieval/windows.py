@@ -211,16 +211,19 @@ def _part(run: Sequence[_Unit], text: str) -> Part:
     first, last = run[0], run[-1]
     doc = first.doc
     if first.whole:
-        piece = whole_document(doc.source, text)
-        offset = len(document_header(doc.source))
-    else:
-        raw = text[first.start:last.end]
-        body = raw.strip("\n")
-        header = document_header(doc.source, _pages(first.first_page, last.last_page))
-        piece = header + body
-        offset = len(header) - (first.start + len(raw) - len(raw.lstrip("\n")))
+        return whole_part(doc, text, first.first_chunk, last.last_chunk, first.first_page, last.last_page)
+    raw = text[first.start:last.end]
+    header = document_header(doc.source, _pages(first.first_page, last.last_page))
+    offset = len(header) - (first.start + len(raw) - len(raw.lstrip("\n")))
     return Part(doc.doc_id, doc.source, first.first_chunk, last.last_chunk, first.first_page, last.last_page,
-                first.whole, piece, offset)
+                False, header + raw.strip("\n"), offset)
+
+
+def whole_part(doc: DocumentInfo, text: str, first_chunk: int, last_chunk: int, first_page: int | None = None,
+               last_page: int | None = None) -> Part:
+    """A document read whole: its piece is whole_document's, its text starts after the header."""
+    return Part(doc.doc_id, doc.source, first_chunk, last_chunk, first_page, last_page, True,
+                whole_document(doc.source, text), len(document_header(doc.source)))
 
 
 def _pages(first: int | None, last: int | None) -> str:
