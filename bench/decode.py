@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import re
 import statistics
 import tempfile
 import time
@@ -151,7 +152,11 @@ def build_input(engine: Engine, n_tokens: int, question: str,
 
 
 def method_variant(method: str, decoding: DecodingSettings) -> tuple[str, DecodingSettings]:
-    """A bench method name -> the method it runs and its settings (VARIANTS)."""
+    """A bench method name -> the method it runs and its settings (VARIANTS; a `+gN` suffix drafts
+    N tokens per pass, so block lengths compare within one run: rapid+g7)."""
+    if (sized := re.fullmatch(r"(.+)\+g(\d+)", method)) is not None:
+        base, settings = method_variant(sized.group(1), decoding)
+        return base, replace(settings, gamma=int(sized.group(2)))
     for suffix, overrides in VARIANTS.items():
         if method.endswith(suffix):
             base = method.removesuffix(suffix)

@@ -50,10 +50,15 @@ class ModelDrafter:
             token = sampler.choose(logits)
             draft.tokens.append(token)
             draft.logits.append(logits)
-            if i == k - 1 or self._unsure(logits, sampler.settings.draft_confidence):
+            if i == k - 1 or self._unsure(self._scored(logits), sampler.settings.draft_confidence):
                 break  # the last draft is fed with the next pass's pending tokens
             logits = self.session.forward([token])
         return draft
+
+    def _scored(self, logits: torch.Tensor) -> torch.Tensor:
+        """The logits of the tokens the drafter scores (the others are -inf: they add nothing)."""
+        head = self.session.head
+        return logits[head.ids] if isinstance(head, VocabularyHead) else logits
 
     @staticmethod
     def _unsure(logits: torch.Tensor, threshold: float) -> bool:

@@ -147,11 +147,12 @@ class Block(nn.Module):
         t = x.shape[0]
         qkv = norm_linear(self.attn_norm, self.qkv, x)
         q_out, kv_out = a.n_heads * a.head_dim, a.n_kv_heads * a.head_dim
-        q = qkv[:, :q_out].view(t, a.n_heads, a.head_dim)
-        k = qkv[:, q_out : q_out + kv_out].view(t, a.n_kv_heads, a.head_dim)
+        # q and k rotate together: one set of elementwise ops (the drafter's step is short enough
+        # for per-op overhead to show), the same values as rotating each.
+        qk = qkv[:, : q_out + kv_out].view(t, a.n_heads + a.n_kv_heads, a.head_dim)
+        qk = qk * cos + rotate_half(qk) * sin
+        q, k = qk[:, : a.n_heads], qk[:, a.n_heads :]
         v = qkv[:, q_out + kv_out :].view(t, a.n_kv_heads, a.head_dim)
-        q = q * cos + rotate_half(q) * sin
-        k = k * cos + rotate_half(k) * sin
         keys, values = cache.write(layer, k.transpose(0, 1), v.transpose(0, 1))
         attended = attention(q, keys, values, n_queries)
         if n_queries < t:  # padding rows (see the module docstring) copy the last real row
@@ -392,7 +393,7 @@ def quantize_transformer(model: Transformer, kinds: dict[str, int] | None = None
                          dtype: torch.dtype | None = None) -> Transformer:
     """A dense model's weights rounded into the kernel layout (tests: tiny models get a quantized
     twin; real models read their values from the GGUF instead). kinds maps a module suffix
-    (qkv, o_proj, gate_up, down, embed, lm_head) to 4 or 8; the default is 4. dtype: of the
+    (qkv, o_proj, gate_up, down, embed, lm_head) to 4, 5, 6 or 8; the default is 4. dtype: of the
     activations, norms and KV cache (default: the dense model's)."""
     from decoding.quant import quantize
 

@@ -1,10 +1,11 @@
 """Linear layers on weights that keep a GGUF file's quantized values, for CPU decoding.
 
-Every block format of the embedded models maps exactly, without re-quantizing, onto one of three
+Every block format of the embedded models maps exactly, without re-quantizing, onto one of four
 layouts (see kernels/quant_linear.c for the byte order):
   kind 4: 4-bit unsigned values in groups of 32, w = scale * q - min  (Q4_K)
+  kind 5: 5-bit signed values in groups of 32, w = scale * q          (Q5_0)
   kind 6: 6-bit signed values in groups of 16, w = scale * q          (Q6_K)
-  kind 8: 8-bit signed values in groups of 32, w = scale * q          (Q5_0, Q8_0; groups of 16 also run)
+  kind 8: 8-bit signed values in groups of 32, w = scale * q          (Q8_0; groups of 16 also run)
 Scales keep the file's own form: an fp16 scale per super-block times an int8 sub-scale per group
 (Q4_K's scales and mins, Q6_K's scales), or an fp16 scale per group (Q5_0, Q8_0). Their fp32
 products are exact, so they equal what gguf forms when it dequantizes.
@@ -33,7 +34,7 @@ from torch import nn
 
 from decoding.attention import KERNEL_FLAGS, build_library, kernel_cache_dir
 
-QUANT_FORMAT = 3  # bump when the layout below changes, so converted caches are rebuilt
+QUANT_FORMAT = 5  # bump when the layout below changes, so converted caches are rebuilt
 KERNEL_SOURCE = os.path.join(os.path.dirname(__file__), "kernels", "quant_linear.c")
 QUANT_FLAGS = (*KERNEL_FLAGS, "-ffp-contract=off")
 TILE = 16  # output columns per tile
@@ -43,7 +44,7 @@ TILE = 16  # output columns per tile
 class QuantWeight:
     """One [n, k] weight in the kernel layout."""
 
-    kind: int  # 4, 6 or 8
+    kind: int  # 4, 5, 6 or 8
     group: int
     n: int
     k: int
@@ -66,6 +67,32 @@ class QuantWeight:
     def meta(self) -> dict[str, int]:
         return {"kind": self.kind, "group": self.group, "n": self.n, "k": self.k, "per": self.per}
 
+    @property
+    def kernel_args(self) -> tuple[int | None, ...]:
+        """q, d, sub, dmin, msub pointers (None where absent), per, kind, group and n, as the C
+        functions take them; formed once and re-formed only if the tensors were replaced."""
+        args = self.__dict__.get("_kernel_args")
+        if args is None or args[0] != self.q.data_ptr():
+            pointers = (None if t is None else t.data_ptr() for t in (self.q, self.d, self.sub, self.dmin, self.msub))
+            args = self.__dict__["_kernel_args"] = (*pointers, self.per, self.kind, self.group, self.n)
+        return args
+
+
+def stacked(parts: list[QuantWeight]) -> list[QuantWeight]:
+    """Adjacent parts of one layout joined into one weight (their tiles simply follow each other),
+    so a fused q/k/v or gate/up costs one kernel call where the file's types allow."""
+    out: list[QuantWeight] = []
+    for w in parts:
+        last = out[-1] if out else None
+        if last is None or (last.kind, last.group, last.k, last.per) != (w.kind, w.group, w.k, w.per):
+            out.append(w)
+            continue
+        joined = {name: None if t is None else torch.cat([t, getattr(w, name)])
+                  for name, t in (("q", last.q), ("d", last.d), ("sub", last.sub), ("dmin", last.dmin),
+                                  ("msub", last.msub))}
+        out[-1] = QuantWeight(w.kind, w.group, last.n + w.n, w.k, per=w.per, **joined)
+    return out
+
 
 def takes_shape(n: int, k: int) -> bool:
     return n % TILE == 0 and k % 32 == 0
@@ -76,8 +103,8 @@ def takes_shape(n: int, k: int) -> bool:
 
 def pack(values: np.ndarray, d: np.ndarray, sub: np.ndarray | None, kind: int, group: int, per: int = 1,
          dmin: np.ndarray | None = None, msub: np.ndarray | None = None) -> QuantWeight:
-    """values [n, k] (kind 4: 0..15; kind 6: -32..31; kind 8: -128..127); d, dmin fp16 [n, super-blocks of `per`
-    groups]; sub, msub int8 [n, k/group] (None when per is 1) -> kernel layout."""
+    """values [n, k] (kind 4: 0..15; kind 5: -16..15; kind 6: -32..31; kind 8: -128..127); d, dmin fp16
+    [n, super-blocks of `per` groups]; sub, msub int8 [n, k/group] (None when per is 1) -> kernel layout."""
     n, k = values.shape
     if not takes_shape(n, k) or k % group:
         raise ValueError(f"shape {n}x{k} does not fit the kernel layout (tiles of 16 outputs, groups of {group})")
@@ -90,6 +117,14 @@ def pack(values: np.ndarray, d: np.ndarray, sub: np.ndarray | None, kind: int, g
         v = values.astype(np.uint8).reshape(tiles, TILE, groups, 2, 4, 4)  # input = 16 half + 4 h + b
         v = v.transpose(0, 2, 3, 4, 1, 5)  # tile, group, half, h, column, b
         q = v[:, :, 0] | (v[:, :, 1] << 4)
+    elif kind == 5 and group == 32 and per == 1:
+        u = (values.astype(np.int16) + 16).astype(np.uint8).reshape(tiles, TILE, groups, 2, 4, 4)
+        u = u.transpose(0, 2, 3, 4, 1, 5)  # tile, group, half, h, column, b
+        low = (u[:, :, 0] & 15) | ((u[:, :, 1] & 15) << 4)  # [tile, group, h, column, b]
+        bit = (4 * np.arange(2, dtype=np.uint8).reshape(1, 1, 2, 1, 1, 1)
+               + np.arange(4, dtype=np.uint8).reshape(1, 1, 1, 4, 1, 1))
+        fifth = ((u >> 4) << bit).sum((2, 3), dtype=np.uint8)  # [tile, group, column, b]
+        q = np.concatenate([low.reshape(tiles, groups, 256), fifth.reshape(tiles, groups, 64)], axis=-1)
     elif kind == 6 and group == 16:
         u = (values.astype(np.int16) + 32).astype(np.uint8).reshape(tiles, TILE, k // 32, 2, 4, 4)
         u = u.transpose(0, 2, 3, 4, 1, 5)  # tile, 32 inputs, half, h, column, b
@@ -100,7 +135,7 @@ def pack(values: np.ndarray, d: np.ndarray, sub: np.ndarray | None, kind: int, g
         u = (values.astype(np.int16) + 128).astype(np.uint8)
         q = u.reshape(tiles, TILE, groups, group // 4, 4).transpose(0, 2, 3, 1, 4)  # tile, group, p, column, b
     else:
-        raise ValueError(f"unknown kind {kind}")
+        raise ValueError(f"no layout for kind {kind} with groups of {group} (per {per})")
 
     def per_tile(a: np.ndarray | None, dtype: type, count: int) -> torch.Tensor | None:
         if a is None:
@@ -178,7 +213,7 @@ def unpack_gguf(qtype: str, blocks: np.ndarray, n: int, k: int) -> Unpacked:
     raise ValueError(f"GGUF type {qtype} has no exact kernel layout")
 
 
-GGUF_KINDS = {"Q4_K": 4, "Q6_K": 6, "Q5_0": 8, "Q8_0": 8}
+GGUF_KINDS = {"Q4_K": 4, "Q6_K": 6, "Q5_0": 5, "Q8_0": 8}
 
 
 def from_gguf(qtype: str, blocks: np.ndarray, n: int, k: int) -> QuantWeight:
@@ -202,7 +237,8 @@ def _two_level(scale: np.ndarray, per: int) -> tuple[np.ndarray, np.ndarray]:
 def quantize(weight: torch.Tensor, kind: int, group: int = 32) -> QuantWeight:
     """Round a float weight into the layout (tests build quantized tiny models with it; real
     models never re-quantize: their values come from the GGUF file). Two-level scales as in
-    Q4_K (kind 4) and Q6_K (kind 6, groups of 16); fp16 per group as in Q8_0 (kind 8, group 32)."""
+    Q4_K (kind 4) and Q6_K (kind 6, groups of 16); fp16 per group as in Q5_0 (kind 5) and Q8_0
+    (kind 8, group 32)."""
     group = 16 if kind == 6 else group
     w = weight.detach().float().numpy()
     n, k = w.shape
@@ -220,17 +256,17 @@ def quantize(weight: torch.Tensor, kind: int, group: int = 32) -> QuantWeight:
         scale, minimum = expand(d, sub), expand(dmin, msub)
         q = np.clip(np.rint((blocks + minimum[..., None]) / scale[..., None]), 0, 15)
         return pack(q.reshape(n, k), d, sub, 4, group, per, dmin, msub)
-    top_q = 31 if kind == 6 else 127
+    top_q = {5: 15, 6: 31}.get(kind, 127)
     amax = np.abs(blocks).max(-1)
     if per == 1:
-        d, sub = (amax / 127.0).astype(np.float16), None
+        d, sub = (amax / top_q).astype(np.float16), None
         d = np.where(d > 0, d, np.float16(1)).astype(np.float16)
         scale = d.astype(np.float32)
     else:
         d, sub = _two_level((amax / top_q).astype(np.float32), per)
         sub = np.maximum(sub, 1).astype(np.int8)
         scale = expand(d, sub)
-    q = np.clip(np.rint(blocks / scale[..., None]), -top_q - (kind == 6), top_q)
+    q = np.clip(np.rint(blocks / scale[..., None]), -top_q - (kind in (5, 6)), top_q)
     return pack(q.reshape(n, k), d, sub, kind, group, per)
 
 
@@ -252,6 +288,16 @@ def dequantize_torch(w: QuantWeight, cols: torch.Tensor | None = None) -> torch.
         values = torch.cat([q & 15, q >> 4], dim=-2).reshape(-1, groups, 32).float()
         minimum = _group_scales(w.dmin, w.msub, w.per, tiles, j, groups)
         return (scale[..., None] * values - minimum[..., None]).reshape(-1, w.k)
+    if w.kind == 5:
+        q = w.q.view(-1, groups, 320)
+        low = q[:, :, :256].reshape(-1, groups, 4, TILE, 4)[tiles, :, :, j]  # [c, groups, h, b]
+        fifth = q[:, :, 256:].reshape(-1, groups, TILE, 4)[tiles, :, j]  # [c, groups, b]
+        bit = 4 * torch.arange(2, dtype=torch.uint8).view(2, 1) + torch.arange(4, dtype=torch.uint8)
+        shifts = bit.view(1, 1, 2, 4, 1)  # input 16 half + 4 h + b: bit 4 half + h
+        high = (fifth[:, :, None, None, :] >> shifts) & 1  # [c, groups, half, h, b]
+        nibbles = torch.stack([low & 15, low >> 4], dim=2)  # [c, groups, half, h, b]
+        values = ((nibbles | (high << 4)).int() - 16).reshape(-1, groups, 32).float()
+        return (scale[..., None] * values).reshape(-1, w.k)
     if w.kind == 6:
         q = w.q.view(-1, w.k // 32, 384)
         low = q[:, :, :256].reshape(-1, w.k // 32, 4, TILE, 4)[tiles, :, :, j]  # [c, 32 inputs, h, b]
@@ -288,16 +334,17 @@ class NativeQuant:
                out_dtype: torch.dtype = torch.float32, norm: nn.Module | None = None) -> torch.Tensor:
         """[rows, sum of n] = norm(x) [rows, k] @ W^T (+ bias), in fp32 or bf16 (rounded once, from
         the fp32 sum); parts stack along the outputs. norm: an RMSNorm (weight, eps) that the
-        kernel applies while it quantizes the rows."""
+        kernel applies while it quantizes the rows. (Kept lean: a drafter step makes ~100 calls.)"""
         x = x.contiguous()
         rows, k = x.shape
         if x.dtype not in (torch.bfloat16, torch.float32):
             x = x.float()
+        x_bf16 = x.dtype == torch.bfloat16
         norm_w, eps = None, 0.0
         if norm is not None:
-            norm_w, eps = norm.weight.detach(), float(norm.eps)
+            norm_w, eps = norm.weight, float(norm.eps)
             if norm_w.dtype != x.dtype:
-                norm_w = norm_w.to(x.dtype)
+                norm_w = norm_w.detach().to(x.dtype)
         threads = torch.get_num_threads()
         # the quantized activations in one buffer: int8 values, fp32 scales, int32 sums per 16,
         # fp32 scale x sum per 32
@@ -306,22 +353,20 @@ class NativeQuant:
         xs = xq + rows * k
         bsum = xs + rows * k // 8
         xsb = bsum + rows * k // 4
-        if self._quantize(x.data_ptr(), int(x.dtype == torch.bfloat16), rows, k, xq, xs, bsum, xsb, threads,
+        if self._quantize(x.data_ptr(), int(x_bf16), rows, k, xq, xs, bsum, xsb, threads,
                           None if norm_w is None else norm_w.data_ptr(), eps):
             raise RuntimeError(f"quant kernel rejected k={k}")
         n_total = sum(w.n for w in parts)
         y_bf16 = out_dtype == torch.bfloat16
         y = torch.empty(rows, n_total, dtype=torch.bfloat16 if y_bf16 else torch.float32)
-        offset = 0
+        # each part writes its columns of y (and reads its slice of the bias) at an offset
+        y_at, bias_at = y.data_ptr(), None if bias is None else bias.data_ptr()
         for w in parts:
-            status = self._linear(
-                xq, xs, bsum, xsb, rows, k, *_weight_args(w), w.kind, w.group, w.n,
-                None if bias is None else bias[offset:].data_ptr(), y[:, offset:].data_ptr(), int(y_bf16), n_total,
-                threads,
-            )
-            if status:
+            if self._linear(xq, xs, bsum, xsb, rows, k, *w.kernel_args, bias_at, y_at, int(y_bf16), n_total, threads):
                 raise RuntimeError(f"quant kernel rejected a {w.n}x{w.k} kind-{w.kind} weight")
-            offset += w.n
+            y_at += w.n * y.element_size()
+            if bias_at is not None:
+                bias_at += w.n * bias.element_size()
         return y if y.dtype == out_dtype else y.to(out_dtype)
 
     def dequantize(self, w: QuantWeight, cols: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
@@ -330,20 +375,12 @@ class NativeQuant:
         out_bf16 = dtype == torch.bfloat16
         out = torch.empty(count, w.k, dtype=torch.bfloat16 if out_bf16 else torch.float32)
         status = self._dequantize(
-            *_weight_args(w), w.kind, w.group, w.n, w.k, None if index is None else index.data_ptr(), count,
+            *w.kernel_args[:6], w.kind, w.group, w.n, w.k, None if index is None else index.data_ptr(), count,
             out.data_ptr(), int(out_bf16), torch.get_num_threads(),
         )
         if status:
             raise RuntimeError("quant dequantize rejected its input")
         return out if out.dtype == dtype else out.to(dtype)
-
-
-def _weight_args(w: QuantWeight) -> tuple[int | None, ...]:
-    """q, d, sub, dmin, msub pointers (None where absent) and per, as the C functions take them."""
-    def ptr(t: torch.Tensor | None) -> int | None:
-        return None if t is None else t.data_ptr()
-
-    return ptr(w.q), ptr(w.d), ptr(w.sub), ptr(w.dmin), ptr(w.msub), w.per
 
 
 @functools.cache
@@ -503,11 +540,11 @@ def state_from_gguf(tensors: dict, n_layers: int, architecture: str,
         linears["lm_head"] = [weight("output.weight")]
     for i in range(n_layers):
         b, p = f"blk.{i}.", f"layers.{i}."
-        linears[p + "qkv"] = [weight(b + f"attn_{x}.weight") for x in "qkv"]
+        linears[p + "qkv"] = stacked([weight(b + f"attn_{x}.weight") for x in "qkv"])
         if b + "attn_q.bias" in tensors:
             out[p + "qkv.bias"] = torch.cat([dense(b + f"attn_{x}.bias") for x in "qkv"])
         linears[p + "o_proj"] = [weight(b + "attn_output.weight")]
-        linears[p + "gate_up"] = [weight(b + "ffn_gate.weight"), weight(b + "ffn_up.weight")]
+        linears[p + "gate_up"] = stacked([weight(b + "ffn_gate.weight"), weight(b + "ffn_up.weight")])
         linears[p + "down"] = [weight(b + "ffn_down.weight")]
         out[p + "attn_norm.weight"] = dense(b + "attn_norm.weight")
         out[p + "mlp_norm.weight"] = dense(b + "ffn_norm.weight")

@@ -9,7 +9,7 @@ from torch import nn
 
 from decoding.cache import KVCache
 from decoding.model import Transformer
-from decoding.sampling import probabilities, sample
+from decoding.sampling import argmax, probabilities, sample
 from decoding.settings import DecodingSettings
 
 
@@ -63,5 +63,5 @@ class Sampler:
 
     def choose(self, logits: torch.Tensor) -> int:
         if self.greedy:
-            return int(logits.argmax())
+            return argmax(logits)
         return sample(probabilities(logits, self.settings.temperature, self.settings.top_p), self.generator)

@@ -21,7 +21,7 @@ from tests.test_decoding_tiny import EXACT_VOCAB, check_drafters_exact, check_lo
 from tests.tiny import random_prompt, tiny_model
 
 SPECULATIVE = ("sd", "magicdec", "rapid", "rapid-focus", "lookup")
-LAYOUTS = [(4, 32), (6, 16), (8, 16), (8, 32)]  # (kind, group): Q4_K; Q6_K; (Q6_K as 8-bit); Q5_0 and Q8_0
+LAYOUTS = [(4, 32), (5, 32), (6, 16), (8, 16), (8, 32)]  # (kind, group): Q4_K; Q5_0; Q6_K; (Q6_K as 8-bit); Q8_0
 
 
 @pytest.fixture(scope="module")
@@ -46,9 +46,9 @@ def activations(rows: int, k: int = 256, seed: int = 1, dtype: torch.dtype = tor
 def test_pack_round_trips_values(kind: int, group: int) -> None:
     gen = torch.Generator().manual_seed(2)
     n, k = 48, 640  # 20 or 40 groups: the last super-block is partial
-    per = 1 if (kind, group) == (8, 32) else 256 // group
+    per = 1 if group == 32 and kind != 4 else 256 // group
     supers, groups = -(-k // (group * per)), k // group
-    low, high = {4: (0, 16), 6: (-32, 32), 8: (-128, 128)}[kind]
+    low, high = {4: (0, 16), 5: (-16, 16), 6: (-32, 32), 8: (-128, 128)}[kind]
     values = torch.randint(low, high, (n, k), generator=gen).numpy()
 
     def top() -> np.ndarray:
@@ -67,7 +67,8 @@ def test_pack_round_trips_values(kind: int, group: int) -> None:
     assert np.array_equal(quant.dequantize_torch(w).numpy(), expected.astype(np.float32))
     # the scales cost what they cost in the GGUF: fp16 per super-block, one byte per group
     scale_bytes = n * (2 * supers + (0 if per == 1 else groups))
-    assert w.nbytes == {4: n * k // 2 + 2 * scale_bytes, 6: n * k * 3 // 4 + scale_bytes, 8: n * k + scale_bytes}[kind]
+    value_bytes = {4: n * k // 2, 5: n * k * 5 // 8, 6: n * k * 3 // 4, 8: n * k}[kind]
+    assert w.nbytes == value_bytes + scale_bytes * (2 if kind == 4 else 1)
 
 
 def test_six_bit_layout_gives_the_eight_bit_layouts_bits(kernel: quant.NativeQuant) -> None:
@@ -82,6 +83,30 @@ def test_six_bit_layout_gives_the_eight_bit_layouts_bits(kernel: quant.NativeQua
     for rows in (1, 6, 20):
         x = activations(rows, k=512, seed=rows)
         assert torch.equal(kernel.linear(x, [six], None), kernel.linear(x, [eight], None)), rows
+
+
+def test_five_bit_layout_gives_the_eight_bit_layouts_bits(kernel: quant.NativeQuant) -> None:
+    # Q5_0's values stored in 5 bits or in 8 (as the engine read them before kind 5)
+    gen = torch.Generator().manual_seed(8)
+    values = torch.randint(-16, 16, (64, 512), generator=gen).numpy()
+    d = (torch.rand(64, 16, generator=gen) + 0.5).numpy().astype(np.float16)
+    five, eight = quant.pack(values, d, None, 5, 32, 1), quant.pack(values, d, None, 8, 32, 1)
+    assert five.nbytes < 0.7 * eight.nbytes
+    assert torch.equal(quant.dequantize_torch(five), quant.dequantize_torch(eight))
+    for rows in (1, 6, 20):
+        x = activations(rows, k=512, seed=rows)
+        assert torch.equal(kernel.linear(x, [five], None), kernel.linear(x, [eight], None)), rows
+
+
+def test_stacked_parts_give_the_separate_parts_bits(kernel: quant.NativeQuant) -> None:
+    parts = [random_weight(5, 32, n=32, seed=1), random_weight(5, 32, n=64, seed=2), random_weight(8, 32, seed=3),
+             random_weight(4, 32, n=16, seed=4), random_weight(4, 32, n=48, seed=5)]
+    joined = quant.stacked(parts)
+    assert [(w.kind, w.n) for w in joined] == [(5, 96), (8, 64), (4, 64)]
+    x = activations(6)
+    assert torch.equal(kernel.linear(x, joined, None), kernel.linear(x, parts, None))
+    assert torch.equal(torch.cat([quant.dequantize_torch(w) for w in joined]),
+                       torch.cat([quant.dequantize_torch(w) for w in parts]))
 
 
 def test_pack_refuses_inconsistent_scales() -> None:
@@ -151,6 +176,30 @@ def reference_linear(x: torch.Tensor, w: QuantWeight) -> torch.Tensor:
     return (xq * step).view(x.shape[0], -1) @ quant.dequantize_torch(w).double().T
 
 
+def test_portable_build_gives_the_vnni_builds_bits(kernel: quant.NativeQuant, tmp_path: Path) -> None:
+    # machines without AVX512-VNNI compile the plain C loops: they must form the same sums
+    import ctypes
+
+    from decoding.attention import build_library
+    if not kernel.vnni:
+        pytest.skip("this machine builds the portable kernel already")
+    library = build_library(quant.KERNEL_SOURCE, (*quant.QUANT_FLAGS, "-mno-avx512vnni"), tmp_path, "portable")
+    portable = quant.NativeQuant(ctypes.CDLL(str(library)))
+    assert not portable.vnni
+    from decoding.model import RMSNorm
+
+    for dtype in (torch.bfloat16, torch.float32):
+        norm = RMSNorm(256, 1e-6).to(dtype)
+        norm.weight.data = torch.randn(256, generator=torch.Generator().manual_seed(9)).to(dtype)
+        for kind, group in LAYOUTS:
+            w = random_weight(kind, group, n=32, k=256, seed=kind)
+            for rows in (1, 6, 9):
+                x = activations(rows, seed=rows, dtype=dtype)
+                for n in (None, norm):  # activations quantized as they are, or RMS-normalised first
+                    assert torch.equal(portable.linear(x, [w], None, norm=n), kernel.linear(x, [w], None, norm=n)), (
+                        dtype, kind, group, rows, n)
+
+
 @pytest.mark.parametrize(("kind", "group"), LAYOUTS)
 def test_kernel_matches_float_reference(kernel: quant.NativeQuant, kind: int, group: int) -> None:
     w = random_weight(kind, group, n=128, k=512)
@@ -189,7 +238,7 @@ def test_fallback_without_the_native_kernel(monkeypatch) -> None:
 
 # --------------------------------------------------------------------------- tiny models, end to end
 
-KINDS = {"qkv": 8, "down": 6, "embed": 8, "lm_head": 6}  # o_proj, gate_up: 4-bit (Q4_K_M mixes them)
+KINDS = {"qkv": 8, "gate_up": 5, "down": 6, "embed": 8, "lm_head": 6}  # o_proj: 4-bit (the GGUF files mix them)
 
 
 def quantized(model: LoadedModel, dtype: torch.dtype = torch.float32) -> LoadedModel:
@@ -288,10 +337,10 @@ def test_quantized_weights_are_the_dense_caches_values(small_model_dir: Path) ->
     state = load_quantized_state(require_quantized(small_model_dir))
     with safe_open(str(small_model_dir / "model.safetensors"), "pt") as dense:
         for layer in (0, 1):
-            q, k, v = state.linears[f"layers.{layer}.qkv"]
-            for part, name in ((q, "q_proj"), (k, "k_proj"), (v, "v_proj")):
-                expected = dense.get_tensor(f"model.layers.{layer}.self_attn.{name}.weight")
-                assert torch.equal(quant.dequantize(part, torch.bfloat16), expected), (layer, name)
+            qkv = torch.cat([quant.dequantize(w, torch.bfloat16) for w in state.linears[f"layers.{layer}.qkv"]])
+            expected = torch.cat([dense.get_tensor(f"model.layers.{layer}.self_attn.{name}.weight")
+                                  for name in ("q_proj", "k_proj", "v_proj")])
+            assert torch.equal(qkv, expected), layer
             down = dense.get_tensor(f"model.layers.{layer}.mlp.down_proj.weight")
             assert torch.equal(quant.dequantize(state.linears[f"layers.{layer}.down"][0], torch.bfloat16), down)
 

@@ -22,7 +22,7 @@
 
 #define BLOCK 512      /* keys per work item */
 #define KEY_STEP 16    /* keys per step: one reduce16 of dot products */
-#define MAX_ROWS 40    /* query rows per K/V head (group size x new tokens) */
+#define MAX_ROWS 64    /* query rows per K/V head (group size x new tokens) */
 #define MAX_VECS 16    /* head_dim / 16 */
 
 /* Read by the Python binding, which sizes the scratch buffer and splits calls with them. */

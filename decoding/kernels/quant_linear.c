@@ -9,6 +9,11 @@
  *   kind 4: groups of 32 inputs; q in 0..15; w = scale * q - min. 256 bytes per tile and group:
  *           byte 64h + 4j + b holds input 4h + b of column j in its low nibble and input
  *           16 + 4h + b in its high nibble.
+ *   kind 5: groups of 32 inputs (Q5_0); u = signed value + 16 in 0..31; w = scale * (u - 16).
+ *           320 bytes per tile and group: the low 4 bits as in kind 4 (bytes 0-255), then the
+ *           fifth bits: byte 256 + 4j + b holds, in bit h, that of input 4h + b of column j and,
+ *           in bit 4 + h, that of input 16 + 4h + b. Q5_0 read as 8-bit groups would cost 8.5
+ *           bits per weight; this costs 5.5, and the drafter's step is bound by those bytes.
  *   kind 8: groups of 16 or 32 inputs; q stored as u8 = signed value + 128; w = scale * (u - 128).
  *           byte 64p + 4j + b holds input 4p + b of column j.
  *   kind 6: groups of 16 inputs (Q6_K); u = signed value + 32 in 0..63; w = scale * (u - 32).
@@ -16,6 +21,8 @@
  *           0-255), then the high 2 bits: byte 256 + 64c + 4j + b holds, in bits 2h and 2h + 1,
  *           those of input 16c + 4h + b of column j.
  *   q is [n/16][k/group][tile bytes] (kind 6: [n/16][k/32][384]).
+ * Kinds 5, 6 and 8 form the same integer sum of (value x activation) per group and the same
+ * float steps, so one set of values gives the same bits in any of them.
  * Scales keep the GGUF's own two levels (Q4_K, Q6_K: an fp16 scale per super-block of `per`
  * groups times a signed 8-bit sub-scale per group), so they cost what they cost in the file:
  *   scale = d[g / per] * sub[g]  (fp16 d [n/16][ceil(ng/per)][16], int8 sub [n/16][ng][16]);
@@ -118,58 +125,118 @@ static inline float load_x(const void *x, int x_bf16, int64_t i) {
     return x_bf16 ? bf16_to_f32(((const uint16_t *)x)[i]) : ((const float *)x)[i];
 }
 
+#ifdef RQ_VNNI
+/* 16 activations (bf16 or fp32) as fp32 */
+static inline __m512 load16(const void *x, int x_bf16, int64_t i) {
+    if (!x_bf16) return _mm512_loadu_ps((const float *)x + i);
+    const __m256i h = _mm256_loadu_si256((const __m256i *)((const uint16_t *)x + i));
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+}
+
+/* round_bf16 on 16 lanes, with the same integer steps (NaN stays NaN) */
+static inline __m512 round16_bf16(__m512 f) {
+    const __m512i u = _mm512_castps_si512(f);
+    const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+    const __m512i rounded = _mm512_add_epi32(u, _mm512_add_epi32(_mm512_set1_epi32(0x7fff), odd));
+    const __m512i nan = _mm512_or_si512(u, _mm512_set1_epi32(0x400000));
+    const __mmask16 is_nan = _mm512_cmpgt_epu32_mask(_mm512_and_si512(u, _mm512_set1_epi32(0x7fffffff)),
+                                                     _mm512_set1_epi32(0x7f800000));
+    const __m512i r = _mm512_mask_blend_epi32(is_nan, rounded, nan);
+    return _mm512_castsi512_ps(_mm512_and_si512(r, _mm512_set1_epi32((int)0xffff0000u)));
+}
+#endif
+
 /* Activations: per row and 32-value block, xs = amax / 127 and xq = round(x / xs); bsum16 holds
  * the sum of xq per 16 values (for the 8-bit offset), xsb = xs * (sum of xq per 32) (for mins).
  * With norm_w, the rows are RMS-normalised first, as the model's RMSNorm does (x * rsqrt(mean
  * (x^2) + eps) in fp32, rounded to the activations' dtype, times the weight, rounded again), so
- * a norm followed by a linear costs no pass of its own; norm_w has the activations' dtype. */
+ * a norm followed by a linear costs no pass of its own; norm_w has the activations' dtype.
+ * The AVX-512 row and the plain one perform the same float operations on every value (a verify
+ * pass quantizes 6 rows of up to 9K values per linear: in plain C that was a tenth of its time). */
+
+/* 1 / RMS of row r (sum of squares in 16 lanes, then a fixed tree: the same order for every row) */
+static float inverse_rms(const void *x, int x_bf16, int64_t r, int k, float eps) {
+    float lanes[16] = {0};
+#ifdef RQ_VNNI
+    __m512 acc = _mm512_setzero_ps();
+    for (int i = 0; i < k; i += 16) {
+        const __m512 a = load16(x, x_bf16, r * k + i);
+        acc = _mm512_add_ps(acc, _mm512_mul_ps(a, a));
+    }
+    _mm512_storeu_ps(lanes, acc);
+#else
+    for (int i = 0; i < k; i += 16)
+        for (int l = 0; l < 16; l++) {
+            const float a = load_x(x, x_bf16, r * k + i + l);
+            lanes[l] += a * a;
+        }
+#endif
+    for (int w = 8; w > 0; w /= 2)
+        for (int l = 0; l < w; l++) lanes[l] += lanes[l + w];
+    return 1.0f / sqrtf(lanes[0] / (float)k + eps);
+}
+
+static void quantize_row(const void *x, int x_bf16, int64_t r, int k, int8_t *xq, float *xs, int32_t *bsum16,
+                         float *xsb, const void *norm_w, float eps) {
+    const int nb = k / QBLOCK;
+    const float inv = norm_w ? inverse_rms(x, x_bf16, r, k, eps) : 1.0f;
+    for (int b = 0; b < nb; b++) {
+        const int64_t base = r * k + (int64_t)b * QBLOCK;
+        int32_t s[2];
+        float amax = 0.0f;
+#ifdef RQ_VNNI
+        __m512 v[2];
+        for (int h = 0; h < 2; h++) {
+            v[h] = load16(x, x_bf16, base + 16 * h);
+            if (norm_w) {
+                const __m512 nh = _mm512_mul_ps(v[h], _mm512_set1_ps(inv));
+                const __m512 w = load16(norm_w, x_bf16, (int64_t)b * QBLOCK + 16 * h);
+                v[h] = x_bf16 ? round16_bf16(_mm512_mul_ps(w, round16_bf16(nh))) : _mm512_mul_ps(w, nh);
+            }
+        }
+        amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(v[0]), _mm512_abs_ps(v[1])));
+        const float d = amax / 127.0f;
+        const float id = d != 0.0f ? 1.0f / d : 0.0f;
+        for (int h = 0; h < 2; h++) {
+            __m512i q = _mm512_cvtps_epi32(_mm512_mul_ps(v[h], _mm512_set1_ps(id))); /* nearest, ties even */
+            q = _mm512_max_epi32(_mm512_min_epi32(q, _mm512_set1_epi32(127)), _mm512_set1_epi32(-127));
+            _mm_storeu_si128((__m128i *)(xq + base + 16 * h), _mm512_cvtepi32_epi8(q));
+            s[h] = _mm512_reduce_add_epi32(q);
+        }
+#else
+        float v[QBLOCK];
+        for (int i = 0; i < QBLOCK; i++) {
+            v[i] = load_x(x, x_bf16, base + i);
+            if (norm_w) {
+                const float h = v[i] * inv, w = load_x(norm_w, x_bf16, (int64_t)b * QBLOCK + i);
+                v[i] = x_bf16 ? round_bf16(w * round_bf16(h)) : w * h;
+            }
+            float a = fabsf(v[i]);
+            amax = a > amax ? a : amax;
+        }
+        const float d = amax / 127.0f;
+        const float id = d != 0.0f ? 1.0f / d : 0.0f;
+        s[0] = s[1] = 0;
+        for (int i = 0; i < QBLOCK; i++) {
+            int q = (int)nearbyintf(v[i] * id);
+            q = q > 127 ? 127 : (q < -127 ? -127 : q);
+            xq[base + i] = (int8_t)q;
+            s[i / 16] += q;
+        }
+#endif
+        xs[r * nb + b] = d;
+        bsum16[r * nb * 2 + 2 * b] = s[0];
+        bsum16[r * nb * 2 + 2 * b + 1] = s[1];
+        xsb[r * nb + b] = d * (float)(s[0] + s[1]);
+    }
+}
+
 int rq_quantize_rows(const void *x, int x_bf16, int rows, int k, int8_t *xq, float *xs, int32_t *bsum16,
                      float *xsb, int n_threads, const void *norm_w, float eps) {
     if (k % QBLOCK) return 1;
-    const int nb = k / QBLOCK;
     /* a parallel region costs a barrier: worth it only for prefill-sized calls */
 #pragma omp parallel for schedule(static) num_threads(n_threads) if (rows >= 16)
-    for (int r = 0; r < rows; r++) {
-        float v[QBLOCK];
-        float inv = 1.0f;
-        if (norm_w) { /* sum of squares in 16 lanes, then a fixed tree: the same order for every row */
-            float lanes[16] = {0};
-            for (int i = 0; i < k; i += 16)
-                for (int l = 0; l < 16; l++) {
-                    const float a = load_x(x, x_bf16, (int64_t)r * k + i + l);
-                    lanes[l] += a * a;
-                }
-            for (int w = 8; w > 0; w /= 2)
-                for (int l = 0; l < w; l++) lanes[l] += lanes[l + w];
-            inv = 1.0f / sqrtf(lanes[0] / (float)k + eps);
-        }
-        for (int b = 0; b < nb; b++) {
-            const int64_t base = (int64_t)r * k + (int64_t)b * QBLOCK;
-            float amax = 0.0f;
-            for (int i = 0; i < QBLOCK; i++) {
-                v[i] = load_x(x, x_bf16, base + i);
-                if (norm_w) {
-                    const float h = v[i] * inv, w = load_x(norm_w, x_bf16, (int64_t)b * QBLOCK + i);
-                    v[i] = x_bf16 ? round_bf16(w * round_bf16(h)) : w * h;
-                }
-                float a = fabsf(v[i]);
-                amax = a > amax ? a : amax;
-            }
-            const float d = amax / 127.0f;
-            const float id = d != 0.0f ? 1.0f / d : 0.0f;
-            int32_t s0 = 0, s1 = 0;
-            for (int i = 0; i < QBLOCK; i++) {
-                int q = (int)nearbyintf(v[i] * id);
-                q = q > 127 ? 127 : (q < -127 ? -127 : q);
-                xq[base + i] = (int8_t)q;
-                if (i < 16) s0 += q; else s1 += q;
-            }
-            xs[(int64_t)r * nb + b] = d;
-            bsum16[(int64_t)r * nb * 2 + 2 * b] = s0;
-            bsum16[(int64_t)r * nb * 2 + 2 * b + 1] = s1;
-            xsb[(int64_t)r * nb + b] = d * (float)(s0 + s1);
-        }
-    }
+    for (int r = 0; r < rows; r++) quantize_row(x, x_bf16, r, k, xq, xs, bsum16, xsb, norm_w, eps);
     return 0;
 }
 
@@ -182,9 +249,23 @@ static inline int kind6_u(const uint8_t *qt, int g, int j, int i) {
     return nibble | (((qg[256 + 64 * half + 4 * j + b] >> (2 * h)) & 3) << 4);
 }
 
+/* Kind 5: the stored u (value + 16) of input i (0..31) of group g, column j, in a tile's bytes. */
+static inline int kind5_u(const uint8_t *qt, int g, int j, int i) {
+    const uint8_t *qg = qt + (int64_t)g * 320;
+    const int half = i / 16, h = (i % 16) / 4, b = i % 4;
+    const uint8_t byte = qg[64 * h + 4 * j + b];
+    const int nibble = half ? byte >> 4 : byte & 15;
+    return nibble | (((qg[256 + 4 * j + b] >> (4 * half + h)) & 1) << 4);
+}
+
 /* Bytes of one tile (16 columns) of a weight with k inputs. */
 static inline int64_t tile_bytes_of(int kind, int group, int k) {
-    return kind == 4 ? (int64_t)(k / 32) * 256 : kind == 6 ? (int64_t)(k / 32) * 384 : (int64_t)k * 16;
+    switch (kind) {
+    case 4: return (int64_t)(k / 32) * 256;
+    case 5: return (int64_t)(k / 32) * 320;
+    case 6: return (int64_t)(k / 32) * 384;
+    default: return (int64_t)k * 16;
+    }
 }
 
 /* A block of up to MAX_R rows' activations, interleaved by row so that one base pointer with
@@ -323,6 +404,60 @@ static inline __attribute__((always_inline)) void tile6(const Block *a, const in
     for (int r = 0; r < R; r++) _mm512_storeu_ps(out + (int64_t)r * TILE, acc[r]);
 }
 
+/* The fifth bit of kind 5 for h = 0..3 of the low (inputs 4h + b: bit h) or high (16 + 4h + b:
+ * bit 4 + h) half, moved to bit 4 (other bits junk for the caller to mask; 16-bit shifts of at
+ * most 4 move nothing into bit 4 from the neighbouring byte). */
+static inline __m512i fifth_low(__m512i c, int h) {
+    switch (h) {
+    case 0: return _mm512_slli_epi16(c, 4);
+    case 1: return _mm512_slli_epi16(c, 3);
+    case 2: return _mm512_slli_epi16(c, 2);
+    default: return _mm512_slli_epi16(c, 1);
+    }
+}
+
+static inline __m512i fifth_high(__m512i c, int h) {
+    switch (h) {
+    case 0: return c;
+    case 1: return _mm512_srli_epi16(c, 1);
+    case 2: return _mm512_srli_epi16(c, 2);
+    default: return _mm512_srli_epi16(c, 3);
+    }
+}
+
+/* One tile of kind 5 for R rows: the same integer sums and float steps as kind 8 with G = 32. */
+static inline __attribute__((always_inline)) void tile5(const Block *a, const int R, const uint8_t *q,
+                                                        const Scales *s, int ng, float *out) {
+    __m512 acc[MAX_R];
+    for (int r = 0; r < R; r++) acc[r] = _mm512_setzero_ps();
+    const __m512i low = _mm512_set1_epi8(0x0f), bit4 = _mm512_set1_epi8(0x10);
+    for (int g = 0; g < ng; g++) {
+        const uint8_t *qg = q + (int64_t)g * 320;
+        const int32_t *xg = a->xp + (int64_t)g * 8 * R;
+        for (int l = 0; l < 320; l += 64) _mm_prefetch((const char *)(qg + PF_AHEAD + l), _MM_HINT_T0);
+        const __m512i c = _mm512_loadu_si512(qg + 256);
+        /* u = value + 16: start from -16 * sum(xq) over the group (off32 is 128 times it) */
+        __m512i iacc[MAX_R];
+        for (int r = 0; r < R; r++) iacc[r] = _mm512_set1_epi32(-(a->off32[g * R + r] / 8));
+        for (int h = 0; h < 4; h++) {
+            const __m512i packed = _mm512_loadu_si512(qg + 64 * h);
+            const __m512i lo = _mm512_or_si512(_mm512_and_si512(packed, low), _mm512_and_si512(fifth_low(c, h), bit4));
+            const __m512i hi = _mm512_or_si512(_mm512_and_si512(_mm512_srli_epi16(packed, 4), low),
+                                               _mm512_and_si512(fifth_high(c, h), bit4));
+            for (int r = 0; r < R; r++) {
+                iacc[r] = _mm512_dpbusd_epi32(iacc[r], lo, _mm512_set1_epi32(xg[h * R + r]));
+                iacc[r] = _mm512_dpbusd_epi32(iacc[r], hi, _mm512_set1_epi32(xg[(4 + h) * R + r]));
+            }
+        }
+        const __m512 sc = s->scale ? _mm512_loadu_ps(s->scale + (int64_t)g * TILE) : group_scale(s->d, s->sub, g, g);
+        for (int r = 0; r < R; r++) {
+            const __m512 sr = _mm512_mul_ps(sc, _mm512_set1_ps(a->xs[g * R + r]));
+            acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(iacc[r]), sr, acc[r]);
+        }
+    }
+    for (int r = 0; r < R; r++) _mm512_storeu_ps(out + (int64_t)r * TILE, acc[r]);
+}
+
 #define DISPATCH(CALL)                                                                                    \
     switch (R) {                                                                                          \
     case 1: CALL(1); break;                                                                               \
@@ -340,6 +475,9 @@ static void tile_rows(const Block *a, int R, int kind, int G, const uint8_t *q, 
     if (kind == 4) {
 #define T4(n) tile4(a, n, q, s, ng, out)
         DISPATCH(T4)
+    } else if (kind == 5) {
+#define T5(n) tile5(a, n, q, s, ng, out)
+        DISPATCH(T5)
     } else if (kind == 6) {
 #define T6(n) tile6(a, n, q, s, ng, out)
         DISPATCH(T6)
@@ -376,6 +514,11 @@ static void tile_rows(const Block *a, int R, int kind, int G, const uint8_t *q, 
                     const float sr = scale_at(s->d, s->sub, s->per, g, j) * a->xs[g * R + r];
                     acc = fmaf((float)isum, sr, acc);
                     acc = fmaf(-scale_at(s->dmin, s->msub, s->per, g, j), a->xsb[g * R + r], acc);
+                } else if (kind == 5) {
+                    for (int i = 0; i < 32; i++) isum += kind5_u(q, g, j, i) * quad_byte(a->xp, R, g * 32 + i, r);
+                    isum -= a->off32[g * R + r] / 8;
+                    const float sr = scale_at(s->d, s->sub, s->per, g, j) * a->xs[g * R + r];
+                    acc = fmaf((float)isum, sr, acc);
                 } else if (kind == 6) {
                     for (int i = 0; i < 16; i++) isum += kind6_u(q, g, j, i) * quad_byte(a->xp, R, g * 16 + i, r);
                     isum -= a->off16[g * R + r] / 4;
@@ -421,9 +564,11 @@ int rq_linear(const int8_t *xq, const float *xs, const int32_t *bsum16, const fl
               const uint8_t *q, const uint16_t *d, const int8_t *sub, const uint16_t *dmin, const int8_t *msub,
               int per, int kind, int group, int n, const float *bias, void *y, int y_bf16, int64_t ldy,
               int n_threads) {
-    if (k % QBLOCK || n % TILE || (kind != 4 && kind != 6 && kind != 8) || per < 1 || (!sub && per != 1)) return 1;
+    if (k % QBLOCK || n % TILE || (kind != 4 && kind != 5 && kind != 6 && kind != 8) || per < 1 || (!sub && per != 1))
+        return 1;
     if (kind == 4 && (!dmin || !sub != !msub)) return 1;
-    if (kind == 4 && group != 32) return 1;
+    if ((kind == 4 || kind == 5) && group != 32) return 1;
+    if (kind == 5 && (sub || per != 1)) return 1;
     if (kind == 6 && group != 16) return 1;
     if (kind == 8 && group != 16 && group != 32) return 1;
     const int ng = k / group, nb = k / QBLOCK, ns = (ng + per - 1) / per;
@@ -517,6 +662,7 @@ int rq_dequantize(const uint8_t *q, const uint16_t *d, const int8_t *sub, const 
     if (k % group || n % TILE || per < 1 || (!sub && per != 1)) return 1;
     if (kind == 4 && (!dmin || !sub != !msub)) return 1;
     if (kind == 6 && (group != 16 || k % 32)) return 1;
+    if (kind == 5 && group != 32) return 1;
     const int ng = k / group, ns = (ng + per - 1) / per;
     const int64_t tile_bytes = tile_bytes_of(kind, group, k);
 #pragma omp parallel for schedule(static) num_threads(n_threads)
@@ -539,6 +685,8 @@ int rq_dequantize(const uint8_t *q, const uint16_t *d, const int8_t *sub, const 
                         v[4 * h + b] = p0 - m;
                         v[16 + 4 * h + b] = p1 - m;
                     }
+            } else if (kind == 5) {
+                for (int i = 0; i < 32; i++) v[i] = s * (float)(kind5_u(qt, g, (int)j, i) - 16);
             } else if (kind == 6) {
                 for (int i = 0; i < 16; i++) v[i] = s * (float)(kind6_u(qt, g, (int)j, i) - 32);
             } else {
