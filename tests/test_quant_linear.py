@@ -71,31 +71,22 @@ def test_pack_round_trips_values(kind: int, group: int) -> None:
     assert w.nbytes == value_bytes + scale_bytes * (2 if kind == 4 else 1)
 
 
-def test_six_bit_layout_gives_the_eight_bit_layouts_bits(kernel: quant.NativeQuant) -> None:
-    # Q6_K's values stored in 6 bits or in 8: the same integer sums and float steps
-    gen = torch.Generator().manual_seed(7)
-    values = torch.randint(-32, 32, (64, 512), generator=gen).numpy()
-    d = (torch.rand(64, 2, generator=gen) + 0.5).numpy().astype(np.float16)
-    sub = torch.randint(-64, 64, (64, 32), generator=gen).numpy().astype(np.int8)
-    six, eight = quant.pack(values, d, sub, 6, 16, 16), quant.pack(values, d, sub, 8, 16, 16)
-    assert six.nbytes < 0.8 * eight.nbytes
-    assert torch.equal(quant.dequantize_torch(six), quant.dequantize_torch(eight))
+# Q6_K's values (two-level scales, groups of 16) and Q5_0's (fp16 per 32) in their own bits or in 8
+# (as the engine read Q5_0 before kind 5): the same integer sums and float steps, so the same bits.
+@pytest.mark.parametrize(("kind", "group", "per", "saving"), [(6, 16, 16, 0.8), (5, 32, 1, 0.7)])
+def test_narrow_layouts_give_the_eight_bit_layouts_bits(kernel: quant.NativeQuant, kind: int, group: int, per: int,
+                                                        saving: float) -> None:
+    gen = torch.Generator().manual_seed(kind)
+    top = 2 ** (kind - 1)
+    values = torch.randint(-top, top, (64, 512), generator=gen).numpy()
+    d = (torch.rand(64, 512 // (group * per), generator=gen) + 0.5).numpy().astype(np.float16)
+    sub = None if per == 1 else torch.randint(-64, 64, (64, 512 // group), generator=gen).numpy().astype(np.int8)
+    narrow, eight = quant.pack(values, d, sub, kind, group, per), quant.pack(values, d, sub, 8, group, per)
+    assert narrow.nbytes < saving * eight.nbytes
+    assert torch.equal(quant.dequantize_torch(narrow), quant.dequantize_torch(eight))
     for rows in (1, 6, 20):
         x = activations(rows, k=512, seed=rows)
-        assert torch.equal(kernel.linear(x, [six], None), kernel.linear(x, [eight], None)), rows
-
-
-def test_five_bit_layout_gives_the_eight_bit_layouts_bits(kernel: quant.NativeQuant) -> None:
-    # Q5_0's values stored in 5 bits or in 8 (as the engine read them before kind 5)
-    gen = torch.Generator().manual_seed(8)
-    values = torch.randint(-16, 16, (64, 512), generator=gen).numpy()
-    d = (torch.rand(64, 16, generator=gen) + 0.5).numpy().astype(np.float16)
-    five, eight = quant.pack(values, d, None, 5, 32, 1), quant.pack(values, d, None, 8, 32, 1)
-    assert five.nbytes < 0.7 * eight.nbytes
-    assert torch.equal(quant.dequantize_torch(five), quant.dequantize_torch(eight))
-    for rows in (1, 6, 20):
-        x = activations(rows, k=512, seed=rows)
-        assert torch.equal(kernel.linear(x, [five], None), kernel.linear(x, [eight], None)), rows
+        assert torch.equal(kernel.linear(x, [narrow], None), kernel.linear(x, [eight], None)), rows
 
 
 def test_stacked_parts_give_the_separate_parts_bits(kernel: quant.NativeQuant) -> None:
