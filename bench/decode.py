@@ -159,8 +159,8 @@ def method_variant(method: str, decoding: DecodingSettings) -> tuple[str, Decodi
         return base, replace(settings, gamma=int(sized.group(2)))
     for suffix, overrides in VARIANTS.items():
         if method.endswith(suffix):
-            base = method.removesuffix(suffix)
-            return base, replace(decoding, method=base, **overrides)
+            base, settings = method_variant(method.removesuffix(suffix), decoding)
+            return base, replace(settings, **overrides)
     return method, replace(decoding, method=method)
 
 
