@@ -351,15 +351,21 @@ static inline __attribute__((always_inline)) void tile8(const Block *a, const in
     for (int r = 0; r < R; r++) _mm512_storeu_ps(out + (int64_t)r * TILE, acc[r]);
 }
 
-/* The high 2 bits of kind 6 for h = 0..3: bits 2h, 2h + 1 of each byte moved to bits 4, 5 (the
- * other bits are junk for the caller to mask; 16-bit shifts move nothing into bits 4, 5 from the
- * neighbouring byte). */
-static inline __m512i crumbs_at(__m512i c, int h) {
-    switch (h) {
+/* The bits at `from` of each byte moved to bit 4 (and those above it along): a 16-bit shift by
+ * 4 - from, left or right. The other bits are junk for the caller to mask; shifts of at most 4
+ * move nothing into bits 4, 5 from the neighbouring byte. Its callers' loops are unrolled, so
+ * `from` is a constant and the switch folds away. Kind 6 takes its high 2 bits of step h from bit 2h, kind 5 its fifth bit
+ * from bit h (inputs 4h + b) or 4 + h (inputs 16 + 4h + b). */
+static inline __m512i bits_to_4(__m512i c, int from) {
+    switch (from) {
     case 0: return _mm512_slli_epi16(c, 4);
-    case 1: return _mm512_slli_epi16(c, 2);
-    case 2: return c;
-    default: return _mm512_srli_epi16(c, 2);
+    case 1: return _mm512_slli_epi16(c, 3);
+    case 2: return _mm512_slli_epi16(c, 2);
+    case 3: return _mm512_slli_epi16(c, 1);
+    case 4: return c;
+    case 5: return _mm512_srli_epi16(c, 1);
+    case 6: return _mm512_srli_epi16(c, 2);
+    default: return _mm512_srli_epi16(c, 3);
     }
 }
 
@@ -381,11 +387,13 @@ static inline __attribute__((always_inline)) void tile6(const Block *a, const in
             i0[r] = _mm512_set1_epi32(-(a->off16[(2 * gp) * R + r] / 4));
             i1[r] = _mm512_set1_epi32(-(a->off16[(2 * gp + 1) * R + r] / 4));
         }
+#pragma GCC unroll 4 /* h a constant in each copy: bits_to_4's switch folds to one shift */
         for (int h = 0; h < 4; h++) {
             const __m512i packed = _mm512_loadu_si512(qg + 64 * h);
-            const __m512i lo = _mm512_or_si512(_mm512_and_si512(packed, low), _mm512_and_si512(crumbs_at(c0, h), high));
+            const __m512i lo = _mm512_or_si512(_mm512_and_si512(packed, low),
+                                               _mm512_and_si512(bits_to_4(c0, 2 * h), high));
             const __m512i hi = _mm512_or_si512(_mm512_and_si512(_mm512_srli_epi16(packed, 4), low),
-                                               _mm512_and_si512(crumbs_at(c1, h), high));
+                                               _mm512_and_si512(bits_to_4(c1, 2 * h), high));
             for (int r = 0; r < R; r++) {
                 i0[r] = _mm512_dpbusd_epi32(i0[r], lo, _mm512_set1_epi32(xg[h * R + r]));
                 i1[r] = _mm512_dpbusd_epi32(i1[r], hi, _mm512_set1_epi32(xg[(4 + h) * R + r]));
@@ -404,27 +412,6 @@ static inline __attribute__((always_inline)) void tile6(const Block *a, const in
     for (int r = 0; r < R; r++) _mm512_storeu_ps(out + (int64_t)r * TILE, acc[r]);
 }
 
-/* The fifth bit of kind 5 for h = 0..3 of the low (inputs 4h + b: bit h) or high (16 + 4h + b:
- * bit 4 + h) half, moved to bit 4 (other bits junk for the caller to mask; 16-bit shifts of at
- * most 4 move nothing into bit 4 from the neighbouring byte). */
-static inline __m512i fifth_low(__m512i c, int h) {
-    switch (h) {
-    case 0: return _mm512_slli_epi16(c, 4);
-    case 1: return _mm512_slli_epi16(c, 3);
-    case 2: return _mm512_slli_epi16(c, 2);
-    default: return _mm512_slli_epi16(c, 1);
-    }
-}
-
-static inline __m512i fifth_high(__m512i c, int h) {
-    switch (h) {
-    case 0: return c;
-    case 1: return _mm512_srli_epi16(c, 1);
-    case 2: return _mm512_srli_epi16(c, 2);
-    default: return _mm512_srli_epi16(c, 3);
-    }
-}
-
 /* One tile of kind 5 for R rows: the same integer sums and float steps as kind 8 with G = 32. */
 static inline __attribute__((always_inline)) void tile5(const Block *a, const int R, const uint8_t *q,
                                                         const Scales *s, int ng, float *out) {
@@ -439,11 +426,12 @@ static inline __attribute__((always_inline)) void tile5(const Block *a, const in
         /* u = value + 16: start from -16 * sum(xq) over the group (off32 is 128 times it) */
         __m512i iacc[MAX_R];
         for (int r = 0; r < R; r++) iacc[r] = _mm512_set1_epi32(-(a->off32[g * R + r] / 8));
+#pragma GCC unroll 4
         for (int h = 0; h < 4; h++) {
             const __m512i packed = _mm512_loadu_si512(qg + 64 * h);
-            const __m512i lo = _mm512_or_si512(_mm512_and_si512(packed, low), _mm512_and_si512(fifth_low(c, h), bit4));
+            const __m512i lo = _mm512_or_si512(_mm512_and_si512(packed, low), _mm512_and_si512(bits_to_4(c, h), bit4));
             const __m512i hi = _mm512_or_si512(_mm512_and_si512(_mm512_srli_epi16(packed, 4), low),
-                                               _mm512_and_si512(fifth_high(c, h), bit4));
+                                               _mm512_and_si512(bits_to_4(c, 4 + h), bit4));
             for (int r = 0; r < R; r++) {
                 iacc[r] = _mm512_dpbusd_epi32(iacc[r], lo, _mm512_set1_epi32(xg[h * R + r]));
                 iacc[r] = _mm512_dpbusd_epi32(iacc[r], hi, _mm512_set1_epi32(xg[(4 + h) * R + r]));
