@@ -40,6 +40,9 @@ QUANT_FLAGS = (*KERNEL_FLAGS, "-ffp-contract=off")
 TILE = 16  # output columns per tile
 
 
+_FIELDS = ("q", "d", "sub", "dmin", "msub")  # a QuantWeight's tensors, in the order the C functions take them
+
+
 @dataclass
 class QuantWeight:
     """One [n, k] weight in the kernel layout."""
@@ -57,7 +60,7 @@ class QuantWeight:
 
     @property
     def tensors(self) -> dict[str, torch.Tensor]:
-        named = {"q": self.q, "d": self.d, "sub": self.sub, "dmin": self.dmin, "msub": self.msub}
+        named = {name: getattr(self, name) for name in _FIELDS}
         return {name: t for name, t in named.items() if t is not None}
 
     @property
@@ -73,7 +76,7 @@ class QuantWeight:
         functions take them; formed once and re-formed only if the tensors were replaced."""
         args = self.__dict__.get("_kernel_args")
         if args is None or args[0] != self.q.data_ptr():
-            pointers = (None if t is None else t.data_ptr() for t in (self.q, self.d, self.sub, self.dmin, self.msub))
+            pointers = (None if (t := getattr(self, name)) is None else t.data_ptr() for name in _FIELDS)
             args = self.__dict__["_kernel_args"] = (*pointers, self.per, self.kind, self.group, self.n)
         return args
 
@@ -87,9 +90,8 @@ def stacked(parts: list[QuantWeight]) -> list[QuantWeight]:
         if last is None or (last.kind, last.group, last.k, last.per) != (w.kind, w.group, w.k, w.per):
             out.append(w)
             continue
-        joined = {name: None if t is None else torch.cat([t, getattr(w, name)])
-                  for name, t in (("q", last.q), ("d", last.d), ("sub", last.sub), ("dmin", last.dmin),
-                                  ("msub", last.msub))}
+        joined = {name: None if (t := getattr(last, name)) is None else torch.cat([t, getattr(w, name)])
+                  for name in _FIELDS}
         out[-1] = QuantWeight(w.kind, w.group, last.n + w.n, w.k, per=w.per, **joined)
     return out
 
@@ -469,8 +471,6 @@ def quantized_bytes(model: nn.Module) -> int:
 
 # --------------------------------------------------------------------------- whole models
 
-
-_FIELDS = ("q", "d", "sub", "dmin", "msub")
 
 
 @dataclass
