@@ -81,6 +81,8 @@ class KVCache:
         Slots stay in position order and keys keep the rotation of their true positions, so the same
         causal mask applies; the slot -> position map is simply no longer the identity.
         """
+        if spans and spans[-1][1] > next_position:
+            raise ValueError("a gathered slot lies at or after the next position")
         n_kv, _, head_dim = full.keys[0].shape
         kept = sum(end - start for start, end in spans)
         cache = cls(len(full.keys), n_kv, head_dim, kept + spare, full.keys[0].dtype, full.keys[0].device)
@@ -89,8 +91,6 @@ class KVCache:
             cache.keys[layer][:, :kept] = full.keys[layer].index_select(1, index)
             cache.values[layer][:, :kept] = full.values[layer].index_select(1, index)
         cache.length = kept
-        if spans and spans[-1][1] > next_position:
-            raise ValueError("a gathered slot lies at or after the next position")
         cache.next_position = next_position
         return cache
 

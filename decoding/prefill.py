@@ -28,7 +28,6 @@ class PrefixCacheHooks:
     save: PrefixSaver
 
 
-
 def prefill(
     model: Transformer, prompt: Prompt, hooks: PrefixCacheHooks | None, capacity: int
 ) -> tuple[KVCache, torch.Tensor, bool]:
