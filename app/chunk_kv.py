@@ -1,10 +1,12 @@
 """The drafter's KV per chunk, built at ingest and stored with the index.
 
 At question time RAPID's drafter reads its retrieved passages from these (decoding.segments puts
-them at their positions after the prompt header) and prefills only the question. Files live in
+them at their positions after the prompt header) and prefills only the question. Each passage is
+encoded after the drafter prompt's header, as a prompt read in one go would have it, not alone
+(decoding.segments says why). Files live in
 <index>/chunk_kv/<drafter key>/<chunk id>.<tokens hash>.safetensors: the drafter key changes with
-the drafter's weights, dtype and the engine's code, the tokens hash with the passage's exact
-tokens, so a file is used only for the very tokens it was computed from.
+the drafter's weights, dtype and the engine's code, the tokens hash with the header's and the
+passage's exact tokens, so a file is used only for the very tokens it was computed from.
 """
 
 from __future__ import annotations
@@ -41,16 +43,16 @@ def tokens_hash(tokens: Sequence[int]) -> str:
 
 
 class ChunkKV:
-    """One drafter's per-chunk KV for one index."""
+    """One drafter's per-chunk KV for one index, every passage read after the prompt header `header`."""
 
-    def __init__(self, index_dir: Path, model: Transformer, model_key: str) -> None:
+    def __init__(self, index_dir: Path, model: Transformer, model_key: str, header: Sequence[int]) -> None:
         self.model = model
+        self.header = list(header)
         self.store = KVStore(index_dir / CHUNK_KV_DIR / model_key[:32])
-        self._headers: dict[str, PieceKV] = {}
+        self._header_kv: PieceKV | None = None
 
-    @staticmethod
-    def name(passage: Passage) -> str:
-        return f"{passage.chunk_id}.{tokens_hash(passage.tokens)}"
+    def name(self, passage: Passage) -> str:
+        return f"{passage.chunk_id}.{tokens_hash([*self.header, -1, *passage.tokens])}"
 
     def missing(self, passages: Sequence[Passage]) -> list[Passage]:
         present = set(self.store.names())
@@ -62,7 +64,7 @@ class ChunkKV:
         total, done, spent = sum(len(p.tokens) for p in todo), 0, 0.0
         for passage in todo:
             start = time.perf_counter()
-            piece = encode_piece(self.model, passage.tokens)
+            piece = encode_piece(self.model, passage.tokens, after=self.header)
             spent += time.perf_counter() - start
             self.store.write(self.name(passage), piece)
             done += len(passage.tokens)
@@ -74,15 +76,15 @@ class ChunkKV:
         stored = self.store.read(self.name(passage), self.model.device)
         if stored is not None:
             return stored
-        piece = encode_piece(self.model, passage.tokens)  # not built at ingest (older index, other drafter)
+        # Not built at ingest (an older index, or another drafter): encoded now.
+        piece = encode_piece(self.model, passage.tokens, after=self.header)
         self.store.write(self.name(passage), piece)
         return piece
 
-    def header(self, tokens: list[int]) -> PieceKV:
-        key = tokens_hash(tokens)
-        if key not in self._headers:
-            self._headers[key] = encode_piece(self.model, tokens)
-        return self._headers[key]
+    def header_kv(self) -> PieceKV:
+        if self._header_kv is None:
+            self._header_kv = encode_piece(self.model, self.header)
+        return self._header_kv
 
     @staticmethod
     def prompt_passages(prompt: Prompt, chunk_ids: Sequence[str]) -> list[Passage]:
@@ -94,12 +96,14 @@ class ChunkKV:
 
     def hooks(self, prompt: Prompt, chunk_ids: Sequence[str]) -> PrefixCacheHooks:
         """Serves exactly this prompt's prefix (header + one passage per chunk id) to this drafter."""
+        if prompt.header != self.header:
+            raise ValueError("the prompt's header is not the one this store's passages are read after")
         passages = self.prompt_passages(prompt, chunk_ids)
 
         def load(model: Transformer, prefix: list[int], capacity: int) -> KVCache | None:
             if model is not self.model or prefix != prompt.prefix:
                 return None
-            return assemble(model, [self.header(prompt.header), *map(self.piece, passages)], capacity)
+            return assemble(model, [self.header_kv(), *map(self.piece, passages)], capacity)
 
         return PrefixCacheHooks(load=load, save=lambda model, prefix, cache: None)
 

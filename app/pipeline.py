@@ -146,7 +146,8 @@ class Engine:
         with self._load_lock:
             if key not in self._chunk_kv:
                 model_key = self.prefix_cache.model_key(drafter.model)
-                self._chunk_kv[key] = ChunkKV(index.directory, drafter.model, model_key)
+                header = self.target.prompt([], "?").header  # the RAG prompt's (self.prompts)
+                self._chunk_kv[key] = ChunkKV(index.directory, drafter.model, model_key, header)
             return self._chunk_kv[key]
 
     def passages(self, chunks: Sequence[Chunk]) -> list[Passage]:

@@ -1,10 +1,14 @@
 """A prompt prefix put together from KV encoded piece by piece (the RAPID drafter's passages).
 
-A piece is encoded once, alone, starting at position 0; keys are stored after RoPE, so placing
-the piece at position p rotates every key by p more (RoPE rotations compose), in fp32. Values
-carry no position. What a piece lacks is attention to what precedes it in the prompt: that is
-the drafter's approximation, which can cost acceptance but never exactness, since the target
-verifies every token.
+A piece is encoded once, after a context it is read with (the prompt's header), and only its own
+slots are kept, with the position they were encoded at; keys are stored after RoPE, so placing
+the piece at position p rotates every key by p minus that position (RoPE rotations compose), in
+fp32. Values carry no position. Reading each piece after the header, not alone, matters: a
+sequence's first tokens draw a large share of every later token's attention (attention sinks),
+so a piece encoded alone would make its own first tokens sinks, and the assembled prompt would
+hold one per passage where a prompt read in one go holds one. What a piece still lacks is
+attention to the other pieces before it: that is the drafter's approximation, which can cost
+acceptance but never exactness, since the target verifies every token.
 """
 
 from __future__ import annotations
@@ -16,7 +20,9 @@ import torch
 from decoding.cache import KVCache
 from decoding.model import Transformer, rotate_half
 
-PieceKV = dict[str, torch.Tensor]  # "k{layer}" / "v{layer}" -> [n_kv_heads, tokens, head_dim]
+# "k{layer}" / "v{layer}" -> [n_kv_heads, tokens, head_dim]; "start" -> [1], the position of the
+# piece's first token when it was encoded (its keys carry that rotation).
+PieceKV = dict[str, torch.Tensor]
 
 
 def piece_length(piece: PieceKV) -> int:
@@ -24,11 +30,14 @@ def piece_length(piece: PieceKV) -> int:
 
 
 @torch.inference_mode()
-def encode_piece(model: Transformer, tokens: Sequence[int]) -> PieceKV:
-    """The piece's KV with the piece alone at position 0."""
-    cache = model.new_cache(len(tokens) + 1)
-    model.prefill(torch.tensor(list(tokens), device=model.device), cache)
-    return cache.slots(0, len(tokens))
+def encode_piece(model: Transformer, tokens: Sequence[int], after: Sequence[int] = ()) -> PieceKV:
+    """The piece's KV read after the tokens `after` (from position 0); only the piece's slots are kept."""
+    context = [*after, *tokens]
+    cache = model.new_cache(len(context) + 1)
+    model.prefill(torch.tensor(context, device=model.device), cache)
+    piece = cache.slots(len(after), len(context))
+    piece["start"] = torch.tensor([len(after)])
+    return piece
 
 
 @torch.inference_mode()
@@ -39,10 +48,11 @@ def assemble(model: Transformer, pieces: Sequence[PieceKV], capacity: int) -> KV
     position = 0
     for piece in pieces:
         end = position + piece_length(piece)
-        cos, sin = _rotation(model, position)
+        shift = position - int(piece["start"][0])
+        cos, sin = _rotation(model, shift)
         for layer in range(model.args.n_layers):
             keys = piece[f"k{layer}"]
-            if position:
+            if shift:
                 keys = (keys.float() * cos + rotate_half(keys.float()) * sin).to(keys.dtype)
             cache.keys[layer][:, position:end] = keys
             cache.values[layer][:, position:end] = piece[f"v{layer}"]

@@ -61,29 +61,35 @@ def _relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
 
 
 def test_assembled_prefix_gives_the_logits_of_a_chunkwise_prefill(pair) -> None:
-    """Drafter logits after the question: chunk KV assembly vs each chunk prefilled on its own at
-    its place in the prompt (header first, then the question over everything)."""
+    """Drafter logits after the question: chunk KV assembly vs each chunk prefilled at its place in
+    the prompt right after a copy of the header (header first, then the question over everything)."""
     model = pair[1]
     prompt = model.prompt(PASSAGES, QUESTION)
+    header = prompt.header
     reference = model.model.new_cache(len(prompt) + 8)
-    model.model.prefill(torch.tensor(prompt.header), reference)
+    model.model.prefill(torch.tensor(header), reference)
     for start, tokens in zip(prompt.boundaries, prompt.pieces(), strict=True):
-        alone = _alone_at(model, tokens, start)
+        read = _alone_at(model, header + tokens, start - len(header))
+        mine, theirs = slice(start, start + len(tokens)), slice(len(header), len(header) + len(tokens))
         for layer in range(model.model.args.n_layers):
-            reference.keys[layer][:, start : start + len(tokens)] = alone.keys[layer][:, : len(tokens)]
-            reference.values[layer][:, start : start + len(tokens)] = alone.values[layer][:, : len(tokens)]
+            reference.keys[layer][:, mine] = read.keys[layer][:, theirs]
+            reference.values[layer][:, mine] = read.values[layer][:, theirs]
     reference.length = reference.next_position = len(prompt.prefix)
     expected = model.model.prefill(torch.tensor(prompt.suffix), reference)
 
-    store = ChunkKV(Path("/nonexistent"), model.model, "key")  # nothing is read: every piece given here
-    pieces = [store.header(prompt.header), *(encode_piece(model.model, p) for p in prompt.pieces())]
+    store = ChunkKV(Path("/nonexistent"), model.model, "key", header)  # nothing is read: every piece given here
+    pieces = [store.header_kv(), *(encode_piece(model.model, p, after=header) for p in prompt.pieces())]
     hooks = PrefixCacheHooks(lambda m, prefix, capacity: assemble(m, pieces, capacity), lambda *a: None)
     cache, logits, restored = prefill(model.model, prompt, hooks, len(prompt) + 8)
     assert restored and cache.length == len(prompt)
     torch.testing.assert_close(logits, expected, atol=1e-4, rtol=1e-4)
-    # ... and a plain prefill, where chunks see each other, is a different context.
+    # ... while a plain prefill, where chunks see each other, and chunks read alone (no header
+    # before them) are other contexts.
     plain = model.model.prefill(torch.tensor(prompt.tokens), model.model.new_cache(len(prompt) + 8))
     assert not torch.allclose(plain, expected, atol=1e-3)
+    alone = [store.header_kv(), *(encode_piece(model.model, p) for p in prompt.pieces())]
+    hooks = PrefixCacheHooks(lambda m, prefix, capacity: assemble(m, alone, capacity), lambda *a: None)
+    assert not torch.allclose(prefill(model.model, prompt, hooks, len(prompt) + 8)[1], expected, atol=1e-3)
 
 
 def test_pieces_are_tokenised_apart(pair) -> None:
@@ -101,7 +107,8 @@ def test_rapid_with_chunk_kv_returns_lc_tokens(pair, tmp_path: Path, gamma: int)
     rag_prompt = target.prompt(PASSAGES, QUESTION)
     settings = DecodingSettings(max_new_tokens=40, gamma=gamma, eta=0.0)
     lc = run_to_end(generate("lc", target, drafter, long_prompt, rag_prompt, settings))
-    store = ChunkKV(tmp_path, drafter.model, PrefixCache(tmp_path / "kv", {}).model_key(drafter.model))
+    store = ChunkKV(tmp_path, drafter.model, PrefixCache(tmp_path / "kv", {}).model_key(drafter.model),
+                    rag_prompt.header)
     ids = ["doc-000000", "doc-000003", "other-000000"]
     hooks = store.hooks(rag_prompt, ids)
     served: list[int] = []
@@ -122,8 +129,8 @@ def test_rapid_with_chunk_kv_returns_lc_tokens(pair, tmp_path: Path, gamma: int)
 
 def test_hooks_serve_only_their_own_prompt_and_drafter(pair, tmp_path: Path) -> None:
     target, drafter = pair
-    store = ChunkKV(tmp_path, drafter.model, "key")
     prompt = drafter.prompt(PASSAGES, QUESTION)
+    store = ChunkKV(tmp_path, drafter.model, "key", prompt.header)
     hooks = store.hooks(prompt, ["a-000000", "a-000001", "b-000000"])
     assert hooks.load(target.model, prompt.prefix, 500) is None  # another model
     assert hooks.load(drafter.model, prompt.prefix[:-1], 500) is None  # another prefix
@@ -131,16 +138,19 @@ def test_hooks_serve_only_their_own_prompt_and_drafter(pair, tmp_path: Path) -> 
     assert cache is not None and cache.length == len(prompt.prefix) and cache.capacity >= 500
     with pytest.raises(ValueError, match="chunk ids"):
         store.hooks(prompt, ["a-000000"])
+    other = Prompt([7, *prompt.prefix], prompt.suffix, tuple(b + 1 for b in prompt.boundaries))
+    with pytest.raises(ValueError, match="header"):  # its passages were read after another header
+        store.hooks(other, ["a-000000", "a-000001", "b-000000"])
 
 
 def test_a_passage_is_served_only_for_the_tokens_it_was_built_from(pair, tmp_path: Path) -> None:
     drafter = pair[1]
-    store = ChunkKV(tmp_path, drafter.model, "key")
     first = drafter.prompt(PASSAGES[:1], QUESTION)
+    store = ChunkKV(tmp_path, drafter.model, "key", first.header)
     store.hooks(first, ["a-000000"]).load(drafter.model, first.prefix, 100)
     edited = drafter.prompt([PASSAGES[0] + " (edited)"], QUESTION)  # same chunk id, other text
     cache = store.hooks(edited, ["a-000000"]).load(drafter.model, edited.prefix, 100)
-    fresh = assemble(drafter.model, [store.header(edited.header), encode_piece(drafter.model, edited.pieces()[0])],
+    fresh = assemble(drafter.model, [store.header_kv(), encode_piece(drafter.model, edited.pieces()[0], edited.header)],
                      100)
     assert cache is not None
     for layer in range(drafter.model.args.n_layers):
