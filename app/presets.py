@@ -27,6 +27,7 @@ class Preset:
 FAST = Preset("fast", "Fast: the long-context answer, exactly, sooner", "rapid", 0.0, 5)
 # The target as its own RAG drafter at the eta that scored best of the RAPID settings measured on
 # the 36-question set (above LC on contains, lead and F1; below RAG, which reads only the passages
-# and answers several times slower). Not yet above both: README "Chunk KV read after the header".
+# and answers several times slower); level with LC on contains on the big-corpus set. Not yet above
+# both: README "Chunk KV read after the header".
 QUALITY = Preset("quality", "Quality: the target also weighs the retrieved passages (slower)", "rapid-self", 2.0, 5)
 PRESETS: dict[str, Preset] = {p.name: p for p in (FAST, QUALITY)}
