@@ -432,3 +432,70 @@ def test_registry_writes_quantized_weights_from_a_gguf(tmp_path: Path) -> None:
     marker = json.loads((other / QUANT_MARKER).read_text())
     assert marker["file"] is None and "llama" in marker["reason"]  # refused, not approximated
     assert has_quantized(other) and not has_quantized_weights(other)  # known: the dense weights serve
+
+
+# --------------------------------------------------------------------------- sizes at the C boundary
+
+
+def test_linear_refuses_activations_of_another_width(kernel: quant.NativeQuant) -> None:
+    w = random_weight(4, 32, n=32, k=256)
+    with pytest.raises(ValueError, match="224 values per row"):
+        kernel.linear(activations(2, k=224, dtype=torch.float32), [w], None)
+    # the C function checks too: it steps through the weight with the activations' width
+    x = activations(1, k=224, dtype=torch.float32)
+    scratch = torch.zeros(224 * 2, dtype=torch.uint8)
+    xq, xs = scratch.data_ptr(), scratch.data_ptr() + 224
+    bsum, xsb = xs + 224 // 8, xs + 224 // 8 + 224 // 4
+    assert kernel._quantize(x.data_ptr(), 0, 1, 224, xq, xs, bsum, xsb, 1, None, 0.0) == 0
+    y = torch.empty(1, 32)
+    assert kernel._linear(xq, xs, bsum, xsb, 1, 224, *w.kernel_args, None, y.data_ptr(), 0, 32, 1) != 0
+
+
+def test_dequantize_refuses_layouts_it_does_not_take(kernel: quant.NativeQuant) -> None:
+    # a group of 64 would write past the kernel's 32-value scratch; kind 7 has no layout
+    for kind, group in ((8, 64), (7, 32), (5, 16)):
+        w = random_weight(8, 32, n=16, k=64)
+        bad = QuantWeight(kind, group, w.n, w.k, w.q, w.d[:, : w.k // group] if group > 32 else w.d, None, None,
+                          None, 1)
+        with pytest.raises(RuntimeError, match="rejected"):
+            kernel.dequantize(bad, None, torch.float32)
+        with pytest.raises(ValueError, match="not a kernel layout"):
+            bad.check("bad")
+
+
+def test_embedding_refuses_token_ids_outside_the_vocabulary(kernel: quant.NativeQuant) -> None:
+    w = random_weight(8, 32, n=32, k=64)
+    embedding = quant.QuantEmbedding(w, torch.float32)
+    assert torch.equal(embedding(torch.tensor([0, 31])), quant.dequantize_torch(w)[[0, 31]])
+    for bad in (32, -1, 10**6):
+        with pytest.raises(ValueError, match=f"token id {bad} is outside the vocabulary"):
+            embedding(torch.tensor([3, bad]))
+        with pytest.raises(ValueError, match="outside"):  # the C function refuses it as well
+            kernel.dequantize(w, torch.tensor([bad]), torch.float32)
+
+
+@pytest.mark.parametrize("damage", ["narrow down", "short q", "missing sub", "norm size", "extra layer"])
+def test_quantized_weights_that_disagree_with_the_config_are_refused(damage: str) -> None:
+    from decoding.model import quantized_state, transformer_from_quantized
+
+    model = tiny_model(1).model
+    state = quantized_state(model)
+    down = state.linears["layers.0.down"][0]
+    if damage == "narrow down":  # a weight for a smaller intermediate size
+        state.linears["layers.0.down"] = [quant.quantize(torch.randn(down.n, down.k - 32), 4)]
+        name = "layers.0.down.0: takes"
+    elif damage == "short q":  # the file's tensor is shorter than its layout says
+        embed = state.linears["embed"][0]
+        embed.q = embed.q[:-1].contiguous()
+        name = "embed.0.q"
+    elif damage == "missing sub":
+        down.sub = None
+        name = "layers.0.down.0.sub"
+    elif damage == "norm size":
+        state.dense["layers.1.mlp_norm.weight"] = state.dense["layers.1.mlp_norm.weight"][:-1]
+        name = "layers.1.mlp_norm.weight"
+    else:
+        state.linears["layers.9.down"] = [down]
+        name = "layers.9.down"
+    with pytest.raises(ValueError, match=name.replace(".", r"\.")):
+        transformer_from_quantized(model.args, state, torch.float32)

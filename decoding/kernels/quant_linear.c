@@ -544,21 +544,32 @@ static void expand_scales(const Scales *s, int ng, float *scale, float *min) {
     }
 }
 
+/* Nonzero when (kind, group, per, n, k) and the scale pointers do not describe a layout above:
+ * every function that walks a weight checks this first, so a bad call is refused, never run past
+ * a buffer (e.g. a group of more than 32 values would overrun the 32-value scratch of
+ * rq_dequantize). */
+static int bad_layout(int kind, int group, int per, int n, int k, const int8_t *sub, const uint16_t *dmin,
+                      const int8_t *msub) {
+    if (n < 0 || k < 0 || k % QBLOCK || n % TILE || per < 1 || (!sub && per != 1)) return 1;
+    switch (kind) {
+    case 4: return group != 32 || !dmin || !sub != !msub;
+    case 5: return group != 32 || sub || per != 1;
+    case 6: return group != 16;
+    case 8: return group != 16 && group != 32;
+    default: return 1;
+    }
+}
+
 /* y[r, col] (row stride ldy elements; fp32, or bf16 rounded to nearest even as torch rounds
  * when y_bf16) = sum over k of x[r, k] w[col, k] (+ bias[col]), for the n columns of one weight
  * in the layout above; the activations come from rq_quantize_rows. Returns nonzero for shapes it
- * does not take. */
+ * does not take, and when the activations' width k is not the weight's weight_k (the tile offsets
+ * are taken from k). */
 int rq_linear(const int8_t *xq, const float *xs, const int32_t *bsum16, const float *xsb, int rows, int k,
               const uint8_t *q, const uint16_t *d, const int8_t *sub, const uint16_t *dmin, const int8_t *msub,
-              int per, int kind, int group, int n, const float *bias, void *y, int y_bf16, int64_t ldy,
-              int n_threads) {
-    if (k % QBLOCK || n % TILE || (kind != 4 && kind != 5 && kind != 6 && kind != 8) || per < 1 || (!sub && per != 1))
-        return 1;
-    if (kind == 4 && (!dmin || !sub != !msub)) return 1;
-    if ((kind == 4 || kind == 5) && group != 32) return 1;
-    if (kind == 5 && (sub || per != 1)) return 1;
-    if (kind == 6 && group != 16) return 1;
-    if (kind == 8 && group != 16 && group != 32) return 1;
+              int per, int kind, int group, int n, int weight_k, const float *bias, void *y, int y_bf16,
+              int64_t ldy, int n_threads) {
+    if (k != weight_k || bad_layout(kind, group, per, n, k, sub, dmin, msub)) return 1;
     const int ng = k / group, nb = k / QBLOCK, ns = (ng + per - 1) / per;
     const int n_tiles = n / TILE;
     const int n_blocks = (rows + MAX_R - 1) / MAX_R;
@@ -643,20 +654,21 @@ int rq_linear(const int8_t *xq, const float *xs, const int32_t *bsum16, const fl
 }
 
 /* Dequantize columns `cols` (all n when cols is NULL) of a weight into out [count, k], fp32 or
- * bf16. Values equal the GGUF's own dequantization: scale * q - min in fp32, unfused. */
+ * bf16. Values equal the GGUF's own dequantization: scale * q - min in fp32, unfused. Returns 1
+ * for a layout it does not take, 3 when a column is outside 0..n-1 (nothing written then). */
 int rq_dequantize(const uint8_t *q, const uint16_t *d, const int8_t *sub, const uint16_t *dmin, const int8_t *msub,
                   int per, int kind, int group, int n, int k, const int64_t *cols, int count, void *out,
                   int out_bf16, int n_threads) {
-    if (k % group || n % TILE || per < 1 || (!sub && per != 1)) return 1;
-    if (kind == 4 && (!dmin || !sub != !msub)) return 1;
-    if (kind == 6 && (group != 16 || k % 32)) return 1;
-    if (kind == 5 && group != 32) return 1;
+    if (bad_layout(kind, group, per, n, k, sub, dmin, msub) || count < 0 || (!cols && count > n)) return 1;
+    /* every column is checked before any is written: a bad index leaves nothing half done */
+    if (cols)
+        for (int i = 0; i < count; i++)
+            if (cols[i] < 0 || cols[i] >= n) return 3;
     const int ng = k / group, ns = (ng + per - 1) / per;
     const int64_t tile_bytes = tile_bytes_of(kind, group, k);
 #pragma omp parallel for schedule(static) num_threads(n_threads)
     for (int i = 0; i < count; i++) {
         const int64_t col = cols ? cols[i] : i;
-        if (col < 0 || col >= n) continue;
         const int64_t t = col / TILE, j = col % TILE;
         const uint8_t *qt = q + t * tile_bytes;
         for (int g = 0; g < ng; g++) {
