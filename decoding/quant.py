@@ -23,7 +23,6 @@ from __future__ import annotations
 import ctypes
 import functools
 import os
-import subprocess
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -32,11 +31,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from decoding.attention import KERNEL_FLAGS, build_library, kernel_cache_dir
+from decoding.kernel_build import load_kernel
 
 QUANT_FORMAT = 5  # bump when the layout below changes, so converted caches are rebuilt
 KERNEL_SOURCE = os.path.join(os.path.dirname(__file__), "kernels", "quant_linear.c")
-QUANT_FLAGS = (*KERNEL_FLAGS, "-ffp-contract=off")
 TILE = 16  # output columns per tile
 
 
@@ -362,6 +360,9 @@ class NativeQuant:
         for fn in (self._quantize, self._linear, self._dequantize):
             fn.restype = ctypes.c_int
         self.vnni = bool(ctypes.c_int.in_dll(library, "rq_vnni").value)
+        isa = library.rq_isa
+        isa.restype = ctypes.c_char_p
+        self.isa = isa().decode()  # the instruction set the dot products were built for
 
     def linear(self, x: torch.Tensor, parts: list[QuantWeight], bias: torch.Tensor | None,
                out_dtype: torch.dtype = torch.float32, norm: nn.Module | None = None) -> torch.Tensor:
@@ -426,15 +427,15 @@ class NativeQuant:
 
 
 @functools.cache
+def quant_kernel() -> tuple[NativeQuant | None, str]:
+    """The compiled kernel, or None and why not (switched off, no compiler...): the torch path
+    runs then."""
+    loaded = load_kernel(KERNEL_SOURCE, "quant_linear", "RAPIDQA_NATIVE_QUANT")
+    return (None if loaded.library is None else NativeQuant(loaded.library)), loaded.reason
+
+
 def native_quant() -> NativeQuant | None:
-    """The compiled kernel, or None when disabled or not buildable here (the torch path runs then)."""
-    if os.environ.get("RAPIDQA_NATIVE_QUANT", "1") == "0":
-        return None
-    try:
-        library = build_library(KERNEL_SOURCE, QUANT_FLAGS, kernel_cache_dir(), "quant_linear")
-        return NativeQuant(ctypes.CDLL(str(library)))
-    except (OSError, RuntimeError, subprocess.SubprocessError):
-        return None
+    return quant_kernel()[0]
 
 
 def dequantize(w: QuantWeight, dtype: torch.dtype = torch.float32, cols: torch.Tensor | None = None) -> torch.Tensor:

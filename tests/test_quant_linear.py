@@ -167,28 +167,45 @@ def reference_linear(x: torch.Tensor, w: QuantWeight) -> torch.Tensor:
     return (xq * step).view(x.shape[0], -1) @ quant.dequantize_torch(w).double().T
 
 
-def test_portable_build_gives_the_vnni_builds_bits(kernel: quant.NativeQuant, tmp_path: Path) -> None:
-    # machines without AVX512-VNNI compile the plain C loops: they must form the same sums
+@pytest.mark.parametrize("isa", ["avx2", "portable"])
+def test_other_builds_give_the_native_builds_bits(kernel: quant.NativeQuant, tmp_path: Path, isa: str) -> None:
+    # CPUs without AVX512-VNNI compile the AVX2 or the plain C paths: they must form the same sums
     import ctypes
 
-    from decoding.attention import build_library
-    if not kernel.vnni:
-        pytest.skip("this machine builds the portable kernel already")
-    library = build_library(quant.KERNEL_SOURCE, (*quant.QUANT_FLAGS, "-mno-avx512vnni"), tmp_path, "portable")
-    portable = quant.NativeQuant(ctypes.CDLL(str(library)))
-    assert not portable.vnni
+    from decoding.kernel_build import build_library, kernel_flags
     from decoding.model import RMSNorm
 
+    if not kernel.vnni:
+        pytest.skip("this machine builds a non-VNNI kernel already")
+    library = build_library(quant.KERNEL_SOURCE, kernel_flags(isa), tmp_path, isa)
+    other = quant.NativeQuant(ctypes.CDLL(str(library)))
+    assert other.isa == isa and not other.vnni and kernel.isa == "avx512-vnni"
     for dtype in (torch.bfloat16, torch.float32):
         norm = RMSNorm(256, 1e-6).to(dtype)
         norm.weight.data = torch.randn(256, generator=torch.Generator().manual_seed(9)).to(dtype)
         for kind, group in LAYOUTS:
             w = random_weight(kind, group, n=32, k=256, seed=kind)
-            for rows in (1, 6, 9):
+            for rows in (1, 6, 9, 17):  # one row, a verify block, a block and a bit, several blocks
                 x = activations(rows, seed=rows, dtype=dtype)
                 for n in (None, norm):  # activations quantized as they are, or RMS-normalised first
-                    assert torch.equal(portable.linear(x, [w], None, norm=n), kernel.linear(x, [w], None, norm=n)), (
+                    assert torch.equal(other.linear(x, [w], None, norm=n), kernel.linear(x, [w], None, norm=n)), (
                         dtype, kind, group, rows, n)
+    # extreme values: full-range weights and activations, where an int16 sum would saturate
+    for kind, group in LAYOUTS:
+        low, high = {4: (0, 16), 5: (-16, 16), 6: (-32, 32), 8: (-128, 128)}[kind]
+        for value in (low, high - 1):
+            values = np.full((16, 64), value)
+            per = 1 if group == 32 and kind != 4 else 256 // group
+            groups = 64 // group
+            d = np.ones((16, -(-groups // per)), np.float16)
+            sub = None if per == 1 else np.ones((16, groups), np.int8)
+            mins = (d, sub) if kind == 4 else (None, None)
+            w = quant.pack(values, d, sub, kind, group, per, *mins)
+            for sign in (1.0, -1.0):
+                x = torch.full((2, 64), sign)
+                assert torch.equal(other.linear(x, [w], None), kernel.linear(x, [w], None)), (kind, value, sign)
+                expected = torch.full((2, 16), sign * 64.0 * (value - (kind == 4)))  # kind 4 subtracts its min 1
+                torch.testing.assert_close(other.linear(x, [w], None), expected, rtol=1e-5, atol=1e-4)
 
 
 @pytest.mark.parametrize(("kind", "group"), LAYOUTS)

@@ -29,6 +29,14 @@
 const int rq_block = BLOCK;
 const int rq_max_rows = MAX_ROWS;
 
+#if defined(__AVX512BF16__) && defined(__AVX512BW__)
+#define RQ_ISA "avx512-bf16"
+#else
+#define RQ_ISA "portable"
+#endif
+/* The instruction set this build's bf16 dot products use (the Python side reports it). */
+const char *rq_isa(void) { return RQ_ISA; }
+
 typedef float vf __attribute__((vector_size(64)));
 typedef int32_t vi __attribute__((vector_size(64)));
 typedef uint32_t vu __attribute__((vector_size(64)));

@@ -44,6 +44,13 @@
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VNNI__)
 #include <immintrin.h>
 #define RQ_VNNI 1
+#define RQ_ISA "avx512-vnni"
+#elif defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
+#include <immintrin.h>
+#define RQ_AVX2 1
+#define RQ_ISA "avx2"
+#else
+#define RQ_ISA "portable"
 #endif
 
 #define TILE 16    /* output columns per tile */
@@ -63,6 +70,9 @@ const int rq_vnni = 1;
 #else
 const int rq_vnni = 0;
 #endif
+
+/* The instruction set this build's dot products use (the Python side reports it). */
+const char *rq_isa(void) { return RQ_ISA; }
 
 static inline float bf16_to_f32(uint16_t h) {
     uint32_t u = (uint32_t)h << 16;
@@ -446,6 +456,204 @@ static inline __attribute__((always_inline)) void tile5(const Block *a, const in
     for (int r = 0; r < R; r++) _mm512_storeu_ps(out + (int64_t)r * TILE, acc[r]);
 }
 
+#elif defined(RQ_AVX2)
+/* AVX2 + FMA (most laptop and desktop CPUs): the VNNI path's integer sums and float steps on
+ * 8 columns at a time (a tile's two halves one after the other). vpdpbusd's u8 x s8 sums of 4
+ * become vpmaddubsw (pairs, saturating to int16) then vpmaddwd by ones, as llama.cpp's AVX2 dot
+ * products do; the operand ranges below keep every int16 below 2^15, so the sums stay exact:
+ *   kind 4: u <= 15, |x| <= 127: 2 * 15 * 127 = 3810 per pair, 8 pairs summed = 30480;
+ *   kind 5: u <= 31: 7874 per pair, 4 summed = 31496;  kind 6: u <= 63: 16002, 2 summed = 32004;
+ *   kind 8: u <= 255 would saturate, so the signed value v = u - 128 is split as |v| <= 128 and
+ *           sign(v) * x (llama.cpp's q8 trick): 2 * 128 * 127 = 32512 per pair, each widened.
+ * Integer sums are exact either way, and every float operation is the VNNI path's, lane by lane
+ * (same products, same fused multiply-adds, same order), so the two builds give the same bits. */
+
+static inline __m256i widen_pairs(__m256i s16) { return _mm256_madd_epi16(s16, _mm256_set1_epi16(1)); }
+
+/* The 8 columns' (of half `half`) scale (or min) of group g in super-block sb. */
+static inline __m256 group_scale8(const uint16_t *d, const int8_t *sub, int sb, int g, int half) {
+    const __m256 top = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(d + (int64_t)sb * TILE + 8 * half)));
+    if (!sub) return top;
+    const __m256i s8 = _mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(sub + (int64_t)g * TILE + 8 * half)));
+    return _mm256_mul_ps(top, _mm256_cvtepi32_ps(s8));
+}
+
+static inline __m256 scale8(const float *expanded, const uint16_t *d, const int8_t *sub, int sb, int g, int half) {
+    return expanded ? _mm256_loadu_ps(expanded + (int64_t)g * TILE + 8 * half) : group_scale8(d, sub, sb, g, half);
+}
+
+static inline __m256i bits_to_4_avx2(__m256i c, int from) {
+    switch (from) {
+    case 0: return _mm256_slli_epi16(c, 4);
+    case 1: return _mm256_slli_epi16(c, 3);
+    case 2: return _mm256_slli_epi16(c, 2);
+    case 3: return _mm256_slli_epi16(c, 1);
+    case 4: return c;
+    case 5: return _mm256_srli_epi16(c, 1);
+    case 6: return _mm256_srli_epi16(c, 2);
+    default: return _mm256_srli_epi16(c, 3);
+    }
+}
+
+static inline __attribute__((always_inline)) void tile4(const Block *a, const int R, const uint8_t *q,
+                                                        const Scales *s, int ng, float *out) {
+    const __m256i low = _mm256_set1_epi8(0x0f);
+    for (int half = 0; half < 2; half++) {
+        __m256 acc[MAX_R];
+        for (int r = 0; r < R; r++) acc[r] = _mm256_setzero_ps();
+        for (int g = 0, sb = 0, in_sb = 0; g < ng; g++) {
+            const uint8_t *qg = q + (int64_t)g * 256 + 32 * half;
+            const int32_t *xg = a->xp + (int64_t)g * 8 * R;
+            _mm_prefetch((const char *)(qg + PF_AHEAD), _MM_HINT_T0);
+            _mm_prefetch((const char *)(qg + PF_AHEAD + 128), _MM_HINT_T0);
+            __m256i s16[MAX_R];
+            for (int r = 0; r < R; r++) s16[r] = _mm256_setzero_si256();
+            for (int h = 0; h < 4; h++) {
+                const __m256i packed = _mm256_loadu_si256((const __m256i *)(qg + 64 * h));
+                const __m256i lo = _mm256_and_si256(packed, low);
+                const __m256i hi = _mm256_and_si256(_mm256_srli_epi16(packed, 4), low);
+                for (int r = 0; r < R; r++) {
+                    s16[r] = _mm256_add_epi16(s16[r], _mm256_maddubs_epi16(lo, _mm256_set1_epi32(xg[h * R + r])));
+                    s16[r] = _mm256_add_epi16(s16[r], _mm256_maddubs_epi16(hi, _mm256_set1_epi32(xg[(4 + h) * R + r])));
+                }
+            }
+            const __m256 sc = scale8(s->scale, s->d, s->sub, sb, g, half);
+            const __m256 mn = scale8(s->min, s->dmin, s->msub, sb, g, half);
+            if (++in_sb == s->per) in_sb = 0, sb++;
+            for (int r = 0; r < R; r++) {
+                const __m256 sr = _mm256_mul_ps(sc, _mm256_set1_ps(a->xs[g * R + r]));
+                acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(widen_pairs(s16[r])), sr, acc[r]);
+                acc[r] = _mm256_fnmadd_ps(mn, _mm256_set1_ps(a->xsb[g * R + r]), acc[r]);
+            }
+        }
+        for (int r = 0; r < R; r++) _mm256_storeu_ps(out + (int64_t)r * TILE + 8 * half, acc[r]);
+    }
+}
+
+static inline __attribute__((always_inline)) void tile8(const Block *a, const int R, const int G, const uint8_t *q,
+                                                        const Scales *s, int ng, float *out) {
+    const __m256i flip = _mm256_set1_epi8((char)0x80);
+    for (int half = 0; half < 2; half++) {
+        __m256 acc[MAX_R];
+        for (int r = 0; r < R; r++) acc[r] = _mm256_setzero_ps();
+        for (int g = 0, sb = 0, in_sb = 0; g < ng; g++) {
+            const uint8_t *qg = q + (int64_t)g * 16 * G + 32 * half;
+            const int32_t *xg = a->xp + (int64_t)g * (G / 4) * R;
+            for (int l = 0; l < 16 * G; l += 128) _mm_prefetch((const char *)(qg + PF_AHEAD + l), _MM_HINT_T0);
+            __m256i iacc[MAX_R];
+            for (int r = 0; r < R; r++) iacc[r] = _mm256_setzero_si256();
+            for (int p = 0; p < G / 4; p++) {
+                const __m256i v = _mm256_xor_si256(_mm256_loadu_si256((const __m256i *)(qg + 64 * p)), flip);
+                const __m256i magnitude = _mm256_abs_epi8(v); /* -128 gives 0x80: 128 as u8 */
+                for (int r = 0; r < R; r++) {
+                    const __m256i x = _mm256_sign_epi8(_mm256_set1_epi32(xg[p * R + r]), v);
+                    iacc[r] = _mm256_add_epi32(iacc[r], widen_pairs(_mm256_maddubs_epi16(magnitude, x)));
+                }
+            }
+            const __m256 sc = scale8(s->scale, s->d, s->sub, sb, g, half);
+            if (++in_sb == s->per) in_sb = 0, sb++;
+            const int b = G == 16 ? g / 2 : g;
+            for (int r = 0; r < R; r++) {
+                const __m256 sr = _mm256_mul_ps(sc, _mm256_set1_ps(a->xs[b * R + r]));
+                acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(iacc[r]), sr, acc[r]);
+            }
+        }
+        for (int r = 0; r < R; r++) _mm256_storeu_ps(out + (int64_t)r * TILE + 8 * half, acc[r]);
+    }
+}
+
+static inline __attribute__((always_inline)) void tile6(const Block *a, const int R, const uint8_t *q,
+                                                        const Scales *s, int ng, float *out) {
+    const __m256i low = _mm256_set1_epi8(0x0f), high = _mm256_set1_epi8(0x30);
+    for (int half = 0; half < 2; half++) {
+        __m256 acc[MAX_R];
+        for (int r = 0; r < R; r++) acc[r] = _mm256_setzero_ps();
+        for (int gp = 0; gp < ng / 2; gp++) {
+            const uint8_t *qg = q + (int64_t)gp * 384 + 32 * half;
+            const int32_t *xg = a->xp + (int64_t)gp * 8 * R;
+            for (int l = 0; l < 384; l += 128) _mm_prefetch((const char *)(qg + PF_AHEAD + l), _MM_HINT_T0);
+            const __m256i c0 = _mm256_loadu_si256((const __m256i *)(qg + 256));
+            const __m256i c1 = _mm256_loadu_si256((const __m256i *)(qg + 320));
+            __m256i i0[MAX_R], i1[MAX_R];
+            for (int r = 0; r < R; r++) {
+                i0[r] = _mm256_set1_epi32(-(a->off16[(2 * gp) * R + r] / 4));
+                i1[r] = _mm256_set1_epi32(-(a->off16[(2 * gp + 1) * R + r] / 4));
+            }
+#pragma GCC unroll 2
+            for (int h = 0; h < 4; h += 2) {
+                __m256i lo[2], hi[2];
+                for (int e = 0; e < 2; e++) {
+                    const __m256i packed = _mm256_loadu_si256((const __m256i *)(qg + 64 * (h + e)));
+                    lo[e] = _mm256_or_si256(_mm256_and_si256(packed, low),
+                                            _mm256_and_si256(bits_to_4_avx2(c0, 2 * (h + e)), high));
+                    hi[e] = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(packed, 4), low),
+                                            _mm256_and_si256(bits_to_4_avx2(c1, 2 * (h + e)), high));
+                }
+                for (int r = 0; r < R; r++) {
+                    const __m256i s0 = _mm256_add_epi16(_mm256_maddubs_epi16(lo[0], _mm256_set1_epi32(xg[h * R + r])),
+                                                        _mm256_maddubs_epi16(lo[1], _mm256_set1_epi32(xg[(h + 1) * R + r])));
+                    const __m256i s1 = _mm256_add_epi16(
+                        _mm256_maddubs_epi16(hi[0], _mm256_set1_epi32(xg[(4 + h) * R + r])),
+                        _mm256_maddubs_epi16(hi[1], _mm256_set1_epi32(xg[(5 + h) * R + r])));
+                    i0[r] = _mm256_add_epi32(i0[r], widen_pairs(s0));
+                    i1[r] = _mm256_add_epi32(i1[r], widen_pairs(s1));
+                }
+            }
+            const int g = 2 * gp;
+            const __m256 sc0 = scale8(s->scale, s->d, s->sub, g / s->per, g, half);
+            const __m256 sc1 = scale8(s->scale, s->d, s->sub, (g + 1) / s->per, g + 1, half);
+            for (int r = 0; r < R; r++) {
+                const __m256 x = _mm256_set1_ps(a->xs[gp * R + r]);
+                acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(i0[r]), _mm256_mul_ps(sc0, x), acc[r]);
+                acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(i1[r]), _mm256_mul_ps(sc1, x), acc[r]);
+            }
+        }
+        for (int r = 0; r < R; r++) _mm256_storeu_ps(out + (int64_t)r * TILE + 8 * half, acc[r]);
+    }
+}
+
+static inline __attribute__((always_inline)) void tile5(const Block *a, const int R, const uint8_t *q,
+                                                        const Scales *s, int ng, float *out) {
+    const __m256i low = _mm256_set1_epi8(0x0f), bit4 = _mm256_set1_epi8(0x10);
+    for (int half = 0; half < 2; half++) {
+        __m256 acc[MAX_R];
+        for (int r = 0; r < R; r++) acc[r] = _mm256_setzero_ps();
+        for (int g = 0; g < ng; g++) {
+            const uint8_t *qg = q + (int64_t)g * 320 + 32 * half;
+            const int32_t *xg = a->xp + (int64_t)g * 8 * R;
+            for (int l = 0; l < 320; l += 128) _mm_prefetch((const char *)(qg + PF_AHEAD + l), _MM_HINT_T0);
+            const __m256i c = _mm256_loadu_si256((const __m256i *)(qg + 256));
+            __m256i iacc[MAX_R], lo_sum[MAX_R], hi_sum[MAX_R];
+            for (int r = 0; r < R; r++) {
+                iacc[r] = _mm256_set1_epi32(-(a->off32[g * R + r] / 8));
+                lo_sum[r] = hi_sum[r] = _mm256_setzero_si256();
+            }
+#pragma GCC unroll 4
+            for (int h = 0; h < 4; h++) {
+                const __m256i packed = _mm256_loadu_si256((const __m256i *)(qg + 64 * h));
+                const __m256i lo = _mm256_or_si256(_mm256_and_si256(packed, low),
+                                                   _mm256_and_si256(bits_to_4_avx2(c, h), bit4));
+                const __m256i hi = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(packed, 4), low),
+                                                   _mm256_and_si256(bits_to_4_avx2(c, 4 + h), bit4));
+                for (int r = 0; r < R; r++) {
+                    lo_sum[r] = _mm256_add_epi16(lo_sum[r], _mm256_maddubs_epi16(lo, _mm256_set1_epi32(xg[h * R + r])));
+                    hi_sum[r] = _mm256_add_epi16(hi_sum[r],
+                                                 _mm256_maddubs_epi16(hi, _mm256_set1_epi32(xg[(4 + h) * R + r])));
+                }
+            }
+            const __m256 sc = scale8(s->scale, s->d, s->sub, g, g, half);
+            for (int r = 0; r < R; r++) {
+                iacc[r] = _mm256_add_epi32(iacc[r], _mm256_add_epi32(widen_pairs(lo_sum[r]), widen_pairs(hi_sum[r])));
+                const __m256 sr = _mm256_mul_ps(sc, _mm256_set1_ps(a->xs[g * R + r]));
+                acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(iacc[r]), sr, acc[r]);
+            }
+        }
+        for (int r = 0; r < R; r++) _mm256_storeu_ps(out + (int64_t)r * TILE + 8 * half, acc[r]);
+    }
+}
+#endif
+
+#if defined(RQ_VNNI) || defined(RQ_AVX2)
 #define DISPATCH(CALL)                                                                                    \
     switch (R) {                                                                                          \
     case 1: CALL(1); break;                                                                               \
