@@ -11,7 +11,9 @@
  * on the thread count. A decode step and a verify pass therefore give bit-identical outputs.
  *
  * GCC vector extensions (16 floats) rather than intrinsics: portable, and the order of every
- * floating-point sum is fixed by the source (no -ffast-math).
+ * floating-point sum is fixed by the source (no -ffast-math, and -ffp-contract=off so that only
+ * the written fused multiply-adds are fused). bf16 K/V take vdpbf16ps on AVX512-BF16; AVX2 and
+ * plain C builds compute exactly what it computes, so every build gives the same bits.
  */
 #include <float.h>
 #include <math.h>

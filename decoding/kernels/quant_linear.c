@@ -2,7 +2,8 @@
  *
  * Why: decoding on a CPU is bound by the bytes of weights read per token; 4-8 bit blocks read
  * 2.5-4x fewer bytes than bf16. Activations are quantized to int8 per 32 values (one float scale
- * each) so the inner products are integer dot products (AVX512-VNNI vpdpbusd: u8 x s8).
+ * each) so the inner products are integer dot products (AVX512-VNNI vpdpbusd: u8 x s8; on AVX2,
+ * vpmaddubsw + vpmaddwd; plain C elsewhere - all three give the same bits).
  *
  * Weight layouts (the Python side builds them; both tile 16 output columns, so one 512-bit
  * vector holds 4 consecutive inputs of each of the 16 columns):
@@ -498,14 +499,14 @@ static inline __m256i bits_to_4_avx2(__m256i c, int from) {
 static inline __attribute__((always_inline)) void tile4(const Block *a, const int R, const uint8_t *q,
                                                         const Scales *s, int ng, float *out) {
     const __m256i low = _mm256_set1_epi8(0x0f);
-    for (int half = 0; half < 2; half++) {
-        __m256 acc[MAX_R];
-        for (int r = 0; r < R; r++) acc[r] = _mm256_setzero_ps();
-        for (int g = 0, sb = 0, in_sb = 0; g < ng; g++) {
+    __m256 accs[2][MAX_R];
+    for (int r = 0; r < R; r++) accs[0][r] = accs[1][r] = _mm256_setzero_ps();
+    for (int g = 0, sb = 0, in_sb = 0; g < ng; g++) {
+        const int32_t *xg = a->xp + (int64_t)g * 8 * R;
+        for (int l = 0; l < 256; l += 64) _mm_prefetch((const char *)(q + (int64_t)g * 256 + PF_AHEAD + l), _MM_HINT_T0);
+        for (int half = 0; half < 2; half++) { /* both halves of a group's lines while they are in L1 */
+            __m256 *acc = accs[half];
             const uint8_t *qg = q + (int64_t)g * 256 + 32 * half;
-            const int32_t *xg = a->xp + (int64_t)g * 8 * R;
-            _mm_prefetch((const char *)(qg + PF_AHEAD), _MM_HINT_T0);
-            _mm_prefetch((const char *)(qg + PF_AHEAD + 128), _MM_HINT_T0);
             __m256i s16[MAX_R];
             for (int r = 0; r < R; r++) s16[r] = _mm256_setzero_si256();
             for (int h = 0; h < 4; h++) {
@@ -519,27 +520,30 @@ static inline __attribute__((always_inline)) void tile4(const Block *a, const in
             }
             const __m256 sc = scale8(s->scale, s->d, s->sub, sb, g, half);
             const __m256 mn = scale8(s->min, s->dmin, s->msub, sb, g, half);
-            if (++in_sb == s->per) in_sb = 0, sb++;
             for (int r = 0; r < R; r++) {
                 const __m256 sr = _mm256_mul_ps(sc, _mm256_set1_ps(a->xs[g * R + r]));
                 acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(widen_pairs(s16[r])), sr, acc[r]);
                 acc[r] = _mm256_fnmadd_ps(mn, _mm256_set1_ps(a->xsb[g * R + r]), acc[r]);
             }
         }
-        for (int r = 0; r < R; r++) _mm256_storeu_ps(out + (int64_t)r * TILE + 8 * half, acc[r]);
+        if (++in_sb == s->per) in_sb = 0, sb++;
     }
+    for (int half = 0; half < 2; half++)
+        for (int r = 0; r < R; r++) _mm256_storeu_ps(out + (int64_t)r * TILE + 8 * half, accs[half][r]);
 }
 
 static inline __attribute__((always_inline)) void tile8(const Block *a, const int R, const int G, const uint8_t *q,
                                                         const Scales *s, int ng, float *out) {
     const __m256i flip = _mm256_set1_epi8((char)0x80);
-    for (int half = 0; half < 2; half++) {
-        __m256 acc[MAX_R];
-        for (int r = 0; r < R; r++) acc[r] = _mm256_setzero_ps();
-        for (int g = 0, sb = 0, in_sb = 0; g < ng; g++) {
+    __m256 accs[2][MAX_R];
+    for (int r = 0; r < R; r++) accs[0][r] = accs[1][r] = _mm256_setzero_ps();
+    for (int g = 0, sb = 0, in_sb = 0; g < ng; g++) {
+        const int32_t *xg = a->xp + (int64_t)g * (G / 4) * R;
+        for (int l = 0; l < 16 * G; l += 64) _mm_prefetch((const char *)(q + (int64_t)g * 16 * G + PF_AHEAD + l), _MM_HINT_T0);
+        const int b = G == 16 ? g / 2 : g;
+        for (int half = 0; half < 2; half++) {
+            __m256 *acc = accs[half];
             const uint8_t *qg = q + (int64_t)g * 16 * G + 32 * half;
-            const int32_t *xg = a->xp + (int64_t)g * (G / 4) * R;
-            for (int l = 0; l < 16 * G; l += 128) _mm_prefetch((const char *)(qg + PF_AHEAD + l), _MM_HINT_T0);
             __m256i iacc[MAX_R];
             for (int r = 0; r < R; r++) iacc[r] = _mm256_setzero_si256();
             for (int p = 0; p < G / 4; p++) {
@@ -551,27 +555,29 @@ static inline __attribute__((always_inline)) void tile8(const Block *a, const in
                 }
             }
             const __m256 sc = scale8(s->scale, s->d, s->sub, sb, g, half);
-            if (++in_sb == s->per) in_sb = 0, sb++;
-            const int b = G == 16 ? g / 2 : g;
             for (int r = 0; r < R; r++) {
                 const __m256 sr = _mm256_mul_ps(sc, _mm256_set1_ps(a->xs[b * R + r]));
                 acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(iacc[r]), sr, acc[r]);
             }
         }
-        for (int r = 0; r < R; r++) _mm256_storeu_ps(out + (int64_t)r * TILE + 8 * half, acc[r]);
+        if (++in_sb == s->per) in_sb = 0, sb++;
     }
+    for (int half = 0; half < 2; half++)
+        for (int r = 0; r < R; r++) _mm256_storeu_ps(out + (int64_t)r * TILE + 8 * half, accs[half][r]);
 }
 
 static inline __attribute__((always_inline)) void tile6(const Block *a, const int R, const uint8_t *q,
                                                         const Scales *s, int ng, float *out) {
     const __m256i low = _mm256_set1_epi8(0x0f), high = _mm256_set1_epi8(0x30);
-    for (int half = 0; half < 2; half++) {
-        __m256 acc[MAX_R];
-        for (int r = 0; r < R; r++) acc[r] = _mm256_setzero_ps();
-        for (int gp = 0; gp < ng / 2; gp++) {
+    __m256 accs[2][MAX_R];
+    for (int r = 0; r < R; r++) accs[0][r] = accs[1][r] = _mm256_setzero_ps();
+    for (int gp = 0; gp < ng / 2; gp++) {
+        for (int half = 0; half < 2; half++) {
+            __m256 *acc = accs[half];
             const uint8_t *qg = q + (int64_t)gp * 384 + 32 * half;
             const int32_t *xg = a->xp + (int64_t)gp * 8 * R;
-            for (int l = 0; l < 384; l += 128) _mm_prefetch((const char *)(qg + PF_AHEAD + l), _MM_HINT_T0);
+            if (half == 0) /* both halves of a group's lines while they are in L1 */
+                for (int l = 0; l < 384; l += 64) _mm_prefetch((const char *)(qg + PF_AHEAD + l), _MM_HINT_T0);
             const __m256i c0 = _mm256_loadu_si256((const __m256i *)(qg + 256));
             const __m256i c1 = _mm256_loadu_si256((const __m256i *)(qg + 320));
             __m256i i0[MAX_R], i1[MAX_R];
@@ -579,24 +585,23 @@ static inline __attribute__((always_inline)) void tile6(const Block *a, const in
                 i0[r] = _mm256_set1_epi32(-(a->off16[(2 * gp) * R + r] / 4));
                 i1[r] = _mm256_set1_epi32(-(a->off16[(2 * gp + 1) * R + r] / 4));
             }
-#pragma GCC unroll 2
-            for (int h = 0; h < 4; h += 2) {
-                __m256i lo[2], hi[2];
-                for (int e = 0; e < 2; e++) {
-                    const __m256i packed = _mm256_loadu_si256((const __m256i *)(qg + 64 * (h + e)));
-                    lo[e] = _mm256_or_si256(_mm256_and_si256(packed, low),
-                                            _mm256_and_si256(bits_to_4_avx2(c0, 2 * (h + e)), high));
-                    hi[e] = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(packed, 4), low),
-                                            _mm256_and_si256(bits_to_4_avx2(c1, 2 * (h + e)), high));
-                }
+            __m256i s0[MAX_R], s1[MAX_R]; /* int16 sums of two steps (u <= 63: at most 32004) */
+#pragma GCC unroll 4 /* h a constant in each copy: bits_to_4_avx2's switch folds to one shift */
+            for (int h = 0; h < 4; h++) {
+                const __m256i packed = _mm256_loadu_si256((const __m256i *)(qg + 64 * h));
+                const __m256i lo = _mm256_or_si256(_mm256_and_si256(packed, low),
+                                                   _mm256_and_si256(bits_to_4_avx2(c0, 2 * h), high));
+                const __m256i hi = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(packed, 4), low),
+                                                   _mm256_and_si256(bits_to_4_avx2(c1, 2 * h), high));
                 for (int r = 0; r < R; r++) {
-                    const __m256i s0 = _mm256_add_epi16(_mm256_maddubs_epi16(lo[0], _mm256_set1_epi32(xg[h * R + r])),
-                                                        _mm256_maddubs_epi16(lo[1], _mm256_set1_epi32(xg[(h + 1) * R + r])));
-                    const __m256i s1 = _mm256_add_epi16(
-                        _mm256_maddubs_epi16(hi[0], _mm256_set1_epi32(xg[(4 + h) * R + r])),
-                        _mm256_maddubs_epi16(hi[1], _mm256_set1_epi32(xg[(5 + h) * R + r])));
-                    i0[r] = _mm256_add_epi32(i0[r], widen_pairs(s0));
-                    i1[r] = _mm256_add_epi32(i1[r], widen_pairs(s1));
+                    const __m256i p0 = _mm256_maddubs_epi16(lo, _mm256_set1_epi32(xg[h * R + r]));
+                    const __m256i p1 = _mm256_maddubs_epi16(hi, _mm256_set1_epi32(xg[(4 + h) * R + r]));
+                    s0[r] = h % 2 ? _mm256_add_epi16(s0[r], p0) : p0;
+                    s1[r] = h % 2 ? _mm256_add_epi16(s1[r], p1) : p1;
+                    if (h % 2) {
+                        i0[r] = _mm256_add_epi32(i0[r], widen_pairs(s0[r]));
+                        i1[r] = _mm256_add_epi32(i1[r], widen_pairs(s1[r]));
+                    }
                 }
             }
             const int g = 2 * gp;
@@ -608,20 +613,22 @@ static inline __attribute__((always_inline)) void tile6(const Block *a, const in
                 acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(i1[r]), _mm256_mul_ps(sc1, x), acc[r]);
             }
         }
-        for (int r = 0; r < R; r++) _mm256_storeu_ps(out + (int64_t)r * TILE + 8 * half, acc[r]);
     }
+    for (int half = 0; half < 2; half++)
+        for (int r = 0; r < R; r++) _mm256_storeu_ps(out + (int64_t)r * TILE + 8 * half, accs[half][r]);
 }
 
 static inline __attribute__((always_inline)) void tile5(const Block *a, const int R, const uint8_t *q,
                                                         const Scales *s, int ng, float *out) {
     const __m256i low = _mm256_set1_epi8(0x0f), bit4 = _mm256_set1_epi8(0x10);
-    for (int half = 0; half < 2; half++) {
-        __m256 acc[MAX_R];
-        for (int r = 0; r < R; r++) acc[r] = _mm256_setzero_ps();
-        for (int g = 0; g < ng; g++) {
+    __m256 accs[2][MAX_R];
+    for (int r = 0; r < R; r++) accs[0][r] = accs[1][r] = _mm256_setzero_ps();
+    for (int g = 0; g < ng; g++) {
+        for (int l = 0; l < 320; l += 64) _mm_prefetch((const char *)(q + (int64_t)g * 320 + PF_AHEAD + l), _MM_HINT_T0);
+        for (int half = 0; half < 2; half++) {
+            __m256 *acc = accs[half];
             const uint8_t *qg = q + (int64_t)g * 320 + 32 * half;
             const int32_t *xg = a->xp + (int64_t)g * 8 * R;
-            for (int l = 0; l < 320; l += 128) _mm_prefetch((const char *)(qg + PF_AHEAD + l), _MM_HINT_T0);
             const __m256i c = _mm256_loadu_si256((const __m256i *)(qg + 256));
             __m256i iacc[MAX_R], lo_sum[MAX_R], hi_sum[MAX_R];
             for (int r = 0; r < R; r++) {
@@ -648,8 +655,9 @@ static inline __attribute__((always_inline)) void tile5(const Block *a, const in
                 acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(iacc[r]), sr, acc[r]);
             }
         }
-        for (int r = 0; r < R; r++) _mm256_storeu_ps(out + (int64_t)r * TILE + 8 * half, acc[r]);
     }
+    for (int half = 0; half < 2; half++)
+        for (int r = 0; r < R; r++) _mm256_storeu_ps(out + (int64_t)r * TILE + 8 * half, accs[half][r]);
 }
 #endif
 
