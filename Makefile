@@ -12,7 +12,7 @@ export ANONYMIZED_TELEMETRY := False
 export TOKENIZERS_PARALLELISM := false
 DEMO_QUESTION := $(shell cat data/demo_question.txt)
 
-.PHONY: demo test install models models-test browser peers ui bench bench-ttft bench-retrieval eval lint clean
+.PHONY: demo test install models models-test browser peers peers-avx2 ui bench bench-ttft bench-retrieval eval lint clean
 
 demo: install models
 	.venv/bin/ask "$(DEMO_QUESTION)" --docs data/R-data.pdf
@@ -45,16 +45,29 @@ browser:
 
 # llama.cpp, the CPU peer in bench.decode: the source that llama-cpp-python vendors (PyPI sdist), built
 # with the system cmake/gcc for this CPU into $RAPIDQA_HOME/peers. Optional: demo and test never need it.
+# peers-avx2 builds a second copy for AVX2 + FMA only (no AVX-512), the peer of RAPIDQA_KERNEL_ISA=avx2
+# (bench.isa), into $RAPIDQA_HOME/peers/llama.cpp-avx2.
 LLAMA_CPP_PYTHON := 0.3.36
+PEERS_DIR = $${RAPIDQA_HOME:-$$HOME/.cache/rapidqa}/peers
+LLAMA_CPP_SRC = $(PEERS_DIR)/llama_cpp_python-$(LLAMA_CPP_PYTHON)
+LLAMA_CPP_CMAKE = -DLLAMA_CURL=OFF -DLLAMA_BUILD_TESTS=OFF -DCMAKE_BUILD_TYPE=Release
+LLAMA_CPP_AVX2 = -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_BMI2=ON \
+	-DGGML_AVX_VNNI=OFF -DGGML_AVX512=OFF -DGGML_AVX512_VBMI=OFF -DGGML_AVX512_VNNI=OFF -DGGML_AVX512_BF16=OFF \
+	-DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF -DGGML_AMX_BF16=OFF
+define build_llama_cpp # $(1): build folder name, $(2): link name, $(3): cmake options
+	mkdir -p "$(PEERS_DIR)" && \
+	{ test -d "$(LLAMA_CPP_SRC)" || { $(PIP) download --no-deps --no-binary :all: \
+	    llama-cpp-python==$(LLAMA_CPP_PYTHON) -d "$(PEERS_DIR)" && tar -xzf "$(LLAMA_CPP_SRC).tar.gz" -C "$(PEERS_DIR)"; }; } && \
+	cmake -S "$(LLAMA_CPP_SRC)/vendor/llama.cpp" -B "$(LLAMA_CPP_SRC)/$(1)" $(3) $(LLAMA_CPP_CMAKE) >/dev/null && \
+	cmake --build "$(LLAMA_CPP_SRC)/$(1)" -j2 --target llama-completion llama-speculative-simple && \
+	ln -sfn "$(LLAMA_CPP_SRC)/$(1)" "$(PEERS_DIR)/$(2)"
+endef
+
 peers: install
-	dir="$${RAPIDQA_HOME:-$$HOME/.cache/rapidqa}/peers"; src="$$dir/llama_cpp_python-$(LLAMA_CPP_PYTHON)"; \
-	mkdir -p "$$dir" && \
-	{ test -d "$$src" || { $(PIP) download --no-deps --no-binary :all: llama-cpp-python==$(LLAMA_CPP_PYTHON) \
-	    -d "$$dir" && tar -xzf "$$src.tar.gz" -C "$$dir"; }; } && \
-	cmake -S "$$src/vendor/llama.cpp" -B "$$src/build" -DGGML_NATIVE=ON -DLLAMA_CURL=OFF -DLLAMA_BUILD_TESTS=OFF \
-	    -DCMAKE_BUILD_TYPE=Release >/dev/null && \
-	cmake --build "$$src/build" -j2 --target llama-completion llama-speculative-simple && \
-	ln -sfn "$$src/build" "$$dir/llama.cpp"
+	$(call build_llama_cpp,build,llama.cpp,-DGGML_NATIVE=ON)
+
+peers-avx2: install
+	$(call build_llama_cpp,build-avx2,llama.cpp-avx2,$(LLAMA_CPP_AVX2))
 
 ui: install models
 	.venv/bin/ask serve --index $${RAPIDQA_INDEX:-$${RAPIDQA_HOME:-$$HOME/.cache/rapidqa}/index}

@@ -4,8 +4,9 @@ Both take q [T, H, D] and the cache's valid K/V [H_kv, S, D] (the last T slots b
 tokens, causally masked) and return [n, H * D] for the first n queries.
 
 The C kernel (kernels/attention.c) is compiled once per machine with the system's C compiler
-and loaded with ctypes; without a compiler, on a GPU, or with RAPIDQA_NATIVE_ATTENTION=0, the
-torch path runs instead. The kernel takes prefill chunks too, a few query tokens per call: it
+and loaded with ctypes (decoding/kernel_build.py); without a compiler, on a GPU, or with
+RAPIDQA_NATIVE_ATTENTION=0, the torch path runs instead (decoding/engine_info.py says so).
+The kernel takes prefill chunks too, a few query tokens per call: it
 measured faster than torch's SDPA path (which repeats K/V per query head) for chunks of every size
 and depth tried (README, `python -m bench.prefill_depth`).
 """
@@ -14,21 +15,16 @@ from __future__ import annotations
 
 import ctypes
 import functools
-import hashlib
-import os
-import platform
-import shutil
-import subprocess
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
+from decoding.kernel_build import build_library, kernel_flags, load_kernel
+
 SMALL_T = 32  # up to this many new tokens, the torch path uses the grouped matmul, beyond it SDPA
 KERNEL_SOURCE = Path(__file__).with_name("kernels") / "attention.c"
-KERNEL_FLAGS = ("-O3", "-march=native", "-fno-math-errno", "-fopenmp", "-shared", "-fPIC")
 KERNEL_HEAD_DIMS = (64, 128, 256)
 
 # attention(q, k, v, n_queries) -> [n_queries, H * D]
@@ -81,6 +77,9 @@ class NativeAttention:
         # The kernel's own constants, so the scratch size and call splitting always match it.
         self.block = ctypes.c_int.in_dll(library, "rq_block").value  # keys per work item
         self.max_rows = ctypes.c_int.in_dll(library, "rq_max_rows").value  # query rows per K/V head per call
+        isa = library.rq_isa
+        isa.restype = ctypes.c_char_p
+        self.isa = isa().decode()  # the instruction set the dot products were built for
 
     def takes(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
         n_kv, _, head_dim = k.shape
@@ -123,56 +122,20 @@ class NativeAttention:
         return out if out.dtype == q.dtype else out.to(q.dtype)
 
 
-def kernel_cache_dir() -> Path:
-    configured = os.environ.get("RAPIDQA_KERNEL_CACHE")
-    if configured:
-        return Path(configured)
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "rapidqa" / "kernels"
-
-
-def _machine_fingerprint() -> str:
-    # -march=native code is only valid on the CPU it was built for: key the build by CPU flags.
-    try:
-        cpuinfo = Path("/proc/cpuinfo").read_text()
-        flags = next((line for line in cpuinfo.splitlines() if line.startswith("flags")), "")
-    except OSError:
-        flags = ""
-    return platform.machine() + flags
-
-
-def build_library(source_path: Path | str, flags: tuple[str, ...], cache_dir: Path, name: str) -> Path:
-    """Compile a C source into cache_dir (once per source, flags and CPU); returns the library."""
-    compiler = shutil.which(os.environ.get("CC", "cc"))
-    if compiler is None:
-        raise RuntimeError("no C compiler found")
-    source = Path(source_path).read_bytes()
-    key = hashlib.sha256(source + " ".join(flags).encode() + _machine_fingerprint().encode()).hexdigest()
-    library = cache_dir / f"{name}-{key[:16]}.so"
-    if library.exists():
-        return library
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=cache_dir) as tmp:
-        built = Path(tmp) / library.name
-        subprocess.run([compiler, *flags, "-o", str(built), str(source_path)], check=True,
-                       capture_output=True, text=True, timeout=300)
-        os.replace(built, library)  # atomic: concurrent builders never load a half-written file
-    return library
-
-
-def build_kernel(cache_dir: Path) -> Path:
+def build_kernel(cache_dir: Path, isa: str = "native") -> Path:
     """Compile attention.c into cache_dir (once per source, flags and CPU); returns the library."""
-    return build_library(KERNEL_SOURCE, KERNEL_FLAGS, cache_dir, "attention")
+    return build_library(KERNEL_SOURCE, kernel_flags(isa), cache_dir, "attention")
 
 
 @functools.cache
+def attention_kernel() -> tuple[NativeAttention | None, str]:
+    """The compiled kernel, or None and why not (switched off, no compiler...): torch runs then."""
+    loaded = load_kernel(KERNEL_SOURCE, "attention", "RAPIDQA_NATIVE_ATTENTION")
+    return (None if loaded.library is None else NativeAttention(loaded.library)), loaded.reason
+
+
 def native_attention() -> NativeAttention | None:
-    """The compiled kernel, or None when it is disabled or cannot be built here (torch runs then)."""
-    if os.environ.get("RAPIDQA_NATIVE_ATTENTION", "1") == "0":
-        return None
-    try:
-        return NativeAttention(ctypes.CDLL(str(build_kernel(kernel_cache_dir()))))
-    except (OSError, RuntimeError, subprocess.SubprocessError):
-        return None
+    return attention_kernel()[0]
 
 
 def attention_for(device: torch.device) -> AttentionFn:

@@ -357,9 +357,45 @@ def load_quantized_state(directory: Path) -> QuantizedState:
                                        meta.get("tied_lm_head") == "True")
 
 
+def check_quantized_state(args: ModelArgs, state: QuantizedState) -> None:
+    """Raise ValueError, naming the tensor, where quantized weights disagree with the config: the
+    kernels take their sizes from the weights and the activations, so a mismatch must stop here."""
+    qkv = (args.n_heads + 2 * args.n_kv_heads) * args.head_dim
+    linears = {"embed": (args.vocab_size, args.dim)}
+    if not state.tied_lm_head:
+        linears["lm_head"] = (args.vocab_size, args.dim)
+    dense = {"norm.weight": args.dim}
+    for i in range(args.n_layers):
+        p = f"layers.{i}."
+        linears |= {p + "qkv": (qkv, args.dim), p + "o_proj": (args.dim, args.n_heads * args.head_dim),
+                    p + "gate_up": (2 * args.intermediate_size, args.dim),
+                    p + "down": (args.dim, args.intermediate_size)}
+        dense |= {p + "attn_norm.weight": args.dim, p + "mlp_norm.weight": args.dim}
+        if args.qkv_bias:
+            dense[p + "qkv.bias"] = qkv
+    extra = sorted(set(state.linears) - set(linears)) + sorted(set(state.dense) - set(dense))
+    if extra:
+        raise ValueError(f"quantized weights hold {extra[0]}, which the config has no place for")
+    for name, (n, k) in linears.items():
+        parts = state.linears.get(name)
+        if not parts:
+            raise ValueError(f"quantized weights lack {name}")
+        for i, w in enumerate(parts):
+            w.check(f"{name}.{i}")
+            if w.k != k:
+                raise ValueError(f"{name}.{i}: takes {w.k} inputs, the config gives {k}")
+        if sum(w.n for w in parts) != n:
+            raise ValueError(f"{name}: {sum(w.n for w in parts)} outputs, the config gives {n}")
+    for name, size in dense.items():
+        t = state.dense.get(name)
+        if t is None or tuple(t.shape) != (size,):
+            raise ValueError(f"{name}: expected ({size},), found {'missing' if t is None else tuple(t.shape)}")
+
+
 def transformer_from_quantized(args: ModelArgs, state: QuantizedState, dtype: torch.dtype) -> Transformer:
     """The engine's model on quantized weights (CPU): QuantLinear everywhere, the embedding table
     kept quantized and dequantized row by row on lookup."""
+    check_quantized_state(args, state)
     with torch.device("meta"):
         model = Transformer(args)
     linears = state.linears
@@ -395,6 +431,11 @@ def quantize_transformer(model: Transformer, kinds: dict[str, int] | None = None
     twin; real models read their values from the GGUF instead). kinds maps a module suffix
     (qkv, o_proj, gate_up, down, embed, lm_head) to 4, 5, 6 or 8; the default is 4. dtype: of the
     activations, norms and KV cache (default: the dense model's)."""
+    return transformer_from_quantized(model.args, quantized_state(model, kinds), dtype or model.dtype)
+
+
+def quantized_state(model: Transformer, kinds: dict[str, int] | None = None) -> QuantizedState:
+    """quantize_transformer's weights, before they become a model."""
     from decoding.quant import quantize
 
     kinds = kinds or {}
@@ -417,5 +458,4 @@ def quantize_transformer(model: Transformer, kinds: dict[str, int] | None = None
             dense[p + "qkv.bias"] = layer.qkv.bias.float()
         dense[p + "attn_norm.weight"] = layer.attn_norm.weight.float()
         dense[p + "mlp_norm.weight"] = layer.mlp_norm.weight.float()
-    state = QuantizedState(linears, {k: v.detach().clone() for k, v in dense.items()}, tied_lm_head=False)
-    return transformer_from_quantized(model.args, state, dtype or model.dtype)
+    return QuantizedState(linears, {k: v.detach().clone() for k, v in dense.items()}, tied_lm_head=False)

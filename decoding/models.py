@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
+from decoding.engine_info import engine_description, warn_once
 from decoding.model import QUANT_FILE, Transformer, load_quantized, load_transformer, quantized_format
 from decoding.quant import QUANT_FORMAT
 
@@ -169,4 +170,6 @@ def load_model(name: str, directory: Path, dtype: torch.dtype, device: torch.dev
         model, weights = load_quantized(directory, dtype), "quantized"
     else:
         model, weights = load_transformer(directory, dtype, str(device)), "dense"
-    return LoadedModel(name, directory, model, tokenizer, stop_ids_for(directory, tokenizer), weights)
+    loaded = LoadedModel(name, directory, model, tokenizer, stop_ids_for(directory, tokenizer), weights)
+    warn_once(engine_description(loaded))  # a slow fallback is said once, on stderr, when a model loads
+    return loaded

@@ -23,7 +23,6 @@ from __future__ import annotations
 import ctypes
 import functools
 import os
-import subprocess
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -32,11 +31,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from decoding.attention import KERNEL_FLAGS, build_library, kernel_cache_dir
+from decoding.kernel_build import load_kernel
 
 QUANT_FORMAT = 5  # bump when the layout below changes, so converted caches are rebuilt
 KERNEL_SOURCE = os.path.join(os.path.dirname(__file__), "kernels", "quant_linear.c")
-QUANT_FLAGS = (*KERNEL_FLAGS, "-ffp-contract=off")
 TILE = 16  # output columns per tile
 
 
@@ -70,14 +68,45 @@ class QuantWeight:
     def meta(self) -> dict[str, int]:
         return {"kind": self.kind, "group": self.group, "n": self.n, "k": self.k, "per": self.per}
 
+    def check(self, name: str) -> None:
+        """Raise ValueError, naming the tensor, unless the layout is one the kernels take and every
+        tensor has the shape and dtype it implies (the kernels trust both: a file that disagrees
+        must be refused here, not read out of bounds)."""
+        if (self.group not in {4: (32,), 5: (32,), 6: (16,), 8: (16, 32)}.get(self.kind, ())
+                or not takes_shape(self.n, self.k) or self.n <= 0 or self.k <= 0 or self.per < 1
+                or (self.kind == 5 and self.per != 1)):
+            raise ValueError(f"{name}: kind {self.kind}, group {self.group}, per {self.per}, {self.n}x{self.k} "
+                             "is not a kernel layout")
+        tiles, groups = self.n // TILE, self.k // self.group
+        supers = -(-groups // self.per)
+        unit_bytes = {4: 256, 5: 320, 6: 384}.get(self.kind, 16 * self.group)
+        scale_shape, sub_shape = (tiles, supers, TILE), (tiles, groups, TILE)
+        expected = {
+            "q": (torch.uint8, (tiles, self.k // 32 if self.kind == 6 else groups, unit_bytes)),
+            "d": (torch.float16, scale_shape),
+            "sub": None if self.per == 1 else (torch.int8, sub_shape),
+            "dmin": (torch.float16, scale_shape) if self.kind == 4 else None,
+            "msub": (torch.int8, sub_shape) if self.kind == 4 and self.per != 1 else None,
+        }
+        for field in _FIELDS:
+            t, want = getattr(self, field), expected[field]
+            if want is None:
+                if t is not None:
+                    raise ValueError(f"{name}.{field}: present, but a kind-{self.kind} weight with per "
+                                     f"{self.per} has none")
+            elif t is None or t.dtype != want[0] or tuple(t.shape) != want[1] or not t.is_contiguous():
+                found = "missing" if t is None else f"{t.dtype} {tuple(t.shape)}"
+                raise ValueError(f"{name}.{field}: expected {want[0]} {want[1]} for a {self.n}x{self.k} "
+                                 f"kind-{self.kind} weight, found {found}")
+
     @property
     def kernel_args(self) -> tuple[int | None, ...]:
-        """q, d, sub, dmin, msub pointers (None where absent), per, kind, group and n, as the C
+        """q, d, sub, dmin, msub pointers (None where absent), per, kind, group, n and k, as the C
         functions take them; formed once and re-formed only if the tensors were replaced."""
         args = self.__dict__.get("_kernel_args")
         if args is None or args[0] != self.q.data_ptr():
             pointers = (None if (t := getattr(self, name)) is None else t.data_ptr() for name in _FIELDS)
-            args = self.__dict__["_kernel_args"] = (*pointers, self.per, self.kind, self.group, self.n)
+            args = self.__dict__["_kernel_args"] = (*pointers, self.per, self.kind, self.group, self.n, self.k)
         return args
 
 
@@ -325,12 +354,15 @@ class NativeQuant:
         self._quantize = library.rq_quantize_rows
         self._quantize.argtypes = [p, i, i, i, p, p, p, p, i, p, ctypes.c_float]
         self._linear = library.rq_linear
-        self._linear.argtypes = [p, p, p, p, i, i, p, p, p, p, p, i, i, i, i, p, p, i, i64, i]
+        self._linear.argtypes = [p, p, p, p, i, i, p, p, p, p, p, i, i, i, i, i, p, p, i, i64, i]
         self._dequantize = library.rq_dequantize
         self._dequantize.argtypes = [p, p, p, p, p, i, i, i, i, i, p, i, p, i, i]
         for fn in (self._quantize, self._linear, self._dequantize):
             fn.restype = ctypes.c_int
         self.vnni = bool(ctypes.c_int.in_dll(library, "rq_vnni").value)
+        isa = library.rq_isa
+        isa.restype = ctypes.c_char_p
+        self.isa = isa().decode()  # the instruction set the dot products were built for
 
     def linear(self, x: torch.Tensor, parts: list[QuantWeight], bias: torch.Tensor | None,
                out_dtype: torch.dtype = torch.float32, norm: nn.Module | None = None) -> torch.Tensor:
@@ -339,6 +371,13 @@ class NativeQuant:
         kernel applies while it quantizes the rows. (Kept lean: a drafter step makes ~100 calls.)"""
         x = x.contiguous()
         rows, k = x.shape
+        widths = {w.k for w in parts}
+        if widths != {k}:
+            # the kernel steps through the weight with the activations' width: a mismatch would read
+            # past the weight's buffer
+            raise ValueError(f"activations have {k} values per row, the weight takes {sorted(widths)}")
+        if bias is not None and bias.numel() != sum(w.n for w in parts):
+            raise ValueError(f"bias has {bias.numel()} values for {sum(w.n for w in parts)} outputs")
         if x.dtype not in (torch.bfloat16, torch.float32):
             x = x.float()
         x_bf16 = x.dtype == torch.bfloat16
@@ -380,21 +419,23 @@ class NativeQuant:
             *w.kernel_args[:6], w.kind, w.group, w.n, w.k, None if index is None else index.data_ptr(), count,
             out.data_ptr(), int(out_bf16), torch.get_num_threads(),
         )
+        if status == 3:
+            raise ValueError(f"row index outside 0..{w.n - 1} for a {w.n}x{w.k} weight")
         if status:
-            raise RuntimeError("quant dequantize rejected its input")
+            raise RuntimeError(f"quant dequantize rejected a {w.n}x{w.k} kind-{w.kind} weight (group {w.group})")
         return out if out.dtype == dtype else out.to(dtype)
 
 
 @functools.cache
+def quant_kernel() -> tuple[NativeQuant | None, str]:
+    """The compiled kernel, or None and why not (switched off, no compiler...): the torch path
+    runs then."""
+    loaded = load_kernel(KERNEL_SOURCE, "quant_linear", "RAPIDQA_NATIVE_QUANT")
+    return (None if loaded.library is None else NativeQuant(loaded.library)), loaded.reason
+
+
 def native_quant() -> NativeQuant | None:
-    """The compiled kernel, or None when disabled or not buildable here (the torch path runs then)."""
-    if os.environ.get("RAPIDQA_NATIVE_QUANT", "1") == "0":
-        return None
-    try:
-        library = build_library(KERNEL_SOURCE, QUANT_FLAGS, kernel_cache_dir(), "quant_linear")
-        return NativeQuant(ctypes.CDLL(str(library)))
-    except (OSError, RuntimeError, subprocess.SubprocessError):
-        return None
+    return quant_kernel()[0]
 
 
 def dequantize(w: QuantWeight, dtype: torch.dtype = torch.float32, cols: torch.Tensor | None = None) -> torch.Tensor:
@@ -452,7 +493,12 @@ class QuantEmbedding(nn.Module):
         return self.weight_q.nbytes
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        return dequantize(self.weight_q, self.dtype, tokens.reshape(-1)).view(*tokens.shape, -1)
+        flat = tokens.reshape(-1)
+        outside = (flat < 0) | (flat >= self.weight_q.n)
+        if outside.any():
+            bad = flat[outside][0]
+            raise ValueError(f"token id {int(bad)} is outside the vocabulary (0..{self.weight_q.n - 1})")
+        return dequantize(self.weight_q, self.dtype, flat).view(*tokens.shape, -1)
 
 
 def quantized_bytes(model: nn.Module) -> int:

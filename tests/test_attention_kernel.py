@@ -66,3 +66,36 @@ def test_build_is_cached_and_loadable(tmp_path) -> None:
     first = build_kernel(tmp_path)
     assert build_kernel(tmp_path) == first and [p.name for p in tmp_path.iterdir()] == [first.name]
     assert ctypes.CDLL(str(first)).rq_attend is not None
+
+
+@pytest.mark.parametrize("isa", ["avx2", "portable"])
+def test_other_builds_give_the_native_builds_bits(kernel: NativeAttention, tmp_path, isa: str) -> None:
+    # CPUs without AVX512-BF16 emulate vdpbf16ps (odd element first, fused, DAZ/FTZ): same bits
+    if kernel.isa != "avx512-bf16":
+        pytest.skip("this machine builds a non-AVX512-BF16 kernel already")
+    other = NativeAttention(ctypes.CDLL(str(build_kernel(tmp_path, isa))))
+    assert other.isa == isa
+    shapes = [  # (n_kv, group, head_dim, keys, new tokens)
+        (2, 6, 128, 4096, 1),  # a decode row over 4K keys (Qwen2.5-1.5B's grouping)
+        (2, 6, 128, 1029, 6),  # a verify block across block boundaries
+        (2, 6, 64, 700, 100),  # a prefill chunk (several calls of up to 64 rows)
+        (4, 1, 128, 513, 3),  # no grouping
+        (1, 8, 256, 40, 5),  # head_dim 256, fewer keys than a step past the new ones
+    ]
+    for dtype, q_dtype in ((torch.bfloat16, torch.bfloat16), (torch.bfloat16, torch.float32), (torch.float32,) * 2):
+        for n_kv, group, head_dim, length, new in shapes:  # fp32 queries give fp32 outputs: every bit shows
+            keys, values = cache_slices(n_kv, length, head_dim, dtype, seed=length)
+            q = torch.randn(new, n_kv * group, head_dim, generator=torch.Generator().manual_seed(new)).to(q_dtype)
+            ours = kernel(q, keys, values, new)
+            assert torch.equal(other(q, keys, values, new), ours), (dtype, q_dtype, n_kv, group, head_dim, length, new)
+    # denormal inputs and results, where vdpbf16ps reads zero (DAZ) and writes zero (FTZ)
+    dims = torch.arange(128) % 4
+    keys, values = cache_slices(2, 300, 128, torch.float32, seed=7)
+    keys = torch.where(dims == 0, keys * 2.0**-130, keys).to(torch.bfloat16)  # denormal key elements...
+    q = torch.randn(2, 12, 128, generator=torch.Generator().manual_seed(8))
+    q = torch.where(dims == 0, q * 2.0**100, q).to(torch.bfloat16).float()  # ...times huge query elements
+    values = torch.where(dims == 1, values * 2.0**-130, values)  # denormal values
+    values = torch.where(dims == 2, values * 2.0**-120, values).to(torch.bfloat16)  # denormal products
+    ours = kernel(q, keys, values, 2)
+    assert torch.equal(other(q, keys, values, 2), ours)
+    assert (ours.view(2, 12, 128)[..., dims == 1] == 0).all()  # DAZ: they add nothing

@@ -167,28 +167,45 @@ def reference_linear(x: torch.Tensor, w: QuantWeight) -> torch.Tensor:
     return (xq * step).view(x.shape[0], -1) @ quant.dequantize_torch(w).double().T
 
 
-def test_portable_build_gives_the_vnni_builds_bits(kernel: quant.NativeQuant, tmp_path: Path) -> None:
-    # machines without AVX512-VNNI compile the plain C loops: they must form the same sums
+@pytest.mark.parametrize("isa", ["avx2", "portable"])
+def test_other_builds_give_the_native_builds_bits(kernel: quant.NativeQuant, tmp_path: Path, isa: str) -> None:
+    # CPUs without AVX512-VNNI compile the AVX2 or the plain C paths: they must form the same sums
     import ctypes
 
-    from decoding.attention import build_library
-    if not kernel.vnni:
-        pytest.skip("this machine builds the portable kernel already")
-    library = build_library(quant.KERNEL_SOURCE, (*quant.QUANT_FLAGS, "-mno-avx512vnni"), tmp_path, "portable")
-    portable = quant.NativeQuant(ctypes.CDLL(str(library)))
-    assert not portable.vnni
+    from decoding.kernel_build import build_library, kernel_flags
     from decoding.model import RMSNorm
 
+    if not kernel.vnni:
+        pytest.skip("this machine builds a non-VNNI kernel already")
+    library = build_library(quant.KERNEL_SOURCE, kernel_flags(isa), tmp_path, isa)
+    other = quant.NativeQuant(ctypes.CDLL(str(library)))
+    assert other.isa == isa and not other.vnni and kernel.isa == "avx512-vnni"
     for dtype in (torch.bfloat16, torch.float32):
         norm = RMSNorm(256, 1e-6).to(dtype)
         norm.weight.data = torch.randn(256, generator=torch.Generator().manual_seed(9)).to(dtype)
         for kind, group in LAYOUTS:
             w = random_weight(kind, group, n=32, k=256, seed=kind)
-            for rows in (1, 6, 9):
+            for rows in (1, 6, 9, 17):  # one row, a verify block, a block and a bit, several blocks
                 x = activations(rows, seed=rows, dtype=dtype)
                 for n in (None, norm):  # activations quantized as they are, or RMS-normalised first
-                    assert torch.equal(portable.linear(x, [w], None, norm=n), kernel.linear(x, [w], None, norm=n)), (
+                    assert torch.equal(other.linear(x, [w], None, norm=n), kernel.linear(x, [w], None, norm=n)), (
                         dtype, kind, group, rows, n)
+    # extreme values: full-range weights and activations, where an int16 sum would saturate
+    for kind, group in LAYOUTS:
+        low, high = {4: (0, 16), 5: (-16, 16), 6: (-32, 32), 8: (-128, 128)}[kind]
+        for value in (low, high - 1):
+            values = np.full((16, 64), value)
+            per = 1 if group == 32 and kind != 4 else 256 // group
+            groups = 64 // group
+            d = np.ones((16, -(-groups // per)), np.float16)
+            sub = None if per == 1 else np.ones((16, groups), np.int8)
+            mins = (d, sub) if kind == 4 else (None, None)
+            w = quant.pack(values, d, sub, kind, group, per, *mins)
+            for sign in (1.0, -1.0):
+                x = torch.full((2, 64), sign)
+                assert torch.equal(other.linear(x, [w], None), kernel.linear(x, [w], None)), (kind, value, sign)
+                expected = torch.full((2, 16), sign * 64.0 * (value - (kind == 4)))  # kind 4 subtracts its min 1
+                torch.testing.assert_close(other.linear(x, [w], None), expected, rtol=1e-5, atol=1e-4)
 
 
 @pytest.mark.parametrize(("kind", "group"), LAYOUTS)
@@ -432,3 +449,70 @@ def test_registry_writes_quantized_weights_from_a_gguf(tmp_path: Path) -> None:
     marker = json.loads((other / QUANT_MARKER).read_text())
     assert marker["file"] is None and "llama" in marker["reason"]  # refused, not approximated
     assert has_quantized(other) and not has_quantized_weights(other)  # known: the dense weights serve
+
+
+# --------------------------------------------------------------------------- sizes at the C boundary
+
+
+def test_linear_refuses_activations_of_another_width(kernel: quant.NativeQuant) -> None:
+    w = random_weight(4, 32, n=32, k=256)
+    with pytest.raises(ValueError, match="224 values per row"):
+        kernel.linear(activations(2, k=224, dtype=torch.float32), [w], None)
+    # the C function checks too: it steps through the weight with the activations' width
+    x = activations(1, k=224, dtype=torch.float32)
+    scratch = torch.zeros(224 * 2, dtype=torch.uint8)
+    xq, xs = scratch.data_ptr(), scratch.data_ptr() + 224
+    bsum, xsb = xs + 224 // 8, xs + 224 // 8 + 224 // 4
+    assert kernel._quantize(x.data_ptr(), 0, 1, 224, xq, xs, bsum, xsb, 1, None, 0.0) == 0
+    y = torch.empty(1, 32)
+    assert kernel._linear(xq, xs, bsum, xsb, 1, 224, *w.kernel_args, None, y.data_ptr(), 0, 32, 1) != 0
+
+
+def test_dequantize_refuses_layouts_it_does_not_take(kernel: quant.NativeQuant) -> None:
+    # a group of 64 would write past the kernel's 32-value scratch; kind 7 has no layout
+    for kind, group in ((8, 64), (7, 32), (5, 16)):
+        w = random_weight(8, 32, n=16, k=64)
+        bad = QuantWeight(kind, group, w.n, w.k, w.q, w.d[:, : w.k // group] if group > 32 else w.d, None, None,
+                          None, 1)
+        with pytest.raises(RuntimeError, match="rejected"):
+            kernel.dequantize(bad, None, torch.float32)
+        with pytest.raises(ValueError, match="not a kernel layout"):
+            bad.check("bad")
+
+
+def test_embedding_refuses_token_ids_outside_the_vocabulary(kernel: quant.NativeQuant) -> None:
+    w = random_weight(8, 32, n=32, k=64)
+    embedding = quant.QuantEmbedding(w, torch.float32)
+    assert torch.equal(embedding(torch.tensor([0, 31])), quant.dequantize_torch(w)[[0, 31]])
+    for bad in (32, -1, 10**6):
+        with pytest.raises(ValueError, match=f"token id {bad} is outside the vocabulary"):
+            embedding(torch.tensor([3, bad]))
+        with pytest.raises(ValueError, match="outside"):  # the C function refuses it as well
+            kernel.dequantize(w, torch.tensor([bad]), torch.float32)
+
+
+@pytest.mark.parametrize("damage", ["narrow down", "short q", "missing sub", "norm size", "extra layer"])
+def test_quantized_weights_that_disagree_with_the_config_are_refused(damage: str) -> None:
+    from decoding.model import quantized_state, transformer_from_quantized
+
+    model = tiny_model(1).model
+    state = quantized_state(model)
+    down = state.linears["layers.0.down"][0]
+    if damage == "narrow down":  # a weight for a smaller intermediate size
+        state.linears["layers.0.down"] = [quant.quantize(torch.randn(down.n, down.k - 32), 4)]
+        name = "layers.0.down.0: takes"
+    elif damage == "short q":  # the file's tensor is shorter than its layout says
+        embed = state.linears["embed"][0]
+        embed.q = embed.q[:-1].contiguous()
+        name = "embed.0.q"
+    elif damage == "missing sub":
+        down.sub = None
+        name = "layers.0.down.0.sub"
+    elif damage == "norm size":
+        state.dense["layers.1.mlp_norm.weight"] = state.dense["layers.1.mlp_norm.weight"][:-1]
+        name = "layers.1.mlp_norm.weight"
+    else:
+        state.linears["layers.9.down"] = [down]
+        name = "layers.9.down"
+    with pytest.raises(ValueError, match=name.replace(".", r"\.")):
+        transformer_from_quantized(model.args, state, torch.float32)

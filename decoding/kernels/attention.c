@@ -11,13 +11,24 @@
  * on the thread count. A decode step and a verify pass therefore give bit-identical outputs.
  *
  * GCC vector extensions (16 floats) rather than intrinsics: portable, and the order of every
- * floating-point sum is fixed by the source (no -ffast-math).
+ * floating-point sum is fixed by the source (no -ffast-math, and -ffp-contract=off so that only
+ * the written fused multiply-adds are fused). bf16 K/V take vdpbf16ps on AVX512-BF16; AVX2 and
+ * plain C builds compute exactly what it computes, so every build gives the same bits.
  */
+#include <float.h>
+#include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
 #if defined(__AVX512BF16__) && defined(__AVX512BW__)
 #include <immintrin.h>
+#define RQ_ISA "avx512-bf16"
+#elif defined(__AVX2__) && defined(__FMA__)
+#include <immintrin.h>
+#define RQ_ISA "avx2"
+#define RQ_AVX2 1
+#else
+#define RQ_ISA "portable"
 #endif
 
 #define BLOCK 512      /* keys per work item */
@@ -28,6 +39,9 @@
 /* Read by the Python binding, which sizes the scratch buffer and splits calls with them. */
 const int rq_block = BLOCK;
 const int rq_max_rows = MAX_ROWS;
+
+/* The instruction set this build's bf16 dot products use (the Python side reports it). */
+const char *rq_isa(void) { return RQ_ISA; }
 
 typedef float vf __attribute__((vector_size(64)));
 typedef int32_t vi __attribute__((vector_size(64)));
@@ -276,6 +290,208 @@ weighted_values_bf16(float scores[][BLOCK], int rows, const uint16_t *v, int64_t
 }
 #else
 #define HAVE_BF16_DOT 0
+
+/* Without AVX512-BF16 the bf16 paths compute what vdpbf16ps computes, bit for bit, so every build
+ * gives the same outputs. Per fp32 lane it performs (Intel's pseudocode; checked on this
+ * instruction): acc = fma(a_odd, b_odd, acc), then acc = fma(a_even, b_even, acc), each a fused
+ * multiply-add rounded to nearest even, with denormal inputs read as zero (DAZ) and denormal
+ * results flushed to zero (FTZ); the bf16 it reads are fp32 with the low 16 bits zero. Its
+ * conversions to bf16 (vcvtneps2bf16) round to nearest even and flush denormals to zero. */
+
+/* fp32 -> bf16 as vcvtneps2bf16 / vcvtne2ps2bf16 do it */
+static inline uint16_t bf16_of(float f) {
+    uint32_t u;
+    memcpy(&u, &f, 4);
+    if ((u & 0x7f800000u) == 0) return (uint16_t)((u >> 16) & 0x8000u); /* zero or denormal: signed zero */
+    if ((u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((u >> 16) | 0x40);
+    u += 0x7fffu + ((u >> 16) & 1u);
+    return (uint16_t)(u >> 16);
+}
+
+static inline float f32_of(uint16_t h) {
+    const uint32_t u = (uint32_t)h << 16;
+    float f;
+    memcpy(&f, &u, 4);
+    return f;
+}
+
+#ifdef RQ_AVX2
+/* The hardware does DAZ and FTZ itself while MXCSR has them set: the dot products below run
+ * between dot_mode_on and dot_mode_off, in functions of their own (noinline), so no other float
+ * operation of the caller runs in that mode. MXCSR is per thread. */
+static inline unsigned int dot_mode_on(void) {
+    const unsigned int saved = _mm_getcsr();
+    _mm_setcsr(saved | 0x8040u); /* FTZ (bit 15) and DAZ (bit 6) */
+    return saved;
+}
+static inline void dot_mode_off(unsigned int saved) { _mm_setcsr(saved); }
+
+/* The bf16 pairs of 8 consecutive 32-bit words of 8 keys, transposed: r[p] lane t = pair p of key t. */
+static inline void transpose8(__m256i r[8]) {
+    __m256i t[8], u[8];
+    for (int i = 0; i < 4; ++i) {
+        t[2 * i] = _mm256_unpacklo_epi32(r[2 * i], r[2 * i + 1]);
+        t[2 * i + 1] = _mm256_unpackhi_epi32(r[2 * i], r[2 * i + 1]);
+    }
+    for (int g = 0; g < 2; ++g) {
+        u[4 * g] = _mm256_unpacklo_epi64(t[4 * g], t[4 * g + 2]);
+        u[4 * g + 1] = _mm256_unpackhi_epi64(t[4 * g], t[4 * g + 2]);
+        u[4 * g + 2] = _mm256_unpacklo_epi64(t[4 * g + 1], t[4 * g + 3]);
+        u[4 * g + 3] = _mm256_unpackhi_epi64(t[4 * g + 1], t[4 * g + 3]);
+    }
+    for (int c = 0; c < 4; ++c) {
+        r[c] = _mm256_permute2x128_si256(u[c], u[4 + c], 0x20);
+        r[4 + c] = _mm256_permute2x128_si256(u[c], u[4 + c], 0x31);
+    }
+}
+
+#define AVX2_ROWS 4 /* rows whose dot products run side by side (independent chains of fmas) */
+
+/* raw[r][t] = q_r . key t (before the scale) for the `steps` keys from `first`, as vdpbf16ps sums
+ * them: lane t of a vector is key t, pairs in order, odd element first. Runs in dot mode. */
+__attribute__((noinline)) static void dot_keys_avx2(const float (*qo)[MAX_VECS * 8], const float (*qe)[MAX_VECS * 8],
+                                                    int rows, const uint16_t *first, int steps, int head_dim,
+                                                    float raw[][KEY_STEP]) {
+    const int pairs = head_dim / 2;
+    __m256 ko[2][MAX_VECS * 8], ke[2][MAX_VECS * 8]; /* [8-key half][pair]: odd and even elements as fp32 */
+    const __m256i high = _mm256_set1_epi32((int)0xffff0000u);
+    for (int half = 0; half < 2; ++half)
+        for (int c = 0; c < pairs / 8; ++c) {
+            __m256i r[8];
+            for (int t = 0; t < 8; ++t)
+                r[t] = 8 * half + t < steps
+                           ? _mm256_loadu_si256((const __m256i *)(first + (int64_t)(8 * half + t) * head_dim + c * 16))
+                           : _mm256_setzero_si256();
+            transpose8(r);
+            for (int p = 0; p < 8; ++p) {
+                ko[half][8 * c + p] = _mm256_castsi256_ps(_mm256_and_si256(r[p], high));
+                ke[half][8 * c + p] = _mm256_castsi256_ps(_mm256_slli_epi32(r[p], 16));
+            }
+        }
+    for (int r0 = 0; r0 < rows; r0 += AVX2_ROWS) {
+        const int rn = rows - r0 < AVX2_ROWS ? rows - r0 : AVX2_ROWS;
+        __m256 acc[AVX2_ROWS][2];
+        for (int i = 0; i < AVX2_ROWS; ++i) acc[i][0] = acc[i][1] = _mm256_setzero_ps();
+        for (int p = 0; p < pairs; ++p)
+            for (int i = 0; i < AVX2_ROWS; ++i) {
+                if (i >= rn) break;
+                const __m256 o = _mm256_set1_ps(qo[r0 + i][p]), e = _mm256_set1_ps(qe[r0 + i][p]);
+                acc[i][0] = _mm256_fmadd_ps(e, ke[0][p], _mm256_fmadd_ps(o, ko[0][p], acc[i][0]));
+                acc[i][1] = _mm256_fmadd_ps(e, ke[1][p], _mm256_fmadd_ps(o, ko[1][p], acc[i][1]));
+            }
+        for (int i = 0; i < rn; ++i) {
+            _mm256_storeu_ps(&raw[r0 + i][0], acc[i][0]);
+            _mm256_storeu_ps(&raw[r0 + i][8], acc[i][1]);
+        }
+    }
+}
+
+/* out_r += p_r . values over the `steps` keys from `first`, as vdpbf16ps sums pairs of keys:
+ * per output lane, key 2u + 1 then key 2u. pb: the rows' probabilities as bf16 [row][KEY_STEP]
+ * (zero past steps). Runs in dot mode. */
+__attribute__((noinline)) static void dot_values_avx2(const uint16_t (*pb)[KEY_STEP], int rows, const uint16_t *first,
+                                                      int steps, int head_dim, float *partial) {
+    const int nv = head_dim / 8;
+    __m256 vf[KEY_STEP][MAX_VECS * 2];
+    for (int t = 0; t < KEY_STEP; ++t)
+        for (int c = 0; c < nv; ++c)
+            vf[t][c] = t < steps ? _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128(
+                                       (const __m128i *)(first + (int64_t)t * head_dim + c * 8))), 16))
+                                 : _mm256_setzero_ps();
+    for (int r = 0; r < rows; ++r) {
+        float *out = partial + (int64_t)r * (head_dim + 2) + 2;
+        for (int c0 = 0; c0 < nv; c0 += 8) {
+            __m256 acc[8];
+            for (int c = 0; c < 8; ++c) acc[c] = _mm256_loadu_ps(out + (c0 + c) * 8);
+            for (int u = 0; u < KEY_STEP / 2; ++u) {
+                if (2 * u >= steps) break;
+                const __m256 po = _mm256_set1_ps(f32_of(pb[r][2 * u + 1])), pe = _mm256_set1_ps(f32_of(pb[r][2 * u]));
+                for (int c = 0; c < 8; ++c)
+                    acc[c] = _mm256_fmadd_ps(pe, vf[2 * u][c0 + c], _mm256_fmadd_ps(po, vf[2 * u + 1][c0 + c], acc[c]));
+            }
+            for (int c = 0; c < 8; ++c) _mm256_storeu_ps(out + (c0 + c) * 8, acc[c]);
+        }
+    }
+}
+#else
+/* One vdpbf16ps lane step in plain C: DAZ on the inputs, one rounding, FTZ on the result. */
+static inline float flush(float x) { return fabsf(x) < FLT_MIN ? copysignf(0.0f, x) : x; }
+static inline float dot_step(float acc, float a, float b) { return flush(fmaf(flush(a), flush(b), flush(acc))); }
+
+static void dot_keys_plain(const float (*qo)[MAX_VECS * 8], const float (*qe)[MAX_VECS * 8], int rows,
+                           const uint16_t *first, int steps, int head_dim, float raw[][KEY_STEP]) {
+    for (int r = 0; r < rows; ++r)
+        for (int t = 0; t < KEY_STEP; ++t) {
+            float acc = 0.0f;
+            if (t < steps)
+                for (int p = 0; p < head_dim / 2; ++p) {
+                    acc = dot_step(acc, qo[r][p], f32_of(first[(int64_t)t * head_dim + 2 * p + 1]));
+                    acc = dot_step(acc, qe[r][p], f32_of(first[(int64_t)t * head_dim + 2 * p]));
+                }
+            raw[r][t] = acc;
+        }
+}
+
+static void dot_values_plain(const uint16_t (*pb)[KEY_STEP], int rows, const uint16_t *first, int steps, int head_dim,
+                             float *partial) {
+    for (int r = 0; r < rows; ++r) {
+        float *out = partial + (int64_t)r * (head_dim + 2) + 2;
+        for (int d = 0; d < head_dim; ++d) {
+            float acc = out[d];
+            for (int u = 0; 2 * u < steps; ++u) {
+                const float odd = 2 * u + 1 < steps ? f32_of(first[(int64_t)(2 * u + 1) * head_dim + d]) : 0.0f;
+                acc = dot_step(acc, f32_of(pb[r][2 * u + 1]), odd);
+                acc = dot_step(acc, f32_of(pb[r][2 * u]), f32_of(first[(int64_t)(2 * u) * head_dim + d]));
+            }
+            out[d] = acc;
+        }
+    }
+}
+#endif
+
+/* scores_bf16 of the AVX512-BF16 build, emulated (see above) */
+static void scores_bf16(const float *q, int rows, const uint16_t *k, int64_t begin, int64_t n, float scale,
+                        float scores[][BLOCK], const int head_dim) {
+    float qo[MAX_ROWS][MAX_VECS * 8], qe[MAX_ROWS][MAX_VECS * 8]; /* q rounded to bf16, odd and even elements */
+    for (int r = 0; r < rows; ++r)
+        for (int p = 0; p < head_dim / 2; ++p) {
+            qo[r][p] = f32_of(bf16_of(q[(int64_t)r * head_dim + 2 * p + 1]));
+            qe[r][p] = f32_of(bf16_of(q[(int64_t)r * head_dim + 2 * p]));
+        }
+    float raw[MAX_ROWS][KEY_STEP];
+    for (int64_t j0 = 0; j0 < n; j0 += KEY_STEP) {
+        const int steps = n - j0 < KEY_STEP ? (int)(n - j0) : KEY_STEP;
+#ifdef RQ_AVX2
+        const unsigned int saved = dot_mode_on();
+        dot_keys_avx2((const float(*)[MAX_VECS * 8])qo, (const float(*)[MAX_VECS * 8])qe, rows,
+                      k + (begin + j0) * head_dim, steps, head_dim, raw);
+        dot_mode_off(saved);
+#else
+        dot_keys_plain((const float(*)[MAX_VECS * 8])qo, (const float(*)[MAX_VECS * 8])qe, rows,
+                       k + (begin + j0) * head_dim, steps, head_dim, raw);
+#endif
+        for (int r = 0; r < rows; ++r)
+            for (int t = 0; t < KEY_STEP; ++t) scores[r][j0 + t] = t < steps ? raw[r][t] * scale : 0.0f;
+    }
+}
+
+/* weighted_values_bf16 of the AVX512-BF16 build, emulated (see above) */
+static void weighted_values_bf16(float scores[][BLOCK], int rows, const uint16_t *v, int64_t begin, int64_t n,
+                                 float *partial, const int head_dim) {
+    uint16_t pb[MAX_ROWS][KEY_STEP];
+    for (int64_t j0 = 0; j0 < n; j0 += KEY_STEP) {
+        const int steps = n - j0 < KEY_STEP ? (int)(n - j0) : KEY_STEP;
+        for (int r = 0; r < rows; ++r)
+            for (int t = 0; t < KEY_STEP; ++t) pb[r][t] = bf16_of(scores[r][j0 + t]);
+#ifdef RQ_AVX2
+        const unsigned int saved = dot_mode_on();
+        dot_values_avx2((const uint16_t(*)[KEY_STEP])pb, rows, v + (begin + j0) * head_dim, steps, head_dim, partial);
+        dot_mode_off(saved);
+#else
+        dot_values_plain((const uint16_t(*)[KEY_STEP])pb, rows, v + (begin + j0) * head_dim, steps, head_dim, partial);
+#endif
+    }
+}
 #endif
 
 /* One K/V head, keys [begin, end): per row, the running max, the sum of exp and the unnormalised
@@ -287,11 +503,8 @@ attend_block(const float *q, int rows, const void *k, const void *v, const int32
     const int64_t n = end - begin;
     const int64_t padded = (n + 15) & ~(int64_t)15;
 
-#if HAVE_BF16_DOT
     if (bf16) scores_bf16(q, rows, (const uint16_t *)k, begin, n, scale, scores, head_dim);
-    else
-#endif
-    scores_generic(q, rows, k, begin, n, scale, scores, head_dim, bf16);
+    else scores_generic(q, rows, k, begin, n, scale, scores, head_dim, bf16);
 
     const vi lane = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
     for (int r = 0; r < rows; ++r) {
@@ -320,11 +533,8 @@ attend_block(const float *q, int rows, const void *k, const void *v, const int32
         memset(out + 2, 0, sizeof(float) * head_dim);
     }
 
-#if HAVE_BF16_DOT
     if (bf16) weighted_values_bf16(scores, rows, (const uint16_t *)v, begin, n, partial, head_dim);
-    else
-#endif
-    weighted_values_generic(scores, rows, v, begin, n, partial, head_dim, bf16);
+    else weighted_values_generic(scores, rows, v, begin, n, partial, head_dim, bf16);
 }
 
 #define BLOCK_VARIANT(D, NAME, BF16)                                                                  \

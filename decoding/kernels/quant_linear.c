@@ -2,7 +2,8 @@
  *
  * Why: decoding on a CPU is bound by the bytes of weights read per token; 4-8 bit blocks read
  * 2.5-4x fewer bytes than bf16. Activations are quantized to int8 per 32 values (one float scale
- * each) so the inner products are integer dot products (AVX512-VNNI vpdpbusd: u8 x s8).
+ * each) so the inner products are integer dot products (AVX512-VNNI vpdpbusd: u8 x s8; on AVX2,
+ * vpmaddubsw + vpmaddwd; plain C elsewhere - all three give the same bits).
  *
  * Weight layouts (the Python side builds them; both tile 16 output columns, so one 512-bit
  * vector holds 4 consecutive inputs of each of the 16 columns):
@@ -44,6 +45,13 @@
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VNNI__)
 #include <immintrin.h>
 #define RQ_VNNI 1
+#define RQ_ISA "avx512-vnni"
+#elif defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
+#include <immintrin.h>
+#define RQ_AVX2 1
+#define RQ_ISA "avx2"
+#else
+#define RQ_ISA "portable"
 #endif
 
 #define TILE 16    /* output columns per tile */
@@ -63,6 +71,9 @@ const int rq_vnni = 1;
 #else
 const int rq_vnni = 0;
 #endif
+
+/* The instruction set this build's dot products use (the Python side reports it). */
+const char *rq_isa(void) { return RQ_ISA; }
 
 static inline float bf16_to_f32(uint16_t h) {
     uint32_t u = (uint32_t)h << 16;
@@ -446,6 +457,211 @@ static inline __attribute__((always_inline)) void tile5(const Block *a, const in
     for (int r = 0; r < R; r++) _mm512_storeu_ps(out + (int64_t)r * TILE, acc[r]);
 }
 
+#elif defined(RQ_AVX2)
+/* AVX2 + FMA (most laptop and desktop CPUs): the VNNI path's integer sums and float steps on
+ * 8 columns at a time (a tile's two halves one after the other). vpdpbusd's u8 x s8 sums of 4
+ * become vpmaddubsw (pairs, saturating to int16) then vpmaddwd by ones, as llama.cpp's AVX2 dot
+ * products do; the operand ranges below keep every int16 below 2^15, so the sums stay exact:
+ *   kind 4: u <= 15, |x| <= 127: 2 * 15 * 127 = 3810 per pair, 8 pairs summed = 30480;
+ *   kind 5: u <= 31: 7874 per pair, 4 summed = 31496;  kind 6: u <= 63: 16002, 2 summed = 32004;
+ *   kind 8: u <= 255 would saturate, so the signed value v = u - 128 is split as |v| <= 128 and
+ *           sign(v) * x (llama.cpp's q8 trick): 2 * 128 * 127 = 32512 per pair, each widened.
+ * Integer sums are exact either way, and every float operation is the VNNI path's, lane by lane
+ * (same products, same fused multiply-adds, same order), so the two builds give the same bits. */
+
+static inline __m256i widen_pairs(__m256i s16) { return _mm256_madd_epi16(s16, _mm256_set1_epi16(1)); }
+
+/* The 8 columns' (of half `half`) scale (or min) of group g in super-block sb. */
+static inline __m256 group_scale8(const uint16_t *d, const int8_t *sub, int sb, int g, int half) {
+    const __m256 top = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(d + (int64_t)sb * TILE + 8 * half)));
+    if (!sub) return top;
+    const __m256i s8 = _mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(sub + (int64_t)g * TILE + 8 * half)));
+    return _mm256_mul_ps(top, _mm256_cvtepi32_ps(s8));
+}
+
+static inline __m256 scale8(const float *expanded, const uint16_t *d, const int8_t *sub, int sb, int g, int half) {
+    return expanded ? _mm256_loadu_ps(expanded + (int64_t)g * TILE + 8 * half) : group_scale8(d, sub, sb, g, half);
+}
+
+static inline __m256i bits_to_4_avx2(__m256i c, int from) {
+    switch (from) {
+    case 0: return _mm256_slli_epi16(c, 4);
+    case 1: return _mm256_slli_epi16(c, 3);
+    case 2: return _mm256_slli_epi16(c, 2);
+    case 3: return _mm256_slli_epi16(c, 1);
+    case 4: return c;
+    case 5: return _mm256_srli_epi16(c, 1);
+    case 6: return _mm256_srli_epi16(c, 2);
+    default: return _mm256_srli_epi16(c, 3);
+    }
+}
+
+static inline __attribute__((always_inline)) void tile4(const Block *a, const int R, const uint8_t *q,
+                                                        const Scales *s, int ng, float *out) {
+    const __m256i low = _mm256_set1_epi8(0x0f);
+    __m256 accs[2][MAX_R];
+    for (int r = 0; r < R; r++) accs[0][r] = accs[1][r] = _mm256_setzero_ps();
+    for (int g = 0, sb = 0, in_sb = 0; g < ng; g++) {
+        const int32_t *xg = a->xp + (int64_t)g * 8 * R;
+        for (int l = 0; l < 256; l += 64) _mm_prefetch((const char *)(q + (int64_t)g * 256 + PF_AHEAD + l), _MM_HINT_T0);
+        for (int half = 0; half < 2; half++) { /* both halves of a group's lines while they are in L1 */
+            __m256 *acc = accs[half];
+            const uint8_t *qg = q + (int64_t)g * 256 + 32 * half;
+            __m256i s16[MAX_R];
+            for (int r = 0; r < R; r++) s16[r] = _mm256_setzero_si256();
+            for (int h = 0; h < 4; h++) {
+                const __m256i packed = _mm256_loadu_si256((const __m256i *)(qg + 64 * h));
+                const __m256i lo = _mm256_and_si256(packed, low);
+                const __m256i hi = _mm256_and_si256(_mm256_srli_epi16(packed, 4), low);
+                for (int r = 0; r < R; r++) {
+                    s16[r] = _mm256_add_epi16(s16[r], _mm256_maddubs_epi16(lo, _mm256_set1_epi32(xg[h * R + r])));
+                    s16[r] = _mm256_add_epi16(s16[r], _mm256_maddubs_epi16(hi, _mm256_set1_epi32(xg[(4 + h) * R + r])));
+                }
+            }
+            const __m256 sc = scale8(s->scale, s->d, s->sub, sb, g, half);
+            const __m256 mn = scale8(s->min, s->dmin, s->msub, sb, g, half);
+            for (int r = 0; r < R; r++) {
+                const __m256 sr = _mm256_mul_ps(sc, _mm256_set1_ps(a->xs[g * R + r]));
+                acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(widen_pairs(s16[r])), sr, acc[r]);
+                acc[r] = _mm256_fnmadd_ps(mn, _mm256_set1_ps(a->xsb[g * R + r]), acc[r]);
+            }
+        }
+        if (++in_sb == s->per) in_sb = 0, sb++;
+    }
+    for (int half = 0; half < 2; half++)
+        for (int r = 0; r < R; r++) _mm256_storeu_ps(out + (int64_t)r * TILE + 8 * half, accs[half][r]);
+}
+
+static inline __attribute__((always_inline)) void tile8(const Block *a, const int R, const int G, const uint8_t *q,
+                                                        const Scales *s, int ng, float *out) {
+    const __m256i flip = _mm256_set1_epi8((char)0x80);
+    __m256 accs[2][MAX_R];
+    for (int r = 0; r < R; r++) accs[0][r] = accs[1][r] = _mm256_setzero_ps();
+    for (int g = 0, sb = 0, in_sb = 0; g < ng; g++) {
+        const int32_t *xg = a->xp + (int64_t)g * (G / 4) * R;
+        for (int l = 0; l < 16 * G; l += 64) _mm_prefetch((const char *)(q + (int64_t)g * 16 * G + PF_AHEAD + l), _MM_HINT_T0);
+        const int b = G == 16 ? g / 2 : g;
+        for (int half = 0; half < 2; half++) {
+            __m256 *acc = accs[half];
+            const uint8_t *qg = q + (int64_t)g * 16 * G + 32 * half;
+            __m256i iacc[MAX_R];
+            for (int r = 0; r < R; r++) iacc[r] = _mm256_setzero_si256();
+            for (int p = 0; p < G / 4; p++) {
+                const __m256i v = _mm256_xor_si256(_mm256_loadu_si256((const __m256i *)(qg + 64 * p)), flip);
+                const __m256i magnitude = _mm256_abs_epi8(v); /* -128 gives 0x80: 128 as u8 */
+                for (int r = 0; r < R; r++) {
+                    const __m256i x = _mm256_sign_epi8(_mm256_set1_epi32(xg[p * R + r]), v);
+                    iacc[r] = _mm256_add_epi32(iacc[r], widen_pairs(_mm256_maddubs_epi16(magnitude, x)));
+                }
+            }
+            const __m256 sc = scale8(s->scale, s->d, s->sub, sb, g, half);
+            for (int r = 0; r < R; r++) {
+                const __m256 sr = _mm256_mul_ps(sc, _mm256_set1_ps(a->xs[b * R + r]));
+                acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(iacc[r]), sr, acc[r]);
+            }
+        }
+        if (++in_sb == s->per) in_sb = 0, sb++;
+    }
+    for (int half = 0; half < 2; half++)
+        for (int r = 0; r < R; r++) _mm256_storeu_ps(out + (int64_t)r * TILE + 8 * half, accs[half][r]);
+}
+
+static inline __attribute__((always_inline)) void tile6(const Block *a, const int R, const uint8_t *q,
+                                                        const Scales *s, int ng, float *out) {
+    const __m256i low = _mm256_set1_epi8(0x0f), high = _mm256_set1_epi8(0x30);
+    __m256 accs[2][MAX_R];
+    for (int r = 0; r < R; r++) accs[0][r] = accs[1][r] = _mm256_setzero_ps();
+    for (int gp = 0; gp < ng / 2; gp++) {
+        for (int half = 0; half < 2; half++) {
+            __m256 *acc = accs[half];
+            const uint8_t *qg = q + (int64_t)gp * 384 + 32 * half;
+            const int32_t *xg = a->xp + (int64_t)gp * 8 * R;
+            if (half == 0) /* both halves of a group's lines while they are in L1 */
+                for (int l = 0; l < 384; l += 64) _mm_prefetch((const char *)(qg + PF_AHEAD + l), _MM_HINT_T0);
+            const __m256i c0 = _mm256_loadu_si256((const __m256i *)(qg + 256));
+            const __m256i c1 = _mm256_loadu_si256((const __m256i *)(qg + 320));
+            __m256i i0[MAX_R], i1[MAX_R];
+            for (int r = 0; r < R; r++) {
+                i0[r] = _mm256_set1_epi32(-(a->off16[(2 * gp) * R + r] / 4));
+                i1[r] = _mm256_set1_epi32(-(a->off16[(2 * gp + 1) * R + r] / 4));
+            }
+            __m256i s0[MAX_R], s1[MAX_R]; /* int16 sums of two steps (u <= 63: at most 32004) */
+#pragma GCC unroll 4 /* h a constant in each copy: bits_to_4_avx2's switch folds to one shift */
+            for (int h = 0; h < 4; h++) {
+                const __m256i packed = _mm256_loadu_si256((const __m256i *)(qg + 64 * h));
+                const __m256i lo = _mm256_or_si256(_mm256_and_si256(packed, low),
+                                                   _mm256_and_si256(bits_to_4_avx2(c0, 2 * h), high));
+                const __m256i hi = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(packed, 4), low),
+                                                   _mm256_and_si256(bits_to_4_avx2(c1, 2 * h), high));
+                for (int r = 0; r < R; r++) {
+                    const __m256i p0 = _mm256_maddubs_epi16(lo, _mm256_set1_epi32(xg[h * R + r]));
+                    const __m256i p1 = _mm256_maddubs_epi16(hi, _mm256_set1_epi32(xg[(4 + h) * R + r]));
+                    s0[r] = h % 2 ? _mm256_add_epi16(s0[r], p0) : p0;
+                    s1[r] = h % 2 ? _mm256_add_epi16(s1[r], p1) : p1;
+                    if (h % 2) {
+                        i0[r] = _mm256_add_epi32(i0[r], widen_pairs(s0[r]));
+                        i1[r] = _mm256_add_epi32(i1[r], widen_pairs(s1[r]));
+                    }
+                }
+            }
+            const int g = 2 * gp;
+            const __m256 sc0 = scale8(s->scale, s->d, s->sub, g / s->per, g, half);
+            const __m256 sc1 = scale8(s->scale, s->d, s->sub, (g + 1) / s->per, g + 1, half);
+            for (int r = 0; r < R; r++) {
+                const __m256 x = _mm256_set1_ps(a->xs[gp * R + r]);
+                acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(i0[r]), _mm256_mul_ps(sc0, x), acc[r]);
+                acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(i1[r]), _mm256_mul_ps(sc1, x), acc[r]);
+            }
+        }
+    }
+    for (int half = 0; half < 2; half++)
+        for (int r = 0; r < R; r++) _mm256_storeu_ps(out + (int64_t)r * TILE + 8 * half, accs[half][r]);
+}
+
+static inline __attribute__((always_inline)) void tile5(const Block *a, const int R, const uint8_t *q,
+                                                        const Scales *s, int ng, float *out) {
+    const __m256i low = _mm256_set1_epi8(0x0f), bit4 = _mm256_set1_epi8(0x10);
+    __m256 accs[2][MAX_R];
+    for (int r = 0; r < R; r++) accs[0][r] = accs[1][r] = _mm256_setzero_ps();
+    for (int g = 0; g < ng; g++) {
+        for (int l = 0; l < 320; l += 64) _mm_prefetch((const char *)(q + (int64_t)g * 320 + PF_AHEAD + l), _MM_HINT_T0);
+        for (int half = 0; half < 2; half++) {
+            __m256 *acc = accs[half];
+            const uint8_t *qg = q + (int64_t)g * 320 + 32 * half;
+            const int32_t *xg = a->xp + (int64_t)g * 8 * R;
+            const __m256i c = _mm256_loadu_si256((const __m256i *)(qg + 256));
+            __m256i iacc[MAX_R], lo_sum[MAX_R], hi_sum[MAX_R];
+            for (int r = 0; r < R; r++) {
+                iacc[r] = _mm256_set1_epi32(-(a->off32[g * R + r] / 8));
+                lo_sum[r] = hi_sum[r] = _mm256_setzero_si256();
+            }
+#pragma GCC unroll 4
+            for (int h = 0; h < 4; h++) {
+                const __m256i packed = _mm256_loadu_si256((const __m256i *)(qg + 64 * h));
+                const __m256i lo = _mm256_or_si256(_mm256_and_si256(packed, low),
+                                                   _mm256_and_si256(bits_to_4_avx2(c, h), bit4));
+                const __m256i hi = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(packed, 4), low),
+                                                   _mm256_and_si256(bits_to_4_avx2(c, 4 + h), bit4));
+                for (int r = 0; r < R; r++) {
+                    lo_sum[r] = _mm256_add_epi16(lo_sum[r], _mm256_maddubs_epi16(lo, _mm256_set1_epi32(xg[h * R + r])));
+                    hi_sum[r] = _mm256_add_epi16(hi_sum[r],
+                                                 _mm256_maddubs_epi16(hi, _mm256_set1_epi32(xg[(4 + h) * R + r])));
+                }
+            }
+            const __m256 sc = scale8(s->scale, s->d, s->sub, g, g, half);
+            for (int r = 0; r < R; r++) {
+                iacc[r] = _mm256_add_epi32(iacc[r], _mm256_add_epi32(widen_pairs(lo_sum[r]), widen_pairs(hi_sum[r])));
+                const __m256 sr = _mm256_mul_ps(sc, _mm256_set1_ps(a->xs[g * R + r]));
+                acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(iacc[r]), sr, acc[r]);
+            }
+        }
+    }
+    for (int half = 0; half < 2; half++)
+        for (int r = 0; r < R; r++) _mm256_storeu_ps(out + (int64_t)r * TILE + 8 * half, accs[half][r]);
+}
+#endif
+
+#if defined(RQ_VNNI) || defined(RQ_AVX2)
 #define DISPATCH(CALL)                                                                                    \
     switch (R) {                                                                                          \
     case 1: CALL(1); break;                                                                               \
@@ -544,21 +760,32 @@ static void expand_scales(const Scales *s, int ng, float *scale, float *min) {
     }
 }
 
+/* Nonzero when (kind, group, per, n, k) and the scale pointers do not describe a layout above:
+ * every function that walks a weight checks this first, so a bad call is refused, never run past
+ * a buffer (e.g. a group of more than 32 values would overrun the 32-value scratch of
+ * rq_dequantize). */
+static int bad_layout(int kind, int group, int per, int n, int k, const int8_t *sub, const uint16_t *dmin,
+                      const int8_t *msub) {
+    if (n < 0 || k < 0 || k % QBLOCK || n % TILE || per < 1 || (!sub && per != 1)) return 1;
+    switch (kind) {
+    case 4: return group != 32 || !dmin || !sub != !msub;
+    case 5: return group != 32 || sub || per != 1;
+    case 6: return group != 16;
+    case 8: return group != 16 && group != 32;
+    default: return 1;
+    }
+}
+
 /* y[r, col] (row stride ldy elements; fp32, or bf16 rounded to nearest even as torch rounds
  * when y_bf16) = sum over k of x[r, k] w[col, k] (+ bias[col]), for the n columns of one weight
  * in the layout above; the activations come from rq_quantize_rows. Returns nonzero for shapes it
- * does not take. */
+ * does not take, and when the activations' width k is not the weight's weight_k (the tile offsets
+ * are taken from k). */
 int rq_linear(const int8_t *xq, const float *xs, const int32_t *bsum16, const float *xsb, int rows, int k,
               const uint8_t *q, const uint16_t *d, const int8_t *sub, const uint16_t *dmin, const int8_t *msub,
-              int per, int kind, int group, int n, const float *bias, void *y, int y_bf16, int64_t ldy,
-              int n_threads) {
-    if (k % QBLOCK || n % TILE || (kind != 4 && kind != 5 && kind != 6 && kind != 8) || per < 1 || (!sub && per != 1))
-        return 1;
-    if (kind == 4 && (!dmin || !sub != !msub)) return 1;
-    if ((kind == 4 || kind == 5) && group != 32) return 1;
-    if (kind == 5 && (sub || per != 1)) return 1;
-    if (kind == 6 && group != 16) return 1;
-    if (kind == 8 && group != 16 && group != 32) return 1;
+              int per, int kind, int group, int n, int weight_k, const float *bias, void *y, int y_bf16,
+              int64_t ldy, int n_threads) {
+    if (k != weight_k || bad_layout(kind, group, per, n, k, sub, dmin, msub)) return 1;
     const int ng = k / group, nb = k / QBLOCK, ns = (ng + per - 1) / per;
     const int n_tiles = n / TILE;
     const int n_blocks = (rows + MAX_R - 1) / MAX_R;
@@ -643,20 +870,21 @@ int rq_linear(const int8_t *xq, const float *xs, const int32_t *bsum16, const fl
 }
 
 /* Dequantize columns `cols` (all n when cols is NULL) of a weight into out [count, k], fp32 or
- * bf16. Values equal the GGUF's own dequantization: scale * q - min in fp32, unfused. */
+ * bf16. Values equal the GGUF's own dequantization: scale * q - min in fp32, unfused. Returns 1
+ * for a layout it does not take, 3 when a column is outside 0..n-1 (nothing written then). */
 int rq_dequantize(const uint8_t *q, const uint16_t *d, const int8_t *sub, const uint16_t *dmin, const int8_t *msub,
                   int per, int kind, int group, int n, int k, const int64_t *cols, int count, void *out,
                   int out_bf16, int n_threads) {
-    if (k % group || n % TILE || per < 1 || (!sub && per != 1)) return 1;
-    if (kind == 4 && (!dmin || !sub != !msub)) return 1;
-    if (kind == 6 && (group != 16 || k % 32)) return 1;
-    if (kind == 5 && group != 32) return 1;
+    if (bad_layout(kind, group, per, n, k, sub, dmin, msub) || count < 0 || (!cols && count > n)) return 1;
+    /* every column is checked before any is written: a bad index leaves nothing half done */
+    if (cols)
+        for (int i = 0; i < count; i++)
+            if (cols[i] < 0 || cols[i] >= n) return 3;
     const int ng = k / group, ns = (ng + per - 1) / per;
     const int64_t tile_bytes = tile_bytes_of(kind, group, k);
 #pragma omp parallel for schedule(static) num_threads(n_threads)
     for (int i = 0; i < count; i++) {
         const int64_t col = cols ? cols[i] : i;
-        if (col < 0 || col >= n) continue;
         const int64_t t = col / TILE, j = col % TILE;
         const uint8_t *qt = q + t * tile_bytes;
         for (int g = 0; g < ng; g++) {
