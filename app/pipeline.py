@@ -300,20 +300,38 @@ class Engine:
     def prompts(
         self, question: str, index: HybridIndex, decoding: DecodingSettings, retrieval: RetrievalSettings | None = None
     ) -> tuple[Contexts, Prompt, Prompt]:
-        """retrieval overrides the per-question knobs (budget, floor); chunking is fixed by the index."""
+        """retrieval overrides the per-question knobs (budget, floor); chunking is fixed by the index.
+
+        Every prompt is checked against the window of each model that reads it (ContextTooLongError),
+        and the RAG budget is capped at its readers' smallest window less the answer's room."""
         target = self.target
         room = decoding.max_new_tokens + decoding.gamma + 2
+        long_readers, rag_readers = self.readers(decoding.method)
+        rag_window = min(model.max_positions for model in rag_readers or [target])
         contexts = build_contexts(
             index, question, retrieval or self.settings.retrieval, target.encode,
             max_long_tokens=target.max_positions - room - PROMPT_OVERHEAD_TOKENS, windows=self.windows(index),
+            max_rag_tokens=rag_window - room - PROMPT_OVERHEAD_TOKENS,
         )
         long_prompt = target.prompt(contexts.long_documents or contexts.long_context, question)
-        if len(long_prompt) + room > target.max_positions:
-            raise ContextTooLongError(
-                f"The documents and question take {len(long_prompt)} tokens and the answer needs {room} more, "
-                f"but {target.name} reads at most {target.max_positions}. Remove documents or lower max new tokens."
-            )
-        return contexts, long_prompt, target.prompt(contexts.rag_passages or contexts.rag_context, question)
+        rag_prompt = target.prompt(contexts.rag_passages or contexts.rag_context, question)
+        for model in long_readers:
+            check_window(model, "The documents and question", len(long_prompt), room)
+        for model in rag_readers:
+            check_window(model, "The retrieved passages and question", len(rag_prompt), room)
+        return contexts, long_prompt, rag_prompt
+
+    def readers(self, method: str) -> tuple[list[LoadedModel], list[LoadedModel]]:
+        """The models that read the long prompt and those that read the RAG prompt for a method.
+        The target always counts as a long reader: "Compare with LC" runs it on the documents."""
+        info = method_info(method)
+        drafter = self.model(self.drafter_spec(method)) if info.drafts_with_model else None
+        long_readers, rag_readers = [self.target], []
+        if info.target_reads_rag:
+            rag_readers.append(self.target)
+        if drafter is not None:
+            (rag_readers if info.drafting is Drafting.RAG_MODEL else long_readers).append(drafter)
+        return long_readers, rag_readers
 
     def answer(
         self,
@@ -421,6 +439,14 @@ class Engine:
         if method_info(method).target_reads_rag:
             return f"Reading {len(rag_prompt)} retrieved tokens"
         return f"Reading {len(long_prompt)} tokens of documents (cached prefixes are reused)"
+
+
+def check_window(model: LoadedModel, what: str, tokens: int, room: int) -> None:
+    """A prompt that runs past a model's window, as the user-facing ContextTooLongError."""
+    try:
+        model.check_fits(what, tokens, room)
+    except ValueError as error:
+        raise ContextTooLongError(str(error)) from error
 
 
 def _weights_stamp(directory: Path) -> str:

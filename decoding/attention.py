@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from decoding import rowwise
 from decoding.kernel_build import build_library, kernel_flags, load_kernel
 
 SMALL_T = 32  # up to this many new tokens, the torch path uses the grouped matmul, beyond it SDPA
@@ -50,16 +51,25 @@ def torch_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, n_queries
     # preallocated cache, and a batched matmul copies such a strided batch whole. K @ q^T rather
     # than q @ K^T: with few query rows the CPU bf16 kernel for a transposed right-hand K is ~40x
     # slower.
+    # fp32 on a CPU: rowwise GEMMs, whose query rows do not depend on how many share the call (a
+    # verify row must equal the decode step's); torch.mm's fp32 rows do.
+    invariant = rowwise.takes(q)
     scores = torch.empty(n_kv, rows, s, dtype=torch.float32, device=q.device)
     for h in range(n_kv):
-        scores[h].copy_(torch.mm(k[h], grouped[h].t()).t())
+        if invariant:
+            scores[h].copy_(rowwise.linear(grouped[h], k[h]))
+        else:
+            scores[h].copy_(torch.mm(k[h], grouped[h].t()).t())
     scores.mul_(head_dim**-0.5)
     future = torch.ones(t, t, dtype=torch.bool, device=q.device).triu(1)
     scores.view(n_kv, group, t, s)[..., s - t :].masked_fill_(future, float("-inf"))
     probs = torch.softmax(scores, dim=-1).to(v.dtype)
     out = torch.empty(n_kv, rows, head_dim, dtype=v.dtype, device=q.device)
     for h in range(n_kv):
-        torch.mm(probs[h], v[h], out=out[h])
+        if invariant:
+            out[h].copy_(rowwise.linear(probs[h], v[h].t()))
+        else:
+            torch.mm(probs[h], v[h], out=out[h])
     return out.view(n_kv, group, t, head_dim).permute(2, 0, 1, 3).reshape(t, n_heads * head_dim)[:n_queries]
 
 

@@ -195,6 +195,13 @@ def generate(
     prompt = rag_prompt if info.target_reads_rag and rag_prompt is not None else long_prompt
     stats = Stats(method=method, context_tokens=len(prompt))
     room = settings.max_new_tokens + settings.gamma + 2
+    # Every reader's window, before any token: a drafter is built only after the first one.
+    target.check_fits("The prompt", len(prompt), room)
+    if info.drafts_with_model:
+        reader = target if info.drafter_is_target else drafter or target
+        read = rag_prompt if info.drafting is Drafting.RAG_MODEL else long_prompt
+        assert read is not None
+        reader.check_fits("The drafter's prompt", len(read), room)
 
     t0 = time.perf_counter()
     cache, logits, restored = prefill(target.model, prompt, prefix_cache if info.uses_prefix_cache else None,

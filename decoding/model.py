@@ -15,6 +15,11 @@ real row only and copied), which makes a decode step and a verify pass produce b
 logits for the same token - the attention kernel's rows are independent of the call in the same
 way. The quantized kernel's rows never depend on the row count, so a quantized model runs a
 decode step as one row (min_rows = 1).
+
+The torch ops between the GEMMs must be row-invariant too, at any thread count: fp32 linears run
+through decoding.rowwise (oneDNN) rather than F.linear, and SiLU runs one row per call (swiglu).
+RMSNorm's reduction, RoPE's cos/sin, residual adds and the embedding lookup give a row the same
+bits in any block (tests/test_row_invariance.py checks decode == verify at the 1.5B's widths).
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 from torch import nn
 
+from decoding import rowwise
 from decoding.attention import AttentionFn, attention_for
 from decoding.cache import KVCache
 from decoding.quant import QuantEmbedding, QuantizedState, QuantLinear, QuantWeight, native_quant
@@ -118,7 +124,30 @@ def norm_linear(norm: RMSNorm, linear: nn.Module, x: torch.Tensor) -> torch.Tens
     """linear(norm(x)); a quantized linear applies the norm inside its kernel instead."""
     if isinstance(linear, QuantLinear):
         return linear(x, norm)
-    return linear(norm(x))
+    return apply_linear(linear, norm(x))
+
+
+def apply_linear(linear: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """linear(x); a plain nn.Linear runs through decoding.rowwise, whose fp32 rows do not depend on
+    the row count (F.linear's fp32 CPU GEMM rounds a verify row differently from a decode step)."""
+    if type(linear) is nn.Linear:
+        return rowwise.linear(x, linear.weight, linear.bias)
+    return linear(x)
+
+
+def swiglu(gate_up: torch.Tensor) -> torch.Tensor:
+    """silu(gate) * up for each row of [rows, 2 * intermediate], one SiLU call per row.
+
+    torch's CPU SiLU splits a large tensor across threads at element offsets set by its size and the
+    thread count, and the elements before each split take a scalar exp that rounds differently from
+    the vectorized one. On the whole block, a verify row could then differ from the same row in a
+    one-row decode step. A one-row call is the same computation for every row, whatever the row
+    count or thread count. gate_up is the linear's fresh output, so SiLU runs in place.
+    """
+    gate, up = gate_up.chunk(2, dim=-1)
+    for row in gate:
+        F.silu(row, inplace=True)
+    return gate * up
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -157,9 +186,8 @@ class Block(nn.Module):
         attended = attention(q, keys, values, n_queries)
         if n_queries < t:  # padding rows (see the module docstring) copy the last real row
             attended = torch.cat([attended, attended[-1:].expand(t - n_queries, -1)])
-        x = x + self.o_proj(attended)
-        gate, up = norm_linear(self.mlp_norm, self.gate_up, x).chunk(2, dim=-1)
-        return x + self.down(F.silu(gate) * up)
+        x = x + apply_linear(self.o_proj, attended)
+        return x + apply_linear(self.down, swiglu(norm_linear(self.mlp_norm, self.gate_up, x)))
 
 
 class Transformer(nn.Module):

@@ -73,6 +73,16 @@ class LoadedModel:
     def max_positions(self) -> int:
         return self.model.args.max_positions
 
+    def check_fits(self, what: str, tokens: int, room: int) -> None:
+        """ValueError when a prompt of `tokens`, with `room` for the answer and the drafts, runs past
+        the positions this model was trained on (it would read them with untrained rotations)."""
+        if tokens + room > self.max_positions:
+            raise ValueError(
+                f"{what}: {tokens} tokens, and the answer needs {room} more, but {self.name} reads at most "
+                f"{self.max_positions}. Remove documents, lower max new tokens or gamma, or use a model with a "
+                "longer context."
+            )
+
     @functools.cached_property
     def vocabulary_key(self) -> str:
         """A hash of the token -> id map, computed once: drafter and target must share it."""

@@ -35,8 +35,11 @@ def build_contexts(
     tokenize: Tokenize,
     max_long_tokens: int,
     windows: Sequence[Window] | None = None,
+    max_rag_tokens: int | None = None,
 ) -> Contexts:
-    """windows: the corpus as planned by retrieval.windows.plan_windows; None reads it as one."""
+    """windows: the corpus as planned by retrieval.windows.plan_windows; None reads it as one.
+    max_rag_tokens: what the RAG context's reader holds; caps the budget (|C|/24 outgrows any window
+    on a large enough corpus)."""
     documents = index.documents(in_ingest_order=True)
     if not documents:
         raise EmptyIndexError("No documents are indexed yet: add documents first.")
@@ -50,6 +53,8 @@ def build_contexts(
         corpus_tokens = len(tokenize("\n\n".join(document_texts)))
         _check_fits(corpus_tokens, max_long_tokens)
     budget = rag_budget(corpus_tokens, settings)
+    if max_rag_tokens is not None:
+        budget = min(budget, max_rag_tokens)
     hits = index.search(question, k=_candidates(index, budget, settings))
     # A chunk costs its text, its header line and two newline tokens at most: the budget bounds
     # what the drafter prefills.

@@ -2,34 +2,17 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest
 
 from app.options import quiet_environment
+from tests.resources import LARGE, SMALL, real_models_dir, require_model
 
 quiet_environment()  # before any test imports a library that reads these
 
 REPO = Path(__file__).resolve().parent.parent
-SMALL = "qwen2.5-coder-0.5b"
-LARGE = "qwen2.5-coder-1.5b"
-
-
-def real_models_dir() -> Path:
-    if "RAPIDQA_MODELS_DIR" in os.environ:
-        return Path(os.environ["RAPIDQA_MODELS_DIR"])
-    home = os.environ.get("RAPIDQA_HOME")
-    return Path(home) / "models" if home else Path.home() / ".cache" / "rapidqa" / "models"
-
-
-def require_model(name: str) -> Path:
-    from app.registry import is_ready
-
-    path = real_models_dir() / name
-    if not is_ready(path):
-        pytest.skip(f"{name} is not prepared in {path.parent} (run `make models-test`)")
-    return path
+__all__ = ["LARGE", "SMALL", "real_models_dir", "require_model"]  # test modules import these from here
 
 
 @pytest.fixture(scope="session")

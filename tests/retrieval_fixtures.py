@@ -9,7 +9,6 @@ from __future__ import annotations
 import hashlib
 import io
 import math
-import os
 import re
 from collections.abc import Sequence
 from pathlib import Path
@@ -53,12 +52,6 @@ class HashEmbedder:
         if norm == 0:
             return [1.0] + [0.0] * (self.dims - 1)
         return [v / norm for v in vector]
-
-
-def qwen_tokenizer_dir() -> Path:
-    """Where the app keeps the drafter's files; the one real-tokenizer test skips when absent."""
-    home = Path(os.environ.get("RAPIDQA_HOME", Path.home() / ".cache" / "rapidqa")).expanduser()
-    return home / "models" / "qwen2.5-coder-0.5b"
 
 
 # --- file builders -----------------------------------------------------------------------------

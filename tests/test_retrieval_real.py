@@ -19,7 +19,8 @@ from retrieval.index import HybridIndex
 from retrieval.readers import read_document
 from retrieval.recall import Label, load_labels, recall_at_k
 from retrieval.types import RetrievalSettings
-from tests.retrieval_fixtures import LABELS, R_DATA, R_FAQ, HashEmbedder, qwen_tokenizer_dir, word_tokens
+from tests.resources import SMALL, require_model
+from tests.retrieval_fixtures import LABELS, R_DATA, R_FAQ, HashEmbedder, word_tokens
 
 SETTINGS = RetrievalSettings()  # paper settings: 512-token chunks, similarity floor 0.3
 MB = 1_000_000
@@ -33,7 +34,7 @@ def flat(text: str) -> str:
 def one_thread() -> Iterator[None]:
     """On a small shared CPU, one torch thread embeds queries ~10x faster than two fighting for
     cores with another process; restored afterwards so other test modules are unaffected."""
-    torch = pytest.importorskip("torch")
+    import torch  # a dependency: a missing torch is a broken install, never a skip
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
@@ -131,9 +132,7 @@ def test_reopened_index_answers_like_the_first(index: HybridIndex, index_dir: Pa
 
 
 def test_real_qwen_tokenizer_sizes_chunks_and_contexts(tmp_path: Path) -> None:
-    directory = qwen_tokenizer_dir()
-    if not (directory / "tokenizer.json").is_file():
-        pytest.skip(f"Qwen tokenizer not found in {directory} (set RAPIDQA_HOME)")
+    directory = require_model(SMALL)  # the drafter's tokenizer, where `make test` prepares it
     from tokenizers import Tokenizer
 
     tokenizer = Tokenizer.from_file(str(directory / "tokenizer.json"))

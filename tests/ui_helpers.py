@@ -5,7 +5,6 @@ Kept out of conftest.py (shared with other test suites); the UI test files impor
 
 from __future__ import annotations
 
-import os
 import socket
 import time
 from collections.abc import Iterator
@@ -14,8 +13,6 @@ from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import pytest
-
 from app.config import Limits, ModelSettings, ServerSettings, Settings
 from app.errors import QuestionError
 from app.events import Done, Event, Preparing, Progress, Sources, Status, Token
@@ -23,6 +20,7 @@ from app.speedup import Speedup
 from decoding.settings import DecodingSettings
 from decoding.stats import Stats
 from retrieval.types import Citation, RetrievalSettings
+from tests.resources import SMALL, require_chromium, require_model
 from tests.retrieval_fixtures import HashEmbedder, text_pdf, word_tokens
 
 if TYPE_CHECKING:
@@ -34,8 +32,7 @@ if TYPE_CHECKING:
 REPO = Path(__file__).resolve().parents[1]
 R_DATA = REPO / "data" / "R-data.pdf"
 ARTIFACTS = REPO / "artifacts"
-SMALL_MODEL = "qwen2.5-coder-0.5b"
-CHROMIUM = Path("/usr/bin/chromium")
+SMALL_MODEL = SMALL
 CHROMIUM_ARGS = [
     "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
     "--disable-sync", "--no-first-run", "--disable-quic",
@@ -45,24 +42,9 @@ QUESTION = "Which version of R is this manual for?"
 EXPECTED = "4.2.2"
 
 
-def models_dir() -> Path:
-    """RAPIDQA_MODELS_DIR, else $RAPIDQA_HOME/models, else ~/.cache/rapidqa/models (as CI prepares it)."""
-    if os.environ.get("RAPIDQA_MODELS_DIR"):
-        return Path(os.environ["RAPIDQA_MODELS_DIR"]).expanduser()
-    if os.environ.get("RAPIDQA_HOME"):
-        return Path(os.environ["RAPIDQA_HOME"]).expanduser() / "models"
-    return Path.home() / ".cache" / "rapidqa" / "models"
-
-
 def small_model() -> Path:
-    """The 0.5B model directory, or skip the test saying where it was looked for."""
-    from app.registry import is_ready
-
-    path = models_dir() / SMALL_MODEL
-    if not is_ready(path):
-        pytest.skip(f"{SMALL_MODEL} is not prepared in {path.parent} "
-                    "(set RAPIDQA_MODELS_DIR, or run `make models-test`)")
-    return path
+    """The 0.5B model directory, or skip the test (fail it under CI) saying where it was looked for."""
+    return require_model(SMALL_MODEL)
 
 
 def real_settings(home: Path, model: Path, port: int, max_new_tokens: int = 24) -> Settings:
@@ -124,11 +106,10 @@ def chromium(user_data: Path) -> Iterator[BrowserContext]:
     """Headless Debian Chromium with a fresh profile (Playwright's own browser download is not used)."""
     from playwright.sync_api import sync_playwright
 
-    if not CHROMIUM.exists():
-        pytest.skip(f"{CHROMIUM} is not installed (make installs it)")
+    executable = require_chromium()
     with sync_playwright() as playwright:
         context = playwright.chromium.launch_persistent_context(
-            str(user_data), executable_path=str(CHROMIUM), headless=True, args=CHROMIUM_ARGS,
+            str(user_data), executable_path=str(executable), headless=True, args=CHROMIUM_ARGS,
             viewport={"width": 1500, "height": 1000},
         )
         try:
