@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from decoding.drafters import Draft, Drafter, Focus, build_drafter
+from decoding.engine_info import engine_description
 from decoding.methods import Drafting, method_info
 from decoding.models import LoadedModel, Prompt
 from decoding.prefill import PrefixCacheHooks, prefill
@@ -193,7 +194,7 @@ def generate(
     if info.drafting is Drafting.FOCUS and focus is None:
         raise ValueError(f"method {method!r} needs where the retrieved passages lie in the long prompt")
     prompt = rag_prompt if info.target_reads_rag and rag_prompt is not None else long_prompt
-    stats = Stats(method=method, context_tokens=len(prompt))
+    stats = Stats(method=method, context_tokens=len(prompt), engine=engine_description(target.model))
     room = settings.max_new_tokens + settings.gamma + 2
 
     t0 = time.perf_counter()

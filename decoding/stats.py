@@ -29,6 +29,8 @@ class Stats:
     accepted_lengths: list[int] = field(default_factory=list)  # tokens produced per target pass
     token_times: list[float] = field(default_factory=list)  # decode seconds at each emitted token
     finish_reason: str = ""  # "eos" | "length"
+    # What ran: decoding.engine_info.engine_description of the target (engine, kernels, threads, warning).
+    engine: dict[str, str] = field(default_factory=dict)
 
     # ------------------------------------------------------------------ recorded by the loop
 
