@@ -344,7 +344,7 @@ class Engine:
             target_name = self.settings.models.target
             yield Status(self._prefill_message(decoding.method, long_prompt, rag_prompt))
             stats: Stats | None = None
-            answer = ""
+            answer, token_ids = "", []
             rag_prefix = self._rag_prefix(decoding, index, contexts, rag_prompt)
             if rag_prefix is not None:
                 yield from self._encode_missing_passages(decoding.method, index, contexts, rag_prompt)
@@ -358,7 +358,7 @@ class Engine:
                         event.stats.question_to_first_s = time.perf_counter() - received
                     yield Progress(event.stats, self.lc_reference.speedup(target_name, event.stats))
                 elif isinstance(event, Finished):
-                    stats, answer = event.stats, event.text
+                    stats, answer, token_ids = event.stats, event.text, event.token_ids
             assert stats is not None
             stats.answer_s = time.perf_counter() - received
             self.lc_reference.record(target_name, stats)
@@ -371,7 +371,7 @@ class Engine:
                 speedup = measured_speedup(stats, lc_stats)
         finally:
             self._generate_lock.release()
-        yield Done(answer, stats, contexts.citations, speedup, lc_stats, contexts.reading)
+        yield Done(answer, stats, contexts.citations, speedup, lc_stats, contexts.reading, token_ids)
 
     def _rag_prefix(
         self, decoding: DecodingSettings, index: HybridIndex, contexts: Contexts, rag_prompt: Prompt

@@ -19,6 +19,7 @@ from typing import Any
 
 from app.config import Settings
 from app.errors import CliError
+from app.eval.exactness import exactness_row
 from app.eval.reporting import figure, report, write_json, write_report
 from app.eval.scoring import context_summary, score_row, summarize
 from app.events import Done
@@ -249,17 +250,21 @@ def run_eval(
     for number, item in enumerate(items, 1):
         lc_tokens_per_s: float | None = None
         lc_answer_s: float | None = None
+        lc_tokens: list[int] | None = None
         for run in runs:
             done = answer_once(engine, item.question, index, run.decoding)
             if run.decoding.method == BASELINE:
                 lc_tokens_per_s, lc_answer_s = done.stats.decode_tokens_per_s, done.stats.answer_s
+                lc_tokens = done.token_ids
             row = score_row(item, run, done.answer, done.stats, lc_tokens_per_s, lc_answer_s)
             row |= evidence_row(item, done)
+            row |= exactness_row(run.decoding, done.token_ids, lc_tokens)
             rows.append(row)
             log(f"[{number}/{len(items)} {item.id}] {run.label}: "
                 f"{figure(row['decode_tokens_per_s'], '.2f')} tok/s, "
                 f"speedup {figure(row['speedup_vs_lc'], '.2f')}, "
-                f"contains={'yes' if row['contains'] else 'no'}: {' '.join(done.answer.split())[:80]!r}")
+                f"contains={'yes' if row['contains'] else 'no'}"
+                f"{', DIFFERS FROM LC' if row['equals_lc'] is False else ''}: {' '.join(done.answer.split())[:80]!r}")
         results["summary"] = summarize(rows, results["methods"])
         results["context"] = context_summary(rows)
         write_json(results, out / "results.json")  # after every question: a long run keeps what it measured
