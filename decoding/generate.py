@@ -141,9 +141,15 @@ def decode(
             stats.second_token_s = clock - first_out
         stats.token_times.extend([now] * (len(output) - stats.generated))
         stats.record_pass(emitted, len(output), now)
+        # Only the engine's work is timed: while suspended at these yields the consumer runs (the UI
+        # renders the chat and plot), and that time must not count as decoding.
+        suspended = time.perf_counter()
         if piece := detokenizer.delta(output):
             yield TextDelta(piece)
         yield PassStats(stats)
+        away = time.perf_counter() - suspended
+        start += away
+        first_out += away
         if stats.finish_reason:
             return
         if stats.target_passes == 1:
@@ -201,7 +207,7 @@ def generate(
     cache, logits, restored = prefill(target.model, prompt, prefix_cache if info.uses_prefix_cache else None,
                                       len(prompt) + room)
     session = Session(target.model, cache, prompt.tokens, [])
-    stats.prefix_cached_tokens = len(prompt.prefix) if restored else 0
+    stats.prefix_cached_tokens = restored
     stats.prefill_s = time.perf_counter() - t0
 
     def make_drafter() -> Drafter | None:

@@ -222,14 +222,23 @@ class PrefixCache:
         by document as generate prefills a prefix from scratch, so both give the same bits."""
         if not cuts:
             return PrefixCacheHooks(load=self.load, save=self.save)
+        restored = [0]  # of the last prefix load returned, the tokens read from storage
 
         def load(model: Transformer, prefix: list[int], capacity: int) -> KVCache | None:
-            return self.load(model, prefix, capacity) or self.extend(model, prefix, cuts, capacity, progress)
+            cache = self.load(model, prefix, capacity)
+            if cache is not None:
+                restored[0] = len(prefix)
+                return cache
+            cache = self.longest(model, prefix, cuts, capacity)
+            if cache is None:
+                return None
+            restored[0] = cache.length
+            return self._extend(model, prefix, cuts, cache, progress)
 
         def save(model: Transformer, prefix: list[int], cache: KVCache) -> None:
             self.save(model, prefix, cache, cuts)
 
-        return PrefixCacheHooks(load=load, save=save)
+        return PrefixCacheHooks(load=load, save=save, restored_tokens=lambda: restored[0])
 
     def contains(self, model: Transformer, prefix: list[int]) -> bool:
         key = self.key(model, prefix)
@@ -265,8 +274,10 @@ class PrefixCache:
         """The longest stored document prefix, then the remaining documents prefilled; None when no
         stored prefix shares even the header."""
         cache = self.longest(model, prefix, cuts, capacity)
-        if cache is None:
-            return None
+        return None if cache is None else self._extend(model, prefix, cuts, cache, progress)
+
+    def _extend(self, model: Transformer, prefix: list[int], cuts: Sequence[int], cache: KVCache,
+                progress: PrefillProgress | None) -> KVCache:
         prefill_parts(model, prefix, cuts, cache, progress)
         self.save(model, prefix, cache, cuts)
         return cache
