@@ -354,6 +354,7 @@ class Engine:
         yield Sources(contexts.citations, contexts.reading)
         yield from self._wait_for_engine()
         try:
+            waited = time.perf_counter()  # the computations this question waits for before generating
             if method_info(decoding.method).uses_prefix_cache and not self.prefix_cache.contains(
                 self.target.model, long_prompt.prefix
             ):
@@ -368,12 +369,14 @@ class Engine:
                 yield from self._encode_missing_passages(decoding.method, index, contexts, rag_prompt)
             focuses = method_info(decoding.method).drafting is Drafting.FOCUS
             focus = self.focus_spans(long_prompt, contexts) if focuses else None
+            wait_s = time.perf_counter() - waited
             for event in self._run(decoding, long_prompt, rag_prompt, rag_prefix, focus):
                 if isinstance(event, TextDelta):
                     yield Token(event.text)
                 elif isinstance(event, PassStats):
                     if event.stats.target_passes == 1:
                         event.stats.question_to_first_s = time.perf_counter() - received
+                        event.stats.wait_s = wait_s
                     yield Progress(event.stats, self.lc_reference.speedup(target_name, event.stats))
                 elif isinstance(event, Finished):
                     stats, answer, token_ids = event.stats, event.text, event.token_ids
