@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from app.events import Done
-from app.report import stats_lines
+from app.report import done_record, stats_lines
 from app.speedup import LcReference, Speedup
 from decoding.stats import Stats
 from ui.render import stats_markdown
@@ -77,4 +77,5 @@ def test_a_cold_document_prefill_is_recorded_as_the_wait(tmp_path: Path) -> None
     assert warm.stats.wait_s < cold.stats.wait_s
     assert warm.stats.engine == cold.stats.engine and set(warm.stats.engine) == {
         "engine", "linear_kernel", "attention_kernel", "threads", "warning"}
+    assert done_record(warm)["stats"]["engine"] == warm.stats.engine  # `ask --json` and the /ask API
     index.close()

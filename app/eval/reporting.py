@@ -6,6 +6,7 @@ import json
 import sys
 from pathlib import Path
 
+from app.engine_label import engine_label
 from app.errors import CliError
 from app.eval.exactness import differing_rows
 from app.eval.scoring import POSITIONS, summarize
@@ -23,6 +24,8 @@ def format_table(results: dict) -> str:
         f"machine: {machine['processor']}, {machine['cores']} cores (torch threads "
         f"{machine['torch_threads']}), device {device}, {machine['dtype']}",
         f"models: target {models['target']}, drafter {models['drafter']}",
+        f"engine: {engine_label(results.get('engine') or {})}"
+        + (f" (WARNING: {results['engine']['warning']})" if (results.get("engine") or {}).get("warning") else ""),
         f"documents: {', '.join(results['documents'])}; long context {context['long_tokens']} tokens "
         f"(median over questions), drafter context {context['draft_tokens']} tokens",
         f"questions: {results['n_questions']}, greedy, "

@@ -26,6 +26,7 @@ from app.events import Done
 from app.machine import machine_info
 from app.options import add_model_options, check_document_args, index_dir_for, ingest_documents, log, settings_from_args
 from app.pipeline import Engine, answer_once
+from decoding.engine_info import engine_description
 from decoding.methods import BASELINE, METHODS, Drafting
 from decoding.settings import DecodingSettings
 from retrieval.index import HybridIndex
@@ -212,6 +213,8 @@ def run_eval(
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "command": ["ask", "eval", *argv],
         "machine": machine_info(str(engine.device), str(engine.target.model.dtype).removeprefix("torch.")),
+        # What ran (each row's stats carry it too): weights, kernels, threads and any slow-engine warning.
+        "engine": engine_description(engine.target.model),
         "models": {"target": settings.models.target,
                    "drafter": settings.models.drafter if uses_drafter else None},
         "documents": documents,
