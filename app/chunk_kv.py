@@ -58,8 +58,23 @@ class ChunkKV:
         self.model = model
         self.header = list(header)
         self.store = KVStore(index_dir / CHUNK_KV_DIR / model_key[:32], max_bytes)
-        remove_stale_stores(self.store.directory, owner)
+        self.owner = owner
+        self._claimed = False
+        if self.store.directory.parent.is_dir():  # nothing is created before the first write
+            self._claim()
+            remove_stale_stores(self.store.directory, owner)
         self._header_kv: PieceKV | None = None
+
+    def _claim(self) -> None:
+        """Name this store's owner in its folder (before its first file), so no other store removes it."""
+        if not self._claimed:
+            self.store.directory.mkdir(parents=True, exist_ok=True)
+            (self.store.directory / OWNER_FILE).write_text(self.owner)
+            self._claimed = True
+
+    def _write(self, passage: Passage, piece: PieceKV) -> None:
+        self._claim()
+        self.store.write(self.name(passage), piece)
 
     def name(self, passage: Passage) -> str:
         return f"{passage.chunk_id}.{tokens_hash([*self.header, -1, *passage.tokens])}"
@@ -85,7 +100,7 @@ class ChunkKV:
             start = time.perf_counter()
             piece = encode_piece(self.model, passage.tokens, after=self.header)
             spent += time.perf_counter() - start
-            self.store.write(self.name(passage), piece)
+            self._write(passage, piece)
             done += len(passage.tokens)
             if progress is not None:
                 progress(done, total)
@@ -97,7 +112,7 @@ class ChunkKV:
             return stored
         # Not built at ingest (an older index, or another drafter): encoded now.
         piece = encode_piece(self.model, passage.tokens, after=self.header)
-        self.store.write(self.name(passage), piece)
+        self._write(passage, piece)
         return piece
 
     def header_kv(self) -> PieceKV:
@@ -138,10 +153,8 @@ def prune(index_dir: Path, live_chunk_ids: set[str]) -> int:
 
 
 def remove_stale_stores(directory: Path, owner: str) -> int:
-    """Claim `directory` for `owner` and remove its sibling folders that hold the same owner's KV
-    (made under another engine stamp) or name no owner (made before owners were recorded)."""
-    directory.mkdir(parents=True, exist_ok=True)
-    (directory / OWNER_FILE).write_text(owner)
+    """Remove the sibling folders of `directory` that hold the same owner's KV (made under another
+    engine stamp) or name no owner (made before owners were recorded); returns how many went."""
     removed = 0
     for folder in directory.parent.iterdir():
         if folder == directory or not folder.is_dir():
