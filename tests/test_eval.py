@@ -239,6 +239,7 @@ def test_ask_eval_end_to_end_on_two_questions(tmp_path: Path, small_model_dir: P
         assert 0.0 <= s["contains"] <= 1.0 and 0.0 <= s["f1"] <= 1.0
     assert summary["lc"]["median_speedup_vs_lc"] == 1.0
     assert summary["rapid(eta=0,gamma=5)"]["acceptance_rate"] is not None
+    assert summary["rapid(eta=0,gamma=5)"]["equals_lc"] == [2, 2]  # exact: else the run would have failed
     for row in results["rows"]:
         assert row["answer"].strip() and row["generated"] > 0 and row["context_tokens"] > 0
     assert summary["lc"]["mean_accepted_length"] == 1.0  # LC: one token per target pass, stop token included
