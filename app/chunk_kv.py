@@ -7,11 +7,16 @@ encoded after the drafter prompt's header, as a prompt read in one go would have
 <index>/chunk_kv/<drafter key>/<chunk id>.<tokens hash>.safetensors: the drafter key changes with
 the drafter's weights, dtype and the engine's code, the tokens hash with the header's and the
 passage's exact tokens, so a file is used only for the very tokens it was computed from.
+
+Disk stays bounded: each store evicts its least recently read files past `max_bytes`, opening a
+store removes the folders of the same drafter under other engine stamps (and folders of older
+versions, which carry no owner), and prepare removes files no current passage is named by.
 """
 
 from __future__ import annotations
 
 import hashlib
+import shutil
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -27,6 +32,7 @@ from decoding.prefix_cache import KVStore
 from decoding.segments import PieceKV, assemble, encode_piece
 
 CHUNK_KV_DIR = "chunk_kv"
+OWNER_FILE = "owner.txt"  # in each store's folder: which drafter (name, weights, dtype) it holds
 
 # (tokens done, tokens total) while chunks are encoded
 BuildProgress = Callable[[int, int], None]
@@ -45,11 +51,30 @@ def tokens_hash(tokens: Sequence[int]) -> str:
 class ChunkKV:
     """One drafter's per-chunk KV for one index, every passage read after the prompt header `header`."""
 
-    def __init__(self, index_dir: Path, model: Transformer, model_key: str, header: Sequence[int]) -> None:
+    def __init__(self, index_dir: Path, model: Transformer, model_key: str, header: Sequence[int],
+                 owner: str = "", max_bytes: int | None = None) -> None:
+        """owner names the drafter apart from the engine's code (e.g. its name, weights and dtype):
+        another folder of the same owner is a stale engine stamp's and is removed."""
         self.model = model
         self.header = list(header)
-        self.store = KVStore(index_dir / CHUNK_KV_DIR / model_key[:32])
+        self.store = KVStore(index_dir / CHUNK_KV_DIR / model_key[:32], max_bytes)
+        self.owner = owner
+        self._claimed = False
+        if self.store.directory.parent.is_dir():  # nothing is created before the first write
+            self._claim()
+            remove_stale_stores(self.store.directory, owner)
         self._header_kv: PieceKV | None = None
+
+    def _claim(self) -> None:
+        """Name this store's owner in its folder (before its first file), so no other store removes it."""
+        if not self._claimed:
+            self.store.directory.mkdir(parents=True, exist_ok=True)
+            (self.store.directory / OWNER_FILE).write_text(self.owner)
+            self._claimed = True
+
+    def _write(self, passage: Passage, piece: PieceKV) -> None:
+        self._claim()
+        self.store.write(self.name(passage), piece)
 
     def name(self, passage: Passage) -> str:
         return f"{passage.chunk_id}.{tokens_hash([*self.header, -1, *passage.tokens])}"
@@ -57,6 +82,15 @@ class ChunkKV:
     def missing(self, passages: Sequence[Passage]) -> list[Passage]:
         present = set(self.store.names())
         return [p for p in passages if self.name(p) not in present]
+
+    def keep_only(self, passages: Sequence[Passage]) -> int:
+        """Remove the files no given passage is named by (deleted chunks, other headers, older
+        naming schemes); returns how many went."""
+        wanted = {self.name(p) for p in passages}
+        stale = [name for name in self.store.names() if name not in wanted]
+        for name in stale:
+            self.store.delete(name)
+        return len(stale)
 
     def build(self, passages: Sequence[Passage], progress: BuildProgress | None = None) -> float:
         """Encode and store the passages that have no KV yet; returns the seconds spent encoding."""
@@ -66,7 +100,7 @@ class ChunkKV:
             start = time.perf_counter()
             piece = encode_piece(self.model, passage.tokens, after=self.header)
             spent += time.perf_counter() - start
-            self.store.write(self.name(passage), piece)
+            self._write(passage, piece)
             done += len(passage.tokens)
             if progress is not None:
                 progress(done, total)
@@ -78,7 +112,7 @@ class ChunkKV:
             return stored
         # Not built at ingest (an older index, or another drafter): encoded now.
         piece = encode_piece(self.model, passage.tokens, after=self.header)
-        self.store.write(self.name(passage), piece)
+        self._write(passage, piece)
         return piece
 
     def header_kv(self) -> PieceKV:
@@ -114,5 +148,22 @@ def prune(index_dir: Path, live_chunk_ids: set[str]) -> int:
     for path in (index_dir / CHUNK_KV_DIR).glob("*/*.safetensors"):
         if path.name.split(".", 1)[0] not in live_chunk_ids:
             path.unlink(missing_ok=True)
+            removed += 1
+    return removed
+
+
+def remove_stale_stores(directory: Path, owner: str) -> int:
+    """Remove the sibling folders of `directory` that hold the same owner's KV (made under another
+    engine stamp) or name no owner (made before owners were recorded); returns how many went."""
+    removed = 0
+    for folder in directory.parent.iterdir():
+        if folder == directory or not folder.is_dir():
+            continue
+        try:
+            theirs: str | None = (folder / OWNER_FILE).read_text()
+        except FileNotFoundError:
+            theirs = None
+        if theirs is None or theirs == owner:
+            shutil.rmtree(folder, ignore_errors=True)
             removed += 1
     return removed

@@ -61,6 +61,9 @@ class Settings:
     # RAM for the target's KV of a corpus larger than its window (the server and eval): when every
     # window's KV fits, all stay loaded, so a question routed to another window reads no disk.
     hot_windows_gb: float = 6.0
+    # Disk for each drafter's per-chunk KV of an index; past it the least recently read chunks go
+    # (and are encoded again when a question retrieves them).
+    chunk_kv_gb: float = 8.0
 
     @property
     def default_index_dir(self) -> Path:

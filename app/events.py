@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from app.speedup import Speedup
 from decoding.stats import Stats
@@ -56,6 +56,7 @@ class Done:
     speedup: Speedup
     lc_stats: Stats | None = None  # the LC run of a side-by-side comparison
     reading: Reading | None = None  # which part of a corpus larger than the target's window it read
+    token_ids: list[int] = field(default_factory=list)  # the answer's tokens (eval compares them with LC's)
 
 
 Event = Status | Preparing | Sources | Token | Progress | Done

@@ -16,6 +16,7 @@ from app.config import Settings
 from app.errors import QuestionError
 from app.events import Done, Event, Preparing, Progress, Sources, Status, Token
 from app.focus import focus_tokens
+from app.forget import document_cuts, upload_copies
 from app.progress import Job, cli_bar, run_with_progress
 from app.registry import resolve_model
 from app.speedup import LcReference, measured_speedup
@@ -130,8 +131,21 @@ class Engine:
         return thread
 
     def delete(self, index: HybridIndex, doc_id_or_source: str) -> bool:
+        """Remove a document and every copy of it on disk: its index rows, chunk KV, uploaded copy
+        and the cached document prefixes (any model's) that hold it."""
+        docs = [d for d in index.documents() if doc_id_or_source in (d.doc_id, d.source)]
+        if not docs:
+            return False
+        windows, prompts = self.windows(index), self.document_prompts(index)
+        held = [cut for doc in docs for cut in document_cuts(windows, prompts, doc.doc_id)]
         removed = index.delete(doc_id_or_source)
         prune(index.directory, self._chunk_ids(index))
+        with self._generate_lock:  # a question in flight may be reading these entries
+            for prefix, end in held:
+                self.prefix_cache.forget(prefix, end)
+        for doc in docs:
+            for copy in upload_copies(self.settings.uploads_dir, doc):
+                copy.unlink(missing_ok=True)
         return removed
 
     def drafter_spec(self, method: str) -> str:
@@ -147,7 +161,9 @@ class Engine:
             if key not in self._chunk_kv:
                 model_key = self.prefix_cache.model_key(drafter.model)
                 header = self.target.prompt([], "?").header  # the RAG prompt's (self.prompts)
-                self._chunk_kv[key] = ChunkKV(index.directory, drafter.model, model_key, header)
+                owner = f"{spec}|{drafter.weights}|{drafter.model.dtype}"
+                max_bytes = int(self.settings.chunk_kv_gb * 1e9)
+                self._chunk_kv[key] = ChunkKV(index.directory, drafter.model, model_key, header, owner, max_bytes)
             return self._chunk_kv[key]
 
     def passages(self, chunks: Sequence[Chunk]) -> list[Passage]:
@@ -158,7 +174,9 @@ class Engine:
     def build_drafter_kv(self, index: HybridIndex, progress: bool = True, spec: str | None = None) -> float:
         """Encode every chunk the drafter (or the model `spec`) has no KV for yet; returns the seconds spent."""
         store = self.chunk_kv(index, spec)
-        todo = store.missing(self.passages(self._chunks(index)))
+        passages = self.passages(self._chunks(index))
+        store.keep_only(passages)
+        todo = store.missing(passages)
         if not todo:
             return 0.0
         with self._generate_lock, torch.inference_mode(), self._track("Drafter reading passages", progress) as job:
@@ -354,6 +372,7 @@ class Engine:
         yield Sources(contexts.citations, contexts.reading)
         yield from self._wait_for_engine()
         try:
+            waited = time.perf_counter()  # the computations this question waits for before generating
             if method_info(decoding.method).uses_prefix_cache and not self.prefix_cache.contains(
                 self.target.model, long_prompt.prefix
             ):
@@ -362,21 +381,23 @@ class Engine:
             target_name = self.settings.models.target
             yield Status(self._prefill_message(decoding.method, long_prompt, rag_prompt))
             stats: Stats | None = None
-            answer = ""
+            answer, token_ids = "", []
             rag_prefix = self._rag_prefix(decoding, index, contexts, rag_prompt)
             if rag_prefix is not None:
                 yield from self._encode_missing_passages(decoding.method, index, contexts, rag_prompt)
             focuses = method_info(decoding.method).drafting is Drafting.FOCUS
             focus = self.focus_spans(long_prompt, contexts) if focuses else None
+            wait_s = time.perf_counter() - waited
             for event in self._run(decoding, long_prompt, rag_prompt, rag_prefix, focus):
                 if isinstance(event, TextDelta):
                     yield Token(event.text)
                 elif isinstance(event, PassStats):
                     if event.stats.target_passes == 1:
                         event.stats.question_to_first_s = time.perf_counter() - received
+                        event.stats.wait_s = wait_s
                     yield Progress(event.stats, self.lc_reference.speedup(target_name, event.stats))
                 elif isinstance(event, Finished):
-                    stats, answer = event.stats, event.text
+                    stats, answer, token_ids = event.stats, event.text, event.token_ids
             assert stats is not None
             stats.answer_s = time.perf_counter() - received
             self.lc_reference.record(target_name, stats)
@@ -389,7 +410,7 @@ class Engine:
                 speedup = measured_speedup(stats, lc_stats)
         finally:
             self._generate_lock.release()
-        yield Done(answer, stats, contexts.citations, speedup, lc_stats, contexts.reading)
+        yield Done(answer, stats, contexts.citations, speedup, lc_stats, contexts.reading, token_ids)
 
     def _rag_prefix(
         self, decoding: DecodingSettings, index: HybridIndex, contexts: Contexts, rag_prompt: Prompt

@@ -8,6 +8,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import asdict
 
+from app.engine_label import engine_label
 from app.events import Done
 from app.speedup import Speedup
 from decoding.stats import Stats
@@ -60,6 +61,11 @@ def _figure(value: float | None, spec: str) -> str:
     return format(value, spec) if value is not None else "n/a"
 
 
+def _wait(stats: Stats) -> str:
+    """The documents' cold prefill (and passages' encoding) that came before generation, when any."""
+    return f" (of which {stats.wait_s:.2f} s reading the documents first)" if stats.wait_s >= 0.005 else ""
+
+
 def stats_lines(done: Done) -> list[str]:
     s = done.stats
     speed = f"{done.speedup.value:.2f}x" if done.speedup.value is not None else "n/a"
@@ -70,9 +76,12 @@ def stats_lines(done: Done) -> list[str]:
         f"mean accepted length per target pass {_figure(s.mean_accepted_length, '.2f')}",
         f"context {s.context_tokens} tokens{cached}, drafter context {s.draft_context_tokens} tokens",
         f"answer in {s.answer_s:.2f} s end to end",
-        f"first token after {s.first_token_s:.2f} s, prefill {s.prefill_s:.2f} s, decode {s.decode_s:.2f} s, "
+        f"first token after {s.question_to_first_s or s.first_token_s:.2f} s from the question{_wait(s)}, "
+        f"prefill {s.prefill_s:.2f} s, decode {s.decode_s:.2f} s, "
         f"{_figure(s.decode_tokens_per_s or None, '.2f')} tokens/s",
         f"speedup over LC decoding: {speed} ({done.speedup.label})",
+        f"engine: {engine_label(s.engine)}",
+        *([f"WARNING: {s.engine['warning']}"] if s.engine.get("warning") else []),
     ]
 
 

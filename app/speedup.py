@@ -2,7 +2,8 @@
 
 The UI and CLI never invent a speedup. A side-by-side run measures LC on the same input; without
 one, the figure is the method's decode speed over the last LC decode speed recorded on this
-machine for a similar context length, and it is labelled that way.
+machine for a similar context length on the same engine (weights, kernels, threads), and it is
+labelled that way.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from app.engine_label import engine_label
 from decoding.methods import BASELINE
 from decoding.stats import Stats
 
@@ -31,8 +33,13 @@ def context_bucket(tokens: int) -> int:
     return bucket
 
 
+def reference_key(target: str, stats: Stats) -> str:
+    """Target, engine and context bucket: an LC speed measured on another engine is no reference."""
+    return f"{target}|{engine_label(stats.engine)}@{context_bucket(stats.context_tokens)}"
+
+
 class LcReference:
-    """The last measured LC decode speed per (target model, context bucket), kept on disk.
+    """The last measured LC decode speed per (target model, engine, context bucket), kept on disk.
 
     The file is read once, when first needed (the UI asks for a speedup at every target pass), and
     written through on every new LC measurement.
@@ -56,9 +63,10 @@ class LcReference:
             return
         with self._lock:
             data = self._read()
-            data[f"{target}@{context_bucket(stats.context_tokens)}"] = {
+            data[reference_key(target, stats)] = {
                 "tokens_per_s": stats.decode_tokens_per_s,
                 "context_tokens": stats.context_tokens,
+                "engine": engine_label(stats.engine),
                 "at": time.time(),
             }
             self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -67,13 +75,14 @@ class LcReference:
     def speedup(self, target: str, stats: Stats) -> Speedup:
         if stats.method == BASELINE:
             return Speedup(1.0, "LC itself")
-        entry = self._read().get(f"{target}@{context_bucket(stats.context_tokens)}")
+        entry = self._read().get(reference_key(target, stats))
         if entry is None or not stats.decode_tokens_per_s:
-            return Speedup(None, "no LC run measured yet at this context length (use compare)")
+            return Speedup(None, "no LC run measured yet on this engine at this context length (use compare)")
         when = time.strftime("%Y-%m-%d %H:%M", time.localtime(entry["at"]))
         return Speedup(
             stats.decode_tokens_per_s / entry["tokens_per_s"],
-            f"vs last measured LC run ({entry['context_tokens']} context tokens, {when})",
+            f"vs last measured LC run ({entry['context_tokens']} context tokens, {when}, "
+            f"{engine_label(stats.engine)})",
         )
 
 

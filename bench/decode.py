@@ -33,6 +33,7 @@ from app.options import add_model_options, settings_from_args
 from app.pipeline import Engine
 from bench.peers import PEERS, find_llama_cpp, measure_peers
 from decoding.attention import native_attention
+from decoding.engine_info import engine_description
 from decoding.generate import generate, run_to_end
 from decoding.methods import BASELINE, Drafting
 from decoding.methods import METHODS as METHOD_TABLE
@@ -266,6 +267,8 @@ def run(argv: Sequence[str] | None = None) -> dict[str, object]:
         bandwidth = copy_bandwidth_gbs()
         attention = "C kernel" if native_attention() is not None else "torch"
         report: dict[str, object] = {"machine": machine_summary(str(engine.device)),
+                                     "engine": {"target": engine_description(target),
+                                                "drafter": engine_description(drafter)},
                                      "copy_bandwidth_gbs": bandwidth, "attention": attention,
                                      "target": settings.models.target, "drafter": settings.models.drafter,
                                      "dtype": str(target.model.dtype), "gamma": args.gamma, "eta": args.eta,

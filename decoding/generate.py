@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from decoding.drafters import Draft, Drafter, Focus, build_drafter
+from decoding.engine_info import engine_description
 from decoding.methods import Drafting, method_info
 from decoding.models import LoadedModel, Prompt
 from decoding.prefill import PrefixCacheHooks, prefill
@@ -140,9 +141,15 @@ def decode(
             stats.second_token_s = clock - first_out
         stats.token_times.extend([now] * (len(output) - stats.generated))
         stats.record_pass(emitted, len(output), now)
+        # Only the engine's work is timed: while suspended at these yields the consumer runs (the UI
+        # renders the chat and plot), and that time must not count as decoding.
+        suspended = time.perf_counter()
         if piece := detokenizer.delta(output):
             yield TextDelta(piece)
         yield PassStats(stats)
+        away = time.perf_counter() - suspended
+        start += away
+        first_out += away
         if stats.finish_reason:
             return
         if stats.target_passes == 1:
@@ -193,7 +200,7 @@ def generate(
     if info.drafting is Drafting.FOCUS and focus is None:
         raise ValueError(f"method {method!r} needs where the retrieved passages lie in the long prompt")
     prompt = rag_prompt if info.target_reads_rag and rag_prompt is not None else long_prompt
-    stats = Stats(method=method, context_tokens=len(prompt))
+    stats = Stats(method=method, context_tokens=len(prompt), engine=engine_description(target))
     room = settings.max_new_tokens + settings.gamma + 2
     # Every reader's window, before any token: a drafter is built only after the first one.
     target.check_fits("The prompt", len(prompt), room)
@@ -207,7 +214,7 @@ def generate(
     cache, logits, restored = prefill(target.model, prompt, prefix_cache if info.uses_prefix_cache else None,
                                       len(prompt) + room)
     session = Session(target.model, cache, prompt.tokens, [])
-    stats.prefix_cached_tokens = len(prompt.prefix) if restored else 0
+    stats.prefix_cached_tokens = restored
     stats.prefill_s = time.perf_counter() - t0
 
     def make_drafter() -> Drafter | None:

@@ -26,16 +26,19 @@ PrefillProgress = Callable[[int, int], None]  # (tokens done, tokens to do)
 class PrefixCacheHooks:
     load: PrefixLoader
     save: PrefixSaver
+    # How many tokens of the last prefix `load` returned came from storage (a loader that extends a
+    # stored prefix prefills the rest); None: all of them.
+    restored_tokens: Callable[[], int] | None = None
 
 
 def prefill(
     model: Transformer, prompt: Prompt, hooks: PrefixCacheHooks | None, capacity: int
-) -> tuple[KVCache, torch.Tensor, bool]:
+) -> tuple[KVCache, torch.Tensor, int]:
     """Prefix (header, then each document) then suffix (question), always as separate prefills.
 
     Splitting the same way with or without the prefix cache keeps both paths bit-identical. A cache
     of `capacity` slots is allocated only when the prefix is not restored. Returns the cache, the
-    logits after the prompt and whether the prefix came from the prefix cache.
+    logits after the prompt and how many prefix tokens came from the prefix cache (0: none).
     """
     restored = hooks.load(model, prompt.prefix, capacity) if hooks and prompt.prefix else None
     cache = restored if restored is not None else model.new_cache(capacity)
@@ -46,7 +49,10 @@ def prefill(
         if hooks:
             hooks.save(model, prompt.prefix, cache)
     logits = model.prefill(torch.tensor(prompt.suffix, device=model.device), cache)
-    return cache, logits, restored is not None
+    if restored is None:
+        return cache, logits, 0
+    assert hooks is not None
+    return cache, logits, hooks.restored_tokens() if hooks.restored_tokens else len(prompt.prefix)
 
 
 def prefill_parts(model: Transformer, prefix: list[int], cuts: Sequence[int], cache: KVCache,

@@ -80,6 +80,9 @@ class KVStore:
     def __init__(self, directory: Path, max_bytes: int | None = None) -> None:
         self.directory = directory
         self.max_bytes = max_bytes
+        # Bytes on disk as last counted plus this process's writes since: a store of thousands of
+        # chunk files is counted again only when it may be over its bound, not at every write.
+        self._bytes: int | None = None
 
     def path(self, name: str) -> Path:
         return self.directory / f"{name}.safetensors"
@@ -108,11 +111,12 @@ class KVStore:
         os.close(handle)
         try:
             save_file(tensors, partial, metadata=metadata)
+            added = Path(partial).stat().st_size
             os.replace(partial, self.path(name))
         except BaseException:
             Path(partial).unlink(missing_ok=True)
             raise
-        self._evict()
+        self._evict(added)
 
     def delete(self, name: str) -> None:
         self.path(name).unlink(missing_ok=True)
@@ -120,7 +124,10 @@ class KVStore:
     def names(self) -> list[str]:
         return [p.name.removesuffix(".safetensors") for p in self.directory.glob("*.safetensors")]
 
-    def _evict(self) -> None:
+    def _evict(self, added: int) -> None:
+        if self.max_bytes is not None and self._bytes is not None and self._bytes + added <= self.max_bytes:
+            self._bytes += added
+            return
         now = time.time()
         for partial in self.directory.glob("*.partial"):
             with contextlib.suppress(FileNotFoundError):  # another process may remove it first
@@ -139,6 +146,7 @@ class KVStore:
             _, size, oldest = files.pop(0)
             total -= size
             oldest.unlink(missing_ok=True)
+        self._bytes = total
 
 
 @dataclass(frozen=True)
@@ -184,6 +192,29 @@ class PrefixCache:
             start = cut
         return keys
 
+    @staticmethod
+    def content_keys(prefix: list[int], cuts: Sequence[int]) -> list[str]:
+        """A hash of prefix[:cut] for each cut, the same for every model: which tokens an entry holds,
+        so that forget() finds every model's entries that hold a given run of tokens."""
+        digest = hashlib.sha256(b"tokens")
+        keys, start = [], 0
+        for cut in cuts:
+            digest.update(torch.tensor(prefix[start:cut], dtype=torch.int64).numpy().tobytes())
+            keys.append(digest.copy().hexdigest()[:32])
+            start = cut
+        return keys
+
+    def forget(self, prefix: list[int], cut: int) -> int:
+        """Delete every stored prefix (of any model) that starts with prefix[:cut], from disk and
+        memory (a deleted document's KV); returns how many went."""
+        wanted = self.content_keys(prefix, [cut])[0]
+        gone = [name for name in self.store.names()
+                if wanted in json.loads(self.store.metadata(name).get("content", "[]"))]
+        for name in gone:
+            self.store.delete(name)
+            self._hot.pop(name, None)
+        return len(gone)
+
     def hooks(self, cuts: Sequence[int] = (), progress: PrefillProgress | None = None) -> PrefixCacheHooks:
         """Loader and saver for generate(). With `cuts` (where the prefix's documents end, see
         Prompt.cuts), a prefix that is not stored is still served when a stored one shares its
@@ -191,14 +222,23 @@ class PrefixCache:
         by document as generate prefills a prefix from scratch, so both give the same bits."""
         if not cuts:
             return PrefixCacheHooks(load=self.load, save=self.save)
+        restored = [0]  # of the last prefix load returned, the tokens read from storage
 
         def load(model: Transformer, prefix: list[int], capacity: int) -> KVCache | None:
-            return self.load(model, prefix, capacity) or self.extend(model, prefix, cuts, capacity, progress)
+            cache = self.load(model, prefix, capacity)
+            if cache is not None:
+                restored[0] = len(prefix)
+                return cache
+            cache = self.longest(model, prefix, cuts, capacity)
+            if cache is None:
+                return None
+            restored[0] = cache.length
+            return self._extend(model, prefix, cuts, cache, progress)
 
         def save(model: Transformer, prefix: list[int], cache: KVCache) -> None:
             self.save(model, prefix, cache, cuts)
 
-        return PrefixCacheHooks(load=load, save=save)
+        return PrefixCacheHooks(load=load, save=save, restored_tokens=lambda: restored[0])
 
     def contains(self, model: Transformer, prefix: list[int]) -> bool:
         key = self.key(model, prefix)
@@ -234,8 +274,10 @@ class PrefixCache:
         """The longest stored document prefix, then the remaining documents prefilled; None when no
         stored prefix shares even the header."""
         cache = self.longest(model, prefix, cuts, capacity)
-        if cache is None:
-            return None
+        return None if cache is None else self._extend(model, prefix, cuts, cache, progress)
+
+    def _extend(self, model: Transformer, prefix: list[int], cuts: Sequence[int], cache: KVCache,
+                progress: PrefillProgress | None) -> KVCache:
         prefill_parts(model, prefix, cuts, cache, progress)
         self.save(model, prefix, cache, cuts)
         return cache
@@ -244,7 +286,8 @@ class PrefixCache:
         cuts = [c for c in cuts if 0 < c < len(prefix)] + [len(prefix)]
         keys = self.cut_keys(model, prefix, cuts)
         tensors = cache.slots(0, len(prefix))
-        self.store.write(keys[-1], tensors, metadata={"cuts": json.dumps(keys)})
+        content = self.content_keys(prefix, cuts)
+        self.store.write(keys[-1], tensors, metadata={"cuts": json.dumps(keys), "content": json.dumps(content)})
         self._remember(keys[-1], _Entry(tensors, keys))
 
     def _entry(self, key: str, device: torch.device) -> _Entry | None:

@@ -2,7 +2,8 @@
 
 Definitions (README "Statistics" states the same): the first answer token comes from the target's
 prefill logits, so it belongs to time-to-first-token, not to decoding. decode_s runs from the first
-token to the last, without the drafter's own prefill; decode tokens/s = (generated - 1) / decode_s.
+token to the last, without the drafter's own prefill and without the time the consumer of the
+generation spends between tokens; decode tokens/s = (generated - 1) / decode_s.
 """
 
 from __future__ import annotations
@@ -24,11 +25,16 @@ class Stats:
     first_token_s: float = 0.0  # from the start of generation to the first answer token
     answer_s: float = 0.0  # from the question's arrival to its last token, retrieval and waits included
     question_to_first_s: float = 0.0  # from the question's arrival to the first answer token (set by the app)
+    # Before generation began: the documents' cold prefill and passages' encoding the question waited
+    # for (set by the app; part of question_to_first_s, not of prefill_s).
+    wait_s: float = 0.0
     decode_s: float = 0.0  # from the first answer token to the last, the drafter's prefill excluded
     second_token_s: float = 0.0  # the wait from the first answer token to the second, the drafter's read included
     accepted_lengths: list[int] = field(default_factory=list)  # tokens produced per target pass
     token_times: list[float] = field(default_factory=list)  # decode seconds at each emitted token
     finish_reason: str = ""  # "eos" | "length"
+    # What ran: decoding.engine_info.engine_description of the target (engine, kernels, threads, warning).
+    engine: dict[str, str] = field(default_factory=dict)
 
     # ------------------------------------------------------------------ recorded by the loop
 

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 from transformers import Qwen2Config, Qwen2ForCausalLM
 
 import decoding.attention
+import decoding.generate
 import decoding.model
 from decoding.attention import torch_attention
 from decoding.cache import KVCache
@@ -263,3 +266,27 @@ def test_drafting_over_the_prompts_vocabulary_stays_exact(pair_fp32) -> None:
         wide = run(method, target, drafter, prompt, rag, gamma=4, draft_vocabulary=False)
         assert narrow.token_ids == wide.token_ids == lc.token_ids, method
         assert narrow.stats.drafted > 0 and wide.stats.drafted > 0
+
+
+def test_decode_seconds_exclude_the_consumers_time_between_tokens(pair_fp32, monkeypatch) -> None:
+    """#28.4: the UI renders at every yield; that time counted as decoding and understated tokens/s.
+
+    A fake clock that only the consumer moves (10 s per event) makes this exact on a busy machine:
+    the engine's own work takes no time on it, so every second counted is the consumer's.
+    """
+    clock = [0.0]
+    monkeypatch.setattr(decoding.generate, "time", SimpleNamespace(perf_counter=lambda: clock[0]))
+    target, drafter = pair_fp32
+    prompt = random_prompt(200, seed=5)
+    settings = DecodingSettings(method="rapid", gamma=3, max_new_tokens=16)
+    finished, events = None, 0
+    for event in generate("rapid", target, drafter, prompt, prompt, settings):
+        if isinstance(event, Finished):
+            finished = event
+        else:
+            clock[0] += 10.0  # a slow consumer: the UI rendering chat and plot
+            events += 1
+    assert finished is not None and events > 4 and finished.stats.generated > 4
+    stats = finished.stats
+    assert stats.decode_s == 0.0 and stats.second_token_s == 0.0 and stats.prefill_s == 0.0
+    assert stats.token_times == [0.0] * stats.generated

@@ -12,9 +12,10 @@ from pathlib import Path
 import pypdf
 import pytest
 
+import app.eval.runner as runner
 from app.errors import CliError
-from app.eval.reporting import format_table
-from app.eval.runner import load_questions, method_runs
+from app.eval.reporting import format_table, write_report
+from app.eval.runner import QAItem, load_questions, method_runs, run_eval
 from app.eval.scoring import (
     contains_answer,
     exact_match,
@@ -27,6 +28,7 @@ from app.eval.scoring import (
 from decoding.settings import DecodingSettings
 from tests.conftest import real_models_dir
 from tests.docs import SAMPLE_PDF, pdf_excerpt
+from tests.retrieval_fixtures import write
 
 REPO = Path(__file__).resolve().parent.parent
 QA = REPO / "data" / "qa.jsonl"
@@ -237,6 +239,7 @@ def test_ask_eval_end_to_end_on_two_questions(tmp_path: Path, small_model_dir: P
         assert 0.0 <= s["contains"] <= 1.0 and 0.0 <= s["f1"] <= 1.0
     assert summary["lc"]["median_speedup_vs_lc"] == 1.0
     assert summary["rapid(eta=0,gamma=5)"]["acceptance_rate"] is not None
+    assert summary["rapid(eta=0,gamma=5)"]["equals_lc"] == [2, 2]  # exact: else the run would have failed
     for row in results["rows"]:
         assert row["answer"].strip() and row["generated"] > 0 and row["context_tokens"] > 0
     assert summary["lc"]["mean_accepted_length"] == 1.0  # LC: one token per target pass, stop token included
@@ -247,3 +250,66 @@ def test_ask_eval_end_to_end_on_two_questions(tmp_path: Path, small_model_dir: P
     assert again.returncode == 0, again.stderr[-3000:]
     assert (out / "table.txt").read_text().strip() in again.stdout
     assert json.loads((out / "results.json").read_text())["summary"] == results["summary"]
+
+
+# ---------------------------------------------------------------------------- exactness (tiny models)
+
+
+def _tiny_eval(tmp_path: Path, methods: list[str]) -> dict:
+    from tests.test_windows_engine import QUESTIONS, TOPICS, make_engine
+
+    engine = make_engine(tmp_path / "home")
+    index = engine.open_index(tmp_path / "index")
+    for name in ("alpaca.txt", "orchid.txt"):
+        index.add_file(write(tmp_path / name, " ".join([TOPICS[name]] * 2)))
+    items = [QAItem(f"q{i}", QUESTIONS[name], ["yarn"]) for i, name in enumerate(("alpaca.txt", "orchid.txt"), 1)]
+    runs = method_runs(methods, engine.settings.decoding)
+    out = tmp_path / "out"
+    out.mkdir()
+    try:
+        return run_eval(engine, index, items, runs, engine.settings, warmup=False, out=out, log=lambda _: None,
+                        documents=["alpaca.txt", "orchid.txt"], argv=[])
+    finally:
+        index.close()
+
+
+@pytest.mark.timeout(600)
+def test_eval_checks_every_eta0_speculative_answer_against_lc(tmp_path: Path,
+                                                             capsys: pytest.CaptureFixture[str]) -> None:
+    results = _tiny_eval(tmp_path, ["lc", "rag", "sd", "rapid"])
+    by_method = {s["method"]: s for s in results["summary"]}
+    assert by_method["lc"]["equals_lc"] is None and by_method["rag"]["equals_lc"] is None  # nothing to check
+    assert by_method["sd"]["equals_lc"] == [2, 2]
+    assert by_method["rapid(eta=0,gamma=4)"]["equals_lc"] == [2, 2]
+    rapid_rows = [r for r in results["rows"] if r["base_method"] == "rapid"]
+    assert [r["equals_lc"] for r in rapid_rows] == [True, True]
+    assert write_report(results, tmp_path / "out") == 0
+    table = capsys.readouterr().out
+    assert "= LC" in table and "2/2" in table
+    # The engine that ran, for the run and for every row.
+    assert set(results["engine"]) == {"engine", "linear_kernel", "attention_kernel", "threads", "warning"}
+    assert all(row["stats"]["engine"] == results["engine"] for row in results["rows"])
+    assert f"engine: {results['engine']['engine']}" in table
+
+
+@pytest.mark.timeout(600)
+def test_eval_fails_naming_the_questions_whose_answer_differs_from_lc(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    real = runner.answer_once
+
+    def one_wrong(engine, question, index, decoding):  # type: ignore[no-untyped-def]
+        done = real(engine, question, index, decoding)
+        if decoding.method == "rapid" and question.startswith("What do bees"):  # q2's rapid answer: a bug
+            done.token_ids[-1] ^= 1
+        return done
+
+    monkeypatch.setattr(runner, "answer_once", one_wrong)
+    results = _tiny_eval(tmp_path, ["lc", "rapid"])
+    rows = {(r["id"], r["base_method"]): r for r in results["rows"]}
+    assert rows["q1", "rapid"]["equals_lc"] is True and rows["q2", "rapid"]["equals_lc"] is False
+    assert rows["q2", "rapid"]["differs_from_lc_at"] == rows["q2", "rapid"]["generated"] - 1  # the last token
+    assert results["summary"][1]["equals_lc"] == [1, 2]
+    assert write_report(results, tmp_path / "out") == 1
+    captured = capsys.readouterr()
+    assert "1/2" in captured.out
+    assert "q2 rapid(eta=0,gamma=4)" in captured.err and "q1" not in captured.err

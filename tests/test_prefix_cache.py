@@ -178,6 +178,23 @@ def test_an_added_document_extends_the_cached_prefix(tmp_path: Path, dtype: torc
     assert from_cache.token_ids == from_scratch.token_ids
 
 
+def test_prefix_cached_tokens_count_only_what_came_from_the_cache(tmp_path: Path) -> None:
+    """#28.4: a prefix extended by an added document counted whole as cached."""
+    model = tiny_model(1)
+    before, after = _prompt(model, DOCS[:2]), _prompt(model, DOCS[:3])
+    cache = PrefixCache(tmp_path, {})
+    cache.save(model.model, before.prefix, _scratch(model, before), before.cuts())
+    extended = run_to_end(generate("lc", model, None, after, after, DecodingSettings(max_new_tokens=4),
+                                   cache.hooks(after.cuts())))
+    assert extended.stats.prefix_cached_tokens == len(before.prefix)  # the third document was prefilled
+    again = run_to_end(generate("lc", model, None, after, after, DecodingSettings(max_new_tokens=4),
+                                cache.hooks(after.cuts())))
+    assert again.stats.prefix_cached_tokens == len(after.prefix)  # now stored whole
+    cold = run_to_end(generate("lc", model, None, after, after, DecodingSettings(max_new_tokens=4),
+                               PrefixCache(tmp_path / "empty", {}).hooks(after.cuts())))
+    assert cold.stats.prefix_cached_tokens == 0
+
+
 def test_a_deleted_document_recomputes_from_the_first_changed_one(model, tmp_path: Path) -> None:
     full, without_second = _prompt(model, DOCS), _prompt(model, [DOCS[0], *DOCS[2:]])
     cache = PrefixCache(tmp_path, {})

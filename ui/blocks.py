@@ -138,7 +138,8 @@ def build_app(engine: Engine, index_dir: Path | None = None) -> gr.Blocks:
                         view.text += event.text
                         view.status = "Generating"
                     elif isinstance(event, Progress):
-                        shown.panel = PanelView("Generating…", event.stats, event.speedup)
+                        shown.panel = PanelView("Generating…", event.stats, event.speedup,
+                                                elapsed_s=time.perf_counter() - started)
                         panel = shown.panel.markdown()
                         plot = accepted_lengths_plot(event.stats, decoding.gamma)
                     elif isinstance(event, Done):

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 import gradio as gr
 import pandas as pd
 
+from app.engine_label import engine_label
 from app.events import Preparing
 from app.progress import describe
 from app.speedup import Speedup
@@ -103,6 +104,16 @@ def _number(value: float | None, fmt: str, none: str = "n/a") -> str:
     return format(value, fmt) if value is not None else none
 
 
+def _wait(stats: Stats) -> str:
+    return f" ({stats.wait_s:.2f} s of it reading the documents first)" if stats.wait_s >= 0.005 else ""
+
+
+def _answer_time(stats: Stats, elapsed_s: float | None) -> str:
+    if stats.answer_s:
+        return f"{stats.answer_s:.2f} s"
+    return f"running, {elapsed_s:.1f} s so far" if elapsed_s is not None else "running"
+
+
 def speedup_text(speedup: Speedup | None) -> str:
     if speedup is None:
         return "n/a"
@@ -111,8 +122,9 @@ def speedup_text(speedup: Speedup | None) -> str:
 
 
 def stats_markdown(state: str, stats: Stats | None = None, speedup: Speedup | None = None,
-                   lc_stats: Stats | None = None) -> str:
-    """The statistics panel: one table, refreshed after every target pass."""
+                   lc_stats: Stats | None = None, elapsed_s: float | None = None) -> str:
+    """The statistics panel: one table, refreshed after every target pass. elapsed_s: how long the
+    answer has run so far, shown until its end-to-end time is known."""
     if stats is None:
         return f"**{state}**"
     cached = f", {stats.prefix_cached_tokens:,} from the prefix cache" if stats.prefix_cached_tokens else ""
@@ -123,19 +135,22 @@ def stats_markdown(state: str, stats: Stats | None = None, speedup: Speedup | No
         ("Decode speed", f"{_number(stats.decode_tokens_per_s, '.2f')} tokens/s"),
         ("Mean accepted length", f"{_number(stats.mean_accepted_length, '.2f')} tokens per target pass"),
         # The wait a person sees: from the question, retrieval included (the engine's own figure otherwise).
-        ("First token after", f"{stats.question_to_first_s or stats.first_token_s:.2f} s"),
-        ("Answer end to end", f"{stats.answer_s:.2f} s"),
+        ("First token after", f"{stats.question_to_first_s or stats.first_token_s:.2f} s{_wait(stats)}"),
+        ("Answer end to end", _answer_time(stats, elapsed_s)),
         ("Prefill", f"{stats.prefill_s:.2f} s"),
         ("Decode", f"{stats.decode_s:.2f} s"),
         ("Tokens generated / drafted / accepted", f"{stats.generated} / {stats.drafted} / {stats.accepted}"),
         ("Context tokens (target / drafter)", f"{stats.context_tokens:,} / {drafter}{cached}"),
         ("Speedup over LC decoding", md_escape(speedup_text(speedup))),
+        ("Engine", md_escape(engine_label(stats.engine))),
     ]
     if lc_stats is not None:
         rows.append(("LC on the same input", f"{_number(lc_stats.decode_tokens_per_s, '.2f')} tokens/s, "
                                              f"prefill {lc_stats.prefill_s:.2f} s"))
     table = "\n".join(f"| {name} | {value} |" for name, value in rows)
-    return f"**{state}**\n\n| Statistic | Value |\n|---|---|\n{table}"
+    # A slow fallback (no compiler, no VNNI) is said first, where it cannot be missed.
+    warning = f"> ⚠️ **Slow engine:** {md_escape(stats.engine['warning'])}\n\n" if stats.engine.get("warning") else ""
+    return f"{warning}**{state}**\n\n| Statistic | Value |\n|---|---|\n{table}"
 
 
 def accepted_lengths_frame(stats: Stats | None) -> pd.DataFrame:
@@ -192,6 +207,7 @@ class PanelView:
     stats: Stats | None = None
     speedup: Speedup | None = None
     lc_stats: Stats | None = None
+    elapsed_s: float | None = None  # while the answer runs
 
     def markdown(self) -> str:
-        return stats_markdown(self.heading, self.stats, self.speedup, self.lc_stats)
+        return stats_markdown(self.heading, self.stats, self.speedup, self.lc_stats, self.elapsed_s)

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
+from app.engine_label import engine_label
 from app.errors import CliError
+from app.eval.exactness import differing_rows
 from app.eval.scoring import POSITIONS, summarize
 
 
@@ -21,6 +24,8 @@ def format_table(results: dict) -> str:
         f"machine: {machine['processor']}, {machine['cores']} cores (torch threads "
         f"{machine['torch_threads']}), device {device}, {machine['dtype']}",
         f"models: target {models['target']}, drafter {models['drafter']}",
+        f"engine: {engine_label(results.get('engine') or {})}"
+        + (f" (WARNING: {results['engine']['warning']})" if (results.get("engine") or {}).get("warning") else ""),
         f"documents: {', '.join(results['documents'])}; long context {context['long_tokens']} tokens "
         f"(median over questions), drafter context {context['draft_tokens']} tokens",
         f"questions: {results['n_questions']}, greedy, "
@@ -29,7 +34,7 @@ def format_table(results: dict) -> str:
         f"answer s = median seconds from question to last token, e2e speedup = LC's over the method's",
     ]
     columns = ["method", "EM", "F1", "contains", "lead", "b/m/e", "len", "tok/s", "accept", "MAL", "prefill s",
-               "speedup", "1st tok s", "2nd tok s", "answer s", "e2e speedup"]
+               "speedup", "1st tok s", "2nd tok s", "answer s", "e2e speedup", "= LC"]
     body = []
     for s in results["summary"]:
         positions = "/".join(figure(s["contains_by_position"][p], ".2f", "-") for p in POSITIONS)
@@ -42,6 +47,7 @@ def format_table(results: dict) -> str:
             figure(s.get("median_first_token_s"), ".2f"), figure(s.get("median_second_token_s"), ".2f"),
             figure(s.get("median_answer_s"), ".2f"),
             figure(s.get("median_e2e_speedup_vs_lc"), ".2f") + ("x" if s.get("median_e2e_speedup_vs_lc") else ""),
+            f"{s['equals_lc'][0]}/{s['equals_lc'][1]}" if s.get("equals_lc") else "-",
         ])
     widths = [max(len(row[i]) for row in [columns, *body]) for i in range(len(columns))]
 
@@ -55,7 +61,8 @@ def format_table(results: dict) -> str:
              "document; len: mean answer tokens; accept: drafts accepted (pooled);\n"
              "MAL: tokens emitted per target pass; prefill s: mean per answer, documents from the prefix cache;\n"
              "1st tok s: median from the question's arrival to the first token (retrieval included);\n"
-             "2nd tok s: median from the first token to the second")
+             "2nd tok s: median from the first token to the second;\n"
+             "= LC: eta = 0 speculative answers equal to LC's token for token (they must all be)")
     return "\n".join([*header, rule, line(columns), rule, *(line(row) for row in body), rule, notes])
 
 
@@ -111,9 +118,15 @@ def report(results_json: Path) -> int:
 
 
 def write_report(results: dict, out: Path) -> int:
+    """Table and plot; non-zero when an answer that must equal LC's differs (the run found a bug)."""
     table = format_table(results)
     print(table)
     (out / "table.txt").write_text(table + "\n")
     plot(results, out / "quality_vs_speedup.png")
     print(f"\nresults: {out / 'results.json'}\nplot:    {out / 'quality_vs_speedup.png'}")
+    differing = differing_rows(results["rows"])
+    if differing:
+        print(f"ask eval: error: {len(differing)} eta = 0 speculative answer(s) differ from LC's tokens, "
+              f"which exact decoding forbids: {'; '.join(differing)}", file=sys.stderr)
+        return 1
     return 0

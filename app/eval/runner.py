@@ -19,12 +19,14 @@ from typing import Any
 
 from app.config import Settings
 from app.errors import CliError
+from app.eval.exactness import exactness_row
 from app.eval.reporting import figure, report, write_json, write_report
 from app.eval.scoring import context_summary, score_row, summarize
 from app.events import Done
 from app.machine import machine_info
 from app.options import add_model_options, check_document_args, index_dir_for, ingest_documents, log, settings_from_args
 from app.pipeline import Engine, answer_once
+from decoding.engine_info import engine_description
 from decoding.methods import BASELINE, METHODS, Drafting
 from decoding.settings import DecodingSettings
 from retrieval.index import HybridIndex
@@ -211,6 +213,8 @@ def run_eval(
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "command": ["ask", "eval", *argv],
         "machine": machine_info(str(engine.device), str(engine.target.model.dtype).removeprefix("torch.")),
+        # What ran (each row's stats carry it too): weights, kernels, threads and any slow-engine warning.
+        "engine": engine_description(engine.target),
         "models": {"target": settings.models.target,
                    "drafter": settings.models.drafter if uses_drafter else None},
         "documents": documents,
@@ -249,17 +253,21 @@ def run_eval(
     for number, item in enumerate(items, 1):
         lc_tokens_per_s: float | None = None
         lc_answer_s: float | None = None
+        lc_tokens: list[int] | None = None
         for run in runs:
             done = answer_once(engine, item.question, index, run.decoding)
             if run.decoding.method == BASELINE:
                 lc_tokens_per_s, lc_answer_s = done.stats.decode_tokens_per_s, done.stats.answer_s
+                lc_tokens = done.token_ids
             row = score_row(item, run, done.answer, done.stats, lc_tokens_per_s, lc_answer_s)
             row |= evidence_row(item, done)
+            row |= exactness_row(run.decoding, done.token_ids, lc_tokens)
             rows.append(row)
             log(f"[{number}/{len(items)} {item.id}] {run.label}: "
                 f"{figure(row['decode_tokens_per_s'], '.2f')} tok/s, "
                 f"speedup {figure(row['speedup_vs_lc'], '.2f')}, "
-                f"contains={'yes' if row['contains'] else 'no'}: {' '.join(done.answer.split())[:80]!r}")
+                f"contains={'yes' if row['contains'] else 'no'}"
+                f"{', DIFFERS FROM LC' if row['equals_lc'] is False else ''}: {' '.join(done.answer.split())[:80]!r}")
         results["summary"] = summarize(rows, results["methods"])
         results["context"] = context_summary(rows)
         write_json(results, out / "results.json")  # after every question: a long run keeps what it measured

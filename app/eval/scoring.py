@@ -13,6 +13,7 @@ from collections import Counter
 from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING
 
+from app.eval.exactness import exactness_count
 from app.report import stats_record
 from decoding.methods import BASELINE, METHODS, Drafting
 
@@ -170,6 +171,8 @@ def summarize(rows: list[dict], labels: Sequence[str]) -> list[dict]:
             "decode_s": statistics.fmean(r["decode_s"] for r in mine),
             "generated": statistics.fmean(r["generated"] for r in mine),
             "median_speedup_vs_lc": median_or_none(r["speedup_vs_lc"] for r in mine),
+            # [rows equal to LC token for token, rows that must be] (eta = 0 speculative rows), else None.
+            "equals_lc": list(counted) if (counted := exactness_count(mine)) else None,
             # End to end: question received -> last token, retrieval included (older results lack it).
             "median_answer_s": median_or_none(r.get("answer_s") for r in mine),
             "median_first_token_s": median_or_none(r["stats"].get("question_to_first_s") for r in mine),
