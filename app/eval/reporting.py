@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 from app.errors import CliError
+from app.eval.intervals import format_interval_table, interval_summary
 from app.eval.scoring import POSITIONS, summarize
 
 
@@ -56,7 +57,11 @@ def format_table(results: dict) -> str:
              "MAL: tokens emitted per target pass; prefill s: mean per answer, documents from the prefix cache;\n"
              "1st tok s: median from the question's arrival to the first token (retrieval included);\n"
              "2nd tok s: median from the first token to the second")
-    return "\n".join([*header, rule, line(columns), rule, *(line(row) for row in body), rule, notes])
+    table = [*header, rule, line(columns), rule, *(line(row) for row in body), rule, notes]
+    if results.get("rows"):
+        records = results.get("intervals") or interval_summary(results["rows"], results["methods"])
+        table.append(format_interval_table(records))
+    return "\n".join(table)
 
 
 def plot(results: dict, path: Path) -> None:
@@ -111,6 +116,10 @@ def report(results_json: Path) -> int:
 
 
 def write_report(results: dict, out: Path) -> int:
+    if results.get("rows"):
+        # Kept in results.json too: the intervals and paired differences the table prints.
+        results["intervals"] = interval_summary(results["rows"], results["methods"])
+        write_json(results, out / "results.json")
     table = format_table(results)
     print(table)
     (out / "table.txt").write_text(table + "\n")
