@@ -110,8 +110,8 @@ def test_interval_table_marks_only_intervals_that_exclude_zero() -> None:
     table = format_interval_table(records)
     better = next(line for line in table.splitlines() if line.startswith("better"))
     same = next(line for line in table.splitlines() if line.startswith("same "))
-    assert "+1.00 [+1.00, +1.00]+" in better
-    assert "+0.00 [+0.00, +0.00] " in same and "]+" not in same
+    assert "+1.00 [+1.00,+1.00]+" in better
+    assert "+0.00 [+0.00,+0.00] " in same and "]+" not in same
     assert "Wilson" in table and "bootstrap" in table and "above 0" in table
 
 

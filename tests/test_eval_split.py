@@ -72,3 +72,47 @@ def test_ask_eval_split_error_is_one_clear_line(tmp_path: Path) -> None:
                           env=os.environ | {"RAPIDQA_HOME": str(tmp_path)}, timeout=120, cwd=REPO)
     assert done.returncode == 1
     assert '"split" field' in done.stderr and "Traceback" not in done.stderr
+
+
+DOC = """# Harbour rules
+
+The harbour master of Port Quill is Ada Brightwater.
+Boats must moor at the eastern pier after sunset.
+
+# Tides
+
+High tide at Port Quill is announced with three bells.
+"""
+
+
+@pytest.mark.real_models
+@pytest.mark.timeout(600)
+def test_ask_eval_split_runs_one_half_and_prints_intervals(tmp_path: Path, small_model_dir: Path) -> None:
+    from tests.conftest import real_models_dir
+
+    doc = tmp_path / "harbour.md"
+    doc.write_text(DOC)
+    questions = _write(tmp_path, [
+        {"id": "t1", "question": "Who is the harbour master of Port Quill?", "answers": ["Ada Brightwater"],
+         "source": "harbour.md", "section": "Harbour rules", "position": "beginning", "split": "tune"},
+        {"id": "r1", "question": "How many bells announce high tide at Port Quill?", "answers": ["three"],
+         "source": "harbour.md", "section": "Tides", "position": "end", "split": "report"},
+        {"id": "r2", "question": "At which pier must boats moor after sunset?", "answers": ["eastern"],
+         "source": "harbour.md", "section": "Harbour rules", "position": "middle", "split": "report"},
+    ])
+    out = tmp_path / "out"
+    env = os.environ | {"RAPIDQA_HOME": str(tmp_path / "home"), "RAPIDQA_MODELS_DIR": str(real_models_dir())}
+    done = subprocess.run(
+        [sys.executable, "-m", "app.cli", "eval", "--docs", str(doc), "--questions", str(questions),
+         "--split", "report", "--methods", "lc,rag", "--fast", "--max-new-tokens", "12", "--no-warmup",
+         "--index", str(tmp_path / "index"), "--out", str(out)],
+        capture_output=True, text=True, env=env, timeout=580, cwd=REPO,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    results = json.loads((out / "results.json").read_text())
+    assert [q["id"] for q in results["questions"]] == ["r1", "r2"]  # the report half only, in file order
+    assert {r["id"] for r in results["rows"]} == {"r1", "r2"}
+    assert all(r["page_retrieved"] is not None for r in results["rows"])  # section labels are matched
+    intervals = {record["method"]: record for record in results["intervals"]}
+    assert intervals["lc"]["vs_lc"] is None and intervals["rag"]["vs_lc"]["n"] == 2
+    assert "EM 95%" in done.stdout and "dcontains vs LC" in done.stdout

@@ -181,7 +181,7 @@ def format_interval_table(records: list[dict]) -> str:
 
 
 def _span(bounds: Sequence[float], spec: str) -> str:
-    return f"[{format(bounds[0], spec)}, {format(bounds[1], spec)}]"
+    return f"[{format(bounds[0], spec)},{format(bounds[1], spec)}]"
 
 
 def _difference(entry: dict) -> str:
