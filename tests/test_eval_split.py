@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 
 from app.errors import CliError
-from app.eval.runner import check_sources, load_questions, parser, select_split
+from app.eval.runner import QAItem, check_sources, evidence_row, load_questions, parser, select_split
+from retrieval.types import Citation
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -63,6 +64,22 @@ def test_questions_about_documents_missing_from_the_index_are_refused(tmp_path: 
     check_sources(items[:1], ["a.pdf", "other.pdf"])
     with pytest.raises(CliError, match=r"not in the index: b\.md, c\.html"):
         check_sources(items, ["a.pdf"])
+
+
+def test_evidence_of_a_section_labelled_question_is_matched_by_section() -> None:
+    from types import SimpleNamespace
+
+    item = QAItem("b1", "Q?", ["y"], source="b.md", section="Usage")
+
+    def cited(*sections: str) -> SimpleNamespace:
+        citations = [Citation("b.md", None, s, "...", 1.0, read=(s == "Usage")) for s in sections]
+        return SimpleNamespace(citations=citations, reading=None)
+
+    found = evidence_row(item, cited("Intro", "Usage"))
+    assert found["page_retrieved"] is True and found["page_read"] is True
+    assert evidence_row(item, cited("Intro"))["page_retrieved"] is False
+    unlabelled = QAItem("q", "Q?", ["y"])
+    assert evidence_row(unlabelled, cited("Usage"))["page_retrieved"] is None
 
 
 def test_ask_eval_split_error_is_one_clear_line(tmp_path: Path) -> None:
