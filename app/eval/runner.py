@@ -164,7 +164,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--index", type=Path, metavar="DIR",
                    help="index directory (default: one kept per --docs set)")
     p.add_argument("--questions", type=Path, metavar="JSONL",
-                   help='one {"id", "question", "answers": [...], "page", "position", "source"} per line (required)')
+                   help='one {"id", "question", "answers": [...], "page" or "section", "position", "source", '
+                        '"split"} per line (required)')
     p.add_argument("--report", type=Path, metavar="RESULTS_JSON",
                    help="only re-draw the table and plot of a finished (or interrupted) run from its results.json")
     p.add_argument("--methods", default=DEFAULT_METHODS, help=f"comma-separated (default {DEFAULT_METHODS}); "
