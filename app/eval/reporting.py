@@ -9,6 +9,7 @@ from pathlib import Path
 from app.engine_label import engine_label
 from app.errors import CliError
 from app.eval.exactness import differing_rows
+from app.eval.intervals import format_interval_table, interval_summary
 from app.eval.scoring import POSITIONS, summarize
 
 
@@ -63,7 +64,11 @@ def format_table(results: dict) -> str:
              "1st tok s: median from the question's arrival to the first token (retrieval included);\n"
              "2nd tok s: median from the first token to the second;\n"
              "= LC: eta = 0 speculative answers equal to LC's token for token (they must all be)")
-    return "\n".join([*header, rule, line(columns), rule, *(line(row) for row in body), rule, notes])
+    table = [*header, rule, line(columns), rule, *(line(row) for row in body), rule, notes]
+    if results.get("rows"):
+        records = results.get("intervals") or interval_summary(results["rows"], results["methods"])
+        table.append(format_interval_table(records))
+    return "\n".join(table)
 
 
 def plot(results: dict, path: Path) -> None:
@@ -119,6 +124,10 @@ def report(results_json: Path) -> int:
 
 def write_report(results: dict, out: Path) -> int:
     """Table and plot; non-zero when an answer that must equal LC's differs (the run found a bug)."""
+    if results.get("rows"):
+        # Kept in results.json too: the intervals and paired differences the table prints.
+        results["intervals"] = interval_summary(results["rows"], results["methods"])
+        write_json(results, out / "results.json")
     table = format_table(results)
     print(table)
     (out / "table.txt").write_text(table + "\n")

@@ -32,6 +32,7 @@ from decoding.settings import DecodingSettings
 from retrieval.index import HybridIndex
 
 DEFAULT_METHODS = "lc,rag,sd,magicdec,rapid"
+SPLITS = ("tune", "report")
 
 @dataclass(frozen=True)
 class QAItem:
@@ -41,6 +42,9 @@ class QAItem:
     page: int | None = None
     position: str | None = None  # beginning | middle | end of the document
     source: str | None = None  # the document holding `page`, when the corpus has several
+    section: str | None = None  # the section holding the answer, in documents without pages
+    hops: int | None = None  # 2: the answer needs two places in the document
+    split: str | None = None  # tune | report: which half of a labelled set (fixed by document)
 
 
 def load_questions(path: Path) -> list[QAItem]:
@@ -61,6 +65,9 @@ def load_questions(path: Path) -> list[QAItem]:
                 page=data.get("page"),
                 position=data.get("position"),
                 source=data.get("source"),
+                section=data.get("section"),
+                hops=data.get("hops"),
+                split=data.get("split"),
             )
         except (ValueError, KeyError, TypeError) as error:
             raise CliError(f"{path}, line {number}: not a question record ({error})") from None
@@ -70,6 +77,32 @@ def load_questions(path: Path) -> list[QAItem]:
     if not items:
         raise CliError(f"{path} holds no questions")
     return items
+
+
+def select_split(items: list[QAItem], split: str | None, path: Path) -> list[QAItem]:
+    """The questions of one half; every question must say its half, or none is chosen by accident."""
+    if split is None:
+        return items
+    unlabelled = [item.id for item in items if item.split is None]
+    if unlabelled:
+        raise CliError(f"--split {split}: {path} has questions without a \"split\" field "
+                       f"({', '.join(unlabelled[:3])}{', ...' if len(unlabelled) > 3 else ''})")
+    unknown = sorted({item.split for item in items} - set(SPLITS))
+    if unknown:
+        raise CliError(f"{path}: unknown split value(s) {', '.join(map(repr, unknown))}; "
+                       f"expected {' or '.join(SPLITS)}")
+    chosen = [item for item in items if item.split == split]
+    if not chosen:
+        raise CliError(f"--split {split}: {path} holds no {split} questions")
+    return chosen
+
+
+def check_sources(items: list[QAItem], documents: Sequence[str]) -> None:
+    """A question labelled with a document that is not indexed cannot be answered from it: say so."""
+    missing = sorted({item.source for item in items if item.source is not None} - set(documents))
+    if missing:
+        raise CliError(f"the questions refer to document(s) not in the index: {', '.join(missing)}; "
+                       "pass them with --docs")
 
 
 # ------------------------------------------------------------------------------------- method rows
@@ -133,12 +166,16 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--index", type=Path, metavar="DIR",
                    help="index directory (default: one kept per --docs set)")
     p.add_argument("--questions", type=Path, metavar="JSONL",
-                   help='one {"id", "question", "answers": [...], "page", "position", "source"} per line (required)')
+                   help='one {"id", "question", "answers": [...], "page" or "section", "position", "source", '
+                        '"split"} per line (required)')
     p.add_argument("--report", type=Path, metavar="RESULTS_JSON",
                    help="only re-draw the table and plot of a finished (or interrupted) run from its results.json")
     p.add_argument("--methods", default=DEFAULT_METHODS, help=f"comma-separated (default {DEFAULT_METHODS}); "
                    "lc always runs, first")
-    p.add_argument("--limit", type=int, help="only the first N questions")
+    p.add_argument("--split", choices=SPLITS,
+                   help="only the questions of this half of the set (their \"split\" field): "
+                        "tune to choose settings on, report to report them on")
+    p.add_argument("--limit", type=int, help="only the first N questions (after --split)")
     p.add_argument("--eta-sweep", type=_csv(float), metavar="E,E,...", help="rapid: one row per eta")
     p.add_argument("--gamma-sweep", type=_csv(int), metavar="G,G,...", help="rapid: one row per gamma")
     p.add_argument("--eta", type=float, help="rapid eta without a sweep (default 0)")
@@ -173,7 +210,7 @@ def main(argv: Sequence[str]) -> int:
     settings = replace(settings, decoding=base, drafter_chunk_kv=not args.drafter_prefills)
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     runs = method_runs(methods, base, args.eta_sweep, args.gamma_sweep)
-    items = load_questions(args.questions)[: args.limit]
+    items = select_split(load_questions(args.questions), args.split, args.questions)[: args.limit]
     index_dir = index_dir_for(args, settings)
     out = args.out or settings.home / "eval" / time.strftime("%Y%m%d-%H%M%S")
     out.mkdir(parents=True, exist_ok=True)
@@ -185,6 +222,7 @@ def main(argv: Sequence[str]) -> int:
     documents = [doc.source for doc in index.documents()]
     if not documents:
         raise CliError(f"the index {index_dir} holds no documents: pass --docs")
+    check_sources(items, documents)
 
     results = run_eval(engine, index, items, runs, settings, warmup=not args.no_warmup, out=out, log=log,
                        documents=documents, argv=list(argv))
@@ -193,11 +231,13 @@ def main(argv: Sequence[str]) -> int:
 
 def evidence_row(item: QAItem, done: Done) -> dict:
     """Whether retrieval found the labelled page and whether the target read it (its window)."""
-    cited = [c for c in done.citations if c.page == item.page and item.source in (None, c.source)]
+    labelled = item.page is not None or item.section is not None
+    cited = [c for c in done.citations if item.source in (None, c.source)
+             and (c.page == item.page if item.page is not None else c.section == item.section)]
     return {
         "source": item.source,
-        "page_retrieved": bool(cited) if item.page is not None else None,
-        "page_read": any(c.read for c in cited) if item.page is not None else None,
+        "page_retrieved": bool(cited) if labelled else None,
+        "page_read": any(c.read for c in cited) if labelled else None,
         "read": done.reading.label if done.reading else None,
         "retrieved_elsewhere": done.reading.elsewhere if done.reading else 0,
         "evidence_split": done.reading.split if done.reading else False,
