@@ -11,7 +11,8 @@ size gamma + 1 in 2..17 runs here under 3, 4 and 8 threads, for the dense and th
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
+from pathlib import Path
 
 import pytest
 import torch
@@ -69,9 +70,10 @@ class Recorder:
         return taken
 
 
-def decode_vs_verify(model: Transformer, threads: int) -> list[tuple[str, int, int]]:
-    """(what, block rows, row) for each verify row whose logits or MLP activation differ from the
-    decode step's."""
+def decode_vs_verify(model: Transformer, threads: int, sizes: Sequence[int] = range(2, MAX_GAMMA + 2),
+                     ) -> list[tuple[str, int, int]]:
+    """(what, block rows, row) for each verify row of each block size whose logits or MLP activation
+    differ from the decode step's."""
     torch.set_num_threads(threads)
     tokens = torch.randint(0, model.args.vocab_size, (PROMPT + MAX_GAMMA + 1,),
                            generator=torch.Generator().manual_seed(threads))
@@ -83,7 +85,7 @@ def decode_vs_verify(model: Transformer, threads: int) -> list[tuple[str, int, i
         steps.append(model.forward(tokens[i : i + 1], cache))
         step_acts.append([a[0] for a in recorder.take()])  # row 0: a padded step's second row is a copy
     differ = []
-    for rows in range(2, MAX_GAMMA + 2):
+    for rows in sizes:
         cache.crop(PROMPT)
         block = model.forward(tokens[PROMPT : PROMPT + rows], cache, all_logits=True)
         acts = recorder.take()
@@ -126,3 +128,15 @@ def test_dequantizing_fallback_verify_rows_equal_decode_steps(
     model = quantize_transformer(fp32_model, dtype=torch.float32)
     assert model.min_rows == 2
     assert decode_vs_verify(model, 4) == []
+
+
+@pytest.mark.real_models
+@pytest.mark.parametrize("threads", [4, 8])
+def test_real_quantized_target_verify_rows_equal_decode_steps(large_model_dir: Path, threads: int,
+                                                              restore_threads: None) -> None:
+    """The real 1.5B as the app runs it (quantized, bf16 activations, full vocabulary head): gamma 16,
+    and 8 rows (a size whose SiLU split fell inside a row)."""
+    from decoding.models import load_model
+
+    target = load_model("1.5b", large_model_dir, torch.bfloat16, torch.device("cpu"), quantized=True)
+    assert decode_vs_verify(target.model, threads, sizes=(8, MAX_GAMMA + 1)) == []
