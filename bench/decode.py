@@ -34,12 +34,12 @@ from app.pipeline import Engine
 from bench.peers import PEERS, find_llama_cpp, measure_peers
 from decoding.attention import native_attention
 from decoding.generate import generate, run_to_end
+from decoding.loaded_model import LoadedModel, Prompt
 from decoding.methods import BASELINE, Drafting
 from decoding.methods import METHODS as METHOD_TABLE
-from decoding.model import Transformer
-from decoding.models import LoadedModel, Prompt
 from decoding.quant import QuantEmbedding, quantized_bytes
 from decoding.settings import DecodingSettings
+from decoding.transformer import Transformer
 from retrieval.readers import read_document
 
 REPO = Path(__file__).resolve().parent.parent
@@ -100,7 +100,7 @@ def bytes_per_pass(model: Transformer, context_tokens: int) -> int:
         embedding = next(m for m in model.modules() if isinstance(m, QuantEmbedding))
         weights = quantized_bytes(model) - embedding.nbytes + (embedding.nbytes if model.args.tie_embeddings else 0)
     else:
-        # Counted from the shapes: packed linears (decoding.model.PackedLinear) are not parameters.
+        # Counted from the shapes: packed linears (decoding.loading.PackedLinear) are not parameters.
         weights = (a.n_layers * per_layer + a.vocab_size * a.dim + a.dim) * model.dtype.itemsize
     kv = 2 * a.n_layers * a.n_kv_heads * a.head_dim * context_tokens * model.dtype.itemsize
     return weights + kv

@@ -15,11 +15,11 @@ import time
 
 import torch
 
-import decoding.model as model_module
+import decoding.transformer as model_module
 from app.config import Settings
 from app.registry import resolve_model
-from decoding.model import PREFILL_CHUNK
-from decoding.models import load_model
+from decoding.loading import load_model
+from decoding.transformer import PREFILL_CHUNK
 
 
 def main() -> None:

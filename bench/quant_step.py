@@ -21,8 +21,8 @@ import torch
 
 from app.config import Settings
 from app.registry import resolve_model
-from decoding.model import Transformer
-from decoding.models import load_model
+from decoding.loading import load_model
+from decoding.transformer import Transformer
 
 
 def rss_bytes() -> int:

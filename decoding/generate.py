@@ -14,8 +14,8 @@ from dataclasses import dataclass
 import torch
 
 from decoding.drafters import Draft, Drafter, Focus, build_drafter
+from decoding.loaded_model import LoadedModel, Prompt
 from decoding.methods import Drafting, method_info
-from decoding.models import LoadedModel, Prompt
 from decoding.prefill import PrefixCacheHooks, prefill
 from decoding.sampling import accept_probability, greedy_choice, probabilities, residual, retrieval_augmented, sample
 from decoding.session import Sampler, Session

@@ -34,8 +34,8 @@ from safetensors.torch import load_file, save_file
 
 from decoding.attention import native_attention
 from decoding.cache import KVCache
-from decoding.model import Transformer
 from decoding.prefill import PrefillProgress, PrefixCacheHooks, prefill_parts
+from decoding.transformer import Transformer
 
 ENGINE_DIR = Path(__file__).resolve().parent
 PROBE_TOKENS = 16
@@ -46,8 +46,8 @@ STALE_PARTIAL_S = 3600.0  # a temp file this old belongs to a writer that died
 # loading and conversion, the cache layout, prefill (prefill.prefill_parts cuts the prompt into
 # parts), the assembly of chunk KV and this file's format. Drafting, acceptance, sampling and
 # statistics only run after a prefix is read, so editing them keeps every cache valid.
-KV_SOURCES = ("attention.py", "cache.py", "model.py", "models.py", "prefill.py", "prefix_cache.py", "quant.py",
-              "segments.py", "kernels/*")
+KV_SOURCES = ("attention.py", "cache.py", "loaded_model.py", "loading.py", "prefill.py", "prefix_cache.py",
+              "quant.py", "segments.py", "transformer.py", "kernels/*")
 
 
 @functools.cache

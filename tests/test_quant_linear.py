@@ -12,8 +12,8 @@ import torch.nn.functional as F
 from app.registry import GGUF_FILE
 from decoding import quant
 from decoding.generate import generate, run_to_end
-from decoding.model import QUANT_FILE, quantize_transformer
-from decoding.models import LoadedModel, Prompt, has_quantized_weights, load_model
+from decoding.loaded_model import LoadedModel, Prompt
+from decoding.loading import QUANT_FILE, has_quantized_weights, load_model, quantize_transformer
 from decoding.prefix_cache import PrefixCache
 from decoding.quant import QuantLinear, QuantWeight, native_quant
 from decoding.settings import DecodingSettings
@@ -142,7 +142,7 @@ def test_rows_are_bit_identical_across_row_counts(kernel: quant.NativeQuant, kin
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_norm_in_the_kernel(kernel: quant.NativeQuant, dtype: torch.dtype) -> None:
-    from decoding.model import RMSNorm
+    from decoding.transformer import RMSNorm
 
     norm = RMSNorm(256, 1e-6).to(dtype)
     with torch.no_grad():
@@ -177,7 +177,7 @@ def test_portable_build_gives_the_vnni_builds_bits(kernel: quant.NativeQuant, tm
     library = build_library(quant.KERNEL_SOURCE, (*quant.QUANT_FLAGS, "-mno-avx512vnni"), tmp_path, "portable")
     portable = quant.NativeQuant(ctypes.CDLL(str(library)))
     assert not portable.vnni
-    from decoding.model import RMSNorm
+    from decoding.transformer import RMSNorm
 
     for dtype in (torch.bfloat16, torch.float32):
         norm = RMSNorm(256, 1e-6).to(dtype)
@@ -214,7 +214,7 @@ def test_fallback_without_the_native_kernel(monkeypatch) -> None:
     x = activations(5, dtype=torch.float32)
     native = linear(x)
     monkeypatch.setattr(quant, "native_quant", lambda: None)
-    monkeypatch.setattr("decoding.model.native_quant", lambda: None)
+    monkeypatch.setattr("decoding.loading.native_quant", lambda: None)
     fallback = linear(x)
     dense = torch.cat([quant.dequantize_torch(w) for w in parts])
     torch.testing.assert_close(fallback, F.linear(x, dense, bias))
@@ -323,7 +323,7 @@ def test_quantized_weights_are_the_dense_caches_values(small_model_dir: Path) ->
     """Dequantized, the kernel layout gives the bf16 cache's weights: the names map right."""
     from safetensors import safe_open
 
-    from decoding.model import load_quantized_state
+    from decoding.loading import load_quantized_state
 
     state = load_quantized_state(require_quantized(small_model_dir))
     with safe_open(str(small_model_dir / "model.safetensors"), "pt") as dense:
@@ -410,7 +410,7 @@ def test_registry_writes_quantized_weights_from_a_gguf(tmp_path: Path) -> None:
     from gguf.quants import dequantize as gguf_dequantize
 
     from app.registry import QUANT_MARKER, has_quantized, write_quantized
-    from decoding.model import load_quantized
+    from decoding.loading import load_quantized
 
     gguf = tmp_path / "tiny.gguf"
     config = write_tiny_gguf(gguf, "qwen2")
