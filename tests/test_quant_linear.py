@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from app.registry import GGUF_FILE
 from decoding import quant
 from decoding.generate import generate, run_to_end
+from decoding.gguf import GGUF_KINDS, Unpacked, from_gguf
 from decoding.loaded_model import LoadedModel, Prompt
 from decoding.loading import QUANT_FILE, has_quantized_weights, load_model, quantize_transformer
 from decoding.prefix_cache import PrefixCache
@@ -60,7 +61,7 @@ def test_pack_round_trips_values(kind: int, group: int) -> None:
     d, s = top(), sub()
     dmin, msub = (top(), sub()) if kind == 4 else (None, None)
     w = quant.pack(values, d, s, kind, group, per, dmin, msub)
-    scale, minimum = quant.Unpacked(values, d, s, group, per, dmin, msub).scales()
+    scale, minimum = Unpacked(values, d, s, group, per, dmin, msub).scales()
     expected = np.repeat(scale, group, axis=1) * values.astype(np.float32)
     if minimum is not None:
         expected = expected - np.repeat(minimum, group, axis=1)
@@ -307,15 +308,15 @@ def test_unpacking_equals_gguf_dequantize(small_model_dir: Path, large_model_dir
         reader = GGUFReader(directory / GGUF_FILE)
         for t in reader.tensors:
             qtype = t.tensor_type.name
-            if qtype not in quant.GGUF_KINDS or (qtype, directory) in seen or t.name.startswith(("token", "output")):
+            if qtype not in GGUF_KINDS or (qtype, directory) in seen or t.name.startswith(("token", "output")):
                 continue
             seen.add((qtype, directory))
             k, n = int(t.shape[0]), int(t.shape[1])
             expected = dequantize(t.data, t.tensor_type).reshape(n, k)
-            w = quant.from_gguf(qtype, t.data, n, k)
+            w = from_gguf(qtype, t.data, n, k)
             assert np.array_equal(quant.dequantize_torch(w).numpy(), expected), (t.name, qtype)
             assert np.array_equal(quant.dequantize(w, torch.float32).numpy(), expected), (t.name, qtype)
-    assert {q for q, _ in seen} == set(quant.GGUF_KINDS)  # Q4_K, Q6_K, Q5_0 and Q8_0 all checked
+    assert {q for q, _ in seen} == set(GGUF_KINDS)  # Q4_K, Q6_K, Q5_0 and Q8_0 all checked
 
 
 @pytest.mark.real_models
