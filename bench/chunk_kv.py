@@ -21,7 +21,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from app.chunk_kv import CHUNK_KV_DIR
-from app.cli import add_model_options, settings_from_args
+from app.options import add_model_options, settings_from_args
 from app.pipeline import Engine, answer_once
 from bench.decode import REPO, machine
 from decoding.settings import DecodingSettings
