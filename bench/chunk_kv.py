@@ -24,8 +24,8 @@ from app.chunk_kv import CHUNK_KV_DIR
 from app.machine import machine_summary
 from app.options import add_model_options, settings_from_args
 from app.pipeline import Engine, answer_once
+from app.reexports import DecodingSettings
 from bench.decode import REPO
-from decoding.settings import DecodingSettings
 
 RESULTS = REPO / "bench" / "results" / "chunk_kv.json"
 

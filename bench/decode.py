@@ -31,16 +31,22 @@ import torch
 from app.machine import machine_summary
 from app.options import add_model_options, settings_from_args
 from app.pipeline import Engine
+from app.reexports import (
+    BASELINE,
+    DecodingSettings,
+    Drafting,
+    LoadedModel,
+    Prompt,
+    QuantEmbedding,
+    Transformer,
+    generate,
+    native_attention,
+    quantized_bytes,
+    read_document,
+    run_to_end,
+)
+from app.reexports import METHODS as METHOD_TABLE
 from bench.peers import PEERS, find_llama_cpp, measure_peers
-from decoding.attention import native_attention
-from decoding.generate import generate, run_to_end
-from decoding.loaded_model import LoadedModel, Prompt
-from decoding.methods import BASELINE, Drafting
-from decoding.methods import METHODS as METHOD_TABLE
-from decoding.quant import QuantEmbedding, quantized_bytes
-from decoding.settings import DecodingSettings
-from decoding.transformer import Transformer
-from retrieval.readers import read_document
 
 REPO = Path(__file__).resolve().parent.parent
 # Bench-only variants, named by a suffix to the method: RAPID that first tries n-gram lookup drafts

@@ -20,9 +20,8 @@ from pathlib import Path
 import torch
 
 from app.config import Settings
+from app.reexports import Transformer, load_model
 from app.registry import resolve_model
-from decoding.loading import load_model
-from decoding.transformer import Transformer
 
 
 def rss_bytes() -> int:

@@ -17,9 +17,8 @@ import pandas as pd
 
 from app.events import Preparing
 from app.progress import describe
+from app.reexports import Citation, DocumentInfo, Reading, Stats
 from app.speedup import Speedup
-from decoding.stats import Stats
-from retrieval.types import Citation, DocumentInfo, Reading
 
 if TYPE_CHECKING:
     from ui.uploads import UploadLine

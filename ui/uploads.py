@@ -17,9 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from app.config import Limits
-from retrieval.errors import RetrievalError
-from retrieval.index import HybridIndex
-from retrieval.readers import supported_extensions
+from app.reexports import HybridIndex, RetrievalError, supported_extensions
 from ui.render import UNEXPECTED, size_text
 
 logger = logging.getLogger("rapidqa.ui")
