@@ -57,3 +57,38 @@ def test_every_module_imports() -> None:
     done = subprocess.run([sys.executable, "-c", script, *names], cwd=REPO, capture_output=True, text=True,
                           timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
+
+
+def imported_modules(path: Path, known: set[str]) -> set[str]:
+    """The first-party modules a source file imports (type-only imports included): `from a.b import c`
+    counts as a.b.c when that is a module, else as a.b."""
+    found: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            found.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            found.update(f"{node.module}.{alias.name}" if f"{node.module}.{alias.name}" in known else node.module
+                         for alias in node.names)
+    return found & known
+
+
+def test_no_import_circles() -> None:
+    """Not even type-only ones: a circle means two files hold one job, or a shared type lives in the wrong file."""
+    paths = {module_name(path): path for package in PACKAGES for path in modules(package)}
+    known = set(paths)
+    graph = {name: imported_modules(path, known) - {name} for name, path in paths.items()}
+
+    def reaches(start: str, goal: str) -> bool:
+        seen, todo = set(), [start]
+        while todo:
+            name = todo.pop()
+            if name == goal:
+                return True
+            if name not in seen:
+                seen.add(name)
+                todo.extend(graph[name])
+        return False
+
+    circles = sorted({" <-> ".join(sorted((a, b))) for a, targets in graph.items() for b in targets
+                      if reaches(b, a)})
+    assert not circles, f"import circles: {circles}"
