@@ -157,8 +157,10 @@ def test_load_questions_reports_bad_lines(tmp_path: Path) -> None:
     ],
 )
 def test_ask_eval_errors_are_one_clear_line(tmp_path: Path, args: list[str], message: str) -> None:
+    # cwd is tmp_path (relative paths resolve there): PYTHONPATH makes the subprocess run this checkout's code.
+    env = os.environ | {"RAPIDQA_HOME": str(tmp_path), "PYTHONPATH": str(REPO)}
     done = subprocess.run([sys.executable, "-m", "cli.main", "eval", *args], capture_output=True, text=True,
-                          env=os.environ | {"RAPIDQA_HOME": str(tmp_path)}, timeout=120, cwd=tmp_path)
+                          env=env, timeout=120, cwd=tmp_path)
     assert done.returncode == 1
     assert message in done.stderr and "Traceback" not in done.stderr
 
