@@ -25,11 +25,11 @@ from pathlib import Path
 import torch
 
 from decoding.cache import KVCache
-from decoding.model import Transformer
-from decoding.models import Prompt
+from decoding.loaded_model import Prompt
 from decoding.prefill import PrefixCacheHooks
 from decoding.prefix_cache import KVStore
 from decoding.segments import PieceKV, assemble, encode_piece
+from decoding.transformer import Transformer
 
 CHUNK_KV_DIR = "chunk_kv"
 OWNER_FILE = "owner.txt"  # in each store's folder: which drafter (name, weights, dtype) it holds

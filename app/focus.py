@@ -2,7 +2,7 @@
 the target's cache (decoding.methods.Drafting.FOCUS).
 
 Retrieval gives character ranges in the long context's pieces; each piece is tokenised alone after
-a separator (decoding.models.Prompt), so the tokeniser's offsets map a range to the piece's tokens.
+a separator (decoding.loaded_model.Prompt), so the tokeniser's offsets map a range to the piece's tokens.
 """
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from __future__ import annotations
 from bisect import bisect_left, bisect_right
 from collections.abc import Sequence
 
-from decoding.models import PIECE_SEPARATOR, LoadedModel, Prompt
+from decoding.loaded_model import PIECE_SEPARATOR, LoadedModel, Prompt
 
 
 def focus_tokens(model: LoadedModel, prompt: Prompt, pieces: Sequence[str],

@@ -7,7 +7,7 @@ import hashlib
 from collections.abc import Sequence
 from pathlib import Path
 
-from decoding.models import Prompt
+from decoding.loaded_model import Prompt
 from retrieval.types import DocumentInfo
 from retrieval.windows import Window
 

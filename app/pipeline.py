@@ -21,8 +21,9 @@ from app.progress import Job, cli_bar, run_with_progress
 from app.registry import resolve_model
 from app.speedup import LcReference, measured_speedup
 from decoding.generate import Finished, PassStats, TextDelta, generate
+from decoding.loaded_model import LoadedModel, Prompt
+from decoding.loading import load_model, pick_device, pick_dtype, wants_quantized
 from decoding.methods import BASELINE, Drafting, method_info
-from decoding.models import LoadedModel, Prompt, load_model, pick_device, pick_dtype, wants_quantized
 from decoding.prefill import PrefixCacheHooks, prefill_parts
 from decoding.prefix_cache import PrefixCache
 from decoding.settings import MAX_GAMMA, DecodingSettings
@@ -167,7 +168,7 @@ class Engine:
             return self._chunk_kv[key]
 
     def passages(self, chunks: Sequence[Chunk]) -> list[Passage]:
-        """Chunks as the drafter's prompt holds them (the tokens decoding.models.Prompt gives them)."""
+        """Chunks as the drafter's prompt holds them (the tokens decoding.loaded_model.Prompt gives them)."""
         target = self.target
         return [Passage(chunk.chunk_id, target.piece_tokens(passage(chunk))) for chunk in chunks]
 

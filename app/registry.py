@@ -147,8 +147,9 @@ def write_quantized(gguf_path: Path, target: Path, log: Callable[[str], None]) -
     """
     from gguf import GGUFReader
 
-    from decoding.model import QUANT_FILE, save_quantized
-    from decoding.quant import QUANT_FORMAT, UnsupportedQuantization, state_from_gguf
+    from decoding.gguf import UnsupportedQuantization, state_from_gguf
+    from decoding.loading import QUANT_FILE, save_quantized
+    from decoding.quant import QUANT_FORMAT
 
     log(f"Writing {target.name}'s quantized weights for the CPU kernel (one time)")
     config = json.loads((target / "config.json").read_text())

@@ -21,10 +21,11 @@ from dataclasses import replace
 from pathlib import Path
 
 from app.chunk_kv import CHUNK_KV_DIR
-from app.cli import add_model_options, settings_from_args
+from app.machine import machine_summary
+from app.options import add_model_options, settings_from_args
 from app.pipeline import Engine, answer_once
-from bench.decode import REPO, machine
-from decoding.settings import DecodingSettings
+from app.reexports import DecodingSettings
+from bench.decode import REPO
 
 RESULTS = REPO / "bench" / "results" / "chunk_kv.json"
 
@@ -118,8 +119,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             runs["rapid, chunk KV" if chunk_kv else "rapid, drafter prefill"].append(row)
             print(f"q{i + 1} chunk_kv={chunk_kv!s:5s} drafted {row['drafted']:3d} accepted {row['accepted']:3d} "
                   f"drafter read {row['drafter_read_s']:.2f} s  same as LC {row['same_as_lc']}", flush=True)
-    results = {"machine": machine(), "settings": {"max_new_tokens": args.max_new_tokens, "gamma": args.gamma,
-               "target": settings.models.target, "drafter": settings.models.drafter},
+    results = {"machine": machine_summary(str(engine.device)),
+               "settings": {"max_new_tokens": args.max_new_tokens, "gamma": args.gamma,
+                            "target": settings.models.target, "drafter": settings.models.drafter},
                "ingest": costs, "summary": {name: summary(rows) for name, rows in runs.items()}, "runs": runs}
     for name, values in results["summary"].items():
         print(f"{name:24s} " + "  ".join(f"{k} {v:.3f}" if v is not None else f"{k} n/a" for k, v in values.items()))

@@ -31,17 +31,23 @@ import torch
 from app.machine import machine_summary
 from app.options import add_model_options, settings_from_args
 from app.pipeline import Engine
+from app.reexports import (
+    BASELINE,
+    DecodingSettings,
+    Drafting,
+    LoadedModel,
+    Prompt,
+    QuantEmbedding,
+    Transformer,
+    engine_description,
+    generate,
+    native_attention,
+    quantized_bytes,
+    read_document,
+    run_to_end,
+)
+from app.reexports import METHODS as METHOD_TABLE
 from bench.peers import PEERS, find_llama_cpp, measure_peers
-from decoding.attention import native_attention
-from decoding.engine_info import engine_description
-from decoding.generate import generate, run_to_end
-from decoding.methods import BASELINE, Drafting
-from decoding.methods import METHODS as METHOD_TABLE
-from decoding.model import Transformer
-from decoding.models import LoadedModel, Prompt
-from decoding.quant import QuantEmbedding, quantized_bytes
-from decoding.settings import DecodingSettings
-from retrieval.readers import read_document
 
 REPO = Path(__file__).resolve().parent.parent
 # Bench-only variants, named by a suffix to the method: RAPID that first tries n-gram lookup drafts
@@ -101,7 +107,7 @@ def bytes_per_pass(model: Transformer, context_tokens: int) -> int:
         embedding = next(m for m in model.modules() if isinstance(m, QuantEmbedding))
         weights = quantized_bytes(model) - embedding.nbytes + (embedding.nbytes if model.args.tie_embeddings else 0)
     else:
-        # Counted from the shapes: packed linears (decoding.model.PackedLinear) are not parameters.
+        # Counted from the shapes: packed linears (decoding.loading.PackedLinear) are not parameters.
         weights = (a.n_layers * per_layer + a.vocab_size * a.dim + a.dim) * model.dtype.itemsize
     kv = 2 * a.n_layers * a.n_kv_heads * a.head_dim * context_tokens * model.dtype.itemsize
     return weights + kv

@@ -30,9 +30,9 @@ QUESTION = ("How does read.fwf read a file in fixed width format, what do its wi
             "and what happens to the data on the way?")
 
 
-def _prompt_tokens(loaded, context: int) -> list[int]:  # loaded: a decoding.models.LoadedModel
+def _prompt_tokens(loaded, context: int) -> list[int]:  # loaded: a decoding.loaded_model.LoadedModel
     """About `context` tokens of data/R-data.pdf around the demo answer, as a question prompt."""
-    from retrieval.readers import read_document
+    from app.reexports import read_document
 
     pages = [page.text for page in read_document(REPO / "data" / "R-data.pdf", 50_000_000)]
     ids = loaded.encode("\n\n".join(pages))
@@ -45,8 +45,7 @@ def worker(model_dir: Path, context: int, new_tokens: int, prompt_out: Path) -> 
     """Serve decode runs over stdin/stdout: one JSON line per "run" line."""
     import torch
 
-    from decoding.engine_info import engine_description
-    from decoding.models import load_model
+    from app.reexports import engine_description, load_model
 
     loaded = load_model("target", model_dir, torch.bfloat16, torch.device("cpu"), quantized=True)
     tokens = _prompt_tokens(loaded, context)

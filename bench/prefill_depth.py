@@ -15,11 +15,10 @@ import time
 
 import torch
 
-import decoding.model as model_module
 from app.config import Settings
+from app.reexports import PREFILL_CHUNK, load_model
+from app.reexports import transformer_module as model_module
 from app.registry import resolve_model
-from decoding.model import PREFILL_CHUNK
-from decoding.models import load_model
 
 
 def main() -> None:

@@ -23,8 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from decoding.model import PackedLinear
-from decoding.quant import QuantLinear, QuantWeight, native_quant
+from app.reexports import PackedLinear, QuantLinear, QuantWeight, native_quant
 
 DIM, INTERMEDIATE, KV = 1536, 8960, 256
 

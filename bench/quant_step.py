@@ -20,9 +20,8 @@ from pathlib import Path
 import torch
 
 from app.config import Settings
+from app.reexports import Transformer, load_model
 from app.registry import resolve_model
-from decoding.model import Transformer
-from decoding.models import load_model
 
 
 def rss_bytes() -> int:

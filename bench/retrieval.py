@@ -23,11 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from app.machine import cpu_name
-from retrieval.embedding import Embedder
-from retrieval.index import HybridIndex
-from retrieval.readers import read_document
-from retrieval.recall import Label, load_labels, recall_at_k
-from retrieval.types import RetrievalSettings
+from app.reexports import Embedder, HybridIndex, Label, RetrievalSettings, load_labels, read_document, recall_at_k
 
 REPO = Path(__file__).resolve().parents[1]
 PDFS = (REPO / "data" / "R-data.pdf", REPO / "tests" / "fixtures" / "R-FAQ.pdf")

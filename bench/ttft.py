@@ -29,9 +29,8 @@ from app.events import Done, Token
 from app.machine import machine_summary
 from app.options import add_model_options, settings_from_args
 from app.pipeline import Engine
+from app.reexports import METHODS, DecodingSettings
 from bench.decode import REPO, document_slice
-from decoding.methods import METHODS
-from decoding.settings import DecodingSettings
 
 QUESTIONS = (
     "Which R function reads files in fixed width format?",

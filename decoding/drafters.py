@@ -14,12 +14,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from decoding.cache import KVCache, StreamingCache
+from decoding.loaded_model import LoadedModel, Prompt
 from decoding.methods import Drafting, Method
-from decoding.model import Transformer
-from decoding.models import LoadedModel, Prompt
 from decoding.quant import QuantLinear, dequantize
 from decoding.session import Sampler, Session
 from decoding.settings import DecodingSettings
+from decoding.transformer import Transformer
 
 
 @dataclass

@@ -18,8 +18,8 @@ from decoding.attention import attention_kernel, native_attention
 from decoding.kernel_build import ISA_VARIABLE, kernel_isa
 from decoding.quant import native_quant, quant_kernel
 
-if TYPE_CHECKING:  # decoding.models calls warn_once when it loads a model
-    from decoding.models import LoadedModel
+if TYPE_CHECKING:  # decoding.loading calls warn_once when it loads a model
+    from decoding.loaded_model import LoadedModel
 
 FULL_SPEED_ISAS = {"avx512-vnni", "avx512-bf16", "avx2"}  # vector paths; "portable" runs plain C loops
 

@@ -15,8 +15,8 @@ import torch
 
 from decoding.drafters import Draft, Drafter, Focus, build_drafter
 from decoding.engine_info import engine_description
+from decoding.loaded_model import LoadedModel, Prompt
 from decoding.methods import Drafting, method_info
-from decoding.models import LoadedModel, Prompt
 from decoding.prefill import PrefixCacheHooks, prefill
 from decoding.sampling import accept_probability, greedy_choice, probabilities, residual, retrieval_augmented, sample
 from decoding.session import Sampler, Session

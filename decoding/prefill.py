@@ -12,8 +12,8 @@ from dataclasses import dataclass
 import torch
 
 from decoding.cache import KVCache
-from decoding.model import Transformer
-from decoding.models import Prompt
+from decoding.loaded_model import Prompt
+from decoding.transformer import Transformer
 
 # (model, prompt prefix tokens, capacity) -> a cache of at least that capacity holding exactly that
 # prefix, for the caller's use alone until its next load; or None to prefill the prefix.

@@ -34,8 +34,8 @@ from safetensors.torch import load_file, save_file
 
 from decoding.attention import native_attention
 from decoding.cache import KVCache
-from decoding.model import Transformer
 from decoding.prefill import PrefillProgress, PrefixCacheHooks, prefill_parts
+from decoding.transformer import Transformer
 
 ENGINE_DIR = Path(__file__).resolve().parent
 PROBE_TOKENS = 16
@@ -43,11 +43,11 @@ STALE_PARTIAL_S = 3600.0  # a temp file this old belongs to a writer that died
 
 
 # The engine sources that decide a stored KV value: the forward pass and its kernels, weight
-# loading and conversion, the cache layout, prefill (prefill.prefill_parts cuts the prompt into
-# parts), the assembly of chunk KV and this file's format. Drafting, acceptance, sampling and
+# loading and conversion (GGUF unpacking included), the cache layout, prefill (prefill.prefill_parts
+# cuts the prompt into parts), the assembly of chunk KV and this file's format. Drafting, acceptance, sampling and
 # statistics only run after a prefix is read, so editing them keeps every cache valid.
-KV_SOURCES = ("attention.py", "cache.py", "kernel_build.py", "model.py", "models.py", "prefill.py", "prefix_cache.py",
-              "quant.py", "segments.py", "kernels/*")
+KV_SOURCES = ("attention.py", "cache.py", "gguf.py", "kernel_build.py", "loaded_model.py", "loading.py", "prefill.py",
+              "prefix_cache.py", "quant.py", "rowwise.py", "segments.py", "transformer.py", "kernels/*")
 
 
 @functools.cache

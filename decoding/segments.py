@@ -18,7 +18,7 @@ from collections.abc import Sequence
 import torch
 
 from decoding.cache import KVCache
-from decoding.model import Transformer, rotate_half
+from decoding.transformer import Transformer, rotate_half
 
 # "k{layer}" / "v{layer}" -> [n_kv_heads, tokens, head_dim]; "start" -> [1], the position of the
 # piece's first token when it was encoded (its keys carry that rotation).

@@ -8,9 +8,9 @@ import torch
 from torch import nn
 
 from decoding.cache import KVCache
-from decoding.model import Transformer
 from decoding.sampling import argmax, probabilities, sample
 from decoding.settings import DecodingSettings
+from decoding.transformer import Transformer
 
 
 @dataclass

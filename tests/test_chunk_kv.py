@@ -9,7 +9,7 @@ import torch
 
 from app.chunk_kv import ChunkKV, prune
 from decoding.generate import generate, run_to_end
-from decoding.models import LoadedModel, Prompt
+from decoding.loaded_model import LoadedModel, Prompt
 from decoding.prefill import PrefixCacheHooks, prefill
 from decoding.prefix_cache import PrefixCache
 from decoding.segments import assemble, encode_piece

@@ -19,7 +19,7 @@ DEMO_QUESTION = (Path(__file__).resolve().parent.parent / "data" / "demo_questio
 
 def ask(*args: str, home: Path, timeout: int = 900) -> subprocess.CompletedProcess[str]:
     env = os.environ | {"RAPIDQA_HOME": str(home), "RAPIDQA_MODELS_DIR": str(real_models_dir())}
-    return subprocess.run([sys.executable, "-m", "app.cli", *args], capture_output=True, text=True, env=env,
+    return subprocess.run([sys.executable, "-m", "cli.main", *args], capture_output=True, text=True, env=env,
                           timeout=timeout)
 
 

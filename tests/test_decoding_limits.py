@@ -6,10 +6,10 @@ import pytest
 
 from decoding.attention import SMALL_T
 from decoding.generate import generate, run_to_end
-from decoding.model import ModelArgs
 from decoding.prefill import PrefixCacheHooks
 from decoding.settings import MAX_GAMMA, DecodingSettings, SettingsError
 from decoding.stats import Stats
+from decoding.transformer import ModelArgs
 from tests.tiny import random_prompt, tiny_model
 
 QWEN_LIKE = {"model_type": "qwen2", "vocab_size": 100, "hidden_size": 64, "num_hidden_layers": 1,

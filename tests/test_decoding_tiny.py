@@ -10,14 +10,15 @@ from transformers import Qwen2Config, Qwen2ForCausalLM
 
 import decoding.attention
 import decoding.generate
-import decoding.model
+import decoding.transformer
 from decoding.attention import torch_attention
 from decoding.cache import KVCache
 from decoding.drafters import lookup_continuation, vocabulary_head
 from decoding.generate import Finished, PassStats, focus_slots, generate, run_to_end
-from decoding.model import norm_linear, transformer_from_hf_model
-from decoding.models import LoadedModel, Prompt
+from decoding.loaded_model import LoadedModel, Prompt
+from decoding.loading import transformer_from_hf_model
 from decoding.settings import MAX_GAMMA, DecodingSettings
+from decoding.transformer import norm_linear
 from tests.tiny import random_prompt, tiny_model
 
 SPECULATIVE = ("sd", "magicdec", "rapid", "rapid-self", "rapid-focus", "lookup")
@@ -81,7 +82,7 @@ def assert_drafted_and_sometimes_wrong(out: Finished, label: object) -> None:
 def attention(request, monkeypatch) -> str:
     """Run the exactness suite on the C attention kernel and on the torch path."""
     if request.param == "torch":
-        monkeypatch.setattr(decoding.model, "attention_for", lambda device: torch_attention)
+        monkeypatch.setattr(decoding.transformer, "attention_for", lambda device: torch_attention)
     elif decoding.attention.native_attention() is None:
         pytest.fail("the C attention kernel did not build on this machine")
     return request.param

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from decoding import attention, engine_info, quant
-from decoding.models import load_model
+from decoding.loading import load_model
 from tests.test_quant_linear import quantized
 from tests.tiny import tiny_model
 

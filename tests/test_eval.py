@@ -159,8 +159,10 @@ def test_load_questions_reports_bad_lines(tmp_path: Path) -> None:
     ],
 )
 def test_ask_eval_errors_are_one_clear_line(tmp_path: Path, args: list[str], message: str) -> None:
-    done = subprocess.run([sys.executable, "-m", "app.cli", "eval", *args], capture_output=True, text=True,
-                          env=os.environ | {"RAPIDQA_HOME": str(tmp_path)}, timeout=120, cwd=tmp_path)
+    # cwd is tmp_path (relative paths resolve there): PYTHONPATH makes the subprocess run this checkout's code.
+    env = os.environ | {"RAPIDQA_HOME": str(tmp_path), "PYTHONPATH": str(REPO)}
+    done = subprocess.run([sys.executable, "-m", "cli.main", "eval", *args], capture_output=True, text=True,
+                          env=env, timeout=120, cwd=tmp_path)
     assert done.returncode == 1
     assert message in done.stderr and "Traceback" not in done.stderr
 
@@ -214,7 +216,7 @@ def test_ask_eval_end_to_end_on_two_questions(tmp_path: Path, small_model_dir: P
     # A private home keeps the prefix cache and LC reference of this run out of the user's own.
     env = os.environ | {"RAPIDQA_HOME": str(tmp_path / "home"), "RAPIDQA_MODELS_DIR": str(real_models_dir())}
     done = subprocess.run(
-        [sys.executable, "-m", "app.cli", "eval", "--docs", str(pdf), "--questions", str(questions),
+        [sys.executable, "-m", "cli.main", "eval", "--docs", str(pdf), "--questions", str(questions),
          "--methods", "lc,rapid", "--fast", "--max-new-tokens", "16", "--index", str(tmp_path / "index"),
          "--out", str(out)],
         capture_output=True, text=True, env=env, timeout=580, cwd=REPO,
@@ -245,7 +247,7 @@ def test_ask_eval_end_to_end_on_two_questions(tmp_path: Path, small_model_dir: P
     assert summary["lc"]["mean_accepted_length"] == 1.0  # LC: one token per target pass, stop token included
 
     (out / "table.txt").unlink()
-    again = subprocess.run([sys.executable, "-m", "app.cli", "eval", "--report", str(out / "results.json")],
+    again = subprocess.run([sys.executable, "-m", "cli.main", "eval", "--report", str(out / "results.json")],
                            capture_output=True, text=True, env=env, timeout=120, cwd=REPO)
     assert again.returncode == 0, again.stderr[-3000:]
     assert (out / "table.txt").read_text().strip() in again.stdout

@@ -87,10 +87,13 @@ def test_the_engine_stamp_covers_what_kv_sources_import() -> None:
     """The stamp hashes only the sources that decide KV values; a module they import must be one of them."""
     import re
 
+    engine_dir = prefix_cache_module.ENGINE_DIR
+    stale = [pattern for pattern in prefix_cache_module.KV_SOURCES if not any(engine_dir.glob(pattern))]
+    assert not stale, f"the engine stamp lists {stale}, which match no file (renamed or moved?)"
     covered = {p.name for pattern in prefix_cache_module.KV_SOURCES
-               for p in prefix_cache_module.ENGINE_DIR.glob(pattern) if p.suffix == ".py"}
+               for p in engine_dir.glob(pattern) if p.suffix == ".py"}
     for name in covered:
-        source = (prefix_cache_module.ENGINE_DIR / name).read_text()
+        source = (engine_dir / name).read_text()
         imported = {f"{m}.py" for m in re.findall(r"^from decoding\.(\w+) import", source, re.MULTILINE)}
         assert imported <= covered, f"{name} imports {imported - covered}, which the engine stamp does not hash"
 

@@ -12,8 +12,9 @@ import torch.nn.functional as F
 from app.registry import GGUF_FILE
 from decoding import quant
 from decoding.generate import generate, run_to_end
-from decoding.model import QUANT_FILE, quantize_transformer
-from decoding.models import LoadedModel, Prompt, has_quantized_weights, load_model
+from decoding.gguf import GGUF_KINDS, Unpacked, from_gguf
+from decoding.loaded_model import LoadedModel, Prompt
+from decoding.loading import QUANT_FILE, has_quantized_weights, load_model, quantize_transformer
 from decoding.prefix_cache import PrefixCache
 from decoding.quant import QuantLinear, QuantWeight, native_quant
 from decoding.settings import DecodingSettings
@@ -60,7 +61,7 @@ def test_pack_round_trips_values(kind: int, group: int) -> None:
     d, s = top(), sub()
     dmin, msub = (top(), sub()) if kind == 4 else (None, None)
     w = quant.pack(values, d, s, kind, group, per, dmin, msub)
-    scale, minimum = quant.Unpacked(values, d, s, group, per, dmin, msub).scales()
+    scale, minimum = Unpacked(values, d, s, group, per, dmin, msub).scales()
     expected = np.repeat(scale, group, axis=1) * values.astype(np.float32)
     if minimum is not None:
         expected = expected - np.repeat(minimum, group, axis=1)
@@ -142,7 +143,7 @@ def test_rows_are_bit_identical_across_row_counts(kernel: quant.NativeQuant, kin
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_norm_in_the_kernel(kernel: quant.NativeQuant, dtype: torch.dtype) -> None:
-    from decoding.model import RMSNorm
+    from decoding.transformer import RMSNorm
 
     norm = RMSNorm(256, 1e-6).to(dtype)
     with torch.no_grad():
@@ -173,7 +174,7 @@ def test_other_builds_give_the_native_builds_bits(kernel: quant.NativeQuant, tmp
     import ctypes
 
     from decoding.kernel_build import build_library, kernel_flags
-    from decoding.model import RMSNorm
+    from decoding.transformer import RMSNorm
 
     if not kernel.vnni:
         pytest.skip("this machine builds a non-VNNI kernel already")
@@ -231,7 +232,7 @@ def test_fallback_without_the_native_kernel(monkeypatch) -> None:
     x = activations(5, dtype=torch.float32)
     native = linear(x)
     monkeypatch.setattr(quant, "native_quant", lambda: None)
-    monkeypatch.setattr("decoding.model.native_quant", lambda: None)
+    monkeypatch.setattr("decoding.loading.native_quant", lambda: None)
     fallback = linear(x)
     dense = torch.cat([quant.dequantize_torch(w) for w in parts])
     torch.testing.assert_close(fallback, F.linear(x, dense, bias))
@@ -324,15 +325,15 @@ def test_unpacking_equals_gguf_dequantize(small_model_dir: Path, large_model_dir
         reader = GGUFReader(directory / GGUF_FILE)
         for t in reader.tensors:
             qtype = t.tensor_type.name
-            if qtype not in quant.GGUF_KINDS or (qtype, directory) in seen or t.name.startswith(("token", "output")):
+            if qtype not in GGUF_KINDS or (qtype, directory) in seen or t.name.startswith(("token", "output")):
                 continue
             seen.add((qtype, directory))
             k, n = int(t.shape[0]), int(t.shape[1])
             expected = dequantize(t.data, t.tensor_type).reshape(n, k)
-            w = quant.from_gguf(qtype, t.data, n, k)
+            w = from_gguf(qtype, t.data, n, k)
             assert np.array_equal(quant.dequantize_torch(w).numpy(), expected), (t.name, qtype)
             assert np.array_equal(quant.dequantize(w, torch.float32).numpy(), expected), (t.name, qtype)
-    assert {q for q, _ in seen} == set(quant.GGUF_KINDS)  # Q4_K, Q6_K, Q5_0 and Q8_0 all checked
+    assert {q for q, _ in seen} == set(GGUF_KINDS)  # Q4_K, Q6_K, Q5_0 and Q8_0 all checked
 
 
 @pytest.mark.real_models
@@ -340,7 +341,7 @@ def test_quantized_weights_are_the_dense_caches_values(small_model_dir: Path) ->
     """Dequantized, the kernel layout gives the bf16 cache's weights: the names map right."""
     from safetensors import safe_open
 
-    from decoding.model import load_quantized_state
+    from decoding.loading import load_quantized_state
 
     state = load_quantized_state(require_quantized(small_model_dir))
     with safe_open(str(small_model_dir / "model.safetensors"), "pt") as dense:
@@ -427,7 +428,7 @@ def test_registry_writes_quantized_weights_from_a_gguf(tmp_path: Path) -> None:
     from gguf.quants import dequantize as gguf_dequantize
 
     from app.registry import QUANT_MARKER, has_quantized, write_quantized
-    from decoding.model import load_quantized
+    from decoding.loading import load_quantized
 
     gguf = tmp_path / "tiny.gguf"
     config = write_tiny_gguf(gguf, "qwen2")
@@ -493,7 +494,7 @@ def test_embedding_refuses_token_ids_outside_the_vocabulary(kernel: quant.Native
 
 @pytest.mark.parametrize("damage", ["narrow down", "short q", "missing sub", "norm size", "extra layer"])
 def test_quantized_weights_that_disagree_with_the_config_are_refused(damage: str) -> None:
-    from decoding.model import quantized_state, transformer_from_quantized
+    from decoding.loading import quantized_state, transformer_from_quantized
 
     model = tiny_model(1).model
     state = quantized_state(model)

@@ -12,7 +12,8 @@ import pytest
 import torch
 
 from decoding.generate import generate, run_to_end
-from decoding.models import LoadedModel, load_model
+from decoding.loaded_model import LoadedModel
+from decoding.loading import load_model
 from decoding.prefix_cache import PrefixCache
 from decoding.settings import DecodingSettings
 from tests.docs import page_text

@@ -18,10 +18,11 @@ import pytest
 import torch
 from transformers import Qwen2Config, Qwen2ForCausalLM
 
-from decoding import model as model_module
-from decoding import quant
+from decoding import loading, quant
+from decoding import transformer as transformer_module
 from decoding.attention import native_attention, torch_attention
-from decoding.model import Transformer, quantize_transformer, transformer_from_hf_model
+from decoding.loading import quantize_transformer, transformer_from_hf_model
+from decoding.transformer import Transformer
 
 PROMPT = 24
 MAX_GAMMA = 16  # the largest gamma the settings allow: verify blocks of up to 17 rows
@@ -105,7 +106,7 @@ def decode_vs_verify(model: Transformer, threads: int, sizes: Sequence[int] = ra
 def test_verify_rows_equal_decode_steps(fp32_model: Transformer, engine: str, threads: int, attention: str,
                                         restore_threads: None, monkeypatch: pytest.MonkeyPatch) -> None:
     if attention == "torch":  # the path without a C compiler (and on GPUs)
-        monkeypatch.setattr(model_module, "attention_for", lambda device: torch_attention)
+        monkeypatch.setattr(transformer_module, "attention_for", lambda device: torch_attention)
     else:
         assert native_attention() is not None
     kind, dtype = engine.split("-")
@@ -124,7 +125,7 @@ def test_dequantizing_fallback_verify_rows_equal_decode_steps(
     """Without the C kernel (no compiler), each quantized linear dequantizes and runs a dense GEMM.
     fp32 activations (a CPU without bf16), one thread count: dequantizing every call is slow."""
     monkeypatch.setattr(quant, "native_quant", lambda: None)
-    monkeypatch.setattr(model_module, "native_quant", lambda: None)
+    monkeypatch.setattr(loading, "native_quant", lambda: None)
     model = quantize_transformer(fp32_model, dtype=torch.float32)
     assert model.min_rows == 2
     assert decode_vs_verify(model, 4) == []
@@ -136,7 +137,7 @@ def test_real_quantized_target_verify_rows_equal_decode_steps(large_model_dir: P
                                                               restore_threads: None) -> None:
     """The real 1.5B as the app runs it (quantized, bf16 activations, full vocabulary head): gamma 16,
     and 8 rows (a size whose SiLU split fell inside a row)."""
-    from decoding.models import load_model
+    from decoding.loading import load_model
 
     target = load_model("1.5b", large_model_dir, torch.bfloat16, torch.device("cpu"), quantized=True)
     assert decode_vs_verify(target.model, threads, sizes=(8, MAX_GAMMA + 1)) == []

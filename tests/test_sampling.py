@@ -9,7 +9,7 @@ import torch
 
 from decoding.drafters import Draft
 from decoding.generate import accept, generate, run_to_end
-from decoding.models import Prompt
+from decoding.loaded_model import Prompt
 from decoding.sampling import accept_probability, greedy_choice, probabilities, residual, retrieval_augmented
 from decoding.session import Sampler
 from decoding.settings import DecodingSettings

@@ -188,7 +188,7 @@ def test_ask_serve_listens_on_loopback_only(tmp_path: Path) -> None:
     log = tmp_path / "serve.log"
     with log.open("w") as out:
         server = subprocess.Popen(
-            [sys.executable, "-m", "app.cli", "serve", "--port", str(port), "--target", str(model),
+            [sys.executable, "-m", "cli.main", "serve", "--port", str(port), "--target", str(model),
              "--drafter", str(model)],
             cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT,
         )

@@ -14,7 +14,8 @@ from decoding.stats import Stats
 from retrieval.errors import IngestError
 from retrieval.types import Citation, DocumentInfo, IngestResult, PartEvidence, Reading
 from ui.render import AnswerView, documents_markdown, size_text, sources_markdown, stats_markdown, upload_markdown
-from ui.uploads import MAX_NAME_BYTES, UploadLine, ingest_uploads, safe_upload_name
+from ui.upload_line import UploadLine
+from ui.uploads import MAX_NAME_BYTES, ingest_uploads, safe_upload_name
 
 NASTY_NAMES = [
     "../../etc/passwd.txt", "..\\..\\windows\\win.ini.txt", "/abs/path/report.pdf", "a/b/../c.pdf",

@@ -217,7 +217,8 @@ def test_speculative_methods_at_eta_0_return_lc_tokens_on_the_routed_window(engi
 
 def test_eval_rows_say_whether_the_window_read_held_the_labelled_page(engine: Engine, index: HybridIndex,
                                                                       tmp_path: Path) -> None:
-    from app.eval.runner import QAItem, method_runs, run_eval
+    from app.eval.runner import method_runs, run_eval
+    from app.eval.types import QAItem
 
     items = [QAItem("q1", QUESTIONS["volcano.txt"], ["lava"], page=None, source="volcano.txt"),
              QAItem("q2", QUESTIONS["orchid.txt"], ["pollinia"], page=None, source="orchid.txt")]

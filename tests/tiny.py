@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 from transformers import Qwen2Config, Qwen2ForCausalLM
 
-from decoding.model import transformer_from_hf_model
-from decoding.models import LoadedModel, Prompt
+from decoding.loaded_model import LoadedModel, Prompt
+from decoding.loading import transformer_from_hf_model
 
 VOCAB = 256
 

@@ -24,10 +24,8 @@ from app.events import Done, Preparing, Progress, Sources, Status, Token
 from app.pipeline import Engine
 from app.presets import FAST, PRESETS
 from app.progress import describe
+from app.reexports import METHODS, DecodingSettings, supported_extensions
 from app.report import reading_record, sources_record, speedup_record, stats_record
-from decoding.methods import METHODS
-from decoding.settings import DecodingSettings
-from retrieval.readers import supported_extensions
 from ui.render import (
     UNEXPECTED,
     AnswerView,

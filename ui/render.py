@@ -10,7 +10,7 @@ import html
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import gradio as gr
 import pandas as pd
@@ -18,12 +18,9 @@ import pandas as pd
 from app.engine_label import engine_label
 from app.events import Preparing
 from app.progress import describe
+from app.reexports import Citation, DocumentInfo, Reading, Stats
 from app.speedup import Speedup
-from decoding.stats import Stats
-from retrieval.types import Citation, DocumentInfo, Reading
-
-if TYPE_CHECKING:
-    from ui.uploads import UploadLine
+from ui.upload_line import UploadLine
 
 UNEXPECTED = "Something went wrong on the server; the details are in its log."
 # The chat shows a shorter excerpt than the citation holds, so the answer stays in view.

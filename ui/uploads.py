@@ -13,14 +13,12 @@ import os
 import re
 import tempfile
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 
 from app.config import Limits
-from retrieval.errors import RetrievalError
-from retrieval.index import HybridIndex
-from retrieval.readers import supported_extensions
+from app.reexports import HybridIndex, RetrievalError, supported_extensions
 from ui.render import UNEXPECTED, size_text
+from ui.upload_line import UploadLine
 
 logger = logging.getLogger("rapidqa.ui")
 
@@ -49,18 +47,6 @@ def safe_upload_name(raw: str) -> str:
     while stem and len((stem + suffix).encode()) > MAX_NAME_BYTES:
         stem = stem[:-1]
     return f"{stem.rstrip(' .') or 'upload'}{suffix}"
-
-
-@dataclass(frozen=True)
-class UploadLine:
-    """What happened to one uploaded file, in words for the page and the API."""
-
-    name: str
-    status: str  # "added" | "unchanged" | "error"
-    message: str = ""
-
-    def to_dict(self) -> dict[str, str]:
-        return {"file": self.name, "status": self.status, "message": self.message}
 
 
 def _sha256(path: Path) -> str:

@@ -13,7 +13,7 @@ import argparse
 import json
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +22,7 @@ from app.errors import CliError
 from app.eval.exactness import exactness_row
 from app.eval.reporting import figure, report, write_json, write_report
 from app.eval.scoring import context_summary, score_row, summarize
+from app.eval.types import MethodRun, QAItem
 from app.events import Done
 from app.machine import machine_info
 from app.options import add_model_options, check_document_args, index_dir_for, ingest_documents, log, settings_from_args
@@ -33,18 +34,6 @@ from retrieval.index import HybridIndex
 
 DEFAULT_METHODS = "lc,rag,sd,magicdec,rapid"
 SPLITS = ("tune", "report")
-
-@dataclass(frozen=True)
-class QAItem:
-    id: str
-    question: str
-    answers: list[str]
-    page: int | None = None
-    position: str | None = None  # beginning | middle | end of the document
-    source: str | None = None  # the document holding `page`, when the corpus has several
-    section: str | None = None  # the section holding the answer, in documents without pages
-    hops: int | None = None  # 2: the answer needs two places in the document
-    split: str | None = None  # tune | report: which half of a labelled set (fixed by document)
 
 
 def load_questions(path: Path) -> list[QAItem]:
@@ -106,14 +95,6 @@ def check_sources(items: list[QAItem], documents: Sequence[str]) -> None:
 
 
 # ------------------------------------------------------------------------------------- method rows
-
-
-@dataclass(frozen=True)
-class MethodRun:
-    """One row of the result table: a method with its settings (a rapid sweep point is its own row)."""
-
-    label: str
-    decoding: DecodingSettings
 
 
 def method_runs(methods: Sequence[str], base: DecodingSettings, eta_sweep: Sequence[float] | None = None,

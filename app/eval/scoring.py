@@ -18,7 +18,7 @@ from app.report import stats_record
 from decoding.methods import BASELINE, METHODS, Drafting
 
 if TYPE_CHECKING:
-    from app.eval.runner import MethodRun, QAItem
+    from app.eval.types import MethodRun, QAItem
     from decoding.stats import Stats
 
 POSITIONS = ("beginning", "middle", "end")

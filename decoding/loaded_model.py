@@ -4,17 +4,13 @@ from __future__ import annotations
 
 import functools
 import hashlib
-import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-from transformers import AutoTokenizer, PreTrainedTokenizerBase
+from transformers import PreTrainedTokenizerBase
 
-from decoding.engine_info import engine_description, warn_once
-from decoding.model import QUANT_FILE, Transformer, load_quantized, load_transformer, quantized_format
-from decoding.quant import QUANT_FORMAT
+from decoding.transformer import Transformer
 
 SYSTEM_PROMPT = (
     "You answer questions about the documents the user provides. Answer briefly and only from "
@@ -120,66 +116,3 @@ class LoadedModel:
             boundaries.append(len(prefix))
             prefix += self.piece_tokens(piece)
         return Prompt(prefix, self.encode(tail), tuple(boundaries))
-
-
-def pick_device(requested: str = "auto") -> torch.device:
-    if requested == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(requested)
-
-
-def cpu_has_bf16() -> bool:
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
-
-
-def pick_dtype(requested: str, device: torch.device) -> torch.dtype:
-    if requested != "auto":
-        return {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp32": torch.float32,
-                "float32": torch.float32, "fp16": torch.float16, "float16": torch.float16}[requested]
-    if device.type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    # bf16 ran 2-3x faster than fp32 here (memory-bound decode), where the CPU has bf16 units.
-    return torch.bfloat16 if cpu_has_bf16() else torch.float32
-
-
-def stop_ids_for(directory: Path, tokenizer: PreTrainedTokenizerBase) -> frozenset[int]:
-    ids: set[int] = set()
-    generation = directory / "generation_config.json"
-    if generation.exists():
-        eos = json.loads(generation.read_text()).get("eos_token_id")
-        ids.update(eos if isinstance(eos, list) else [eos] if eos is not None else [])
-    if tokenizer.eos_token_id is not None:
-        ids.add(tokenizer.eos_token_id)
-    for special in ("<|im_end|>", "<|endoftext|>", "<|eot_id|>"):
-        token_id = tokenizer.convert_tokens_to_ids(special)
-        if isinstance(token_id, int) and token_id != tokenizer.unk_token_id:
-            ids.add(token_id)
-    return frozenset(ids)
-
-
-def wants_quantized(requested_dtype: str, device: torch.device) -> bool:
-    """The quantized CPU engine is the default; an explicit dtype (e.g. --dtype bf16) or a GPU
-    keeps dense weights."""
-    return requested_dtype == "auto" and device.type == "cpu"
-
-
-def has_quantized_weights(directory: Path) -> bool:
-    return (directory / QUANT_FILE).exists() and quantized_format(directory) == QUANT_FORMAT
-
-
-def load_model(name: str, directory: Path, dtype: torch.dtype, device: torch.device,
-               quantized: bool = False) -> LoadedModel:
-    """quantized: use the directory's quantized weights when it has current ones (CPU only);
-    activations, norms and the KV cache stay in `dtype`."""
-    tokenizer = AutoTokenizer.from_pretrained(directory)
-    if quantized and device.type == "cpu" and has_quantized_weights(directory):
-        model, weights = load_quantized(directory, dtype), "quantized"
-    else:
-        model, weights = load_transformer(directory, dtype, str(device)), "dense"
-    loaded = LoadedModel(name, directory, model, tokenizer, stop_ids_for(directory, tokenizer), weights)
-    warn_once(engine_description(loaded))  # a slow fallback is said once, on stderr, when a model loads
-    return loaded

@@ -1,0 +1,72 @@
+"""The deliberate re-exports of decoding/ and retrieval/ for ui/ and bench/, which import only app/.
+
+ui/ and bench/ stand above app/; what they need from the two lower floors comes through this one
+module, so every such dependency is listed here and nowhere else:
+- data types the UI shows: Stats, Citation, DocumentInfo, Reading; errors it reports
+  (RetrievalError); the index an upload goes into (HybridIndex) and the readable file types
+  (supported_extensions); the method table (METHODS) and DecodingSettings.
+- what the decoding benchmarks time or build, below the pipeline: the model and its loader
+  (LoadedModel, Prompt, Transformer, load_model, PREFILL_CHUNK, transformer_module - the forward
+  pass's module, whose attention_for bench.prefill_depth wraps to time attention), the generation
+  loop (generate, run_to_end, BASELINE, Drafting), the kernels and layouts (native_attention,
+  native_quant, PackedLinear, QuantLinear, QuantWeight, QuantEmbedding, quantized_bytes) and which
+  engine and kernels run (engine_description).
+- what the retrieval benchmark measures: read_document, Embedder, HybridIndex, RetrievalSettings,
+  Label, load_labels, recall_at_k.
+"""
+
+from __future__ import annotations
+
+from decoding import transformer as transformer_module
+from decoding.attention import native_attention
+from decoding.engine_info import engine_description
+from decoding.generate import generate, run_to_end
+from decoding.loaded_model import LoadedModel, Prompt
+from decoding.loading import PackedLinear, load_model
+from decoding.methods import BASELINE, METHODS, Drafting
+from decoding.quant import QuantEmbedding, QuantLinear, QuantWeight, native_quant, quantized_bytes
+from decoding.settings import DecodingSettings
+from decoding.stats import Stats
+from decoding.transformer import PREFILL_CHUNK, Transformer
+from retrieval.embedding import Embedder
+from retrieval.errors import RetrievalError
+from retrieval.index import HybridIndex
+from retrieval.readers import read_document, supported_extensions
+from retrieval.recall import Label, load_labels, recall_at_k
+from retrieval.types import Citation, DocumentInfo, Reading, RetrievalSettings
+
+__all__ = [
+    "BASELINE",
+    "METHODS",
+    "PREFILL_CHUNK",
+    "Citation",
+    "DecodingSettings",
+    "DocumentInfo",
+    "Drafting",
+    "Embedder",
+    "HybridIndex",
+    "Label",
+    "LoadedModel",
+    "PackedLinear",
+    "Prompt",
+    "QuantEmbedding",
+    "QuantLinear",
+    "QuantWeight",
+    "Reading",
+    "RetrievalError",
+    "RetrievalSettings",
+    "Stats",
+    "Transformer",
+    "engine_description",
+    "generate",
+    "load_labels",
+    "load_model",
+    "native_attention",
+    "native_quant",
+    "quantized_bytes",
+    "read_document",
+    "recall_at_k",
+    "run_to_end",
+    "supported_extensions",
+    "transformer_module",
+]

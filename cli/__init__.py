@@ -1,0 +1,1 @@
+"""`ask`, the command-line entry point: above app/, ui/ and bench/, it dispatches to each."""
