@@ -57,6 +57,10 @@ class Done:
     lc_stats: Stats | None = None  # the LC run of a side-by-side comparison
     reading: Reading | None = None  # which part of a corpus larger than the target's window it read
     token_ids: list[int] = field(default_factory=list)  # the answer's tokens (eval compares them with LC's)
+    # The prompts this answer was computed from: the target's long prompt and the RAG prompt (bench
+    # runs its peers on exactly these tokens).
+    long_prompt_tokens: list[int] = field(default_factory=list)
+    rag_prompt_tokens: list[int] = field(default_factory=list)
 
 
 Event = Status | Preparing | Sources | Token | Progress | Done

@@ -411,7 +411,8 @@ class Engine:
                 speedup = measured_speedup(stats, lc_stats)
         finally:
             self._generate_lock.release()
-        yield Done(answer, stats, contexts.citations, speedup, lc_stats, contexts.reading, token_ids)
+        yield Done(answer, stats, contexts.citations, speedup, lc_stats, contexts.reading, token_ids,
+                   long_prompt.tokens, rag_prompt.tokens)
 
     def _rag_prefix(
         self, decoding: DecodingSettings, index: HybridIndex, contexts: Contexts, rag_prompt: Prompt
@@ -481,7 +482,7 @@ def _weights_stamp(directory: Path) -> str:
 
 def answer_once(engine: Engine, question: str, index: HybridIndex, decoding: DecodingSettings | None = None,
                 compare: bool = False) -> Done:
-    """Run answer() to the end and return its Done event (eval and tests)."""
+    """Run answer() to the end and return its Done event (eval, bench and tests)."""
     done = [e for e in engine.answer(question, index, decoding, compare) if isinstance(e, Done)]
     return done[-1]
 

@@ -3,7 +3,10 @@
     python -m bench.decode [--contexts 4096,8192,16384] [--runs 3] [--new-tokens 64] [--fast]
 
 For each context length it builds one real input (a slice of data/R-data.pdf around the demo
-question's answer, indexed with the real retriever), then reports per method the median decode
+question's answer, ingested as the product ingests a file: indexed with the real retriever, the
+drafter's chunk KV and the target's KV of the documents computed), then every method answers the
+question through the pipeline's own entry (app.pipeline.answer_once: the call the CLI makes, so
+RAPID's drafter reads its passages from chunk KV), and it reports per method the median decode
 tokens/s over runs, acceptance, mean accepted length, the speedup over LC, and the memory
 bandwidth achieved (bytes read per target pass x passes/s) against a measured copy bandwidth, and
 the process's peak resident memory while the method ran (both models stay loaded).
@@ -28,23 +31,22 @@ from pathlib import Path
 
 import torch
 
+from app.events import Done
 from app.machine import machine_summary
 from app.options import add_model_options, settings_from_args
-from app.pipeline import Engine
+from app.pipeline import Engine, answer_once
 from app.reexports import (
     BASELINE,
     DecodingSettings,
     Drafting,
+    HybridIndex,
     LoadedModel,
-    Prompt,
     QuantEmbedding,
     Transformer,
     engine_description,
-    generate,
     native_attention,
     quantized_bytes,
     read_document,
-    run_to_end,
 )
 from app.reexports import METHODS as METHOD_TABLE
 from bench.peers import PEERS, find_llama_cpp, measure_peers
@@ -55,7 +57,7 @@ REPO = Path(__file__).resolve().parent.parent
 # scores only the prompts' tokens), to measure what each choice is worth.
 VARIANTS: dict[str, dict[str, bool]] = {"+lookup": {"lookup_in_rapid": True},
                                         "+all-tokens": {"draft_vocabulary": False}}
-# Every method, LC first (it fills the prefix cache the others reuse), then the variants of RAPID.
+# Every method, LC first (the others are measured against it), then the variants of RAPID.
 METHODS = (BASELINE, *(name for name in METHOD_TABLE if name != BASELINE),
            *(f"{m.name}{suffix}" for suffix in VARIANTS for m in METHOD_TABLE.values()
              if m.drafting is Drafting.RAG_MODEL and not m.drafter_is_target))
@@ -148,14 +150,12 @@ def document_slice(engine: Engine, n_tokens: int, workdir: Path) -> Path:
     return doc
 
 
-def build_input(engine: Engine, n_tokens: int, question: str,
-                workdir: Path) -> tuple[Prompt, Prompt, list[tuple[int, int]]]:
-    """A real document slice of about n_tokens, indexed with the real retriever, and the question's
-    prompts, with where the retrieved passages lie in the long one."""
+def build_index(engine: Engine, n_tokens: int, workdir: Path) -> HybridIndex:
+    """A real document slice of about n_tokens, ingested as the product ingests a file: indexed with
+    the real retriever, then prepared (the drafter's chunk KV and the target's KV of the documents)."""
     index = engine.open_index(workdir / f"index-{n_tokens}")
-    index.add_files([document_slice(engine, n_tokens, workdir)], progress=False)
-    contexts, long_prompt, rag_prompt = engine.prompts(question, index, engine.settings.decoding)
-    return long_prompt, rag_prompt, engine.focus_spans(long_prompt, contexts)
+    engine.ingest(index, [document_slice(engine, n_tokens, workdir)], progress=False)
+    return index
 
 
 def method_variant(method: str, decoding: DecodingSettings) -> tuple[str, DecodingSettings]:
@@ -188,7 +188,7 @@ class _TokenClock:
         pass
 
 
-def hf_baselines(target: LoadedModel, drafter: LoadedModel, prompt: Prompt, new_tokens: int,
+def hf_baselines(target: LoadedModel, drafter: LoadedModel, prompt: list[int], new_tokens: int,
                  runs: int) -> dict[str, dict[str, float]]:
     """transformers' generate on the same weights: plain, prompt lookup and assisted generation.
 
@@ -204,7 +204,7 @@ def hf_baselines(target: LoadedModel, drafter: LoadedModel, prompt: Prompt, new_
     dtype = target.model.dtype
     hf_target = AutoModelForCausalLM.from_pretrained(target.directory, dtype=dtype).eval()
     hf_drafter = AutoModelForCausalLM.from_pretrained(drafter.directory, dtype=dtype).eval()
-    ids = torch.tensor([prompt.tokens])
+    ids = torch.tensor([prompt])
     common = {"do_sample": False, "eos_token_id": sorted(target.stop_ids),
               "pad_token_id": target.tokenizer.pad_token_id or 0}
     # Loaded weights are paged in on first use: warm both models up first.
@@ -279,7 +279,8 @@ def run(argv: Sequence[str] | None = None) -> dict[str, object]:
                                      "target": settings.models.target, "drafter": settings.models.drafter,
                                      "dtype": str(target.model.dtype), "gamma": args.gamma, "eta": args.eta,
                                      "new_tokens": args.new_tokens, "runs": args.runs,
-                                     "rss_models_loaded_gb": loaded_gb, "contexts": []}
+                                     "rss_models_loaded_gb": loaded_gb, "drafter_chunk_kv": settings.drafter_chunk_kv,
+                                     "contexts": []}
         print(f"machine: {report['machine']}; copy bandwidth {bandwidth:.1f} GB/s; attention: {attention}; "
               f"resident with both models loaded: {'-' if loaded_gb is None else f'{loaded_gb:.2f} GB'}")
         if not args.no_peers and args.peer is None:
@@ -296,39 +297,10 @@ def run(argv: Sequence[str] | None = None) -> dict[str, object]:
 def bench_context(engine: Engine, target: LoadedModel, drafter: LoadedModel, n_tokens: int, question: str,
                   decoding: DecodingSettings, methods: list[str], args: argparse.Namespace, bandwidth: float,
                   workdir: Path) -> dict[str, object]:
-    long_prompt, rag_prompt, focus = build_input(engine, n_tokens, question, workdir)
+    index = build_index(engine, n_tokens, workdir)
+    rows, lc = bench_methods(engine, index, question, decoding, methods, args.runs)
+    long_prompt = lc.long_prompt_tokens  # the documents and question every method's target read (RAG's aside)
     context_tokens = len(long_prompt)
-    hooks = engine.prefix_cache.hooks()
-    rows: dict[str, dict[str, float | None]] = {}
-    outputs: dict[str, list[int]] = {}
-    for method in methods:
-        runs = []
-        base, settings = method_variant(method, decoding)
-        draft_model = drafter if METHOD_TABLE[base].runs_drafter_model else None
-        gc.collect()  # the previous method's caches are garbage: they should not count towards this peak
-        peak_is_mine = reset_peak_rss()
-        for _ in range(args.runs):
-            runs.append(run_to_end(generate(base, target, draft_model, long_prompt, rag_prompt, settings, hooks,
-                                            focus=focus)))
-        outputs[method] = runs[-1].token_ids
-        stats = [r.stats for r in runs]
-        tps = statistics.median(s.decode_tokens_per_s or 0.0 for s in stats)
-        passes_per_s = statistics.median(s.target_passes / s.decode_s for s in stats if s.decode_s)
-        read_tokens = len(rag_prompt) if METHOD_TABLE[base].target_reads_rag else context_tokens
-        rows[method] = {
-            "decode_tokens_per_s": tps,
-            "acceptance_rate": stats[-1].acceptance_rate,
-            "mean_accepted_length": stats[-1].mean_accepted_length,
-            "prefill_s": statistics.median(s.prefill_s for s in stats),
-            "generated": stats[-1].generated,
-            "target_bandwidth_gbs": bytes_per_pass(target.model, read_tokens) * passes_per_s / 1e9,
-            "same_tokens_as_lc": None,
-            # Both models stay loaded throughout, so this is the process's peak while the method ran.
-            "peak_rss_gb": peak_rss_gb() if peak_is_mine else None,
-        }
-    for method in methods:
-        rows[method]["speedup_vs_lc"] = rows[method]["decode_tokens_per_s"] / rows[BASELINE]["decode_tokens_per_s"]
-        rows[method]["same_tokens_as_lc"] = outputs[method] == outputs[BASELINE]
     decode_s, verify_s = verify_over_decode(target.model, context_tokens, args.gamma)
     with_hf = not args.no_hf and str(n_tokens) in args.hf_contexts.split(",")
     hf = hf_baselines(target, drafter, long_prompt, args.new_tokens, args.hf_runs) if with_hf else {}
@@ -339,12 +311,49 @@ def bench_context(engine: Engine, target: LoadedModel, drafter: LoadedModel, n_t
         if row.get("tokens_per_s"):
             row["speedup_vs_lc"] = row["tokens_per_s"] / rows[BASELINE]["decode_tokens_per_s"]
     print_table(context_tokens, rows, {**hf, **peers}, decode_s, verify_s, args.gamma, bandwidth)
-    return {"context_tokens": context_tokens, "rag_tokens": len(rag_prompt), "methods": rows, "hf": hf,
+    return {"context_tokens": context_tokens, "rag_tokens": len(lc.rag_prompt_tokens), "methods": rows, "hf": hf,
             "peers": peers,
             "decode_step_s": decode_s, "verify_pass_s": verify_s, "verify_over_decode": verify_s / decode_s}
 
 
-def run_peers(args: argparse.Namespace, target: LoadedModel, drafter: LoadedModel, prompt: Prompt,
+def bench_methods(engine: Engine, index: HybridIndex, question: str, decoding: DecodingSettings,
+                  methods: Sequence[str], runs: int) -> tuple[dict[str, dict[str, float | None]], Done]:
+    """Every method answering the question `runs` times through the pipeline's own entry (the call
+    the CLI and the UI make: retrieval, the prefix cache, the drafter's chunk KV and all); returns a
+    row per method and LC's last answer (its prompts are what the peers read)."""
+    rows: dict[str, dict[str, float | None]] = {}
+    answers: dict[str, Done] = {}
+    for method in methods:
+        _, settings = method_variant(method, decoding)
+        gc.collect()  # the previous method's caches are garbage: they should not count towards this peak
+        peak_is_mine = reset_peak_rss()
+        done = [answer_once(engine, question, index, settings) for _ in range(runs)]
+        answers[method] = done[-1]
+        stats = [d.stats for d in done]
+        passes_per_s = statistics.median(s.target_passes / s.decode_s for s in stats if s.decode_s)
+        rows[method] = {
+            "decode_tokens_per_s": statistics.median(s.decode_tokens_per_s or 0.0 for s in stats),
+            "acceptance_rate": stats[-1].acceptance_rate,
+            "mean_accepted_length": stats[-1].mean_accepted_length,
+            "prefill_s": statistics.median(s.prefill_s for s in stats),
+            "generated": stats[-1].generated,
+            # context_tokens: what the target read (the RAG prompt for RAG, the documents otherwise).
+            "target_bandwidth_gbs": bytes_per_pass(engine.target.model, stats[-1].context_tokens) * passes_per_s / 1e9,
+            "same_tokens_as_lc": None,
+            # Both models stay loaded throughout, so this is the process's peak while the method ran.
+            "peak_rss_gb": peak_rss_gb() if peak_is_mine else None,
+            "context_tokens": stats[-1].context_tokens,
+            "draft_context_tokens": stats[-1].draft_context_tokens,
+            "prefix_cached_tokens": stats[-1].prefix_cached_tokens,
+        }
+    lc = answers[BASELINE]
+    for method, row in rows.items():
+        row["speedup_vs_lc"] = row["decode_tokens_per_s"] / rows[BASELINE]["decode_tokens_per_s"]
+        row["same_tokens_as_lc"] = answers[method].token_ids == lc.token_ids
+    return rows, lc
+
+
+def run_peers(args: argparse.Namespace, target: LoadedModel, drafter: LoadedModel, prompt: list[int],
               n_tokens: int) -> dict[str, dict[str, float | None]]:
     """llama.cpp on the GGUF files our models were converted from, reading the same prompt tokens."""
     if args.peer is None or str(n_tokens) not in args.peer_contexts.split(","):
@@ -353,7 +362,7 @@ def run_peers(args: argparse.Namespace, target: LoadedModel, drafter: LoadedMode
     if not all(g is not None and g.exists() for g in ggufs):
         print("llama.cpp rows left out: the models were not loaded from GGUF files")
         return {}
-    text = target.tokenizer.decode(prompt.tokens, skip_special_tokens=False)
+    text = target.tokenizer.decode(prompt, skip_special_tokens=False)
     which = tuple(p for p in args.peers.split(",") if p)
     return measure_peers(args.peer, ggufs[0], ggufs[1], text, len(prompt), args.new_tokens, args.gamma, which)
 
