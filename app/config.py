@@ -45,6 +45,8 @@ class ServerSettings:
     port: int = 7860
     auth: tuple[str, str] | None = None  # (user, password)
     concurrency: int = 1  # answers computed at once; the rest wait in Gradio's queue
+    api: bool = True  # the OpenAI-compatible /v1 routes (app.api) on the same process
+    api_key: str | None = None  # Bearer token the /v1 routes require; needed beyond loopback
 
 
 @dataclass(frozen=True)

@@ -8,7 +8,7 @@ from __future__ import annotations
 import os
 import socket
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
@@ -28,6 +28,7 @@ from tests.retrieval_fixtures import HashEmbedder, text_pdf, word_tokens
 if TYPE_CHECKING:
     import gradio as gr
     from playwright.sync_api import BrowserContext
+    from starlette.routing import BaseRoute
 
     from retrieval.index import HybridIndex
 
@@ -108,11 +109,12 @@ def bad_files(folder: Path) -> dict[str, Path]:
 
 
 @contextmanager
-def serving(demo: gr.Blocks, settings: Settings) -> Iterator[str]:
-    """Run the app through ui.serve.launch (the code path of `ask serve`) in a background thread."""
+def serving(demo: gr.Blocks, settings: Settings, routes: Sequence[BaseRoute] = ()) -> Iterator[str]:
+    """Run the app through ui.serve.launch (the code path of `ask serve`) in a background thread;
+    `routes`: the /v1 API (app.api), served by the same app as `ask serve` does."""
     from ui.serve import launch
 
-    launch(demo, settings, prevent_thread_lock=True)
+    launch(demo, settings, prevent_thread_lock=True, routes=routes)
     try:
         yield f"http://127.0.0.1:{settings.server.port}/"
     finally:
@@ -176,6 +178,7 @@ class ScriptedEngine:
         self.log = print
         self.questions: list[tuple[str, DecodingSettings, bool]] = []
         self.finished = 0
+        self.closed = 0  # answers whose generator was closed before its end (a client went away, Stop)
         self.now_preparing: Preparing | None = None
         self.parts: list[str] = []  # what reading_parts reports: a corpus larger than the window
 
@@ -207,6 +210,9 @@ class ScriptedEngine:
         self.questions.append((question, decoding, compare))
         try:
             yield from self._script(question, decoding, compare)
+        except GeneratorExit:
+            self.closed += 1
+            raise
         finally:
             self.finished += 1
 
@@ -216,6 +222,10 @@ class ScriptedEngine:
         yield Sources(citations)
         if "boom" in question:
             raise RuntimeError("secret internal detail")
+        if "prefill" in question:  # the documents' prefill keeps the answer waiting, with progress
+            for done in (0, 40, 80):
+                yield Preparing("Reading documents", done, 120, 40.0 if done else None, (120 - done) / 40.0)
+                time.sleep(0.6)
         stats = Stats(method=decoding.method, context_tokens=600, draft_context_tokens=300, prefill_s=0.5)
         speedup = Speedup(None, "no LC run measured yet at this context length (use compare)")
         for piece in self.ANSWER:
