@@ -18,7 +18,7 @@ import secrets
 import threading
 import time
 import uuid
-from collections.abc import AsyncIterator, Generator, Iterator
+from collections.abc import AsyncIterator, Generator, Iterator, Sequence
 from typing import Any, Protocol
 
 from fastapi import APIRouter, Request
@@ -26,6 +26,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import BaseRoute
 
 from app.config import Settings
+from app.conversation import Turn
 from app.errors import user_message
 from app.events import Event
 from app.openai_chunks import EXTENSION, Final, Note, Piece, Text, completion
@@ -46,7 +47,8 @@ class Answering(Protocol):
     settings: Settings
 
     def answer(self, question: str, index: HybridIndex, decoding: DecodingSettings | None = None,
-               compare: bool = False, retrieval: RetrievalSettings | None = None) -> Iterator[Event]: ...
+               compare: bool = False, retrieval: RetrievalSettings | None = None,
+               history: Sequence[Turn] = ()) -> Iterator[Event]: ...
 
 
 def api_routes(engine: Answering, index: HybridIndex, api_key: str | None,
@@ -72,7 +74,7 @@ def api_routes(engine: Answering, index: HybridIndex, api_key: str | None,
             return _error(ApiError(400, "The request body is not valid JSON."))
         try:
             chat = parse_chat_request(body, engine.settings.decoding)
-            pieces = completion(engine.answer(chat.question, index, chat.decoding), chat.stop)
+            pieces = completion(engine.answer(chat.question, index, chat.decoding, history=chat.history), chat.stop)
             first = await asyncio.to_thread(next, pieces, _END)  # retrieval's errors become a status code
         except Exception as error:
             return _error(_api_error(error))

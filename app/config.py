@@ -35,6 +35,9 @@ class ModelSettings:
 class Limits:
     max_question_chars: int = 2000
     max_new_tokens: int = 1024
+    # A conversation's earlier exchanges in the prompts, in target tokens: beyond it the oldest are
+    # left out (and the answer says so); each kept token is read again at every turn.
+    max_history_tokens: int = 1536
     max_upload_bytes: int = 50 * 1024 * 1024
     max_files_per_upload: int = 20
 

@@ -12,8 +12,9 @@ from collections.abc import Generator, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from app.conversation import FollowUp
 from app.events import Done, Event, Preparing, Progress, Sources, Status, Token
-from app.report import reading_record, sources_record, speedup_record, stats_record
+from app.report import follow_up_record, reading_record, sources_record, speedup_record, stats_record
 from app.speedup import Speedup
 from app.stop_text import StopText
 from decoding.stats import Stats
@@ -48,6 +49,7 @@ Piece = Text | Note | Final
 class _Seen:
     citations: Sequence[Citation] = ()
     reading: Reading | None = None
+    follow_up: FollowUp | None = None
     stats: Stats | None = None
     speedup: Speedup | None = None
 
@@ -60,7 +62,7 @@ def completion(events: Iterator[Event], stops: Sequence[str] = ()) -> Generator[
     with contextlib.closing(events):
         for event in events:
             if isinstance(event, Sources):
-                seen.citations, seen.reading = event.citations, event.reading
+                seen.citations, seen.reading, seen.follow_up = event.citations, event.reading, event.follow_up
                 yield Note({"status": f"Retrieved {len(event.citations)} passages"})
             elif isinstance(event, Status) and seen.citations:
                 yield Note({"status": event.message})
@@ -79,10 +81,11 @@ def completion(events: Iterator[Event], stops: Sequence[str] = ()) -> Generator[
                 if rest:
                     yield Text(rest)
                 reason = "length" if event.stats.finish_reason == "length" else "stop"
-                yield _final(reason, event.citations, event.reading, event.stats, event.speedup, None)
+                seen.citations, seen.reading, seen.follow_up = event.citations, event.reading, event.follow_up
+                yield _final(reason, seen, event.stats, event.speedup, None)
                 return
     assert seen.stats is not None and seen.speedup is not None
-    yield _final("stop", seen.citations, seen.reading, seen.stats, seen.speedup, "stop sequence")
+    yield _final("stop", seen, seen.stats, seen.speedup, "stop sequence")
 
 
 def progress_record(event: Preparing) -> dict[str, Any]:
@@ -90,12 +93,12 @@ def progress_record(event: Preparing) -> dict[str, Any]:
             "tokens_per_s": event.tokens_per_s, "eta_s": event.eta_s}
 
 
-def _final(reason: str, citations: Sequence[Citation], reading: Reading | None, stats: Stats, speedup: Speedup,
-           stopped_by: str | None) -> Final:
+def _final(reason: str, seen: _Seen, stats: Stats, speedup: Speedup, stopped_by: str | None) -> Final:
     record = {
-        "sources": sources_record(citations),
+        "sources": sources_record(seen.citations),
         "stats": stats_record(stats) | speedup_record(speedup),
-        "read": reading_record(reading),
+        "read": reading_record(seen.reading),
+        "conversation": follow_up_record(seen.follow_up),
         "stopped_by": stopped_by,
     }
     usage = {"prompt_tokens": stats.context_tokens, "completion_tokens": stats.generated,

@@ -13,6 +13,17 @@ import torch
 
 from app.chunk_kv import ChunkKV, Passage, prune
 from app.config import Settings
+from app.conversation import (
+    REWRITE_SYSTEM,
+    REWRITE_TOKENS,
+    FollowUp,
+    Turn,
+    fit_history,
+    pairs,
+    rewrite_examples,
+    rewrite_request,
+    standalone_from,
+)
 from app.errors import QuestionError
 from app.events import Done, Event, Preparing, Progress, Sources, Status, Token
 from app.focus import focus_tokens
@@ -301,19 +312,49 @@ class Engine:
         self, question: str, index: HybridIndex, decoding: DecodingSettings, retrieval: RetrievalSettings | None = None
     ) -> tuple[Contexts, Prompt, Prompt]:
         """retrieval overrides the per-question knobs (budget, floor); chunking is fixed by the index."""
+        contexts, long_prompt, rag_prompt, _ = self.conversation_prompts(question, index, decoding, retrieval)
+        return contexts, long_prompt, rag_prompt
+
+    def conversation_prompts(
+        self, question: str, index: HybridIndex, decoding: DecodingSettings, retrieval: RetrievalSettings | None = None,
+        history: Sequence[Turn] = (), query: str | None = None,
+    ) -> tuple[Contexts, Prompt, Prompt, tuple[Turn, ...]]:
+        """The prompts of a question that may continue a conversation: retrieval searches for `query`
+        (the standalone rewrite) when given; both prompts hold the latest exchanges of `history` that
+        fit (limits.max_history_tokens, and the target's window), which are returned."""
         target = self.target
         room = decoding.max_new_tokens + decoding.gamma + 2
         contexts = build_contexts(
-            index, question, retrieval or self.settings.retrieval, target.encode,
+            index, query or question, retrieval or self.settings.retrieval, target.encode,
             max_long_tokens=target.max_positions - room - PROMPT_OVERHEAD_TOKENS, windows=self.windows(index),
         )
         long_prompt = target.prompt(contexts.long_documents or contexts.long_context, question)
+        rag_prompt = target.prompt(contexts.rag_passages or contexts.rag_context, question)
+        # The history changes only what follows the documents: the prefixes (and their cached KV) stay.
+        alone = len(long_prompt.suffix)
+        budget = min(self.settings.limits.max_history_tokens, target.max_positions - len(long_prompt) - room)
+        kept = fit_history(history, lambda turns: len(target.prompt([], question, pairs(turns)).suffix) - alone,
+                           budget)
+        if kept:
+            suffix = target.prompt([], question, pairs(kept)).suffix
+            long_prompt, rag_prompt = replace(long_prompt, suffix=suffix), replace(rag_prompt, suffix=suffix)
         if len(long_prompt) + room > target.max_positions:
             raise ContextTooLongError(
                 f"The documents and question take {len(long_prompt)} tokens and the answer needs {room} more, "
                 f"but {target.name} reads at most {target.max_positions}. Remove documents or lower max new tokens."
             )
-        return contexts, long_prompt, target.prompt(contexts.rag_passages or contexts.rag_context, question)
+        return contexts, long_prompt, rag_prompt, kept
+
+    def standalone_question(self, question: str, history: Sequence[Turn]) -> str:
+        """The follow-up rewritten by the drafter (greedy) so retrieval can read it without the history;
+        the caller holds the generate lock."""
+        drafter = self.drafter
+        tokens = drafter.instruction(REWRITE_SYSTEM, rewrite_request(history, question), rewrite_examples())
+        settings = replace(self.settings.decoding, method=BASELINE, max_new_tokens=REWRITE_TOKENS, temperature=0.0)
+        with torch.inference_mode():
+            events = generate(BASELINE, drafter, None, Prompt([], tokens), None, settings)
+            text = next(e.text for e in events if isinstance(e, Finished))
+        return standalone_from(text)
 
     def answer(
         self,
@@ -322,18 +363,30 @@ class Engine:
         decoding: DecodingSettings | None = None,
         compare: bool = False,
         retrieval: RetrievalSettings | None = None,
+        history: Sequence[Turn] = (),
     ) -> Iterator[Event]:
         """Stream one answer: Status, Sources, Token/Progress ..., Done.
 
         compare=True also runs LC on the same input afterwards and reports the measured speedup.
+        history: the conversation's earlier exchanges, oldest first (the question is a follow-up).
         Raises QuestionError, retrieval errors (EmptyIndexError, ContextTooLongError) before any token.
         """
         received = time.perf_counter()
         decoding = decoding or self.settings.decoding
         self.check_question(question, decoding)
+        query = None
+        if history:
+            yield Status("Rewriting the follow-up as a standalone question")
+            yield from self._wait_for_engine()
+            try:
+                query = self.standalone_question(question, history) or question
+            finally:
+                self._generate_lock.release()
         yield Status("Retrieving passages")
-        contexts, long_prompt, rag_prompt = self.prompts(question, index, decoding, retrieval)
-        yield Sources(contexts.citations, contexts.reading)
+        contexts, long_prompt, rag_prompt, kept = self.conversation_prompts(
+            question, index, decoding, retrieval, history, query)
+        follow_up = FollowUp(query, len(kept), len(history) - len(kept)) if query is not None else None
+        yield Sources(contexts.citations, contexts.reading, follow_up)
         yield from self._wait_for_engine()
         try:
             if method_info(decoding.method).uses_prefix_cache and not self.prefix_cache.contains(
@@ -371,7 +424,7 @@ class Engine:
                 speedup = measured_speedup(stats, lc_stats)
         finally:
             self._generate_lock.release()
-        yield Done(answer, stats, contexts.citations, speedup, lc_stats, contexts.reading)
+        yield Done(answer, stats, contexts.citations, speedup, lc_stats, contexts.reading, follow_up)
 
     def _rag_prefix(
         self, decoding: DecodingSettings, index: HybridIndex, contexts: Contexts, rag_prompt: Prompt
@@ -432,8 +485,8 @@ def _weights_stamp(directory: Path) -> str:
 
 
 def answer_once(engine: Engine, question: str, index: HybridIndex, decoding: DecodingSettings | None = None,
-                compare: bool = False) -> Done:
+                compare: bool = False, history: Sequence[Turn] = ()) -> Done:
     """Run answer() to the end and return its Done event (eval and tests)."""
-    done = [e for e in engine.answer(question, index, decoding, compare) if isinstance(e, Done)]
+    done = [e for e in engine.answer(question, index, decoding, compare, history=history) if isinstance(e, Done)]
     return done[-1]
 

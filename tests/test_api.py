@@ -124,6 +124,21 @@ def test_prefill_wait_streams_progress_and_keepalives(api: tuple[ScriptedEngine,
     assert all(c["choices"][0]["delta"] == {} for c in chunks if "progress" in c.get("rapidqa", {}))
 
 
+def test_a_conversation_reaches_the_engine_and_its_rewrite_comes_back(api: tuple[ScriptedEngine, str]) -> None:
+    from app.conversation import Turn
+
+    engine, url = api
+    messages = [{"role": "user", "content": "What version?"}, {"role": "assistant", "content": "4.2.2."},
+                {"role": "user", "content": [{"type": "text", "text": "And its date?"}]}]
+    response = openai_client(url).chat.completions.create(model="rapidqa", messages=messages)
+    assert engine.histories[-1] == (Turn("What version?", "4.2.2."),)
+    assert engine.questions[-1][0] == "And its date?"
+    conversation = response.to_dict()["rapidqa"]["conversation"]
+    assert conversation["standalone_question"] == "And its date? (after: What version?)"
+    assert conversation["history_turns"] == 1 and conversation["history_dropped"] == 0
+    assert post(url, ask()).json()["rapidqa"]["conversation"] is None
+
+
 def test_settings_map_onto_decoding(api: tuple[ScriptedEngine, str]) -> None:
     engine, url = api
     response = post(url, ask(temperature=0.7, top_p=0.9, seed=11, max_tokens=9))

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 import pytest
 
 from app.config import Limits, ModelSettings, ServerSettings, Settings
+from app.conversation import FollowUp, Turn
 from app.errors import QuestionError
 from app.events import Done, Event, Preparing, Progress, Sources, Status, Token
 from app.speedup import Speedup
@@ -178,6 +179,7 @@ class ScriptedEngine:
         self.log = print
         self.questions: list[tuple[str, DecodingSettings, bool]] = []
         self.finished = 0
+        self.histories: list[tuple[Turn, ...]] = []  # each answer's conversation so far
         self.closed = 0  # answers whose generator was closed before its end (a client went away, Stop)
         self.now_preparing: Preparing | None = None
         self.parts: list[str] = []  # what reading_parts reports: a corpus larger than the window
@@ -202,24 +204,29 @@ class ScriptedEngine:
         return index.delete(doc_id_or_source)
 
     def answer(self, question: str, index: HybridIndex, decoding: DecodingSettings | None = None,
-               compare: bool = False, retrieval: RetrievalSettings | None = None) -> Iterator[Event]:
+               compare: bool = False, retrieval: RetrievalSettings | None = None,
+               history: Sequence[Turn] = ()) -> Iterator[Event]:
         decoding = decoding or self.settings.decoding
+        self.histories.append(tuple(history))
         if not question.strip():
             raise QuestionError("The question is empty.")
         decoding.validate()
         self.questions.append((question, decoding, compare))
         try:
-            yield from self._script(question, decoding, compare)
+            yield from self._script(question, decoding, compare, tuple(history))
         except GeneratorExit:
             self.closed += 1
             raise
         finally:
             self.finished += 1
 
-    def _script(self, question: str, decoding: DecodingSettings, compare: bool) -> Iterator[Event]:
+    def _script(self, question: str, decoding: DecodingSettings, compare: bool,
+                history: tuple[Turn, ...]) -> Iterator[Event]:
         yield Status("Retrieving passages")
         citations = [Citation("manual.pdf", 2, None, "This manual is for R, version 4.2.2 <b>Patched</b>", 0.5)]
-        yield Sources(citations)
+        # A follow-up is "rewritten" by naming the previous question.
+        follow_up = FollowUp(f"{question} (after: {history[-1].question})", len(history), 0) if history else None
+        yield Sources(citations, follow_up=follow_up)
         if "boom" in question:
             raise RuntimeError("secret internal detail")
         if "prefill" in question:  # the documents' prefill keeps the answer waiting, with progress
@@ -243,4 +250,4 @@ class ScriptedEngine:
         if compare:
             speedup = Speedup(1.5, "measured side by side on this input")
         yield Done("".join(self.ANSWER), stats, citations, speedup,
-                   Stats(method="lc", generated=6, decode_s=2.25) if compare else None)
+                   Stats(method="lc", generated=6, decode_s=2.25) if compare else None, follow_up=follow_up)

@@ -19,6 +19,7 @@ from typing import Any
 import gradio as gr
 
 from app.config import Settings
+from app.conversation import Turn
 from app.errors import user_message
 from app.events import Done, Preparing, Progress, Sources, Status, Token
 from app.pipeline import Engine
@@ -103,28 +104,32 @@ def build_app(engine: Engine, index_dir: Path | None = None) -> gr.Blocks:
         text = f"✓ deleted **{md_escape(name)}**" if removed else f"**{md_escape(name)}** was already gone."
         return text, *refresh_documents()
 
-    def on_ask(question: str, history: list[dict[str, Any]] | None, method: str, eta: float, gamma: float,
-               temperature: float, max_new_tokens: float, compare: bool,
+    def on_ask(question: str, history: list[dict[str, Any]] | None, turns: list[list[str]] | None, method: str,
+               eta: float, gamma: float, temperature: float, max_new_tokens: float, compare: bool,
                budget: float) -> Iterator[tuple[Any, ...]]:
-        """Stream one answer into the chat; statistics and plot follow each target pass."""
+        """Stream one answer into the chat; statistics and plot follow each target pass. `turns`: the
+        conversation's finished exchanges, (question, answer), which the answer continues."""
         history = list(history or [])
+        conversation = [Turn(q, a) for q, a in turns or []]
         if not (question or "").strip():
             gr.Warning("Type a question first.")
-            yield gr.skip(), gr.skip(), gr.skip(), gr.skip(), gr.skip()
+            yield gr.skip(), gr.skip(), gr.skip(), gr.skip(), gr.skip(), gr.skip()
             return
         shown = Showing(AnswerView(), PanelView("Retrieving passages…"))
         view = shown.view
         history += [{"role": "user", "content": question}, {"role": "assistant", "content": view.markdown()}]
-        yield history, "", shown.panel.markdown(), accepted_lengths_plot(None, int(gamma)), shown
+        yield history, "", shown.panel.markdown(), accepted_lengths_plot(None, int(gamma)), shown, gr.skip()
         started = time.perf_counter()
         try:
             decoding = decoding_for(settings, method, eta, gamma, temperature, max_new_tokens)
             retrieval = replace(settings.retrieval, budget_min_tokens=int(budget))
             # closing(): a cancelled or abandoned answer must release the engine's generate lock now.
-            with contextlib.closing(engine.answer(question, index, decoding, bool(compare), retrieval)) as events:
+            answering = engine.answer(question, index, decoding, bool(compare), retrieval, history=conversation)
+            with contextlib.closing(answering) as events:
                 for event in events:
                     panel: Any = gr.skip()
                     plot: Any = gr.skip()
+                    finished: Any = gr.skip()
                     if isinstance(event, Status):
                         view.status = event.message
                         if shown.panel.stats is not None:  # e.g. the LC run of a comparison
@@ -134,6 +139,7 @@ def build_app(engine: Engine, index_dir: Path | None = None) -> gr.Blocks:
                         view.status = describe(event)
                     elif isinstance(event, Sources):
                         view.citations, view.reading = tuple(event.citations), event.reading
+                        view.follow_up = event.follow_up
                     elif isinstance(event, Token):
                         view.text += event.text
                         view.status = "Generating"
@@ -143,7 +149,8 @@ def build_app(engine: Engine, index_dir: Path | None = None) -> gr.Blocks:
                         plot = accepted_lengths_plot(event.stats, decoding.gamma)
                     elif isinstance(event, Done):
                         view.text, view.citations, view.finished = event.answer, tuple(event.citations), True
-                        view.reading = event.reading
+                        view.reading, view.follow_up = event.reading, event.follow_up
+                        finished = [*(turns or []), [question, event.answer]]
                         elapsed = time.perf_counter() - started
                         reason = f", stopped by {event.stats.finish_reason}" if event.stats.finish_reason else ""
                         shown.panel = PanelView(f"Answer complete in {elapsed:.1f} s{reason}", event.stats,
@@ -151,12 +158,12 @@ def build_app(engine: Engine, index_dir: Path | None = None) -> gr.Blocks:
                         panel = shown.panel.markdown()
                         plot = accepted_lengths_plot(event.stats, decoding.gamma)
                     history[-1] = {"role": "assistant", "content": view.markdown()}
-                    yield history, gr.skip(), panel, plot, shown
+                    yield history, gr.skip(), panel, plot, shown, finished
         except Exception as error:
             view.error = _user_text(error)
             shown.panel = PanelView("No answer: see the message in the chat.")
             history[-1] = {"role": "assistant", "content": view.markdown()}
-            yield history, gr.skip(), shown.panel.markdown(), gr.skip(), shown
+            yield history, gr.skip(), shown.panel.markdown(), gr.skip(), shown, gr.skip()
 
     def on_stop(history: list[dict[str, Any]] | None, shown: Showing | None) -> tuple[Any, Any, Any]:
         """After a cancel: the answer so far stays, and both it and the panel say it was stopped."""
@@ -228,7 +235,7 @@ def build_app(engine: Engine, index_dir: Path | None = None) -> gr.Blocks:
                 with gr.Row():
                     ask_button = gr.Button("Ask", variant="primary", elem_id="ask")
                     stop = gr.Button("Stop", elem_id="stop")
-                    clear = gr.ClearButton(value="Clear chat")
+                    new_chat = gr.ClearButton(value="New chat", elem_id="new-chat")
                     compare = gr.Checkbox(label="Compare with LC (measures the speedup side by side; slower)",
                                           value=False, elem_id="compare")
                 mode = gr.Radio([(p.label, p.name) for p in PRESETS.values()], value=FAST.name, label="Answer mode",
@@ -257,15 +264,18 @@ def build_app(engine: Engine, index_dir: Path | None = None) -> gr.Blocks:
                                   title="Tokens emitted per target pass", height=220, elem_id="pass-plot",
                                   y_lim=[0, default.gamma + 1])
         showing = gr.State(None)  # the latest answer's Showing, for Stop
-        clear.add([chatbot, stats_panel, showing])
+        # The conversation's finished exchanges, [question, answer], which a follow-up continues.
+        turns = gr.State([])
+        new_chat.add([chatbot, stats_panel, showing, turns])
 
         files.upload(on_upload, [files], [upload_status, documents, doc_choice, files],
                      api_visibility="private")
         delete.click(on_delete, [doc_choice], [delete_status, documents, doc_choice], api_visibility="private")
         answering = gr.on(
             [ask_button.click, question.submit], on_ask,
-            [question, chatbot, method, eta, gamma, temperature, max_new_tokens, compare, budget],
-            [chatbot, question, stats_panel, plot, showing], api_visibility="private", show_progress="minimal",
+            [question, chatbot, turns, method, eta, gamma, temperature, max_new_tokens, compare, budget],
+            [chatbot, question, stats_panel, plot, showing, turns], api_visibility="private",
+            show_progress="minimal",
         )
         stop.click(on_stop, [chatbot, showing], [chatbot, stats_panel, showing], cancels=[answering],
                    api_visibility="private", queue=False)

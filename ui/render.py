@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 import gradio as gr
 import pandas as pd
 
+from app.conversation import FollowUp
 from app.events import Preparing
 from app.progress import describe
 from app.speedup import Speedup
@@ -80,7 +81,8 @@ def document_choices(documents: Sequence[DocumentInfo]) -> list[tuple[str, str]]
     return [(doc.source, doc.doc_id) for doc in documents]
 
 
-def sources_markdown(citations: Sequence[Citation], reading: Reading | None = None) -> str:
+def sources_markdown(citations: Sequence[Citation], reading: Reading | None = None,
+                     follow_up: FollowUp | None = None) -> str:
     if not citations:
         return ""
     items = "\n".join(
@@ -89,6 +91,8 @@ def sources_markdown(citations: Sequence[Citation], reading: Reading | None = No
         for i, c in enumerate(citations, 1)
     )
     read = f"_The model {md_escape(reading.note())}._\n\n" if reading is not None else ""
+    if follow_up is not None:
+        read = f"_{md_escape(follow_up.note())}._\n\n{read}"
     return f"**Sources**\n\n{read}{items}"
 
 
@@ -161,6 +165,7 @@ class AnswerView:
     text: str = ""
     citations: tuple[Citation, ...] = ()
     reading: Reading | None = None  # the part of a large corpus the model read
+    follow_up: FollowUp | None = None  # how a question continuing the conversation was read
     error: str | None = None
     finished: bool = False
     stopped: bool = False  # cancelled by the user: the text so far stays
@@ -180,7 +185,7 @@ class AnswerView:
         elif not self.finished:
             parts.append(f"_{md_escape(self.status)}…_")
         if self.citations and not self.error:
-            parts.append(sources_markdown(self.citations, self.reading))
+            parts.append(sources_markdown(self.citations, self.reading, self.follow_up))
         return "\n\n".join(parts)
 
 
