@@ -96,6 +96,23 @@ def sources_markdown(citations: Sequence[Citation], reading: Reading | None = No
     return f"**Sources**\n\n{read}{items}"
 
 
+def source_choices(citations: Sequence[Citation]) -> list[tuple[str, int]]:
+    """The latest answer's sources, numbered as in the chat, for the page viewer."""
+    return [(f"{i}. {c.label()}", i - 1) for i, c in enumerate(citations, 1)]
+
+
+def marked_html(text: str, spans: Sequence[tuple[int, int]]) -> str:
+    """Document text shown as written (escaped), the cited excerpt in <mark>."""
+    out, at = [], 0
+    for start, end in spans:
+        if start < at:
+            continue
+        out += [html.escape(text[at:start]), f"<mark>{html.escape(text[start:end])}</mark>"]
+        at = end
+    out.append(html.escape(text[at:]))
+    return f'<div class="source-text" style="white-space:pre-wrap">{"".join(out)}</div>'
+
+
 def _shorten(text: str, limit: int) -> str:
     if len(text) <= limit:
         return text
