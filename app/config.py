@@ -35,6 +35,9 @@ class ModelSettings:
 class Limits:
     max_question_chars: int = 2000
     max_new_tokens: int = 1024
+    # A conversation's earlier exchanges in the prompts, in target tokens: beyond it the oldest are
+    # left out (and the answer says so); each kept token is read again at every turn.
+    max_history_tokens: int = 1536
     max_upload_bytes: int = 50 * 1024 * 1024
     max_files_per_upload: int = 20
 
@@ -45,6 +48,8 @@ class ServerSettings:
     port: int = 7860
     auth: tuple[str, str] | None = None  # (user, password)
     concurrency: int = 1  # answers computed at once; the rest wait in Gradio's queue
+    api: bool = True  # the OpenAI-compatible /v1 routes (app.api) on the same process
+    api_key: str | None = None  # Bearer token the /v1 routes require; needed beyond loopback
 
 
 @dataclass(frozen=True)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from app.conversation import FollowUp
 from app.speedup import Speedup
 from decoding.stats import Stats
 from retrieval.types import Citation, Reading
@@ -31,6 +32,7 @@ class Preparing:
 class Sources:
     citations: list[Citation]
     reading: Reading | None = None  # which part of a corpus larger than the target's window it reads
+    follow_up: FollowUp | None = None  # how a question continuing a conversation was read
 
 
 @dataclass(frozen=True)
@@ -61,6 +63,7 @@ class Done:
     # runs its peers on exactly these tokens).
     long_prompt_tokens: list[int] = field(default_factory=list)
     rag_prompt_tokens: list[int] = field(default_factory=list)
+    follow_up: FollowUp | None = None  # how a question continuing a conversation was read
 
 
 Event = Status | Preparing | Sources | Token | Progress | Done

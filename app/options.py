@@ -69,6 +69,20 @@ def add_decoding_options(parser: argparse.ArgumentParser) -> None:
                        help="RAPID: try free n-gram lookup drafts from the retrieved context first")
 
 
+def add_question_options(parser: argparse.ArgumentParser) -> None:
+    """Where the documents are and how answers are shown: shared by `ask` and `ask chat`."""
+    parser.add_argument("--docs", nargs="+", type=Path, metavar="PATH",
+                        help="documents or folders to ingest first (PDF, TXT, MD, HTML, DOCX)")
+    parser.add_argument("--index", type=Path, metavar="DIR",
+                        help="persistent index directory (default: one kept per --docs set)")
+    parser.add_argument("--compare", action="store_true",
+                        help="also run LC on the same input and report the measured speedup")
+    parser.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text")
+    add_model_options(parser)
+    add_decoding_options(parser)
+
+
+
 def settings_from_args(args: argparse.Namespace) -> Settings:
     """Settings with every option the user gave; options a command does not declare keep their defaults."""
     settings = Settings()

@@ -13,6 +13,17 @@ import torch
 
 from app.chunk_kv import ChunkKV, Passage, prune
 from app.config import Settings
+from app.conversation import (
+    REWRITE_SYSTEM,
+    REWRITE_TOKENS,
+    FollowUp,
+    Turn,
+    fit_history,
+    pairs,
+    rewrite_examples,
+    rewrite_request,
+    standalone_from,
+)
 from app.errors import QuestionError
 from app.events import Done, Event, Preparing, Progress, Sources, Status, Token
 from app.focus import focus_tokens
@@ -319,7 +330,17 @@ class Engine:
     def prompts(
         self, question: str, index: HybridIndex, decoding: DecodingSettings, retrieval: RetrievalSettings | None = None
     ) -> tuple[Contexts, Prompt, Prompt]:
-        """retrieval overrides the per-question knobs (budget, floor); chunking is fixed by the index.
+        """retrieval overrides the per-question knobs (budget, floor); chunking is fixed by the index."""
+        contexts, long_prompt, rag_prompt, _ = self.conversation_prompts(question, index, decoding, retrieval)
+        return contexts, long_prompt, rag_prompt
+
+    def conversation_prompts(
+        self, question: str, index: HybridIndex, decoding: DecodingSettings, retrieval: RetrievalSettings | None = None,
+        history: Sequence[Turn] = (), query: str | None = None,
+    ) -> tuple[Contexts, Prompt, Prompt, tuple[Turn, ...]]:
+        """The prompts of a question that may continue a conversation: retrieval searches for `query`
+        (the standalone rewrite) when given; both prompts hold the latest exchanges of `history` that
+        fit (limits.max_history_tokens, and every reader's window), which are returned.
 
         Every prompt is checked against the window of each model that reads it (ContextTooLongError),
         and the RAG budget is capped at its readers' smallest window less the answer's room."""
@@ -328,17 +349,27 @@ class Engine:
         long_readers, rag_readers = self.readers(decoding.method)
         rag_window = min(model.max_positions for model in rag_readers or [target])
         contexts = build_contexts(
-            index, question, retrieval or self.settings.retrieval, target.encode,
+            index, query or question, retrieval or self.settings.retrieval, target.encode,
             max_long_tokens=target.max_positions - room - PROMPT_OVERHEAD_TOKENS, windows=self.windows(index),
             max_rag_tokens=rag_window - room - PROMPT_OVERHEAD_TOKENS,
         )
         long_prompt = target.prompt(contexts.long_documents or contexts.long_context, question)
         rag_prompt = target.prompt(contexts.rag_passages or contexts.rag_context, question)
+        # The history changes only what follows the documents: the prefixes (and their cached KV) stay.
+        alone = len(long_prompt.suffix)
+        free = min([m.max_positions - len(long_prompt) for m in long_readers]
+                   + [m.max_positions - len(rag_prompt) for m in rag_readers])
+        budget = min(self.settings.limits.max_history_tokens, free - room)
+        kept = fit_history(history, lambda turns: len(target.prompt([], question, pairs(turns)).suffix) - alone,
+                           budget)
+        if kept:
+            suffix = target.prompt([], question, pairs(kept)).suffix
+            long_prompt, rag_prompt = replace(long_prompt, suffix=suffix), replace(rag_prompt, suffix=suffix)
         for model in long_readers:
             check_window(model, "The documents and question", len(long_prompt), room)
         for model in rag_readers:
             check_window(model, "The retrieved passages and question", len(rag_prompt), room)
-        return contexts, long_prompt, rag_prompt
+        return contexts, long_prompt, rag_prompt, kept
 
     def readers(self, method: str) -> tuple[list[LoadedModel], list[LoadedModel]]:
         """The models that read the long prompt and those that read the RAG prompt for a method.
@@ -352,6 +383,17 @@ class Engine:
             (rag_readers if info.drafting is Drafting.RAG_MODEL else long_readers).append(drafter)
         return long_readers, rag_readers
 
+    def standalone_question(self, question: str, history: Sequence[Turn]) -> str:
+        """The follow-up rewritten by the drafter (greedy) so retrieval can read it without the history;
+        the caller holds the generate lock."""
+        drafter = self.drafter
+        tokens = drafter.instruction(REWRITE_SYSTEM, rewrite_request(history, question), rewrite_examples())
+        settings = replace(self.settings.decoding, method=BASELINE, max_new_tokens=REWRITE_TOKENS, temperature=0.0)
+        with torch.inference_mode():
+            events = generate(BASELINE, drafter, None, Prompt([], tokens), None, settings)
+            text = next(e.text for e in events if isinstance(e, Finished))
+        return standalone_from(text)
+
     def answer(
         self,
         question: str,
@@ -359,18 +401,30 @@ class Engine:
         decoding: DecodingSettings | None = None,
         compare: bool = False,
         retrieval: RetrievalSettings | None = None,
+        history: Sequence[Turn] = (),
     ) -> Iterator[Event]:
         """Stream one answer: Status, Sources, Token/Progress ..., Done.
 
         compare=True also runs LC on the same input afterwards and reports the measured speedup.
+        history: the conversation's earlier exchanges, oldest first (the question is a follow-up).
         Raises QuestionError, retrieval errors (EmptyIndexError, ContextTooLongError) before any token.
         """
         received = time.perf_counter()
         decoding = decoding or self.settings.decoding
         self.check_question(question, decoding)
+        query = None
+        if history:
+            yield Status("Rewriting the follow-up as a standalone question")
+            yield from self._wait_for_engine()
+            try:
+                query = self.standalone_question(question, history) or question
+            finally:
+                self._generate_lock.release()
         yield Status("Retrieving passages")
-        contexts, long_prompt, rag_prompt = self.prompts(question, index, decoding, retrieval)
-        yield Sources(contexts.citations, contexts.reading)
+        contexts, long_prompt, rag_prompt, kept = self.conversation_prompts(
+            question, index, decoding, retrieval, history, query)
+        follow_up = FollowUp(query, len(kept), len(history) - len(kept)) if query is not None else None
+        yield Sources(contexts.citations, contexts.reading, follow_up)
         yield from self._wait_for_engine()
         try:
             waited = time.perf_counter()  # the computations this question waits for before generating
@@ -412,7 +466,7 @@ class Engine:
         finally:
             self._generate_lock.release()
         yield Done(answer, stats, contexts.citations, speedup, lc_stats, contexts.reading, token_ids,
-                   long_prompt.tokens, rag_prompt.tokens)
+                   long_prompt.tokens, rag_prompt.tokens, follow_up)
 
     def _rag_prefix(
         self, decoding: DecodingSettings, index: HybridIndex, contexts: Contexts, rag_prompt: Prompt
@@ -481,8 +535,8 @@ def _weights_stamp(directory: Path) -> str:
 
 
 def answer_once(engine: Engine, question: str, index: HybridIndex, decoding: DecodingSettings | None = None,
-                compare: bool = False) -> Done:
+                compare: bool = False, history: Sequence[Turn] = ()) -> Done:
     """Run answer() to the end and return its Done event (eval, bench and tests)."""
-    done = [e for e in engine.answer(question, index, decoding, compare) if isinstance(e, Done)]
+    done = [e for e in engine.answer(question, index, decoding, compare, history=history) if isinstance(e, Done)]
     return done[-1]
 

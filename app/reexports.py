@@ -4,7 +4,8 @@ ui/ and bench/ stand above app/; what they need from the two lower floors comes 
 module, so every such dependency is listed here and nowhere else:
 - data types the UI shows: Stats, Citation, DocumentInfo, Reading; errors it reports
   (RetrievalError); the index an upload goes into (HybridIndex) and the readable file types
-  (supported_extensions); the method table (METHODS) and DecodingSettings.
+  (supported_extensions); the method table (METHODS) and DecodingSettings; a cited page rendered
+  with its excerpt marked (kept_file, pdf_page_image, surrounding_text).
 - what the decoding benchmarks time or build, below the pipeline: the model and its loader
   (LoadedModel, Prompt, Transformer, load_model, PREFILL_CHUNK, transformer_module - the forward
   pass's module, whose attention_for bench.prefill_depth wraps to time attention), the generation
@@ -31,6 +32,7 @@ from decoding.transformer import PREFILL_CHUNK, Transformer
 from retrieval.embedding import Embedder
 from retrieval.errors import RetrievalError
 from retrieval.index import HybridIndex
+from retrieval.page_view import kept_file, pdf_page_image, surrounding_text
 from retrieval.readers import read_document, supported_extensions
 from retrieval.recall import Label, load_labels, recall_at_k
 from retrieval.types import Citation, DocumentInfo, Reading, RetrievalSettings
@@ -59,14 +61,17 @@ __all__ = [
     "Transformer",
     "engine_description",
     "generate",
+    "kept_file",
     "load_labels",
     "load_model",
     "native_attention",
     "native_quant",
+    "pdf_page_image",
     "quantized_bytes",
     "read_document",
     "recall_at_k",
     "run_to_end",
     "supported_extensions",
+    "surrounding_text",
     "transformer_module",
 ]

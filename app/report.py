@@ -8,6 +8,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import asdict
 
+from app.conversation import FollowUp
 from app.engine_label import engine_label
 from app.events import Done
 from app.speedup import Speedup
@@ -45,6 +46,14 @@ def reading_record(reading: Reading | None) -> dict[str, object] | None:
     }
 
 
+def follow_up_record(follow_up: FollowUp | None) -> dict[str, object] | None:
+    """How a follow-up was read (None: the question started the conversation)."""
+    if follow_up is None:
+        return None
+    return {"standalone_question": follow_up.standalone, "history_turns": follow_up.turns,
+            "history_dropped": follow_up.dropped, "note": follow_up.note()}
+
+
 def done_record(done: Done) -> dict[str, object]:
     """The whole answer: `ask --json` prints this object."""
     return {
@@ -54,6 +63,7 @@ def done_record(done: Done) -> dict[str, object]:
         **speedup_record(done.speedup),
         "lc_stats": stats_record(done.lc_stats) if done.lc_stats else None,
         "read": reading_record(done.reading),
+        "conversation": follow_up_record(done.follow_up),
     }
 
 
@@ -90,5 +100,6 @@ def summary_text(done: Done) -> str:
     sources = [f"  [{i}] {c.label()}{'' if c.read else ' (not read by the target)'}: {c.excerpt[:200]}"
                for i, c in enumerate(done.citations, 1)]
     read = [f"  The target {done.reading.note()}"] if done.reading else []
+    read += [f"  {done.follow_up.note()}"] if done.follow_up else []
     stats = [f"  {line}" for line in stats_lines(done)]
     return "\n".join(["", "", "Sources:", *read, *sources, "", "Statistics:", *stats])

@@ -7,16 +7,12 @@ JSON and text layout in app.report.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from collections.abc import Sequence
-from pathlib import Path
 
 from app.errors import user_message
-from app.events import Done, Preparing, Sources, Status, Token
 from app.options import (
-    add_decoding_options,
-    add_model_options,
+    add_question_options,
     check_document_args,
     index_dir_for,
     ingest_documents,
@@ -24,10 +20,11 @@ from app.options import (
     quiet_environment,
     settings_from_args,
 )
-from app.report import done_record, summary_text
+from app.terminal import show_answer
 
 SUBCOMMANDS = {
-    "serve": "start the web UI (Gradio) on localhost",
+    "serve": "start the web UI (Gradio) and the OpenAI-compatible API on localhost",
+    "chat": "a conversation in the terminal: follow-up questions keep the earlier ones in mind",
     "ingest": "add documents to an index",
     "docs": "list the documents of an index",
     "delete": "remove a document from an index",
@@ -51,15 +48,7 @@ def question_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("question", help="the question to answer")
-    parser.add_argument("--docs", nargs="+", type=Path, metavar="PATH",
-                        help="documents or folders to ingest first (PDF, TXT, MD, HTML, DOCX)")
-    parser.add_argument("--index", type=Path, metavar="DIR",
-                        help="persistent index directory (default: one kept per --docs set)")
-    parser.add_argument("--compare", action="store_true",
-                        help="also run LC on the same input and report the measured speedup")
-    parser.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text")
-    add_model_options(parser)
-    add_decoding_options(parser)
+    add_question_options(parser)
     return parser
 
 
@@ -71,31 +60,12 @@ def run_question(argv: Sequence[str]) -> int:
     settings.decoding.validate()
 
     from app.pipeline import Engine  # torch takes seconds to import: not before the arguments are known good
-    from app.progress import PreparingBars
 
     engine = Engine(settings, log=log)
     index = engine.open_index(index_dir)
     if args.docs:
         ingest_documents(index, args.docs, progress=True, engine=engine)
-    done = None
-    bars = PreparingBars()
-    for event in engine.answer(args.question, index, settings.decoding, compare=args.compare):
-        if isinstance(event, Preparing):
-            bars.show(event)
-            continue
-        bars.close()
-        if isinstance(event, Status):
-            log(f"[{event.message}]")
-        elif isinstance(event, Sources) and not args.json:
-            log(f"[retrieved {len(event.citations)} passages for the drafter]")
-            if event.reading is not None:
-                log(f"[the target will {event.reading.note()}]")
-        elif isinstance(event, Token) and not args.json:
-            print(event.text, end="", flush=True)
-        elif isinstance(event, Done):
-            done = event
-    assert done is not None
-    print(json.dumps(done_record(done), indent=2) if args.json else summary_text(done))
+    show_answer(engine.answer(args.question, index, settings.decoding, compare=args.compare), args.json)
     return 0
 
 
@@ -105,6 +75,10 @@ def run_subcommand(name: str, argv: Sequence[str]) -> int:
         from ui.serve import main as serve_main
 
         return serve_main(argv)
+    if name == "chat":
+        from app.chat import main as chat_main
+
+        return chat_main(argv)
     if name == "bench":
         from bench.decode import main as bench_main
 

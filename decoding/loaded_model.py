@@ -95,18 +95,27 @@ class LoadedModel:
         """A document or passage as the prompt holds it: after a blank line, tokenised alone."""
         return self.encode(PIECE_SEPARATOR + piece)
 
-    def prompt(self, context: str | Sequence[str], question: str) -> Prompt:
+    def prompt(self, context: str | Sequence[str], question: str,
+               history: Sequence[tuple[str, str]] = ()) -> Prompt:
         """Chat-templated prompt when the model has a template, else a plain document/question text.
 
         context is one text or a list of pieces (documents, passages), each after a blank line.
+        history: a conversation's earlier (question, answer) exchanges, oldest first. They follow the
+        documents (the first question goes with them, the later ones as their own turns), so the
+        prefix, and with it every cached document KV, is the same at every turn.
         """
         pieces = [context] if isinstance(context, str) else list(context)
-        user = f"Documents:{DOCUMENTS_MARK}{QUESTION_MARK}{question}"
+        questions = [q for q, _ in history] + [question]
+        user = f"Documents:{DOCUMENTS_MARK}{QUESTION_MARK}{questions[0]}"
         if self.tokenizer.chat_template:
             messages = [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": user}]
+            for (_, answer), later in zip(history, questions[1:], strict=True):
+                messages += [{"role": "assistant", "content": answer}, {"role": "user", "content": later}]
             text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
         else:
-            text = f"{SYSTEM_PROMPT}\n\n{user}\nAnswer:"
+            turns = "".join(f"\nAnswer: {answer}{QUESTION_MARK}{later}"
+                            for (_, answer), later in zip(history, questions[1:], strict=True))
+            text = f"{SYSTEM_PROMPT}\n\n{user}{turns}\nAnswer:"
         # Header, pieces and question are tokenised apart, always: a cached or assembled prefix and
         # a from-scratch prompt are then the very same token sequence.
         head, tail = text.split(DOCUMENTS_MARK)
@@ -116,3 +125,17 @@ class LoadedModel:
             boundaries.append(len(prefix))
             prefix += self.piece_tokens(piece)
         return Prompt(prefix, self.encode(tail), tuple(boundaries))
+
+    def instruction(self, system: str, user: str, examples: Sequence[tuple[str, str]] = ()) -> list[int]:
+        """A chat for a small task (such as a rewrite): worked (request, reply) examples, then `user`,
+        ready for the model's reply."""
+        if self.tokenizer.chat_template:
+            messages = [{"role": "system", "content": system}]
+            for request, reply in examples:
+                messages += [{"role": "user", "content": request}, {"role": "assistant", "content": reply}]
+            messages.append({"role": "user", "content": user})
+            return self.encode(self.tokenizer.apply_chat_template(messages, tokenize=False,
+                                                                  add_generation_prompt=True))
+        shown = "".join(f"{request} {reply}\n\n" for request, reply in examples)
+        return self.encode(f"{system}\n\n{shown}{user}")
+

@@ -84,7 +84,7 @@ def test_evidence_of_a_section_labelled_question_is_matched_by_section() -> None
 
 def test_ask_eval_split_error_is_one_clear_line(tmp_path: Path) -> None:
     questions = _write(tmp_path, [{"id": "q", "question": "Q?", "answers": ["x"]}])
-    done = subprocess.run([sys.executable, "-m", "app.cli", "eval", "--questions", str(questions),
+    done = subprocess.run([sys.executable, "-m", "cli.main", "eval", "--questions", str(questions),
                            "--split", "report"], capture_output=True, text=True,
                           env=os.environ | {"RAPIDQA_HOME": str(tmp_path)}, timeout=120, cwd=REPO)
     assert done.returncode == 1
@@ -120,7 +120,7 @@ def test_ask_eval_split_runs_one_half_and_prints_intervals(tmp_path: Path, small
     out = tmp_path / "out"
     env = os.environ | {"RAPIDQA_HOME": str(tmp_path / "home"), "RAPIDQA_MODELS_DIR": str(real_models_dir())}
     done = subprocess.run(
-        [sys.executable, "-m", "app.cli", "eval", "--docs", str(doc), "--questions", str(questions),
+        [sys.executable, "-m", "cli.main", "eval", "--docs", str(doc), "--questions", str(questions),
          "--split", "report", "--methods", "lc,rag", "--fast", "--max-new-tokens", "12", "--no-warmup",
          "--index", str(tmp_path / "index"), "--out", str(out)],
         capture_output=True, text=True, env=env, timeout=580, cwd=REPO,

@@ -40,11 +40,19 @@ def _contexts(target: LoadedModel, n_tokens: int) -> tuple[str, str]:
     return long_text, rag_text
 
 
-@pytest.mark.parametrize("n_tokens", [300, 1300])  # 1300 crosses a prefill chunk boundary
+# The second turn of a conversation: the earlier exchange follows the documents in both prompts.
+HISTORY = [("Which R function reads data in the format of the S language?", "The function data.restore.")]
+
+
+# 1300 crosses a prefill chunk boundary; a follow-up question carries the conversation before it.
+@pytest.mark.parametrize(("n_tokens", "history"), [(300, []), (1300, []), (300, HISTORY)],
+                         ids=["300", "1300", "300-second-turn"])
 def test_every_method_returns_lc_tokens(target: LoadedModel, drafter: LoadedModel, tmp_path: Path,
-                                        n_tokens: int) -> None:
+                                        n_tokens: int, history: list[tuple[str, str]]) -> None:
     long_text, rag_text = _contexts(target, n_tokens)
-    long_prompt, rag_prompt = target.prompt(long_text, QUESTION), target.prompt(rag_text, QUESTION)
+    long_prompt = target.prompt(long_text, QUESTION, history)
+    rag_prompt = target.prompt(rag_text, QUESTION, history)
+    assert long_prompt.prefix == target.prompt(long_text, QUESTION).prefix  # the document prefix is unchanged
     settings = DecodingSettings(max_new_tokens=24, gamma=5, eta=0.0, magicdec_window=128)
     cache = PrefixCache(tmp_path, {})
 

@@ -139,7 +139,8 @@ def test_serve_options_default_to_loopback(monkeypatch: pytest.MonkeyPatch) -> N
     assert (settings.server.host, settings.server.auth) == ("127.0.0.1", None)
 
     monkeypatch.setenv("RAPIDQA_AUTH", "reader:s3cret:with-colon")
-    settings = settings_for_serve(serve_parser().parse_args(["--host", "0.0.0.0", "--port", "9000", "--fast"]))
+    settings = settings_for_serve(serve_parser().parse_args(["--host", "0.0.0.0", "--port", "9000", "--fast",
+                                                          "--api-key", "k"]))
     assert (settings.server.host, settings.server.port) == ("0.0.0.0", 9000)
     assert settings.server.auth == ("reader", "s3cret:with-colon")
     assert settings.models.target == settings.models.drafter == "qwen2.5-coder-0.5b"

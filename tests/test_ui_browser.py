@@ -178,3 +178,49 @@ def test_delete_and_errors_without_models(tmp_path: Path) -> None:
         page.locator("#delete").click()
         expect(page.locator("#delete-status")).to_contain_text("deleted notes.md", timeout=30_000)
         expect(documents).to_contain_text("No documents indexed yet")
+
+
+def test_new_chat_and_a_citation_opening_its_page(tmp_path: Path) -> None:
+    """A follow-up carries the conversation, "New chat" clears it; a source opens its PDF page, marked."""
+    import io
+
+    from PIL import Image
+    from playwright.sync_api import expect
+
+    from app.conversation import Turn
+    from ui.blocks import build_app
+
+    engine = ScriptedEngine(tmp_path / "home")
+    pdf = small_pdf(tmp_path / "manual.pdf")  # the scripted answer cites manual.pdf, page 2
+    with serving(build_app(engine), engine.settings) as url, chromium(tmp_path / "profile") as browser:
+        page = browser.new_page()
+        page.goto(url)
+        chat, stats = page.locator("#chat"), page.locator("#stats")
+        upload(page, pdf)
+        expect(page.locator("#upload-status")).to_contain_text("added: manual.pdf", timeout=30_000)
+
+        ask(page, "What version?")
+        expect(stats).to_contain_text("Answer complete", timeout=30_000)
+        ask(page, "And its date?")
+        expect(chat).to_contain_text("Searched for: “And its date? (after: What version?)”", timeout=30_000)
+        expect(stats).to_contain_text("Answer complete", timeout=30_000)
+        assert engine.histories[-1] == (Turn("What version?", "".join(ScriptedEngine.ANSWER)),)
+
+        # The latest answer's source, opened: its page, rendered, with the excerpt marked.
+        page.get_by_label("1. manual.pdf, p. 2").check()
+        expect(page.locator("#source-note")).to_contain_text("the cited excerpt is marked", timeout=30_000)
+        image = page.locator("#source-page img")
+        expect(image).to_be_visible()
+        shot = Image.open(io.BytesIO(image.screenshot())).convert("RGB")
+        marked = sum(1 for r, g, b in shot.getdata() if r > 230 and 200 < g < 245 and b < 170)
+        assert marked > 200, marked
+
+        page.locator("#new-chat").click()
+        expect(chat).not_to_contain_text("What version?", timeout=10_000)
+        expect(page.locator("#source-page img")).to_have_count(0)
+        ask(page, "Which version?")
+        expect(stats).to_contain_text("Answer complete", timeout=30_000)
+        assert engine.histories[-1] == ()
+        expect(chat).not_to_contain_text("Searched for")
+        ARTIFACTS.mkdir(exist_ok=True)
+        page.screenshot(path=str(ARTIFACTS / "ui-new-chat.png"), full_page=True)

@@ -7,13 +7,14 @@ from __future__ import annotations
 
 import socket
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from app.config import Limits, ModelSettings, ServerSettings, Settings
+from app.conversation import FollowUp, Turn
 from app.errors import QuestionError
 from app.events import Done, Event, Preparing, Progress, Sources, Status, Token
 from app.speedup import Speedup
@@ -26,6 +27,7 @@ from tests.retrieval_fixtures import HashEmbedder, text_pdf, word_tokens
 if TYPE_CHECKING:
     import gradio as gr
     from playwright.sync_api import BrowserContext
+    from starlette.routing import BaseRoute
 
     from retrieval.index import HybridIndex
 
@@ -90,11 +92,12 @@ def bad_files(folder: Path) -> dict[str, Path]:
 
 
 @contextmanager
-def serving(demo: gr.Blocks, settings: Settings) -> Iterator[str]:
-    """Run the app through ui.serve.launch (the code path of `ask serve`) in a background thread."""
+def serving(demo: gr.Blocks, settings: Settings, routes: Sequence[BaseRoute] = ()) -> Iterator[str]:
+    """Run the app through ui.serve.launch (the code path of `ask serve`) in a background thread;
+    `routes`: the /v1 API (app.api), served by the same app as `ask serve` does."""
     from ui.serve import launch
 
-    launch(demo, settings, prevent_thread_lock=True)
+    launch(demo, settings, prevent_thread_lock=True, routes=routes)
     try:
         yield f"http://127.0.0.1:{settings.server.port}/"
     finally:
@@ -157,6 +160,8 @@ class ScriptedEngine:
         self.log = print
         self.questions: list[tuple[str, DecodingSettings, bool]] = []
         self.finished = 0
+        self.histories: list[tuple[Turn, ...]] = []  # each answer's conversation so far
+        self.closed = 0  # answers whose generator was closed before its end (a client went away, Stop)
         self.now_preparing: Preparing | None = None
         self.parts: list[str] = []  # what reading_parts reports: a corpus larger than the window
 
@@ -180,23 +185,35 @@ class ScriptedEngine:
         return index.delete(doc_id_or_source)
 
     def answer(self, question: str, index: HybridIndex, decoding: DecodingSettings | None = None,
-               compare: bool = False, retrieval: RetrievalSettings | None = None) -> Iterator[Event]:
+               compare: bool = False, retrieval: RetrievalSettings | None = None,
+               history: Sequence[Turn] = ()) -> Iterator[Event]:
         decoding = decoding or self.settings.decoding
+        self.histories.append(tuple(history))
         if not question.strip():
             raise QuestionError("The question is empty.")
         decoding.validate()
         self.questions.append((question, decoding, compare))
         try:
-            yield from self._script(question, decoding, compare)
+            yield from self._script(question, decoding, compare, tuple(history))
+        except GeneratorExit:
+            self.closed += 1
+            raise
         finally:
             self.finished += 1
 
-    def _script(self, question: str, decoding: DecodingSettings, compare: bool) -> Iterator[Event]:
+    def _script(self, question: str, decoding: DecodingSettings, compare: bool,
+                history: tuple[Turn, ...]) -> Iterator[Event]:
         yield Status("Retrieving passages")
         citations = [Citation("manual.pdf", 2, None, "This manual is for R, version 4.2.2 <b>Patched</b>", 0.5)]
-        yield Sources(citations)
+        # A follow-up is "rewritten" by naming the previous question.
+        follow_up = FollowUp(f"{question} (after: {history[-1].question})", len(history), 0) if history else None
+        yield Sources(citations, follow_up=follow_up)
         if "boom" in question:
             raise RuntimeError("secret internal detail")
+        if "prefill" in question:  # the documents' prefill keeps the answer waiting, with progress
+            for done in (0, 40, 80):
+                yield Preparing("Reading documents", done, 120, 40.0 if done else None, (120 - done) / 40.0)
+                time.sleep(0.6)
         stats = Stats(method=decoding.method, context_tokens=600, draft_context_tokens=300, prefill_s=0.5)
         speedup = Speedup(None, "no LC run measured yet at this context length (use compare)")
         for piece in self.ANSWER:
@@ -214,4 +231,4 @@ class ScriptedEngine:
         if compare:
             speedup = Speedup(1.5, "measured side by side on this input")
         yield Done("".join(self.ANSWER), stats, citations, speedup,
-                   Stats(method="lc", generated=6, decode_s=2.25) if compare else None)
+                   Stats(method="lc", generated=6, decode_s=2.25) if compare else None, follow_up=follow_up)

@@ -19,12 +19,21 @@ from typing import Any
 import gradio as gr
 
 from app.config import Settings
+from app.conversation import Turn
 from app.errors import user_message
 from app.events import Done, Preparing, Progress, Sources, Status, Token
 from app.pipeline import Engine
 from app.presets import FAST, PRESETS
 from app.progress import describe
-from app.reexports import METHODS, DecodingSettings, supported_extensions
+from app.reexports import (
+    METHODS,
+    Citation,
+    DecodingSettings,
+    kept_file,
+    pdf_page_image,
+    supported_extensions,
+    surrounding_text,
+)
 from app.report import reading_record, sources_record, speedup_record, stats_record
 from ui.render import (
     UNEXPECTED,
@@ -34,9 +43,11 @@ from ui.render import (
     accepted_lengths_plot,
     document_choices,
     documents_markdown,
+    marked_html,
     md_escape,
     preparing_html,
     size_text,
+    source_choices,
     stats_markdown,
     upload_markdown,
 )
@@ -101,28 +112,34 @@ def build_app(engine: Engine, index_dir: Path | None = None) -> gr.Blocks:
         text = f"✓ deleted **{md_escape(name)}**" if removed else f"**{md_escape(name)}** was already gone."
         return text, *refresh_documents()
 
-    def on_ask(question: str, history: list[dict[str, Any]] | None, method: str, eta: float, gamma: float,
-               temperature: float, max_new_tokens: float, compare: bool,
+    def on_ask(question: str, history: list[dict[str, Any]] | None, turns: list[list[str]] | None, method: str,
+               eta: float, gamma: float, temperature: float, max_new_tokens: float, compare: bool,
                budget: float) -> Iterator[tuple[Any, ...]]:
-        """Stream one answer into the chat; statistics and plot follow each target pass."""
+        """Stream one answer into the chat; statistics and plot follow each target pass. `turns`: the
+        conversation's finished exchanges, (question, answer), which the answer continues."""
         history = list(history or [])
+        conversation = [Turn(q, a) for q, a in turns or []]
         if not (question or "").strip():
             gr.Warning("Type a question first.")
-            yield gr.skip(), gr.skip(), gr.skip(), gr.skip(), gr.skip()
+            yield gr.skip(), gr.skip(), gr.skip(), gr.skip(), gr.skip(), gr.skip(), gr.skip()
             return
         shown = Showing(AnswerView(), PanelView("Retrieving passages…"))
         view = shown.view
         history += [{"role": "user", "content": question}, {"role": "assistant", "content": view.markdown()}]
-        yield history, "", shown.panel.markdown(), accepted_lengths_plot(None, int(gamma)), shown
+        yield (history, "", shown.panel.markdown(), accepted_lengths_plot(None, int(gamma)), shown, gr.skip(),
+               gr.Radio(choices=[], value=None))
         started = time.perf_counter()
         try:
             decoding = decoding_for(settings, method, eta, gamma, temperature, max_new_tokens)
             retrieval = replace(settings.retrieval, budget_min_tokens=int(budget))
             # closing(): a cancelled or abandoned answer must release the engine's generate lock now.
-            with contextlib.closing(engine.answer(question, index, decoding, bool(compare), retrieval)) as events:
+            answering = engine.answer(question, index, decoding, bool(compare), retrieval, history=conversation)
+            with contextlib.closing(answering) as events:
                 for event in events:
                     panel: Any = gr.skip()
                     plot: Any = gr.skip()
+                    finished: Any = gr.skip()
+                    choices: Any = gr.skip()
                     if isinstance(event, Status):
                         view.status = event.message
                         if shown.panel.stats is not None:  # e.g. the LC run of a comparison
@@ -132,6 +149,8 @@ def build_app(engine: Engine, index_dir: Path | None = None) -> gr.Blocks:
                         view.status = describe(event)
                     elif isinstance(event, Sources):
                         view.citations, view.reading = tuple(event.citations), event.reading
+                        view.follow_up = event.follow_up
+                        choices = gr.Radio(choices=source_choices(event.citations), value=None)
                     elif isinstance(event, Token):
                         view.text += event.text
                         view.status = "Generating"
@@ -142,7 +161,9 @@ def build_app(engine: Engine, index_dir: Path | None = None) -> gr.Blocks:
                         plot = accepted_lengths_plot(event.stats, decoding.gamma)
                     elif isinstance(event, Done):
                         view.text, view.citations, view.finished = event.answer, tuple(event.citations), True
-                        view.reading = event.reading
+                        view.reading, view.follow_up = event.reading, event.follow_up
+                        finished = [*(turns or []), [question, event.answer]]
+                        choices = gr.Radio(choices=source_choices(event.citations), value=None)
                         elapsed = time.perf_counter() - started
                         reason = f", stopped by {event.stats.finish_reason}" if event.stats.finish_reason else ""
                         shown.panel = PanelView(f"Answer complete in {elapsed:.1f} s{reason}", event.stats,
@@ -150,12 +171,42 @@ def build_app(engine: Engine, index_dir: Path | None = None) -> gr.Blocks:
                         panel = shown.panel.markdown()
                         plot = accepted_lengths_plot(event.stats, decoding.gamma)
                     history[-1] = {"role": "assistant", "content": view.markdown()}
-                    yield history, gr.skip(), panel, plot, shown
+                    yield history, gr.skip(), panel, plot, shown, finished, choices
         except Exception as error:
             view.error = _user_text(error)
             shown.panel = PanelView("No answer: see the message in the chat.")
             history[-1] = {"role": "assistant", "content": view.markdown()}
-            yield history, gr.skip(), shown.panel.markdown(), gr.skip(), shown
+            yield history, gr.skip(), shown.panel.markdown(), gr.skip(), shown, gr.skip(), gr.skip()
+
+    def on_source(choice: int | None, shown: Showing | None) -> tuple[str, Any, Any]:
+        """A source of the latest answer, opened: its PDF page with the excerpt marked, or the text around it."""
+        hidden_page, hidden_text = gr.Image(value=None, visible=False), gr.HTML(value="", visible=False)
+        citations = shown.view.citations if shown is not None else ()
+        if choice is None or not 0 <= int(choice) < len(citations):
+            return "", hidden_page, hidden_text
+        cited = citations[int(choice)]
+        label = md_escape(cited.label())
+        try:
+            return show_source(cited, label, hidden_page, hidden_text)
+        except Exception as error:
+            return f"**{label}** could not be shown: {md_escape(_user_text(error))}", hidden_page, hidden_text
+
+    def show_source(cited: Citation, label: str, hidden_page: Any, hidden_text: Any) -> tuple[str, Any, Any]:
+        document = next((d for d in index.documents() if d.source == cited.source), None)
+        if document is None:
+            return f"**{label}**: this document is no longer indexed.", hidden_page, hidden_text
+        is_pdf = cited.source.lower().endswith(".pdf") and cited.page is not None
+        kept = kept_file(uploads_dir, cited.source, document.sha256) if is_pdf else None
+        if kept is not None and cited.page is not None:
+            image, found = pdf_page_image(kept, cited.page, cited.excerpt)
+            how = "the cited excerpt is marked" if found else "the excerpt could not be located on the page"
+            return f"**{label}**: {how}.", gr.Image(value=image, visible=True), hidden_text
+        marked = surrounding_text(index, cited.source, cited.page, cited.section, cited.excerpt)
+        if marked is None:
+            return f"**{label}**: the excerpt is no longer in the indexed text.", hidden_page, hidden_text
+        why = " (this server keeps no copy of the PDF: the indexed text is shown)" if is_pdf else ""
+        return (f"**{label}**: the cited passage, excerpt marked{why}.", hidden_page,
+                gr.HTML(value=marked_html(marked.text, marked.spans), visible=True))
 
     def on_stop(history: list[dict[str, Any]] | None, shown: Showing | None) -> tuple[Any, Any, Any]:
         """After a cancel: the answer so far stays, and both it and the panel say it was stopped."""
@@ -227,7 +278,7 @@ def build_app(engine: Engine, index_dir: Path | None = None) -> gr.Blocks:
                 with gr.Row():
                     ask_button = gr.Button("Ask", variant="primary", elem_id="ask")
                     stop = gr.Button("Stop", elem_id="stop")
-                    clear = gr.ClearButton(value="Clear chat")
+                    new_chat = gr.ClearButton(value="New chat", elem_id="new-chat")
                     compare = gr.Checkbox(label="Compare with LC (measures the speedup side by side; slower)",
                                           value=False, elem_id="compare")
                 mode = gr.Radio([(p.label, p.name) for p in PRESETS.values()], value=FAST.name, label="Answer mode",
@@ -255,19 +306,30 @@ def build_app(engine: Engine, index_dir: Path | None = None) -> gr.Blocks:
                 plot = gr.BarPlot(accepted_lengths_frame(None), x="target pass", y="tokens emitted",
                                   title="Tokens emitted per target pass", height=220, elem_id="pass-plot",
                                   y_lim=[0, default.gamma + 1])
+                gr.Markdown("### Open a source")
+                source_choice = gr.Radio(label="Sources of the latest answer", choices=[], elem_id="source-choice")
+                source_note = gr.Markdown(elem_id="source-note")
+                source_page = gr.Image(label="Cited page", type="pil", interactive=False, visible=False,
+                                       elem_id="source-page", buttons=["fullscreen"])
+                source_text = gr.HTML(visible=False, elem_id="source-text")
         showing = gr.State(None)  # the latest answer's Showing, for Stop
-        clear.add([chatbot, stats_panel, showing])
+        # The conversation's finished exchanges, [question, answer], which a follow-up continues.
+        turns = gr.State([])
+        new_chat.add([chatbot, stats_panel, showing, turns, source_choice, source_note, source_page, source_text])
 
         files.upload(on_upload, [files], [upload_status, documents, doc_choice, files],
                      api_visibility="private")
         delete.click(on_delete, [doc_choice], [delete_status, documents, doc_choice], api_visibility="private")
         answering = gr.on(
             [ask_button.click, question.submit], on_ask,
-            [question, chatbot, method, eta, gamma, temperature, max_new_tokens, compare, budget],
-            [chatbot, question, stats_panel, plot, showing], api_visibility="private", show_progress="minimal",
+            [question, chatbot, turns, method, eta, gamma, temperature, max_new_tokens, compare, budget],
+            [chatbot, question, stats_panel, plot, showing, turns, source_choice], api_visibility="private",
+            show_progress="minimal",
         )
         stop.click(on_stop, [chatbot, showing], [chatbot, stats_panel, showing], cancels=[answering],
                    api_visibility="private", queue=False)
+        source_choice.change(on_source, [source_choice, showing], [source_note, source_page, source_text],
+                             api_visibility="private")
         demo.load(refresh_documents, None, [documents, doc_choice], api_visibility="private")
         # A mode sets the method and its knobs, which stay visible and adjustable under Settings.
         mode.change(lambda name: (PRESETS[name].method, PRESETS[name].eta, PRESETS[name].gamma), [mode],

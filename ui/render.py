@@ -15,6 +15,7 @@ from typing import Any
 import gradio as gr
 import pandas as pd
 
+from app.conversation import FollowUp
 from app.engine_label import engine_label
 from app.events import Preparing
 from app.progress import describe
@@ -78,7 +79,8 @@ def document_choices(documents: Sequence[DocumentInfo]) -> list[tuple[str, str]]
     return [(doc.source, doc.doc_id) for doc in documents]
 
 
-def sources_markdown(citations: Sequence[Citation], reading: Reading | None = None) -> str:
+def sources_markdown(citations: Sequence[Citation], reading: Reading | None = None,
+                     follow_up: FollowUp | None = None) -> str:
     if not citations:
         return ""
     items = "\n".join(
@@ -87,7 +89,26 @@ def sources_markdown(citations: Sequence[Citation], reading: Reading | None = No
         for i, c in enumerate(citations, 1)
     )
     read = f"_The model {md_escape(reading.note())}._\n\n" if reading is not None else ""
+    if follow_up is not None:
+        read = f"_{md_escape(follow_up.note())}._\n\n{read}"
     return f"**Sources**\n\n{read}{items}"
+
+
+def source_choices(citations: Sequence[Citation]) -> list[tuple[str, int]]:
+    """The latest answer's sources, numbered as in the chat, for the page viewer."""
+    return [(f"{i}. {c.label()}", i - 1) for i, c in enumerate(citations, 1)]
+
+
+def marked_html(text: str, spans: Sequence[tuple[int, int]]) -> str:
+    """Document text shown as written (escaped), the cited excerpt in <mark>."""
+    out, at = [], 0
+    for start, end in spans:
+        if start < at:
+            continue
+        out += [html.escape(text[at:start]), f"<mark>{html.escape(text[start:end])}</mark>"]
+        at = end
+    out.append(html.escape(text[at:]))
+    return f'<div class="source-text" style="white-space:pre-wrap">{"".join(out)}</div>'
 
 
 def _shorten(text: str, limit: int) -> str:
@@ -173,6 +194,7 @@ class AnswerView:
     text: str = ""
     citations: tuple[Citation, ...] = ()
     reading: Reading | None = None  # the part of a large corpus the model read
+    follow_up: FollowUp | None = None  # how a question continuing the conversation was read
     error: str | None = None
     finished: bool = False
     stopped: bool = False  # cancelled by the user: the text so far stays
@@ -192,7 +214,7 @@ class AnswerView:
         elif not self.finished:
             parts.append(f"_{md_escape(self.status)}…_")
         if self.citations and not self.error:
-            parts.append(sources_markdown(self.citations, self.reading))
+            parts.append(sources_markdown(self.citations, self.reading, self.follow_up))
         return "\n\n".join(parts)
 
 

@@ -12,7 +12,9 @@ from pathlib import Path
 from typing import Any
 
 import gradio as gr
+from starlette.routing import BaseRoute
 
+from app.api import api_routes
 from app.config import Settings
 from app.options import add_decoding_options, add_model_options, log, quiet_environment, settings_from_args
 from app.pipeline import Engine
@@ -31,10 +33,16 @@ def theme() -> gr.themes.Base:
                           font_mono=["ui-monospace", "monospace"])
 
 
-def launch(demo: gr.Blocks, settings: Settings, *, prevent_thread_lock: bool = False) -> tuple[Any, str, str]:
-    """Queue (answers wait their turn) and serve on settings.server; never through a share link."""
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
+
+
+def launch(demo: gr.Blocks, settings: Settings, *, prevent_thread_lock: bool = False,
+           routes: Sequence[BaseRoute] = ()) -> tuple[Any, str, str]:
+    """Queue (answers wait their turn) and serve on settings.server; never through a share link.
+    `routes` (the /v1 API) are served by the same app, ahead of Gradio's own."""
     server = settings.server
     return demo.queue(default_concurrency_limit=server.concurrency).launch(
+        app_kwargs={"routes": list(routes)},
         server_name=server.host, server_port=server.port, auth=server.auth, share=False,
         max_file_size=settings.limits.max_upload_bytes, prevent_thread_lock=prevent_thread_lock,
         theme=theme(), show_error=False, ssr_mode=False, mcp_server=False, pwa=False,
@@ -61,6 +69,11 @@ def serve_parser() -> argparse.ArgumentParser:
                         help="require this login (default: $RAPIDQA_AUTH if set, else no login)")
     parser.add_argument("--index", type=Path, metavar="DIR",
                         help="index directory (default $RAPIDQA_HOME/index)")
+    parser.add_argument("--api-key", metavar="KEY",
+                        help="Bearer token the OpenAI-compatible /v1 API requires (default: $RAPIDQA_API_KEY; "
+                        "required when --host is not loopback)")
+    parser.add_argument("--no-api", action="store_true",
+                        help="do not serve the OpenAI-compatible /v1/models and /v1/chat/completions")
     parser.add_argument("--concurrency", type=int,
                         help="requests of one kind served at once (default 1; the engine still "
                         "generates one answer at a time, the others wait in the queue)")
@@ -79,7 +92,12 @@ def settings_for_serve(args: argparse.Namespace) -> Settings:
         port=args.port or server.port,
         auth=parse_auth(auth_text) if auth_text else None,
         concurrency=args.concurrency or server.concurrency,
+        api=not args.no_api,
+        api_key=args.api_key if args.api_key is not None else os.environ.get("RAPIDQA_API_KEY") or None,
     )
+    if server.api and server.api_key is None and server.host not in LOOPBACK:
+        raise ValueError(f"--host {server.host} would serve the /v1 API to the network without a key: "
+                         "set --api-key (or $RAPIDQA_API_KEY), or --no-api")
     return replace(settings, server=server)
 
 
@@ -93,7 +111,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error(str(error))
     settings.decoding.validate()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    if settings.server.host not in ("127.0.0.1", "localhost", "::1") and settings.server.auth is None:
+    if settings.server.host not in LOOPBACK and settings.server.auth is None:
         print(f"warning: listening on {settings.server.host} without --auth: anyone who can reach this "
               "port can read and change the documents.", file=sys.stderr)
 
@@ -101,7 +119,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     log("loading models…")
     load_models(engine)
     demo = build_app(engine, args.index)
-    launch(demo, settings)
+    server = settings.server
+    routes = api_routes(engine, engine.open_index(args.index), server.api_key) if server.api else []
+    launch(demo, settings, routes=routes)
     return 0
 
 

@@ -149,6 +149,10 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--questions", type=Path, metavar="JSONL",
                    help='one {"id", "question", "answers": [...], "page" or "section", "position", "source", '
                         '"split"} per line (required)')
+    p.add_argument("--conversations", type=Path, metavar="JSONL",
+                   help="evaluate follow-up questions instead (app/eval/conversations.py): recall@5 and answer "
+                   "contains, standalone / rewritten / raw; one {id, history, question, standalone, answers, "
+                   "page} per line")
     p.add_argument("--report", type=Path, metavar="RESULTS_JSON",
                    help="only re-draw the table and plot of a finished (or interrupted) run from its results.json")
     p.add_argument("--methods", default=DEFAULT_METHODS, help=f"comma-separated (default {DEFAULT_METHODS}); "
@@ -180,6 +184,8 @@ def main(argv: Sequence[str]) -> int:
     args = parser().parse_args(argv)
     if args.report is not None:
         return report(args.report)
+    if args.conversations is not None:
+        return conversations_main(args)
     if args.questions is None:
         raise CliError("--questions is required: a JSONL file of questions and acceptable answers")
     if args.limit is not None and args.limit < 1:
@@ -208,6 +214,26 @@ def main(argv: Sequence[str]) -> int:
     results = run_eval(engine, index, items, runs, settings, warmup=not args.no_warmup, out=out, log=log,
                        documents=documents, argv=list(argv))
     return write_report(results, out)
+
+
+def conversations_main(args: argparse.Namespace) -> int:
+    """`ask eval --conversations FILE`: the follow-up table (app.eval.conversations)."""
+    from app.eval.conversations import load_conversations, run_conversations, table
+
+    check_document_args(args)
+    settings = settings_from_args(args)
+    items = load_conversations(args.conversations)[: args.limit]
+    out = args.out or settings.home / "eval" / time.strftime("conversations-%Y%m%d-%H%M%S")
+    out.mkdir(parents=True, exist_ok=True)
+    engine = Engine(settings, log=log)
+    index = engine.open_index(index_dir_for(args, settings))
+    if args.docs:
+        ingest_documents(index, args.docs, progress=False)
+    if not index.documents():
+        raise CliError("the index holds no documents: pass --docs")
+    results = run_conversations(engine, index, items, args.max_new_tokens, out, log)
+    print(table(results))
+    return 0
 
 
 def evidence_row(item: QAItem, done: Done) -> dict:
