@@ -345,7 +345,27 @@ static inline void transpose8(__m256i r[8]) {
     }
 }
 
-#define AVX2_ROWS 4 /* rows whose dot products run side by side (independent chains of fmas) */
+#define AVX2_ROWS 6 /* rows whose dot products run side by side: 12 independent chains of fmas */
+
+/* acc[i] = q_(r0+i) . the step's keys (8-key halves), n a constant per call site */
+static inline __attribute__((always_inline)) void dot_rows_avx2(const float (*qo)[MAX_VECS * 8],
+                                                                const float (*qe)[MAX_VECS * 8], const int n,
+                                                                const __m256 ko[2][MAX_VECS * 8],
+                                                                const __m256 ke[2][MAX_VECS * 8], const int pairs,
+                                                                float raw[][KEY_STEP]) {
+    __m256 acc[AVX2_ROWS][2];
+    for (int i = 0; i < n; ++i) acc[i][0] = acc[i][1] = _mm256_setzero_ps();
+    for (int p = 0; p < pairs; ++p)
+        for (int i = 0; i < n; ++i) {
+            const __m256 o = _mm256_set1_ps(qo[i][p]), e = _mm256_set1_ps(qe[i][p]);
+            acc[i][0] = _mm256_fmadd_ps(e, ke[0][p], _mm256_fmadd_ps(o, ko[0][p], acc[i][0]));
+            acc[i][1] = _mm256_fmadd_ps(e, ke[1][p], _mm256_fmadd_ps(o, ko[1][p], acc[i][1]));
+        }
+    for (int i = 0; i < n; ++i) {
+        _mm256_storeu_ps(&raw[i][0], acc[i][0]);
+        _mm256_storeu_ps(&raw[i][8], acc[i][1]);
+    }
+}
 
 /* raw[r][t] = q_r . key t (before the scale) for the `steps` keys from `first`, as vdpbf16ps sums
  * them: lane t of a vector is key t, pairs in order, odd element first. Runs in dot mode. */
@@ -370,18 +390,14 @@ __attribute__((noinline)) static void dot_keys_avx2(const float (*qo)[MAX_VECS *
         }
     for (int r0 = 0; r0 < rows; r0 += AVX2_ROWS) {
         const int rn = rows - r0 < AVX2_ROWS ? rows - r0 : AVX2_ROWS;
-        __m256 acc[AVX2_ROWS][2];
-        for (int i = 0; i < AVX2_ROWS; ++i) acc[i][0] = acc[i][1] = _mm256_setzero_ps();
-        for (int p = 0; p < pairs; ++p)
-            for (int i = 0; i < AVX2_ROWS; ++i) {
-                if (i >= rn) break;
-                const __m256 o = _mm256_set1_ps(qo[r0 + i][p]), e = _mm256_set1_ps(qe[r0 + i][p]);
-                acc[i][0] = _mm256_fmadd_ps(e, ke[0][p], _mm256_fmadd_ps(o, ko[0][p], acc[i][0]));
-                acc[i][1] = _mm256_fmadd_ps(e, ke[1][p], _mm256_fmadd_ps(o, ko[1][p], acc[i][1]));
-            }
-        for (int i = 0; i < rn; ++i) {
-            _mm256_storeu_ps(&raw[r0 + i][0], acc[i][0]);
-            _mm256_storeu_ps(&raw[r0 + i][8], acc[i][1]);
+        switch (rn) { /* a constant row count per case keeps the accumulators in registers */
+#define DOT_CASE(N)                                                                                          \
+    case N: dot_rows_avx2(qo + r0, qe + r0, N, (const __m256(*)[MAX_VECS * 8])ko,                            \
+                          (const __m256(*)[MAX_VECS * 8])ke, pairs, raw + r0); break;
+            DOT_CASE(1) DOT_CASE(2) DOT_CASE(3) DOT_CASE(4) DOT_CASE(5)
+            default: dot_rows_avx2(qo + r0, qe + r0, AVX2_ROWS, (const __m256(*)[MAX_VECS * 8])ko,
+                                   (const __m256(*)[MAX_VECS * 8])ke, pairs, raw + r0); break;
+#undef DOT_CASE
         }
     }
 }
