@@ -26,8 +26,8 @@ from app.conversation import (
 )
 from app.errors import QuestionError
 from app.events import Done, Event, Preparing, Progress, Sources, Status, Token
-from app.focus import focus_tokens
 from app.forget import document_cuts, upload_copies
+from app.passage_tokens import passage_token_spans
 from app.progress import Job, cli_bar, run_with_progress
 from app.registry import resolve_model
 from app.speedup import LcReference, measured_speedup
@@ -93,7 +93,7 @@ class Engine:
         return self.model(self.settings.models.target)
 
     @property
-    def drafter(self) -> LoadedModel:
+    def draft_model(self) -> LoadedModel:
         return self.model(self.settings.models.drafter)
 
     @property
@@ -386,11 +386,11 @@ class Engine:
     def standalone_question(self, question: str, history: Sequence[Turn]) -> str:
         """The follow-up rewritten by the drafter (greedy) so retrieval can read it without the history;
         the caller holds the generate lock."""
-        drafter = self.drafter
-        tokens = drafter.instruction(REWRITE_SYSTEM, rewrite_request(history, question), rewrite_examples())
+        rewriter = self.draft_model
+        tokens = rewriter.instruction(REWRITE_SYSTEM, rewrite_request(history, question), rewrite_examples())
         settings = replace(self.settings.decoding, method=BASELINE, max_new_tokens=REWRITE_TOKENS, temperature=0.0)
         with torch.inference_mode():
-            events = generate(BASELINE, drafter, None, Prompt([], tokens), None, settings)
+            events = generate(BASELINE, rewriter, None, Prompt([], tokens), None, settings)
             text = next(e.text for e in events if isinstance(e, Finished))
         return standalone_from(text)
 
@@ -440,10 +440,10 @@ class Engine:
             rag_prefix = self._rag_prefix(decoding, index, contexts, rag_prompt)
             if rag_prefix is not None:
                 yield from self._encode_missing_passages(decoding.method, index, contexts, rag_prompt)
-            focuses = method_info(decoding.method).drafting is Drafting.FOCUS
-            focus = self.focus_spans(long_prompt, contexts) if focuses else None
+            spans_needed = method_info(decoding.method).drafting is Drafting.FOCUS
+            spans = self.passage_token_spans(long_prompt, contexts) if spans_needed else None
             wait_s = time.perf_counter() - waited
-            for event in self._run(decoding, long_prompt, rag_prompt, rag_prefix, focus):
+            for event in self._run(decoding, long_prompt, rag_prompt, rag_prefix, spans):
                 if isinstance(event, TextDelta):
                     yield Token(event.text)
                 elif isinstance(event, PassStats):
@@ -492,20 +492,20 @@ class Engine:
 
         yield from run_with_progress(build, lambda: self._job)
 
-    def focus_spans(self, long_prompt: Prompt, contexts: Contexts) -> list[tuple[int, int]]:
+    def passage_token_spans(self, long_prompt: Prompt, contexts: Contexts) -> list[tuple[int, int]]:
         """Where the retrieved passages lie in the long prompt, as token ranges (a focus drafter's)."""
-        return focus_tokens(self.target, long_prompt, contexts.long_documents, contexts.long_focus)
+        return passage_token_spans(self.target, long_prompt, contexts.long_documents, contexts.passage_spans)
 
     def _run(self, decoding: DecodingSettings, long_prompt: Prompt, rag_prompt: Prompt,
-             rag_prefix: PrefixCacheHooks | None = None, focus: list[tuple[int, int]] | None = None,
+             rag_prefix: PrefixCacheHooks | None = None, passage_spans: list[tuple[int, int]] | None = None,
              ) -> Iterator[object]:
         method = decoding.method
         # None where no separate drafter runs: generate then drafts with the target (rapid-self, MagicDec).
-        drafter = self.drafter if method_info(method).runs_drafter_model else None
+        draft_model = self.draft_model if method_info(method).runs_drafter_model else None
         with torch.inference_mode():
             hooks = self.prefix_cache.hooks(long_prompt.cuts())
-            yield from generate(method, self.target, drafter, long_prompt, rag_prompt, decoding, hooks, rag_prefix,
-                                focus)
+            yield from generate(method, self.target, draft_model, long_prompt, rag_prompt, decoding, hooks, rag_prefix,
+                                passage_spans)
 
     @staticmethod
     def _finish(events: Iterator[object]) -> Stats:

@@ -268,7 +268,7 @@ def run(argv: Sequence[str] | None = None) -> dict[str, object]:
     with tempfile.TemporaryDirectory() as tmp:
         settings = replace(settings, home=Path(tmp), decoding=decoding)
         engine = Engine(settings, log=lambda m: print(m, flush=True))
-        target, drafter = engine.target, engine.drafter
+        target, drafter = engine.target, engine.draft_model
         loaded_gb = peak_rss_gb() if reset_peak_rss() else None  # both models loaded, nothing decoded yet
         bandwidth = copy_bandwidth_gbs()
         attention = "C kernel" if native_attention() is not None else "torch"

@@ -30,7 +30,7 @@ class Draft:
 
 
 @dataclass(frozen=True)
-class Focus:
+class TargetSlots:
     """What a focus drafter (the target on the retrieved passages of its own cache) reads."""
 
     slots: list[tuple[int, int]]  # the target cache's slots of the header and the passages
@@ -178,11 +178,11 @@ DrafterPrefill = Callable[[LoadedModel, Prompt, int], Session]
 
 def build_drafter(
     method: Method, target: Session, draft_model: LoadedModel | None, prompts: dict[Drafting, Prompt],
-    settings: DecodingSettings, room: int, prefill_drafter: DrafterPrefill, focus: Focus | None = None,
+    settings: DecodingSettings, room: int, prefill_drafter: DrafterPrefill, target_slots: TargetSlots | None = None,
     stop_ids: frozenset[int] = frozenset(),
 ) -> Drafter | None:
     """The method's drafter over the target session; prompts maps a model drafting to what it reads;
-    focus: what a focus drafter keeps of the target's cache. With settings.draft_vocabulary a model
+    target_slots: what a focus drafter keeps of the target's cache. With settings.draft_vocabulary a model
     drafter scores only the tokens of the target's prompt, of those prompts and `stop_ids`."""
     if method.drafting is Drafting.NONE:
         return None
@@ -192,10 +192,10 @@ def build_drafter(
         cache = StreamingCache.from_prefix(target.cache, settings.magicdec_sinks, settings.magicdec_window, room)
         session = Session(target.model, cache, target.prompt, target.output)
     elif method.drafting is Drafting.FOCUS:
-        assert focus is not None
+        assert target_slots is not None
         # The question's slots too, as the target read it (it attended to every document): re-reading
         # it over the passages alone measured worse answers at eta > 0 (README, Answer quality).
-        slots = [*focus.slots, (focus.question, target.cache.length)]
+        slots = [*target_slots.slots, (target_slots.question, target.cache.length)]
         cache = KVCache.gather(target.cache, slots, room, target.cache.next_position)
         session = Session(target.model, cache, target.prompt, target.output)
     else:

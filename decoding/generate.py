@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from decoding.drafters import Draft, Drafter, Focus, build_drafter
+from decoding.drafters import Draft, Drafter, TargetSlots, build_drafter
 from decoding.engine_info import engine_description
 from decoding.loaded_model import LoadedModel, Prompt
 from decoding.methods import Drafting, method_info
@@ -117,7 +117,7 @@ class Detokenizer:
 # ------------------------------------------------------------------------------- the loop
 
 
-def decode(
+def emit_tokens(
     target: Session, make_drafter: Callable[[], Drafter | None], first_logits: torch.Tensor, sampler: Sampler,
     eta: float, stop_ids: frozenset[int], stats: Stats, detokenizer: Detokenizer,
 ) -> Iterator[GenerationEvent]:
@@ -179,25 +179,25 @@ def run_to_end(events: Iterator[GenerationEvent]) -> Finished:
 def generate(
     method: str,
     target: LoadedModel,
-    drafter: LoadedModel | None,
+    draft_model: LoadedModel | None,
     long_prompt: Prompt,
     rag_prompt: Prompt | None,
     settings: DecodingSettings,
-    prefix_cache: PrefixCacheHooks | None = None,
+    prefix_hooks: PrefixCacheHooks | None = None,
     rag_prefix: PrefixCacheHooks | None = None,
-    focus: Sequence[tuple[int, int]] | None = None,
+    passage_spans: Sequence[tuple[int, int]] | None = None,
 ) -> Iterator[GenerationEvent]:
     """Run one method; yields text deltas as tokens are accepted, stats per pass, then Finished.
 
-    prefix_cache serves the document prefix of the long prompt; rag_prefix, when given, serves the
-    RAG drafter's prompt prefix (its retrieved passages); focus: where the retrieved passages lie in
+    prefix_hooks serve the document prefix of the long prompt; rag_prefix, when given, serves the
+    RAG drafter's prompt prefix (its retrieved passages); passage_spans: where the retrieved passages lie in
     the long prompt's prefix, as token ranges (a focus drafter reads those slots of the target's cache).
     """
     settings.validate()
     info = method_info(method)
     if info.needs_rag_prompt and rag_prompt is None:
         raise ValueError(f"method {method!r} needs a retrieved (RAG) prompt")
-    if info.drafting is Drafting.FOCUS and focus is None:
+    if info.drafting_model is Drafting.FOCUS and passage_spans is None:
         raise ValueError(f"method {method!r} needs where the retrieved passages lie in the long prompt")
     prompt = rag_prompt if info.target_reads_rag and rag_prompt is not None else long_prompt
     stats = Stats(method=method, context_tokens=len(prompt), engine=engine_description(target))
@@ -205,43 +205,45 @@ def generate(
     # Every reader's window, before any token: a drafter is built only after the first one.
     target.check_fits("The prompt", len(prompt), room)
     if info.drafts_with_model:
-        reader = target if info.drafter_is_target else drafter or target
-        read = rag_prompt if info.drafting is Drafting.RAG_MODEL else long_prompt
+        reader = target if info.drafter_is_target else draft_model or target
+        read = rag_prompt if info.drafting_model is Drafting.RAG_MODEL else long_prompt
         assert read is not None
         reader.check_fits("The drafter's prompt", len(read), room)
 
     t0 = time.perf_counter()
-    cache, logits, restored = prefill(target.model, prompt, prefix_cache if info.uses_prefix_cache else None,
+    cache, logits, restored = prefill(target.model, prompt, prefix_hooks if info.uses_prefix_cache else None,
                                       len(prompt) + room)
     session = Session(target.model, cache, prompt.tokens, [])
     stats.prefix_cached_tokens = restored
     stats.prefill_s = time.perf_counter() - t0
 
     def make_drafter() -> Drafter | None:
-        draft_model = (target if info.drafter_is_target else drafter or target) if info.drafts_with_model else None
-        if draft_model is not None and draft_model is not target:
-            check_same_vocabulary(target, draft_model)
+        drafting_model = None
+        if info.drafts_with_model:
+            drafting_model = target if info.drafter_is_target else draft_model or target
+        if drafting_model is not None and drafting_model is not target:
+            check_same_vocabulary(target, drafting_model)
         prompts = {Drafting.RAG_MODEL: rag_prompt, Drafting.LONG_MODEL: long_prompt}
-        if info.drafting is Drafting.LONG_MODEL:
+        if info.drafting_model is Drafting.LONG_MODEL:
             # With self-speculation the target has just read this prefix itself: no second restore.
-            hooks = prefix_cache if draft_model is not target else None
+            hooks = prefix_hooks if drafting_model is not target else None
         else:
             hooks = rag_prefix
         read_prompt = drafter_prefill(session, stats, hooks)
         reads = None
-        if info.drafting is Drafting.FOCUS:
-            reads = Focus(focus_slots(long_prompt, focus or ()), len(long_prompt.prefix))
+        if info.drafting_model is Drafting.FOCUS:
+            reads = TargetSlots(passage_slots(long_prompt, passage_spans or ()), len(long_prompt.prefix))
             stats.draft_context_tokens = sum(end - start for start, end in reads.slots) + len(long_prompt.suffix)
-        return build_drafter(info, session, draft_model, prompts, settings, room, read_prompt, reads,
+        return build_drafter(info, session, drafting_model, prompts, settings, room, read_prompt, reads,
                              target.stop_ids)
 
     eta = settings.eta if info.eta_applies else 0.0
-    yield from decode(session, make_drafter, logits, Sampler.seeded(settings), eta, target.stop_ids, stats,
+    yield from emit_tokens(session, make_drafter, logits, Sampler.seeded(settings), eta, target.stop_ids, stats,
                       Detokenizer(target))
     yield Finished(target.decode(session.output), list(session.output), stats)
 
 
-def focus_slots(prompt: Prompt, spans: Sequence[tuple[int, int]]) -> list[tuple[int, int]]:
+def passage_slots(prompt: Prompt, spans: Sequence[tuple[int, int]]) -> list[tuple[int, int]]:
     """The slots a focus drafter keeps of the target's prefix: its header and the given token ranges
     (clipped to the documents, merged)."""
     header, documents_end = len(prompt.header), len(prompt.prefix)

@@ -84,12 +84,12 @@ def build_contexts(
         long_documents=document_texts,
         rag_passages=rag_passages,
         rag_chunk_ids=[chunk.chunk_id for chunk in rag_chunks],
-        long_focus=focus(parts, rag_chunks),
+        passage_spans=locate_passages(parts, rag_chunks),
         reading=reading(routed, windows, kept) if routed else None,
     )
 
 
-def focus(parts: Sequence[Part], chunks: Sequence[Chunk]) -> list[tuple[int, int, int]]:
+def locate_passages(parts: Sequence[Part], chunks: Sequence[Chunk]) -> list[tuple[int, int, int]]:
     """(piece index, first char, end char) of each chunk some part holds, in the parts' order."""
     spans = []
     for i, part in enumerate(parts):

@@ -168,5 +168,5 @@ class Contexts:
     rag_chunk_ids: list[str] = field(default_factory=list)  # one per passage
     # Where those passages lie in the long context: (piece index, first char, end char) in
     # long_documents, for those the long context holds (a target drafting from its own cache).
-    long_focus: list[tuple[int, int, int]] = field(default_factory=list)
+    passage_spans: list[tuple[int, int, int]] = field(default_factory=list)
     reading: Reading | None = None  # set when the corpus has several windows

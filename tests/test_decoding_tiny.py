@@ -14,7 +14,7 @@ import decoding.transformer
 from decoding.attention import torch_attention
 from decoding.cache import KVCache
 from decoding.drafters import lookup_continuation, vocabulary_head
-from decoding.generate import Finished, PassStats, focus_slots, generate, run_to_end
+from decoding.generate import Finished, PassStats, generate, passage_slots, run_to_end
 from decoding.loaded_model import LoadedModel, Prompt
 from decoding.loading import transformer_from_hf_model
 from decoding.settings import MAX_GAMMA, DecodingSettings
@@ -24,14 +24,14 @@ from tests.tiny import random_prompt, tiny_model
 SPECULATIVE = ("sd", "magicdec", "rapid", "rapid-self", "rapid-focus", "lookup")
 
 
-def run(method: str, target, drafter, prompt: Prompt, rag: Prompt, focus=None, **overrides) -> Finished:
+def run(method: str, target, drafter, prompt: Prompt, rag: Prompt, passage_spans=None, **overrides) -> Finished:
     settings = DecodingSettings(method=method, **({"max_new_tokens": 40} | overrides))
-    if focus is None:
-        focus = focus_of(prompt)
-    return run_to_end(generate(method, target, drafter, prompt, rag, settings, focus=focus))
+    if passage_spans is None:
+        passage_spans = passage_spans_of(prompt)
+    return run_to_end(generate(method, target, drafter, prompt, rag, settings, passage_spans=passage_spans))
 
 
-def focus_of(prompt: Prompt) -> list[tuple[int, int]]:
+def passage_spans_of(prompt: Prompt) -> list[tuple[int, int]]:
     """A focus drafter's "retrieved passages" in a tiny prompt: two runs, half of the documents."""
     n = len(prompt.prefix)
     return [(n // 4, n // 2), (n * 5 // 8, n * 7 // 8)]
@@ -192,7 +192,7 @@ def test_first_token_before_the_drafter_reads(pair_fp32, method: str, monkeypatc
                         real_forward(tokens, *a, **k))
     prompt, rag = random_prompt(300, seed=4), random_prompt(60, seed=4)
     settings = DecodingSettings(method=method, max_new_tokens=20)
-    events = generate(method, target, drafter, prompt, rag, settings, focus=focus_of(prompt))
+    events = generate(method, target, drafter, prompt, rag, settings, passage_spans=passage_spans_of(prompt))
     first_pass = next(e for e in events if isinstance(e, PassStats))
     assert first_pass.stats.generated == 1
     if method not in ("magicdec", "rapid-focus"):  # there the drafter is the target, which did prefill
@@ -210,9 +210,9 @@ def test_first_token_before_the_drafter_reads(pair_fp32, method: str, monkeypatc
 def test_focus_slots_keep_the_header_and_the_passages() -> None:
     prompt = Prompt(list(range(100)), [100, 101, 102], (10, 60))  # header 0..9, pieces 10..59 and 60..99
     spans = [(70, 80), (5, 20), (18, 30), (95, 120)]  # out of order, overlapping, in the header, past the end
-    assert focus_slots(prompt, spans) == [(0, 30), (70, 80), (95, 100)]
-    assert focus_slots(prompt, []) == [(0, 10)]
-    assert focus_slots(Prompt(list(range(20)), [20]), [(3, 9)]) == [(0, 20)]  # no pieces: all is header
+    assert passage_slots(prompt, spans) == [(0, 30), (70, 80), (95, 100)]
+    assert passage_slots(prompt, []) == [(0, 10)]
+    assert passage_slots(Prompt(list(range(20)), [20]), [(3, 9)]) == [(0, 20)]  # no pieces: all is header
 
 
 def test_a_gathered_cache_keeps_true_positions(pair_fp32) -> None:

@@ -63,7 +63,7 @@ def test_the_rag_budget_is_capped_at_the_targets_window(engine: Engine, index: H
 def test_the_rag_budget_is_capped_at_the_drafters_window(engine: Engine, index: HybridIndex) -> None:
     decoding = DecodingSettings(method="rapid", max_new_tokens=12, gamma=4, eta=0.0)
     _, long_prompt, rag_prompt = engine.prompts(QUESTIONS["orchid.txt"], index, decoding)
-    assert len(rag_prompt) + ROOM <= engine.drafter.max_positions == 512
+    assert len(rag_prompt) + ROOM <= engine.draft_model.max_positions == 512
     assert len(long_prompt) + ROOM > 512  # the target's window reads more
 
 

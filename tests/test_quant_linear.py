@@ -18,7 +18,7 @@ from decoding.loading import QUANT_FILE, has_quantized_weights, load_model, quan
 from decoding.prefix_cache import PrefixCache
 from decoding.quant import QuantLinear, QuantWeight, native_quant
 from decoding.settings import DecodingSettings
-from tests.test_decoding_tiny import EXACT_VOCAB, check_drafters_exact, check_lookup_exact, focus_of
+from tests.test_decoding_tiny import EXACT_VOCAB, check_drafters_exact, check_lookup_exact, passage_spans_of
 from tests.tiny import random_prompt, tiny_model
 
 SPECULATIVE = ("sd", "magicdec", "rapid", "rapid-focus", "lookup")
@@ -269,7 +269,7 @@ def pair_bf16() -> tuple[LoadedModel, LoadedModel]:
 
 def run(method: str, target: LoadedModel, drafter: LoadedModel, prompt: Prompt, rag: Prompt, **overrides):
     settings = DecodingSettings(method=method, **({"max_new_tokens": 40} | overrides))
-    return run_to_end(generate(method, target, drafter, prompt, rag, settings, focus=focus_of(prompt)))
+    return run_to_end(generate(method, target, drafter, prompt, rag, settings, passage_spans=passage_spans_of(prompt)))
 
 
 def test_decode_steps_equal_a_verify_pass(pair) -> None:
@@ -373,7 +373,7 @@ def test_real_pair_every_method_returns_lc_tokens(small_model_dir: Path, large_m
     passage = long_prompt.boundaries[0] + 100  # the focus drafter keeps about what the RAG drafter reads
     for method in SPECULATIVE:
         out = run_to_end(generate(method, target, drafter, long_prompt, rag_prompt, settings, cache.hooks(),
-                                  focus=[(passage, passage + 150)]))
+                                  passage_spans=[(passage, passage + 150)]))
         assert out.token_ids == lc.token_ids, method
         assert out.stats.prefix_cached_tokens == len(long_prompt.prefix)
         assert out.stats.drafted > 0 and out.stats.accepted > 0, method

@@ -65,7 +65,7 @@ def test_every_method_returns_lc_tokens(target: LoadedModel, drafter: LoadedMode
     focus = [(passage, passage + 200)]
     for method in ("sd", "magicdec", "lookup", "rapid", "rapid-focus"):
         out = run_to_end(generate(method, target, drafter, long_prompt, rag_prompt, settings, cache.hooks(),
-                                  focus=focus))
+                                  passage_spans=focus))
         assert out.token_ids == lc.token_ids, method
         assert out.stats.prefix_cached_tokens == len(long_prompt.prefix)
         assert out.stats.drafted > 0 and out.stats.accepted > 0, method  # every drafter drafted and was right

@@ -107,9 +107,9 @@ def test_every_chunk_is_found_at_its_span_in_the_piece_holding_it(index: HybridI
                 start, end = part.span(chunk)
                 assert part.text[start:end] == chunk.text, (part.label(), chunk.order)
     contexts = build_contexts(index, "tundra region weather rivers", SETTINGS, word_tokens, 10**6, windows)
-    assert contexts.long_focus
+    assert contexts.passage_spans
     texts = {passage.split("\n", 1)[1] for passage in contexts.rag_passages}
-    for piece, start, end in contexts.long_focus:
+    for piece, start, end in contexts.passage_spans:
         assert contexts.long_documents[piece][start:end] in texts
 
 

@@ -23,7 +23,7 @@ from ui.blocks import build_app
 
 def load_models(engine: Engine) -> None:
     """Load everything before the first visitor, so no request pays for it."""
-    _ = engine.target, engine.drafter
+    _ = engine.target, engine.draft_model
     engine.embedder.embed_query("warm up")
 
 

@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from decoding.loaded_model import PIECE_SEPARATOR, LoadedModel, Prompt
 
 
-def focus_tokens(model: LoadedModel, prompt: Prompt, pieces: Sequence[str],
+def passage_token_spans(model: LoadedModel, prompt: Prompt, pieces: Sequence[str],
                  spans: Sequence[tuple[int, int, int]]) -> list[tuple[int, int]]:
     """Token ranges of the prompt's prefix covering each (piece index, first char, end char) span:
     every token that overlaps the characters, so a passage is never cut inside a token."""
