@@ -197,7 +197,7 @@ def generate(
     info = method_info(method)
     if info.needs_rag_prompt and rag_prompt is None:
         raise ValueError(f"method {method!r} needs a retrieved (RAG) prompt")
-    if info.drafting_model is Drafting.FOCUS and passage_spans is None:
+    if info.drafting is Drafting.FOCUS and passage_spans is None:
         raise ValueError(f"method {method!r} needs where the retrieved passages lie in the long prompt")
     prompt = rag_prompt if info.target_reads_rag and rag_prompt is not None else long_prompt
     stats = Stats(method=method, context_tokens=len(prompt), engine=engine_description(target))
@@ -206,7 +206,7 @@ def generate(
     target.check_fits("The prompt", len(prompt), room)
     if info.drafts_with_model:
         reader = target if info.drafter_is_target else draft_model or target
-        read = rag_prompt if info.drafting_model is Drafting.RAG_MODEL else long_prompt
+        read = rag_prompt if info.drafting is Drafting.RAG_MODEL else long_prompt
         assert read is not None
         reader.check_fits("The drafter's prompt", len(read), room)
 
@@ -224,14 +224,14 @@ def generate(
         if drafting_model is not None and drafting_model is not target:
             check_same_vocabulary(target, drafting_model)
         prompts = {Drafting.RAG_MODEL: rag_prompt, Drafting.LONG_MODEL: long_prompt}
-        if info.drafting_model is Drafting.LONG_MODEL:
+        if info.drafting is Drafting.LONG_MODEL:
             # With self-speculation the target has just read this prefix itself: no second restore.
             hooks = prefix_hooks if drafting_model is not target else None
         else:
             hooks = rag_prefix
         read_prompt = drafter_prefill(session, stats, hooks)
         reads = None
-        if info.drafting_model is Drafting.FOCUS:
+        if info.drafting is Drafting.FOCUS:
             reads = TargetSlots(passage_slots(long_prompt, passage_spans or ()), len(long_prompt.prefix))
             stats.draft_context_tokens = sum(end - start for start, end in reads.slots) + len(long_prompt.suffix)
         return build_drafter(info, session, drafting_model, prompts, settings, room, read_prompt, reads,
