@@ -4,7 +4,7 @@ Both take q [T, H, D] and the cache's valid K/V [H_kv, S, D] (the last T slots b
 tokens, causally masked) and return [n, H * D] for the first n queries.
 
 The C kernel (kernels/attention.c) is compiled once per machine with the system's C compiler
-and loaded with ctypes (decoding/kernel_build.py); without a compiler, on a GPU, or with
+and loaded with ctypes (decoding/native.py); without a compiler, on a GPU, or with
 RAPIDQA_NATIVE_ATTENTION=0, the torch path runs instead (decoding/engine_info.py says so).
 The kernel takes prefill chunks too, a few query tokens per call: it
 measured faster than torch's SDPA path (which repeats K/V per query head) for chunks of every size
@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from decoding import rowwise
-from decoding.kernel_build import build_library, kernel_flags, load_kernel
+from decoding.native import build_library, kernel_flags, load_kernel
 
 SMALL_T = 32  # up to this many new tokens, the torch path uses the grouped matmul, beyond it SDPA
 KERNEL_SOURCE = Path(__file__).with_name("kernels") / "attention.c"

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from decoding.attention import attention_kernel, native_attention
-from decoding.kernel_build import ISA_VARIABLE, kernel_isa
+from decoding.native import ISA_VARIABLE, kernel_isa
 from decoding.quant import native_quant, quant_kernel
 
 if TYPE_CHECKING:  # decoding.loading calls warn_once when it loads a model

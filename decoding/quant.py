@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from decoding import rowwise
-from decoding.kernel_build import load_kernel
+from decoding.native import load_kernel
 
 QUANT_FORMAT = 5  # bump when the layout below changes, so converted caches are rebuilt
 KERNEL_SOURCE = os.path.join(os.path.dirname(__file__), "kernels", "quant_linear.c")

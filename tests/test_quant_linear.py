@@ -173,7 +173,7 @@ def test_other_builds_give_the_native_builds_bits(kernel: quant.NativeQuant, tmp
     # CPUs without AVX512-VNNI compile the AVX2 or the plain C paths: they must form the same sums
     import ctypes
 
-    from decoding.kernel_build import build_library, kernel_flags
+    from decoding.native import build_library, kernel_flags
     from decoding.transformer import RMSNorm
 
     if not kernel.vnni:

@@ -15,6 +15,7 @@ import ctypes
 import hashlib
 import os
 import platform
+import re
 import shutil
 import subprocess
 import tempfile
@@ -73,6 +74,14 @@ def _machine_fingerprint() -> str:
     return platform.machine() + flags
 
 
+def kernel_sources(source_path: Path) -> bytes:
+    """A kernel's source and every local header it includes (#include "..."), for its build key:
+    an edit to a shared header must rebuild every kernel that includes it."""
+    source = source_path.read_bytes()
+    headers = re.findall(rb'^#include "([^"]+)"', source, flags=re.M)
+    return source + b"".join(kernel_sources(source_path.parent / name.decode()) for name in headers)
+
+
 def build_library(source_path: Path | str, flags: tuple[str, ...], cache_dir: Path, name: str) -> Path:
     """Compile a C source into cache_dir (once per source, flags and CPU); returns the library.
     Raises KernelUnavailable, saying why, when there is no compiler or the source does not compile."""
@@ -80,8 +89,8 @@ def build_library(source_path: Path | str, flags: tuple[str, ...], cache_dir: Pa
     compiler = shutil.which(wanted)
     if compiler is None:
         raise KernelUnavailable(f"no C compiler ({wanted}) found: install gcc")
-    source = Path(source_path).read_bytes()
-    key = hashlib.sha256(source + " ".join(flags).encode() + _machine_fingerprint().encode()).hexdigest()
+    key = hashlib.sha256(kernel_sources(Path(source_path)) + " ".join(flags).encode()
+                         + _machine_fingerprint().encode()).hexdigest()
     library = cache_dir / f"{name}-{key[:16]}.so"
     if library.exists():
         return library
