@@ -10,14 +10,7 @@ import sys
 from collections.abc import Callable, Sequence
 
 from app.conversation import Turn
-from app.options import (
-    add_question_options,
-    check_document_args,
-    index_dir_for,
-    ingest_documents,
-    log,
-    settings_from_args,
-)
+from app.options import add_question_options, engine_and_index, log
 from app.terminal import show_answer
 
 PROMPT = "you> "
@@ -36,17 +29,7 @@ def chat_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str], read: Callable[[str], str] = input) -> int:
     args = chat_parser().parse_args(list(argv))
-    settings = settings_from_args(args)
-    check_document_args(args)
-    index_dir = index_dir_for(args, settings)
-    settings.decoding.validate()
-
-    from app.pipeline import Engine  # torch takes seconds to import: not before the arguments are known good
-
-    engine = Engine(settings, log=log)
-    index = engine.open_index(index_dir)
-    if args.docs:
-        ingest_documents(index, args.docs, progress=True, engine=engine)
+    settings, engine, index = engine_and_index(args)
     history: list[Turn] = []
     while True:
         try:

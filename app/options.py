@@ -139,3 +139,20 @@ def ingest_documents(index: HybridIndex, paths: Sequence[Path], progress: bool, 
             log(f"skipped {result.source}: {result.message}")
     if not any(r.ok for r in results):
         raise CliError("none of the documents could be indexed")
+
+
+def engine_and_index(args: argparse.Namespace) -> tuple[Settings, Engine, HybridIndex]:
+    """What a question asked from the terminal needs, from its parsed options: the settings, an
+    engine and the index, with --docs ingested first (ask and ask chat)."""
+    settings = settings_from_args(args)
+    check_document_args(args)
+    index_dir = index_dir_for(args, settings)
+    settings.decoding.validate()
+
+    from app.pipeline import Engine  # torch takes seconds to import: not before the arguments are known good
+
+    engine = Engine(settings, log=log)
+    index = engine.open_index(index_dir)
+    if args.docs:
+        ingest_documents(index, args.docs, progress=True, engine=engine)
+    return settings, engine, index

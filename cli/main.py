@@ -11,15 +11,7 @@ import sys
 from collections.abc import Sequence
 
 from app.errors import user_message
-from app.options import (
-    add_question_options,
-    check_document_args,
-    index_dir_for,
-    ingest_documents,
-    log,
-    quiet_environment,
-    settings_from_args,
-)
+from app.options import add_question_options, engine_and_index, quiet_environment
 from app.terminal import show_answer
 
 SUBCOMMANDS = {
@@ -54,17 +46,7 @@ def question_parser() -> argparse.ArgumentParser:
 
 def run_question(argv: Sequence[str]) -> int:
     args = question_parser().parse_args(argv)
-    settings = settings_from_args(args)
-    check_document_args(args)
-    index_dir = index_dir_for(args, settings)
-    settings.decoding.validate()
-
-    from app.pipeline import Engine  # torch takes seconds to import: not before the arguments are known good
-
-    engine = Engine(settings, log=log)
-    index = engine.open_index(index_dir)
-    if args.docs:
-        ingest_documents(index, args.docs, progress=True, engine=engine)
+    settings, engine, index = engine_and_index(args)
     show_answer(engine.answer(args.question, index, settings.decoding, compare=args.compare), args.json)
     return 0
 

@@ -50,6 +50,17 @@ KV_SOURCES = ("attention.py", "cache.py", "gguf.py", "native.py", "loaded_model.
               "prefix_cache.py", "quant.py", "rowwise.py", "segments.py", "transformer.py", "kernels/*")
 
 
+def chained_keys(seed: bytes, prefix: list[int], cuts: Sequence[int]) -> list[str]:
+    """A hash of seed + prefix[:cut] for each cut, in one pass over the tokens."""
+    digest = hashlib.sha256(seed)
+    keys, start = [], 0
+    for cut in cuts:
+        digest.update(torch.tensor(prefix[start:cut], dtype=torch.int64).numpy().tobytes())
+        keys.append(digest.copy().hexdigest()[:32])
+        start = cut
+    return keys
+
+
 @functools.cache
 def engine_stamp() -> str:
     """Hash of everything besides the weights that decides KV values: the KV-deciding engine and
@@ -184,25 +195,13 @@ class PrefixCache:
 
     def cut_keys(self, model: Transformer, prefix: list[int], cuts: Sequence[int]) -> list[str]:
         """key(model, prefix[:cut]) for each cut, hashed in one pass."""
-        digest = hashlib.sha256(self.model_key(model).encode())
-        keys, start = [], 0
-        for cut in cuts:
-            digest.update(torch.tensor(prefix[start:cut], dtype=torch.int64).numpy().tobytes())
-            keys.append(digest.copy().hexdigest()[:32])
-            start = cut
-        return keys
+        return chained_keys(self.model_key(model).encode(), prefix, cuts)
 
     @staticmethod
     def content_keys(prefix: list[int], cuts: Sequence[int]) -> list[str]:
         """A hash of prefix[:cut] for each cut, the same for every model: which tokens an entry holds,
         so that forget() finds every model's entries that hold a given run of tokens."""
-        digest = hashlib.sha256(b"tokens")
-        keys, start = [], 0
-        for cut in cuts:
-            digest.update(torch.tensor(prefix[start:cut], dtype=torch.int64).numpy().tobytes())
-            keys.append(digest.copy().hexdigest()[:32])
-            start = cut
-        return keys
+        return chained_keys(b"tokens", prefix, cuts)
 
     def forget(self, prefix: list[int], cut: int) -> int:
         """Delete every stored prefix (of any model) that starts with prefix[:cut], from disk and
