@@ -31,6 +31,7 @@ from app.passage_tokens import passage_token_spans
 from app.progress import Job, cli_bar, run_with_progress
 from app.registry import resolve_model
 from app.speedup import LcReference, measured_speedup
+from decoding.engine_info import engine_description, warn_once
 from decoding.generate import Finished, PassStats, TextDelta, generate
 from decoding.loaded_model import LoadedModel, Prompt
 from decoding.loading import load_model, pick_device, pick_dtype, wants_quantized
@@ -82,6 +83,7 @@ class Engine:
                 dtype = pick_dtype(self.settings.models.dtype, self.device)
                 quantized = wants_quantized(self.settings.models.dtype, self.device)
                 loaded = load_model(spec, directory, dtype, self.device, quantized=quantized)
+                warn_once(engine_description(loaded))  # a slow fallback is said once, on stderr
                 self._models[spec] = loaded
                 # Quantized and dense weights give different KV: cached prefixes must not mix.
                 weights = "" if loaded.weights == "dense" else f":{loaded.weights}"

@@ -18,7 +18,7 @@ from decoding.attention import attention_kernel, native_attention
 from decoding.native import ISA_VARIABLE, kernel_isa
 from decoding.quant import native_quant, quant_kernel
 
-if TYPE_CHECKING:  # decoding.loading calls warn_once when it loads a model
+if TYPE_CHECKING:
     from decoding.loaded_model import LoadedModel
 
 FULL_SPEED_ISAS = {"avx512-vnni", "avx512-bf16", "avx2"}  # vector paths; "portable" runs plain C loops

@@ -13,7 +13,6 @@ from safetensors.torch import load_file
 from torch import nn
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
-from decoding.engine_info import engine_description, warn_once
 from decoding.loaded_model import LoadedModel
 from decoding.quant import QUANT_FORMAT, QuantEmbedding, QuantizedState, QuantLinear, QuantWeight, native_quant
 from decoding.transformer import ModelArgs, Transformer
@@ -293,6 +292,4 @@ def load_model(name: str, directory: Path, dtype: torch.dtype, device: torch.dev
         model, weights = load_quantized(directory, dtype), "quantized"
     else:
         model, weights = load_transformer(directory, dtype, str(device)), "dense"
-    loaded = LoadedModel(name, directory, model, tokenizer, stop_ids_for(directory, tokenizer), weights)
-    warn_once(engine_description(loaded))  # a slow fallback is said once, on stderr, when a model loads
-    return loaded
+    return LoadedModel(name, directory, model, tokenizer, stop_ids_for(directory, tokenizer), weights)

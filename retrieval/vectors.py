@@ -75,6 +75,8 @@ class ChromaVectors:
         )
         best: dict[str, float] = {}
         for metadata, distance in zip(result["metadatas"][0], result["distances"][0], strict=True):
+            if metadata is None:  # a window deleted while the query ran: Chroma returns its id without metadata
+                continue
             chunk_id = str(metadata["chunk_id"])
             best.setdefault(chunk_id, 1.0 - float(distance))  # cosine distance = 1 - similarity
         return list(best.items())[:n]

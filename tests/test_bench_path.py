@@ -63,9 +63,9 @@ def test_every_method_answers_through_the_pipeline_and_rapid_reads_chunk_kv(
     calls: list[DecodingSettings] = []
     real_answer = Engine.answer
 
-    def answer(self, question, index, decoding=None, compare=False, retrieval=None):  # type: ignore[no-untyped-def]
+    def answer(self, question, index, decoding=None, compare=False, retrieval=None, **rest):  # type: ignore[no-untyped-def]
         calls.append(decoding)
-        return real_answer(self, question, index, decoding, compare, retrieval)
+        return real_answer(self, question, index, decoding, compare, retrieval, **rest)
 
     assembled: list[int] = []
     real_assemble = chunk_kv.assemble

@@ -8,8 +8,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from app.config import ModelSettings, Settings
+from app.pipeline import Engine
 from decoding import attention, engine_info, quant
-from decoding.loading import load_model
 from tests.test_quant_linear import quantized
 from tests.tiny import tiny_model
 
@@ -85,9 +86,9 @@ def test_an_unknown_instruction_set_is_refused(fresh_kernels) -> None:
 
 
 @pytest.mark.real_models
-def test_loading_a_model_warns_once_on_stderr(fresh_kernels, capsys, small_model_dir: Path) -> None:
+def test_loading_a_model_warns_once_on_stderr(fresh_kernels, capsys, small_model_dir: Path, tmp_path: Path) -> None:
     fresh_kernels.setenv("CC", "/nonexistent/cc")
-    for _ in range(2):
-        load_model("small", small_model_dir, torch.bfloat16, torch.device("cpu"), quantized=True)
+    for _ in range(2):  # two engines, each loading the model: the warning is said once per process
+        Engine(Settings(home=tmp_path, models=ModelSettings(target=str(small_model_dir)))).model(str(small_model_dir))
     err = capsys.readouterr().err
     assert err.count("rapidqa: Slow engine: every quantized weight is dequantized on every call") == 1, err
