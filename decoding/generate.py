@@ -202,13 +202,16 @@ def generate(
     prompt = rag_prompt if info.target_reads_rag and rag_prompt is not None else long_prompt
     stats = Stats(method=method, context_tokens=len(prompt), engine=engine_description(target))
     room = settings.max_new_tokens + settings.gamma + 2
+    # The model that drafts (None: lookup or no drafting); without a separate drafter, the target.
+    drafting_model = None
+    if info.drafts_with_model:
+        drafting_model = target if info.drafter_is_target else draft_model or target
     # Every reader's window, before any token: a drafter is built only after the first one.
     target.check_fits("The prompt", len(prompt), room)
-    if info.drafts_with_model:
-        reader = target if info.drafter_is_target else draft_model or target
+    if drafting_model is not None:
         read = rag_prompt if info.drafting is Drafting.RAG_MODEL else long_prompt
         assert read is not None
-        reader.check_fits("The drafter's prompt", len(read), room)
+        drafting_model.check_fits("The drafter's prompt", len(read), room)
 
     t0 = time.perf_counter()
     cache, logits, restored = prefill(target.model, prompt, prefix_hooks if info.uses_prefix_cache else None,
@@ -218,9 +221,6 @@ def generate(
     stats.prefill_s = time.perf_counter() - t0
 
     def make_drafter() -> Drafter | None:
-        drafting_model = None
-        if info.drafts_with_model:
-            drafting_model = target if info.drafter_is_target else draft_model or target
         if drafting_model is not None and drafting_model is not target:
             check_same_vocabulary(target, drafting_model)
         prompts = {Drafting.RAG_MODEL: rag_prompt, Drafting.LONG_MODEL: long_prompt}
