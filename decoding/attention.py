@@ -1,7 +1,9 @@
 """Attention of new query tokens over a KV cache: a fused C kernel on the CPU, torch elsewhere.
 
 Both take q [T, H, D] and the cache's valid K/V [H_kv, S, D] (the last T slots being the new
-tokens, causally masked) and return [n, H * D] for the first n queries.
+tokens, causally masked) and return [n, H * D] for the first n queries. A batched pass hands
+over several sessions' rows at once (`Attend` items): each session's K/V may come in segments,
+a read-only document prefix shared by the sessions that read it, then the session's own slots.
 
 The C kernel (kernels/attention.c) is compiled once per machine with the system's C compiler
 and loaded with ctypes (decoding/native.py); without a compiler, on a GPU, or with
@@ -15,21 +17,47 @@ from __future__ import annotations
 
 import ctypes
 import functools
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
 from decoding import rowwise
+from decoding.cache import KV_BLOCK, Segments
 from decoding.native import build_library, kernel_flags, load_kernel
 
 SMALL_T = 32  # up to this many new tokens, the torch path uses the grouped matmul, beyond it SDPA
 KERNEL_SOURCE = Path(__file__).with_name("kernels") / "attention.c"
 KERNEL_HEAD_DIMS = (64, 128, 256)
 
-# attention(q, k, v, n_queries) -> [n_queries, H * D]
-AttentionFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, int], torch.Tensor]
+
+
+@dataclass(frozen=True)
+class Attend:
+    """One session's part of a batched pass: its new query rows over its cache's valid K/V."""
+
+    q: torch.Tensor  # [T, H, D]
+    segments: Segments  # the keys in slot order; the last T slots are the new tokens (causal)
+    n_queries: int  # rows returned: the first n_queries of q (the rest pad a dense model's pass)
+
+
+# attention([Attend, ...]) -> one [n_queries, H * D] per item, in order
+AttentionFn = Callable[[Sequence[Attend]], list[torch.Tensor]]
+
+
+def joined(segments: Segments) -> tuple[torch.Tensor, torch.Tensor]:
+    """The segments' K/V as one [H_kv, S, D] pair (copied when there are several)."""
+    if len(segments) == 1:
+        return segments[0]
+    return torch.cat([k for k, _ in segments], dim=1), torch.cat([v for _, v in segments], dim=1)
+
+
+def torch_attention_all(items: Sequence[Attend]) -> list[torch.Tensor]:
+    """The torch path of a batched pass: each session on its own, over its segments joined (a GPU
+    would run it; on a CPU it is the no-compiler fallback)."""
+    return [torch_attention(item.q, *joined(item.segments), item.n_queries) for item in items]
 
 
 def torch_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, n_queries: int) -> torch.Tensor:
@@ -90,6 +118,12 @@ class NativeAttention:
         isa = library.rq_isa
         isa.restype = ctypes.c_char_p
         self.isa = isa().decode()  # the instruction set the dot products were built for
+        if self.block != KV_BLOCK:
+            raise RuntimeError(f"attention kernel block {self.block} != the cache's segment alignment {KV_BLOCK}")
+
+    def attend_all(self, items: Sequence[Attend]) -> list[torch.Tensor]:
+        """A batched pass's attention, each item bit-identical to the item alone over joined K/V."""
+        return [self(item.q, *joined(item.segments), item.n_queries) for item in items]
 
     def takes(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
         n_kv, _, head_dim = k.shape
@@ -153,5 +187,5 @@ def attention_for(device: torch.device) -> AttentionFn:
     if device.type == "cpu":
         kernel = native_attention()
         if kernel is not None:
-            return kernel
-    return torch_attention
+            return kernel.attend_all
+    return torch_attention_all

@@ -2,6 +2,12 @@
 
 Keys are stored after RoPE, at their true positions, so a cache can be cropped to an accepted
 prefix or compacted to a window without recomputing anything.
+
+A cache may start on a shared base: the read-only K/V of a document prefix that several sessions
+read at once (decoding/prefix_cache.py hands one out per stored prefix). Its first KV_BLOCK-aligned
+slots are read from the base in place; the cache's own storage holds the rest, so sessions share
+one copy of the documents and each owns only its question and answer slots. The alignment lets the
+attention kernel read each shared block once for every session, with the blocks it uses alone.
 """
 
 from __future__ import annotations
@@ -10,9 +16,16 @@ from collections.abc import Sequence
 
 import torch
 
+KV_BLOCK = 512  # keys per attention work item (kernels/attention.c BLOCK); shared bases end on it
+# (K, V) pairs of [n_kv_heads, slots, head_dim], in slot order: a layer's valid keys
+Segments = tuple[tuple[torch.Tensor, torch.Tensor], ...]
+
 
 class KVCache:
-    """Preallocated per-layer K/V of shape [n_kv_heads, capacity, head_dim]; `length` slots valid."""
+    """Preallocated per-layer K/V of shape [n_kv_heads, capacity, head_dim]; `length` slots valid.
+
+    With a base, slots [0, offset) are the base's (never written) and own slot i is slot offset + i.
+    """
 
     def __init__(
         self, n_layers: int, n_kv_heads: int, head_dim: int, capacity: int, dtype: torch.dtype,
@@ -23,31 +36,61 @@ class KVCache:
         # context's cache would cost as much as copying a cached prefix into it.
         self.keys = [torch.empty(shape, dtype=dtype, device=device) for _ in range(n_layers)]
         self.values = [torch.empty(shape, dtype=dtype, device=device) for _ in range(n_layers)]
+        self.base_keys: list[torch.Tensor] = []  # per layer, the shared base's slots [0, offset)
+        self.base_values: list[torch.Tensor] = []
+        self.offset = 0
         self.length = 0
         self.next_position = 0  # RoPE position of the next token written
 
+    @classmethod
+    def on_base(cls, keys: Sequence[torch.Tensor], values: Sequence[torch.Tensor], n: int, capacity: int) -> KVCache:
+        """A cache holding the first n slots of the read-only per-layer K/V `keys`/`values` ([n_kv,
+        >= n, D] each), with room for `capacity` slots in all. The base is read in place up to the
+        last KV_BLOCK boundary; the few slots after it are copied into the cache's own storage."""
+        offset = n - n % KV_BLOCK
+        n_kv, _, head_dim = keys[0].shape
+        cache = cls(len(keys), n_kv, head_dim, max(capacity, n) - offset, keys[0].dtype, keys[0].device)
+        cache.base_keys = [k[:, :offset] for k in keys]
+        cache.base_values = [v[:, :offset] for v in values]
+        cache.offset = offset
+        for layer in range(len(keys)):
+            cache.keys[layer][:, : n - offset] = keys[layer][:, offset:n]
+            cache.values[layer][:, : n - offset] = values[layer][:, offset:n]
+        cache.length = cache.next_position = n
+        return cache
+
     @property
     def capacity(self) -> int:
-        return self.keys[0].shape[1]
+        return self.offset + self.keys[0].shape[1]
+
+    @property
+    def base(self) -> object | None:
+        """What identifies the shared base (sessions on the same one can be batched over it)."""
+        return (self.base_keys[0].data_ptr(), self.offset) if self.base_keys else None
 
     def reserve(self, extra: int) -> None:
         """Make room for `extra` more slots (grows geometrically; decode never reallocates)."""
         needed = self.length + extra
         if needed <= self.capacity:
             return
-        new_capacity = max(needed, int(self.capacity * 1.5) + 64)
+        own, used = self.keys[0].shape[1], self.length - self.offset
+        new_own = max(needed - self.offset, int(own * 1.5) + 64)
         for store in (self.keys, self.values):
             for i, old in enumerate(store):
-                grown = old.new_empty((old.shape[0], new_capacity, old.shape[2]))
-                grown[:, : self.length] = old[:, : self.length]
+                grown = old.new_empty((old.shape[0], new_own, old.shape[2]))
+                grown[:, :used] = old[:, :used]
                 store[i] = grown
 
-    def write(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def write(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> Segments:
         """Store new K/V ([n_kv, T, D]) after the valid slots; return the valid K/V including them."""
-        end = self.length + k.shape[1]
-        self.keys[layer][:, self.length : end] = k
-        self.values[layer][:, self.length : end] = v
-        return self.keys[layer][:, :end], self.values[layer][:, :end]
+        start = self.length - self.offset
+        end = start + k.shape[1]
+        self.keys[layer][:, start:end] = k
+        self.values[layer][:, start:end] = v
+        own = (self.keys[layer][:, :end], self.values[layer][:, :end])
+        if not self.offset:
+            return (own,)
+        return ((self.base_keys[layer], self.base_values[layer]), own)
 
     def advance(self, n_tokens: int) -> None:
         self.length += n_tokens
@@ -58,16 +101,29 @@ class KVCache:
         drop = self.next_position - n_positions
         if drop < 0:
             raise ValueError(f"cannot crop forward: cache at {self.next_position}, asked {n_positions}")
+        if self.length - drop < self.offset:
+            raise ValueError("cannot crop into a cache's shared base")
         self.length -= drop
         self.next_position = n_positions
+
+    def span(self, layer: int, start: int, end: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Slots [start, end) of one layer as K/V views, or copies where they straddle the base."""
+        o = self.offset
+        if start >= o:
+            return self.keys[layer][:, start - o : end - o], self.values[layer][:, start - o : end - o]
+        if end <= o:
+            return self.base_keys[layer][:, start:end], self.base_values[layer][:, start:end]
+        return (torch.cat([self.base_keys[layer][:, start:], self.keys[layer][:, : end - o]], dim=1),
+                torch.cat([self.base_values[layer][:, start:], self.values[layer][:, : end - o]], dim=1))
 
     def slots(self, start: int, end: int) -> dict[str, torch.Tensor]:
         """Slots [start, end) of every layer as "k{layer}" / "v{layer}", copied (safe to keep while the
         cache moves on)."""
         tensors = {}
-        for layer, (keys, values) in enumerate(zip(self.keys, self.values, strict=True)):
-            tensors[f"k{layer}"] = keys[:, start:end].clone()
-            tensors[f"v{layer}"] = values[:, start:end].clone()
+        for layer in range(len(self.keys)):
+            keys, values = self.span(layer, start, end)
+            tensors[f"k{layer}"] = keys.clone()
+            tensors[f"v{layer}"] = values.clone()
         return tensors
 
     def after_commit(self) -> None:
@@ -86,15 +142,19 @@ class KVCache:
         n_kv, _, head_dim = full.keys[0].shape
         kept = sum(end - start for start, end in spans)
         cache = cls(len(full.keys), n_kv, head_dim, kept + spare, full.keys[0].dtype, full.keys[0].device)
-        index = torch.cat([torch.arange(start, end) for start, end in spans]).to(full.keys[0].device)
         for layer in range(len(full.keys)):
-            cache.keys[layer][:, :kept] = full.keys[layer].index_select(1, index)
-            cache.values[layer][:, :kept] = full.values[layer].index_select(1, index)
+            at = 0
+            for start, end in spans:
+                keys, values = full.span(layer, start, end)
+                cache.keys[layer][:, at : at + end - start] = keys
+                cache.values[layer][:, at : at + end - start] = values
+                at += end - start
         cache.length = kept
         cache.next_position = next_position
         return cache
 
     def clone(self) -> KVCache:
+        """A copy of the cache's own slots; a shared base stays shared (it is never written)."""
         copy = object.__new__(type(self))
         copy.__dict__.update(self.__dict__)
         copy.keys = [k.clone() for k in self.keys]
@@ -125,9 +185,11 @@ class StreamingCache(KVCache):
         keep_recent = min(window, max(0, full.length - sinks))
         head = min(sinks, full.length)
         for layer in range(len(full.keys)):
-            for src, dst in ((full.keys, cache.keys), (full.values, cache.values)):
-                dst[layer][:, :head] = src[layer][:, :head]
-                dst[layer][:, head : head + keep_recent] = src[layer][:, full.length - keep_recent : full.length]
+            for part, (begin, end) in enumerate(((0, head), (full.length - keep_recent, full.length))):
+                at = 0 if part == 0 else head
+                keys, values = full.span(layer, begin, end)
+                cache.keys[layer][:, at : at + end - begin] = keys
+                cache.values[layer][:, at : at + end - begin] = values
         cache.length = head + keep_recent
         cache.next_position = full.next_position
         return cache

@@ -190,14 +190,14 @@ def build_drafter(
         return LookupDrafter(target.tokens, settings.lookup_ngram)
     if method.drafting is Drafting.WINDOW:
         cache = StreamingCache.from_prefix(target.cache, settings.magicdec_sinks, settings.magicdec_window, room)
-        session = Session(target.model, cache, target.prompt, target.output)
+        session = Session(target.model, cache, target.prompt, target.output, run=target.run, drafting=True)
     elif method.drafting is Drafting.FOCUS:
         assert target_slots is not None
         # The question's slots too, as the target read it (it attended to every document): re-reading
         # it over the passages alone measured worse answers at eta > 0 (README, Answer quality).
         slots = [*target_slots.slots, (target_slots.question, target.cache.length)]
         cache = KVCache.gather(target.cache, slots, room, target.cache.next_position)
-        session = Session(target.model, cache, target.prompt, target.output)
+        session = Session(target.model, cache, target.prompt, target.output, run=target.run, drafting=True)
     else:
         assert draft_model is not None
         prompt = prompts[method.drafting]

@@ -22,6 +22,7 @@ from decoding.sampling import accept_probability, greedy_choice, probabilities, 
 from decoding.session import Sampler, Session
 from decoding.settings import DecodingSettings
 from decoding.stats import Stats
+from decoding.transformer import Run, run_alone
 
 
 @dataclass(frozen=True)
@@ -186,12 +187,14 @@ def generate(
     prefix_hooks: PrefixCacheHooks | None = None,
     rag_prefix: PrefixCacheHooks | None = None,
     passage_spans: Sequence[tuple[int, int]] | None = None,
+    run: Run = run_alone,
 ) -> Iterator[GenerationEvent]:
     """Run one method; yields text deltas as tokens are accepted, stats per pass, then Finished.
 
     prefix_hooks serve the document prefix of the long prompt; rag_prefix, when given, serves the
     RAG drafter's prompt prefix (its retrieved passages); passage_spans: where the retrieved passages lie in
     the long prompt's prefix, as token ranges (a focus drafter reads those slots of the target's cache).
+    run: who runs every model pass (decoding/scheduler.py batches them with other sessions').
     """
     settings.validate()
     info = method_info(method)
@@ -215,8 +218,8 @@ def generate(
 
     t0 = time.perf_counter()
     cache, logits, restored = prefill(target.model, prompt, prefix_hooks if info.uses_prefix_cache else None,
-                                      len(prompt) + room)
-    session = Session(target.model, cache, prompt.tokens, [])
+                                      len(prompt) + room, run)
+    session = Session(target.model, cache, prompt.tokens, [], run=run)
     stats.prefix_cached_tokens = restored
     stats.prefill_s = time.perf_counter() - t0
 
@@ -270,9 +273,10 @@ def drafter_prefill(
     """How a model drafter reads its prompt: through the given hooks (SD's document prefix from the
     prefix cache, RAPID's retrieved passages from per-chunk KV), otherwise a plain prefill."""
 
-    def run(draft_model: LoadedModel, prompt: Prompt, capacity: int) -> Session:
-        cache, _, _ = prefill(draft_model.model, prompt, hooks, capacity)
+    def read(draft_model: LoadedModel, prompt: Prompt, capacity: int) -> Session:
+        cache, _, _ = prefill(draft_model.model, prompt, hooks, capacity, target_session.run)
         stats.draft_context_tokens = len(prompt)
-        return Session(draft_model.model, cache, prompt.tokens, target_session.output)
+        return Session(draft_model.model, cache, prompt.tokens, target_session.output, run=target_session.run,
+                       drafting=True)
 
-    return run
+    return read

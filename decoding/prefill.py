@@ -13,7 +13,7 @@ import torch
 
 from decoding.cache import KVCache
 from decoding.loaded_model import Prompt
-from decoding.transformer import Transformer
+from decoding.transformer import Run, Transformer
 
 # (model, prompt prefix tokens, capacity) -> a cache of at least that capacity holding exactly that
 # prefix, for the caller's use alone until its next load; or None to prefill the prefix.
@@ -32,7 +32,7 @@ class PrefixCacheHooks:
 
 
 def prefill(
-    model: Transformer, prompt: Prompt, hooks: PrefixCacheHooks | None, capacity: int
+    model: Transformer, prompt: Prompt, hooks: PrefixCacheHooks | None, capacity: int, run: Run | None = None
 ) -> tuple[KVCache, torch.Tensor, int]:
     """Prefix (header, then each document) then suffix (question), always as separate prefills.
 
@@ -45,10 +45,10 @@ def prefill(
     if restored is None and prompt.prefix:
         # Document by document: a prefix extended by an added document then matches one computed
         # from scratch bit for bit (a prefill split elsewhere rounds a few KV rows differently).
-        prefill_parts(model, prompt.prefix, prompt.cuts(), cache)
+        prefill_parts(model, prompt.prefix, prompt.cuts(), cache, run=run)
         if hooks:
             hooks.save(model, prompt.prefix, cache)
-    logits = model.prefill(torch.tensor(prompt.suffix, device=model.device), cache)
+    logits = model.prefill(torch.tensor(prompt.suffix, device=model.device), cache, run=run)
     if restored is None:
         return cache, logits, 0
     assert hooks is not None
@@ -56,7 +56,7 @@ def prefill(
 
 
 def prefill_parts(model: Transformer, prefix: list[int], cuts: Sequence[int], cache: KVCache,
-                  progress: PrefillProgress | None = None) -> None:
+                  progress: PrefillProgress | None = None, run: Run | None = None) -> None:
     """Prefill prefix[cache.length:] one part (between cuts: the header, each document) at a time."""
     first = start = cache.length
     total = len(prefix) - first
@@ -65,5 +65,5 @@ def prefill_parts(model: Transformer, prefix: list[int], cuts: Sequence[int], ca
         if progress is not None:
             def report(done: int, _: int, before: int = start - first) -> None:
                 progress(before + done, total)
-        model.prefill(torch.tensor(prefix[start:end], device=model.device), cache, report)
+        model.prefill(torch.tensor(prefix[start:end], device=model.device), cache, report, run)
         start = end

@@ -6,10 +6,11 @@ what it computes), its dtype and the exact prefix tokens (which already encode t
 content, the document order and the prompt template). Anything that would change the values is
 a different key: nothing stale can be served.
 
-Stored prefixes are never handed out: every load gets its own cache with a copy, so two callers
-(the target and a drafter with the same weights, two sessions) can never crop or overwrite each
-other's cache. Files are evicted least recently used first when the directory grows past its
-size limit.
+A load hands out a cache on the stored prefix's K/V as a read-only shared base (decoding/cache.py):
+sessions reading the same documents share one copy in memory, and each writes only its own slots,
+so no caller can crop or overwrite another's. Files are evicted least recently used first when the
+directory grows past its size limit; an entry dropped from memory lives on in the caches that use it.
+Several sessions' threads call in at once: the in-memory entries are guarded by a lock.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import json
 import os
 import platform
 import tempfile
+import threading
 import time
 import weakref
 from collections import OrderedDict
@@ -35,7 +37,7 @@ from safetensors.torch import load_file, save_file
 from decoding.attention import native_attention
 from decoding.cache import KVCache
 from decoding.prefill import PrefillProgress, PrefixCacheHooks, prefill_parts
-from decoding.transformer import Transformer
+from decoding.transformer import Run, Transformer
 
 ENGINE_DIR = Path(__file__).resolve().parent
 PROBE_TOKENS = 16
@@ -176,7 +178,8 @@ class PrefixCache:
         self.store = KVStore(directory, max_bytes)
         self.model_ids = model_ids if model_ids is not None else {}
         self.in_memory = in_memory
-        self._hot: OrderedDict[str, dict[str, torch.Tensor]] = OrderedDict()
+        self._hot: OrderedDict[str, _Entry] = OrderedDict()
+        self._lock = threading.RLock()  # _hot, as sessions' threads load and save at once
         self._fingerprints: weakref.WeakKeyDictionary[Transformer, str] = weakref.WeakKeyDictionary()
 
     @property
@@ -211,10 +214,12 @@ class PrefixCache:
                 if wanted in json.loads(self.store.metadata(name).get("content", "[]"))]
         for name in gone:
             self.store.delete(name)
-            self._hot.pop(name, None)
+            with self._lock:
+                self._hot.pop(name, None)
         return len(gone)
 
-    def hooks(self, cuts: Sequence[int] = (), progress: PrefillProgress | None = None) -> PrefixCacheHooks:
+    def hooks(self, cuts: Sequence[int] = (), progress: PrefillProgress | None = None,
+              run: Run | None = None) -> PrefixCacheHooks:
         """Loader and saver for generate(). With `cuts` (where the prefix's documents end, see
         Prompt.cuts), a prefix that is not stored is still served when a stored one shares its
         first documents: those are restored and the rest prefilled (reporting progress), document
@@ -232,7 +237,7 @@ class PrefixCache:
             if cache is None:
                 return None
             restored[0] = cache.length
-            return self._extend(model, prefix, cuts, cache, progress)
+            return self._extend(model, prefix, cuts, cache, progress, run)
 
         def save(model: Transformer, prefix: list[int], cache: KVCache) -> None:
             self.save(model, prefix, cache, cuts)
@@ -241,7 +246,9 @@ class PrefixCache:
 
     def contains(self, model: Transformer, prefix: list[int]) -> bool:
         key = self.key(model, prefix)
-        return key in self._hot or self.store.path(key).exists()
+        with self._lock:
+            held = key in self._hot
+        return held or self.store.path(key).exists()
 
     def load(self, model: Transformer, prefix: list[int], capacity: int) -> KVCache | None:
         """A new cache of at least `capacity` slots holding the prefix, or None when it is not stored."""
@@ -269,15 +276,15 @@ class PrefixCache:
         return None if entry is None else self._materialize(model, entry, best[0], capacity)
 
     def extend(self, model: Transformer, prefix: list[int], cuts: Sequence[int], capacity: int,
-               progress: PrefillProgress | None = None) -> KVCache | None:
+               progress: PrefillProgress | None = None, run: Run | None = None) -> KVCache | None:
         """The longest stored document prefix, then the remaining documents prefilled; None when no
         stored prefix shares even the header."""
         cache = self.longest(model, prefix, cuts, capacity)
-        return None if cache is None else self._extend(model, prefix, cuts, cache, progress)
+        return None if cache is None else self._extend(model, prefix, cuts, cache, progress, run)
 
     def _extend(self, model: Transformer, prefix: list[int], cuts: Sequence[int], cache: KVCache,
-                progress: PrefillProgress | None) -> KVCache:
-        prefill_parts(model, prefix, cuts, cache, progress)
+                progress: PrefillProgress | None, run: Run | None) -> KVCache:
+        prefill_parts(model, prefix, cuts, cache, progress, run)
         self.save(model, prefix, cache, cuts)
         return cache
 
@@ -290,7 +297,8 @@ class PrefixCache:
         self._remember(keys[-1], _Entry(tensors, keys))
 
     def _entry(self, key: str, device: torch.device) -> _Entry | None:
-        entry = self._hot.get(key)
+        with self._lock:
+            entry = self._hot.get(key)
         if entry is None:
             tensors = self.store.read(key, device)
             if tensors is None:
@@ -301,26 +309,27 @@ class PrefixCache:
 
     def _known_cuts(self) -> list[tuple[str, list[str]]]:
         """(key, its cut keys) of every stored prefix, in memory first."""
-        known = [(key, entry.cut_keys) for key, entry in reversed(self._hot.items())]
+        with self._lock:
+            hot = list(reversed(self._hot.items()))
+        known = [(key, entry.cut_keys) for key, entry in hot]
         for name in self.store.names():
-            if name not in self._hot:
+            if all(name != key for key, _ in hot):
                 known.append((name, json.loads(self.store.metadata(name).get("cuts", "[]"))))
         return known
 
     @staticmethod
     def _materialize(model: Transformer, entry: _Entry, n: int, capacity: int) -> KVCache:
-        cache = model.new_cache(max(capacity, n))
-        for layer in range(model.args.n_layers):
-            cache.keys[layer][:, :n] = entry.tensors[f"k{layer}"][:, :n]
-            cache.values[layer][:, :n] = entry.tensors[f"v{layer}"][:, :n]
-        cache.length = cache.next_position = n
-        return cache
+        """A cache on the entry's first n slots as its shared base (never copied, never written)."""
+        layers = range(model.args.n_layers)
+        return KVCache.on_base([entry.tensors[f"k{layer}"] for layer in layers],
+                               [entry.tensors[f"v{layer}"] for layer in layers], n, capacity)
 
     def _remember(self, key: str, entry: _Entry) -> None:
-        self._hot[key] = entry
-        self._hot.move_to_end(key)
-        while len(self._hot) > self.in_memory:
-            self._hot.popitem(last=False)
+        with self._lock:
+            self._hot[key] = entry
+            self._hot.move_to_end(key)
+            while len(self._hot) > self.in_memory:
+                self._hot.popitem(last=False)
 
     def bytes_per_1k_tokens(self, model: Transformer) -> int:
         a = model.args

@@ -10,7 +10,7 @@ from torch import nn
 from decoding.cache import KVCache
 from decoding.sampling import argmax, probabilities, sample
 from decoding.settings import DecodingSettings
-from decoding.transformer import Transformer
+from decoding.transformer import Rows, Run, Transformer, run_alone
 
 
 @dataclass
@@ -27,6 +27,8 @@ class Session:
     prompt: list[int]
     output: list[int]  # shared with the other session: the committed answer tokens
     head: nn.Module | None = None  # replaces the model's lm_head (a drafter scoring fewer tokens)
+    run: Run = run_alone  # who runs its passes (a scheduler batching them with other sessions')
+    drafting: bool = False  # a drafter's session
 
     def tokens(self) -> list[int]:
         return self.prompt + self.output
@@ -37,7 +39,7 @@ class Session:
 
     def forward(self, tokens: list[int], all_logits: bool = False) -> torch.Tensor:
         ids = torch.tensor(tokens, dtype=torch.long, device=self.model.device)
-        return self.model.forward(ids, self.cache, all_logits=all_logits, head=self.head)
+        return self.run(self.model, Rows(ids, self.cache, all_logits, self.head, self.drafting))
 
     def step(self) -> torch.Tensor:
         """Feed the pending tokens; the logits after the last one."""

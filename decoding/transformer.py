@@ -20,11 +20,15 @@ The torch ops between the GEMMs must be row-invariant too, at any thread count: 
 through decoding.rowwise (oneDNN) rather than F.linear, and SiLU runs one row per call (swiglu).
 RMSNorm's reduction, RoPE's cos/sin, residual adds and the embedding lookup give a row the same
 bits in any block (tests/test_row_invariance.py checks decode == verify at the 1.5B's widths).
+
+The same property lets one pass serve several sessions (forward_many): their rows go through each
+linear layer together, reading the weights once, and each session attends over its own cache, so
+every session gets the logits it would get alone.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -32,7 +36,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from decoding import rowwise
-from decoding.attention import AttentionFn, attention_for
+from decoding.attention import Attend, AttentionFn, attention_for
 from decoding.cache import KVCache
 from decoding.quant import QuantLinear
 
@@ -165,10 +169,9 @@ class Block(nn.Module):
         self.attn_norm = RMSNorm(args.dim, args.norm_eps)
         self.mlp_norm = RMSNorm(args.dim, args.norm_eps)
 
-    def forward(
-        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: KVCache, layer: int,
-        attention: AttentionFn, n_queries: int,
-    ) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, parts: Sequence[Part], layer: int,
+                attention: AttentionFn) -> torch.Tensor:
+        """x: every part's rows, one after another; each part writes and attends over its own cache."""
         a = self.args
         t = x.shape[0]
         qkv = norm_linear(self.attn_norm, self.qkv, x)
@@ -179,12 +182,40 @@ class Block(nn.Module):
         qk = qk * cos + rotate_half(qk) * sin
         q, k = qk[:, : a.n_heads], qk[:, a.n_heads :]
         v = qkv[:, q_out + kv_out :].view(t, a.n_kv_heads, a.head_dim)
-        keys, values = cache.write(layer, k.transpose(0, 1), v.transpose(0, 1))
-        attended = attention(q, keys, values, n_queries)
-        if n_queries < t:  # padding rows (see the module docstring) copy the last real row
-            attended = torch.cat([attended, attended[-1:].expand(t - n_queries, -1)])
+        items = []
+        for part in parts:
+            rows = slice(part.first, part.first + part.rows)
+            segments = part.cache.write(layer, k[rows].transpose(0, 1), v[rows].transpose(0, 1))
+            items.append(Attend(q[rows], segments, part.n_queries))
+        pieces = []
+        for part, attended in zip(parts, attention(items), strict=True):
+            pieces.append(attended)
+            if part.n_queries < part.rows:  # padding rows (see the module docstring) copy the last real row
+                pieces.append(attended[-1:].expand(part.rows - part.n_queries, -1))
+        attended = pieces[0] if len(pieces) == 1 else torch.cat(pieces)
         x = x + apply_linear(self.o_proj, attended)
         return x + apply_linear(self.down, swiglu(norm_linear(self.mlp_norm, self.gate_up, x)))
+
+
+@dataclass(frozen=True)
+class Rows:
+    """One session's new tokens in a pass: fed at its cache's next positions."""
+
+    tokens: torch.Tensor  # [T] token ids
+    cache: KVCache
+    all_logits: bool = False  # [T, V] logits instead of the last token's [V]
+    head: nn.Module | None = None  # replaces lm_head (a drafter scoring fewer tokens)
+    drafting: bool = False  # a drafter's pass: a scheduler runs them before the target's verify passes
+
+
+@dataclass(frozen=True)
+class Part:
+    """Where one session's rows lie in a pass's activations."""
+
+    first: int
+    rows: int  # rows in the pass (a dense model's one-token step is padded to two)
+    n_queries: int  # real tokens
+    cache: KVCache
 
 
 class Transformer(nn.Module):
@@ -228,44 +259,96 @@ class Transformer(nn.Module):
         all_logits=False returns the logits after the last token as [V]; True returns [T, V].
         The cache advances by len(tokens). head replaces lm_head (a drafter scoring fewer tokens).
         """
-        n = tokens.shape[0]
-        if n == 0:
+        return self.forward_many([Rows(tokens, cache, all_logits, head)])[0]
+
+    @torch.inference_mode()
+    def forward_many(self, batch: Sequence[Rows]) -> list[torch.Tensor]:
+        """One pass over several sessions' rows (each with its own cache); their logits, in order.
+
+        Every linear layer reads its weights once for all rows, and a row's result does not depend on
+        the other rows in the pass (see the module docstring), so each session gets the logits it
+        would get alone. Attention is per session, over that session's cache.
+        """
+        if any(rows.tokens.shape[0] == 0 for rows in batch):
             raise ValueError("forward needs at least one token")
         # Dense models run two rows minimum: see the module docstring (one-row GEMMs round differently).
-        pad = n < self.min_rows
-        rows = tokens.repeat(2) if pad else tokens
-        start = cache.next_position
-        positions = torch.arange(start, start + n, device=self.device)
-        if pad:
-            positions = positions.repeat(2)
-        cache.reserve(rows.shape[0])
-        cos, sin = self._rope(positions)
-        x = self.embed(rows)
+        total = sum(rows.tokens.shape[0] for rows in batch)
+        pad = total < self.min_rows
+        parts, ids, positions, first = [], [], [], 0
+        for rows in batch:
+            n = rows.tokens.shape[0]
+            copies = 2 if pad else 1
+            start = rows.cache.next_position
+            ids.append(rows.tokens.repeat(copies))
+            positions.append(torch.arange(start, start + n, device=self.device).repeat(copies))
+            parts.append(Part(first, n * copies, n, rows.cache))
+            rows.cache.reserve(n * copies)
+            first += n * copies
+        cos, sin = self._rope(torch.cat(positions))
+        x = self.embed(torch.cat(ids))
         attention = attention_for(self.device)
         for i, layer in enumerate(self.layers):
-            x = layer(x, cos, sin, cache, i, attention, n)
-        cache.advance(n)
-        head = head or self.lm_head
-        if all_logits:
-            return norm_linear(self.norm, head, x).float()[:n]
-        # lm_head on min_rows rows for the same reason; row n-1 is the real last token (a padded
-        # decode's second row is the duplicate, which also attends to its own copy).
-        lo = max(n - self.min_rows, 0)
-        return norm_linear(self.norm, head, x[lo : lo + self.min_rows]).float()[n - 1 - lo]
+            x = layer(x, cos, sin, parts, i, attention)
+        for rows in batch:
+            rows.cache.advance(rows.tokens.shape[0])
+        return self._logits(x, batch, parts)
+
+    def _logits(self, x: torch.Tensor, batch: Sequence[Rows], parts: Sequence[Part]) -> list[torch.Tensor]:
+        """Each session's logits: all its real rows, or its last one.
+
+        A row's logits do not depend on the other rows of the output layer's call once it has
+        min_rows rows, so the model's own output layer takes every session's rows in one call, and a
+        session's own head (a drafter's) its rows alone; either call is padded to min_rows rows by
+        repeating its last row.
+        """
+        picked = []
+        for rows, part in zip(batch, parts, strict=True):
+            end = part.first + part.n_queries
+            picked.append(x[part.first : end] if rows.all_logits else x[end - 1 : end])
+        out: list[torch.Tensor] = [torch.empty(0)] * len(batch)
+        shared = [i for i, rows in enumerate(batch) if rows.head is None]
+        if shared:
+            logits = self._head(self.lm_head, torch.cat([picked[i] for i in shared]))
+            at = 0
+            for i in shared:
+                out[i] = logits[at : at + picked[i].shape[0]]
+                at += picked[i].shape[0]
+        for i, rows in enumerate(batch):
+            if rows.head is not None:
+                out[i] = self._head(rows.head, picked[i])
+        return [logits if rows.all_logits else logits[0] for rows, logits in zip(batch, out, strict=True)]
+
+    def _head(self, head: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        n = x.shape[0]
+        if n < self.min_rows:
+            x = torch.cat([x, x[-1:].expand(self.min_rows - n, -1)])
+        return norm_linear(self.norm, head, x).float()[:n]
 
     @torch.inference_mode()
     def prefill(
-        self, tokens: torch.Tensor, cache: KVCache, progress: Callable[[int, int], None] | None = None
+        self, tokens: torch.Tensor, cache: KVCache, progress: Callable[[int, int], None] | None = None,
+        run: Run | None = None,
     ) -> torch.Tensor:
         """Feed a prompt in fixed-size chunks; returns the logits after its last token.
 
-        progress, when given, is called with (tokens done, tokens total) after each chunk.
+        progress, when given, is called with (tokens done, tokens total) after each chunk. run: who
+        runs each chunk's pass (a scheduler batching it with other sessions' rows); default, at once.
         """
+        run = run or run_alone
         cache.reserve(tokens.shape[0] + 1)
         logits = None
         for begin in range(0, tokens.shape[0], PREFILL_CHUNK):
-            logits = self.forward(tokens[begin : begin + PREFILL_CHUNK], cache)
+            logits = run(self, Rows(tokens[begin : begin + PREFILL_CHUNK], cache))
             if progress is not None:
                 progress(min(begin + PREFILL_CHUNK, tokens.shape[0]), tokens.shape[0])
         assert logits is not None
         return logits
+
+
+# (model, one session's rows) -> their logits: a pass run at once, or one a scheduler batches with
+# other sessions' rows (decoding/scheduler.py); either way the same logits.
+Run = Callable[[Transformer, Rows], torch.Tensor]
+
+
+def run_alone(model: Transformer, rows: Rows) -> torch.Tensor:
+    return model.forward_many([rows])[0]

@@ -11,7 +11,7 @@ from transformers import Qwen2Config, Qwen2ForCausalLM
 import decoding.attention
 import decoding.generate
 import decoding.transformer
-from decoding.attention import torch_attention
+from decoding.attention import torch_attention_all
 from decoding.cache import KVCache
 from decoding.drafters import lookup_continuation, vocabulary_head
 from decoding.generate import Finished, PassStats, generate, passage_slots, run_to_end
@@ -82,7 +82,7 @@ def assert_drafted_and_sometimes_wrong(out: Finished, label: object) -> None:
 def attention(request, monkeypatch) -> str:
     """Run the exactness suite on the C attention kernel and on the torch path."""
     if request.param == "torch":
-        monkeypatch.setattr(decoding.transformer, "attention_for", lambda device: torch_attention)
+        monkeypatch.setattr(decoding.transformer, "attention_for", lambda device: torch_attention_all)
     elif decoding.attention.native_attention() is None:
         pytest.fail("the C attention kernel did not build on this machine")
     return request.param
@@ -187,9 +187,9 @@ def test_first_token_before_the_drafter_reads(pair_fp32, method: str, monkeypatc
     target, drafter = pair_fp32
     drafter_model = target.model if method in ("magicdec", "rapid-focus") else drafter.model
     calls: list[int] = []
-    real_forward = drafter_model.forward
-    monkeypatch.setattr(drafter_model, "forward", lambda tokens, *a, **k: calls.append(len(tokens)) or
-                        real_forward(tokens, *a, **k))
+    real_forward = drafter_model.forward_many
+    monkeypatch.setattr(drafter_model, "forward_many", lambda batch: calls.extend(len(r.tokens) for r in batch) or
+                        real_forward(batch))
     prompt, rag = random_prompt(300, seed=4), random_prompt(60, seed=4)
     settings = DecodingSettings(method=method, max_new_tokens=20)
     events = generate(method, target, drafter, prompt, rag, settings, passage_spans=passage_spans_of(prompt))

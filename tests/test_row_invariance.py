@@ -20,7 +20,7 @@ from transformers import Qwen2Config, Qwen2ForCausalLM
 
 from decoding import loading, quant
 from decoding import transformer as transformer_module
-from decoding.attention import native_attention, torch_attention
+from decoding.attention import native_attention, torch_attention_all
 from decoding.loading import quantize_transformer, transformer_from_hf_model
 from decoding.transformer import Transformer
 
@@ -106,7 +106,7 @@ def decode_vs_verify(model: Transformer, threads: int, sizes: Sequence[int] = ra
 def test_verify_rows_equal_decode_steps(fp32_model: Transformer, engine: str, threads: int, attention: str,
                                         restore_threads: None, monkeypatch: pytest.MonkeyPatch) -> None:
     if attention == "torch":  # the path without a C compiler (and on GPUs)
-        monkeypatch.setattr(transformer_module, "attention_for", lambda device: torch_attention)
+        monkeypatch.setattr(transformer_module, "attention_for", lambda device: torch_attention_all)
     else:
         assert native_attention() is not None
     kind, dtype = engine.split("-")
