@@ -29,7 +29,7 @@ from decoding.loaded_model import Prompt
 from decoding.prefill import PrefixCacheHooks
 from decoding.prefix_cache import KVStore
 from decoding.segments import PieceKV, assemble, encode_piece
-from decoding.transformer import Transformer
+from decoding.transformer import Run, Transformer
 
 CHUNK_KV_DIR = "chunk_kv"
 OWNER_FILE = "owner.txt"  # in each store's folder: which drafter (name, weights, dtype) it holds
@@ -92,13 +92,15 @@ class ChunkKV:
             self.store.delete(name)
         return len(stale)
 
-    def build(self, passages: Sequence[Passage], progress: BuildProgress | None = None) -> float:
-        """Encode and store the passages that have no KV yet; returns the seconds spent encoding."""
+    def build(self, passages: Sequence[Passage], progress: BuildProgress | None = None,
+              run: Run | None = None) -> float:
+        """Encode and store the passages that have no KV yet; returns the seconds spent encoding.
+        run: who runs the passes (the engine's scheduler)."""
         todo = self.missing(passages)
         total, done, spent = sum(len(p.tokens) for p in todo), 0, 0.0
         for passage in todo:
             start = time.perf_counter()
-            piece = encode_piece(self.model, passage.tokens, after=self.header)
+            piece = encode_piece(self.model, passage.tokens, after=self.header, run=run)
             spent += time.perf_counter() - start
             self._write(passage, piece)
             done += len(passage.tokens)
@@ -106,18 +108,18 @@ class ChunkKV:
                 progress(done, total)
         return spent
 
-    def piece(self, passage: Passage) -> PieceKV:
+    def piece(self, passage: Passage, run: Run | None = None) -> PieceKV:
         stored = self.store.read(self.name(passage), self.model.device)
         if stored is not None:
             return stored
         # Not built at ingest (an older index, or another drafter): encoded now.
-        piece = encode_piece(self.model, passage.tokens, after=self.header)
+        piece = encode_piece(self.model, passage.tokens, after=self.header, run=run)
         self._write(passage, piece)
         return piece
 
-    def header_kv(self) -> PieceKV:
+    def header_kv(self, run: Run | None = None) -> PieceKV:
         if self._header_kv is None:
-            self._header_kv = encode_piece(self.model, self.header)
+            self._header_kv = encode_piece(self.model, self.header, run=run)
         return self._header_kv
 
     @staticmethod
@@ -128,8 +130,9 @@ class ChunkKV:
             raise ValueError(f"{len(chunk_ids)} chunk ids for {len(pieces)} passages")
         return [Passage(chunk_id, tokens) for chunk_id, tokens in zip(chunk_ids, pieces, strict=True)]
 
-    def hooks(self, prompt: Prompt, chunk_ids: Sequence[str]) -> PrefixCacheHooks:
-        """Serves exactly this prompt's prefix (header + one passage per chunk id) to this drafter."""
+    def hooks(self, prompt: Prompt, chunk_ids: Sequence[str], run: Run | None = None) -> PrefixCacheHooks:
+        """Serves exactly this prompt's prefix (header + one passage per chunk id) to this drafter;
+        run: who runs the passes of a passage encoded now."""
         if prompt.header != self.header:
             raise ValueError("the prompt's header is not the one this store's passages are read after")
         passages = self.prompt_passages(prompt, chunk_ids)
@@ -137,7 +140,7 @@ class ChunkKV:
         def load(model: Transformer, prefix: list[int], capacity: int) -> KVCache | None:
             if model is not self.model or prefix != prompt.prefix:
                 return None
-            return assemble(model, [self.header_kv(), *map(self.piece, passages)], capacity)
+            return assemble(model, [self.header_kv(run), *(self.piece(p, run) for p in passages)], capacity)
 
         return PrefixCacheHooks(load=load, save=lambda model, prefix, cache: None)
 

@@ -47,7 +47,6 @@ class ServerSettings:
     host: str = "127.0.0.1"  # listening wider needs an explicit --host
     port: int = 7860
     auth: tuple[str, str] | None = None  # (user, password)
-    concurrency: int = 1  # answers computed at once; the rest wait in Gradio's queue
     api: bool = True  # the OpenAI-compatible /v1 routes (app.api) on the same process
     api_key: str | None = None  # Bearer token the /v1 routes require; needed beyond loopback
 
@@ -69,6 +68,9 @@ class Settings:
     # Disk for each drafter's per-chunk KV of an index; past it the least recently read chunks go
     # (and are encoded again when a question retrieves them).
     chunk_kv_gb: float = 8.0
+    # Questions decoded at once, their passes batched by the scheduler; more wait for a place. The
+    # web server's concurrency limit follows it.
+    max_sessions: int = 8
 
     @property
     def default_index_dir(self) -> Path:

@@ -5,32 +5,27 @@ from __future__ import annotations
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 from tqdm import tqdm
 
 from app.events import Preparing
 
-# (tokens done, tokens total)
-TokenProgress = Callable[[int, int], None]
-
 
 @dataclass
 class Job:
-    """One computation over `total` tokens; updated from the thread that computes it."""
+    """One computation over `total` tokens; updated from the thread that computes it, read by the
+    requests that wait for it."""
 
     what: str
     total: int
     done: int = 0
     started: float = field(default_factory=time.perf_counter)
-    bar: tqdm | None = None
+    finished: threading.Event = field(default_factory=threading.Event)
 
-    def update(self, done: int, total: int) -> None:
+    def update(self, done: int, total: int) -> Preparing:
         self.done, self.total = done, total
-        if self.bar is not None:
-            self.bar.total = total
-            self.bar.update(done - self.bar.n)
+        return self.event()
 
     def event(self) -> Preparing:
         elapsed = time.perf_counter() - self.started
@@ -38,39 +33,10 @@ class Job:
         eta = (self.total - self.done) / rate if rate else None
         return Preparing(self.what, self.done, self.total, rate, eta)
 
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
-
 
 def cli_bar(what: str, total: int) -> tqdm:
     """tqdm on stderr in tokens: done/total, tokens/s and the remaining time."""
     return tqdm(total=total, desc=what, unit="tok", unit_scale=True, file=sys.stderr, dynamic_ncols=True)
-
-
-def run_with_progress(
-    work: Callable[[], object], job: Callable[[], Job | None], poll_s: float = 0.5
-) -> Iterator[Preparing]:
-    """Run `work` in a thread, yielding the current job's progress until it ends; re-raises its error."""
-    failure: list[BaseException] = []
-
-    def target() -> None:
-        try:
-            work()
-        except BaseException as error:  # handed to the waiting generator, which raises it
-            failure.append(error)
-
-    worker = threading.Thread(target=target, name="rapidqa-work", daemon=True)
-    worker.start()
-    while True:
-        worker.join(poll_s)
-        current = job()
-        if not worker.is_alive():
-            break
-        if current is not None:
-            yield current.event()
-    if failure:
-        raise failure[0]
 
 
 def describe(event: Preparing) -> str:

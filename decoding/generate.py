@@ -22,7 +22,7 @@ from decoding.sampling import accept_probability, greedy_choice, probabilities, 
 from decoding.session import Sampler, Session
 from decoding.settings import DecodingSettings
 from decoding.stats import Stats
-from decoding.transformer import Run, run_alone
+from decoding.transformer import Run, Transformer, run_alone
 
 
 @dataclass(frozen=True)
@@ -43,6 +43,8 @@ class Finished:
 
 
 GenerationEvent = TextDelta | PassStats | Finished
+# (target, the model whose passes drafting costs or None, longest draft, acceptance) -> draft length
+DraftPlanner = Callable[[Transformer, Transformer | None, int, float], int]
 
 
 # ------------------------------------------------------------------------------ the steps
@@ -118,9 +120,14 @@ class Detokenizer:
 # ------------------------------------------------------------------------------- the loop
 
 
+# (longest draft, acceptance so far) -> the draft length to use now (a scheduler's choice at batch > 1)
+DraftLength = Callable[[int, float], int]
+
+
 def emit_tokens(
     target: Session, make_drafter: Callable[[], Drafter | None], first_logits: torch.Tensor, sampler: Sampler,
     eta: float, stop_ids: frozenset[int], stats: Stats, detokenizer: Detokenizer,
+    draft_length: DraftLength | None = None,
 ) -> Iterator[GenerationEvent]:
     """Emit tokens until a stop token or max_new_tokens; speculative when make_drafter gives a drafter.
 
@@ -160,6 +167,9 @@ def emit_tokens(
             stats.prefill_s += spent
             start += spent
         k = min(settings.gamma, settings.max_new_tokens - len(output) - 1)  # the target adds one more
+        if drafter is not None and k >= 1 and draft_length is not None:
+            k = draft_length(k, (stats.accepted + 1) / (stats.drafted + 2))
+            stats.draft_lengths.append(k)
         draft = drafter.propose(k, sampler) if drafter is not None and k >= 1 else Draft()
         if not draft.tokens:  # no drafter, no room, or lookup found nothing: a plain target step
             proposed = [sampler.choose(target.step())]
@@ -188,6 +198,7 @@ def generate(
     rag_prefix: PrefixCacheHooks | None = None,
     passage_spans: Sequence[tuple[int, int]] | None = None,
     run: Run = run_alone,
+    plan: DraftPlanner | None = None,
 ) -> Iterator[GenerationEvent]:
     """Run one method; yields text deltas as tokens are accepted, stats per pass, then Finished.
 
@@ -195,6 +206,7 @@ def generate(
     RAG drafter's prompt prefix (its retrieved passages); passage_spans: where the retrieved passages lie in
     the long prompt's prefix, as token ranges (a focus drafter reads those slots of the target's cache).
     run: who runs every model pass (decoding/scheduler.py batches them with other sessions').
+    plan: chooses each draft's length (decoding/scheduler.py Ticket.draft_length); default, gamma.
     """
     settings.validate()
     info = method_info(method)
@@ -241,8 +253,19 @@ def generate(
                              target.stop_ids)
 
     eta = settings.eta if info.eta_applies else 0.0
+    draft_length = None
+    if plan is not None:
+        # The model whose passes a draft costs: the drafting model, the target drafting for itself
+        # (a window or its own passages), none for lookup.
+        drafts_on = drafting_model.model if drafting_model is not None else None
+        if info.drafting in (Drafting.WINDOW, Drafting.FOCUS):
+            drafts_on = target.model
+
+        def draft_length(longest: int, acceptance: float) -> int:
+            return plan(target.model, drafts_on, longest, acceptance)
+
     yield from emit_tokens(session, make_drafter, logits, Sampler.seeded(settings), eta, target.stop_ids, stats,
-                      Detokenizer(target))
+                           Detokenizer(target), draft_length)
     yield Finished(target.decode(session.output), list(session.output), stats)
 
 

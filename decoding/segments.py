@@ -18,7 +18,7 @@ from collections.abc import Sequence
 import torch
 
 from decoding.cache import KVCache
-from decoding.transformer import Transformer, rotate_half
+from decoding.transformer import Run, Transformer, rotate_half
 
 # "k{layer}" / "v{layer}" -> [n_kv_heads, tokens, head_dim]; "start" -> [1], the position of the
 # piece's first token when it was encoded (its keys carry that rotation).
@@ -30,11 +30,13 @@ def piece_length(piece: PieceKV) -> int:
 
 
 @torch.inference_mode()
-def encode_piece(model: Transformer, tokens: Sequence[int], after: Sequence[int] = ()) -> PieceKV:
-    """The piece's KV read after the tokens `after` (from position 0); only the piece's slots are kept."""
+def encode_piece(model: Transformer, tokens: Sequence[int], after: Sequence[int] = (),
+                 run: Run | None = None) -> PieceKV:
+    """The piece's KV read after the tokens `after` (from position 0); only the piece's slots are kept.
+    run: who runs the passes (a scheduler)."""
     context = [*after, *tokens]
     cache = model.new_cache(len(context) + 1)
-    model.prefill(torch.tensor(context, device=model.device), cache)
+    model.prefill(torch.tensor(context, device=model.device), cache, run=run)
     piece = cache.slots(len(after), len(context))
     piece["start"] = torch.tensor([len(after)])
     return piece

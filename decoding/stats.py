@@ -32,6 +32,8 @@ class Stats:
     second_token_s: float = 0.0  # the wait from the first answer token to the second, the drafter's read included
     accepted_lengths: list[int] = field(default_factory=list)  # tokens produced per target pass
     token_times: list[float] = field(default_factory=list)  # decode seconds at each emitted token
+    # The draft length chosen before each verify when a scheduler plans it (batch > 1: shorter drafts).
+    draft_lengths: list[int] = field(default_factory=list)
     finish_reason: str = ""  # "eos" | "length"
     # What ran: decoding.engine_info.engine_description of the target (engine, kernels, threads, warning).
     engine: dict[str, str] = field(default_factory=dict)

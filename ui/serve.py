@@ -38,10 +38,11 @@ LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
 def launch(demo: gr.Blocks, settings: Settings, *, prevent_thread_lock: bool = False,
            routes: Sequence[BaseRoute] = ()) -> tuple[Any, str, str]:
-    """Queue (answers wait their turn) and serve on settings.server; never through a share link.
+    """Queue and serve on settings.server; never through a share link. As many requests of one kind
+    run at once as the scheduler decodes together (settings.max_sessions); the rest wait in the queue.
     `routes` (the /v1 API) are served by the same app, ahead of Gradio's own."""
     server = settings.server
-    return demo.queue(default_concurrency_limit=server.concurrency).launch(
+    return demo.queue(default_concurrency_limit=settings.max_sessions).launch(
         app_kwargs={"routes": list(routes)},
         server_name=server.host, server_port=server.port, auth=server.auth, share=False,
         max_file_size=settings.limits.max_upload_bytes, prevent_thread_lock=prevent_thread_lock,
@@ -74,9 +75,9 @@ def serve_parser() -> argparse.ArgumentParser:
                         "required when --host is not loopback)")
     parser.add_argument("--no-api", action="store_true",
                         help="do not serve the OpenAI-compatible /v1/models and /v1/chat/completions")
-    parser.add_argument("--concurrency", type=int,
-                        help="requests of one kind served at once (default 1; the engine still "
-                        "generates one answer at a time, the others wait in the queue)")
+    parser.add_argument("--max-sessions", type=int, metavar="N",
+                        help="questions answered at once, their model passes batched (default 8); "
+                        "more wait in the queue")
     add_model_options(parser)
     add_decoding_options(parser)
     return parser
@@ -91,14 +92,15 @@ def settings_for_serve(args: argparse.Namespace) -> Settings:
         host=args.host or server.host,
         port=args.port or server.port,
         auth=parse_auth(auth_text) if auth_text else None,
-        concurrency=args.concurrency or server.concurrency,
         api=not args.no_api,
         api_key=args.api_key if args.api_key is not None else os.environ.get("RAPIDQA_API_KEY") or None,
     )
     if server.api and server.api_key is None and server.host not in LOOPBACK:
         raise ValueError(f"--host {server.host} would serve the /v1 API to the network without a key: "
                          "set --api-key (or $RAPIDQA_API_KEY), or --no-api")
-    return replace(settings, server=server)
+    if args.max_sessions is not None and args.max_sessions < 1:
+        raise ValueError("--max-sessions must be at least 1")
+    return replace(settings, server=server, max_sessions=args.max_sessions or settings.max_sessions)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

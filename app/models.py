@@ -1,0 +1,72 @@
+"""The models and the embedder: loaded once, shared by every question, every pass run by one scheduler."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from pathlib import Path
+
+from app.config import Settings
+from app.registry import resolve_model
+from decoding.engine_info import engine_description, warn_once
+from decoding.loaded_model import LoadedModel
+from decoding.loading import load_model, pick_device, pick_dtype, wants_quantized
+from decoding.methods import method_info
+from decoding.scheduler import Scheduler
+from retrieval.embedding import Embedder
+
+
+class Models:
+    """The model pool. Every model pass of every question, ingest and upload goes through
+    `scheduler` (decoding/scheduler.py), which batches them; nothing else runs a model."""
+
+    def __init__(self, settings: Settings, log: Callable[[str], None] = print) -> None:
+        self.settings = settings
+        self.log = log
+        self.device = pick_device(settings.models.device)
+        self.scheduler = Scheduler(settings.max_sessions)
+        self._models: dict[str, LoadedModel] = {}
+        self._model_ids: dict[int, str] = {}  # id(Transformer) -> its weights' identity (prefix cache keys)
+        self._embedder: Embedder | None = None
+        self._load_lock = threading.RLock()  # re-entrant: open_index loads the embedder under it
+
+    def model(self, spec: str) -> LoadedModel:
+        with self._load_lock:
+            if spec not in self._models:
+                directory = resolve_model(spec, self.settings.models_dir, self.log)
+                dtype = pick_dtype(self.settings.models.dtype, self.device)
+                quantized = wants_quantized(self.settings.models.dtype, self.device)
+                loaded = load_model(spec, directory, dtype, self.device, quantized=quantized)
+                warn_once(engine_description(loaded))  # a slow fallback is said once, on stderr
+                self._models[spec] = loaded
+                # Quantized and dense weights give different KV: cached prefixes must not mix.
+                weights = "" if loaded.weights == "dense" else f":{loaded.weights}"
+                self._model_ids[id(loaded.model)] = f"{directory.resolve()}:{_weights_stamp(directory)}{weights}"
+            return self._models[spec]
+
+    @property
+    def target(self) -> LoadedModel:
+        return self.model(self.settings.models.target)
+
+    @property
+    def draft_model(self) -> LoadedModel:
+        return self.model(self.settings.models.drafter)
+
+    @property
+    def embedder(self) -> Embedder:
+        with self._load_lock:
+            if self._embedder is None:
+                self._embedder = Embedder()
+            return self._embedder
+
+    def drafter_spec(self, method: str) -> str:
+        """The model that drafts for `method` on the retrieved passages (the target drafts for itself in rapid-self)."""
+        return self.settings.models.target if method_info(method).drafter_is_target else self.settings.models.drafter
+
+
+def _weights_stamp(directory: Path) -> str:
+    marker = directory / "rapidqa-model.json"
+    if marker.exists():
+        return marker.read_text()
+    files = sorted(directory.glob("*.safetensors"))
+    return ";".join(f"{f.name}:{f.stat().st_size}:{int(f.stat().st_mtime)}" for f in files)

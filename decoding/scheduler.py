@@ -1,0 +1,226 @@
+"""Many sessions, one pass at a time: every session's model passes run in shared batches.
+
+Each question decodes in a thread of its own, written as if it were alone (decoding/generate.py);
+its passes go through its Ticket, which hands them to the scheduler and waits. The scheduler's
+thread runs a pass once every active session waits on one (or after a short patience, so that a
+session busy elsewhere holds no one up), over the rows of every waiting session at once
+(Transformer.forward_many). A row's logits do not depend on the other rows of its pass, so each
+session gets exactly the tokens it would get alone, whatever the batch.
+
+Drafting passes run first: while a RAPID session drafts, the sessions waiting with a target pass
+(an LC step, a verify block, a prefill chunk) wait for it, and the next target pass then takes every
+session's rows together - the weights are read once for all of them. Long work (a document's
+prefill) comes in chunks of rows, so another session's stream waits at most about one chunk.
+
+A session stopped by its user (Ticket.cancel) leaves at its next pass: the pass it waits on is
+dropped and Cancelled is raised in its thread, so nothing keeps running for it.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import torch
+
+from decoding.pass_costs import PassCosts, best_draft_length
+from decoding.transformer import Rows, Transformer
+
+
+class Cancelled(Exception):
+    """The session was stopped: raised in its thread at its next pass."""
+
+
+@dataclass
+class _Request:
+    ticket: Ticket
+    model: Transformer
+    rows: Rows
+    arrived: float = field(default_factory=time.perf_counter)
+    done: threading.Event = field(default_factory=threading.Event)
+    result: torch.Tensor | None = None
+    error: BaseException | None = None
+
+
+class Ticket:
+    """One session's place at the scheduler: its passes (`run`, a decoding.transformer.Run), its
+    draft lengths, and its cancellation."""
+
+    def __init__(self, scheduler: Scheduler, name: str) -> None:
+        self.scheduler = scheduler
+        self.name = name
+        self.cancelled = threading.Event()
+        self.elsewhere = False  # waiting on something other than a pass (see idle)
+        self.drafts = False  # it has planned a draft (a session that drafts, not plain decoding)
+
+    def run(self, model: Transformer, rows: Rows) -> torch.Tensor:
+        return self.scheduler.submit(self, model, rows)
+
+    @contextmanager
+    def idle(self) -> Iterator[None]:
+        """While the session waits on something other than a pass (another request reading the
+        documents it needs), no pass waits for it."""
+        self.elsewhere = True
+        self.scheduler.wake()
+        try:
+            yield
+        finally:
+            self.elsewhere = False
+
+    def cancel(self) -> None:
+        self.cancelled.set()
+        self.scheduler.wake()
+
+    def draft_length(self, model: Transformer, drafter: Transformer | None, longest: int, acceptance: float) -> int:
+        """How many tokens to draft before the next verify (0: a plain step), from the measured cost
+        of passes at the current batch and this session's acceptance so far. At eta = 0 every choice
+        gives the same tokens: this only decides how fast they come."""
+        self.drafts = True
+        return best_draft_length(self.scheduler.costs, model, drafter, longest, acceptance, self.scheduler.others(self))
+
+
+@dataclass(frozen=True)
+class Others:
+    """What the other active sessions add to a pass, as this session plans its draft."""
+
+    sessions: int
+    drafting: int  # of them, sessions that draft (they share the drafting passes)
+
+
+class Scheduler:
+    def __init__(self, max_sessions: int = 8, patience_s: float = 0.02) -> None:
+        """max_sessions: sessions decoding at once (a pass's batch); more wait at join().
+        patience_s: how long a waiting pass waits for sessions busy between passes."""
+        self.max_sessions = max_sessions
+        self.patience_s = patience_s
+        self.costs = PassCosts()
+        self._slots = threading.Semaphore(max_sessions)
+        self._lock = threading.Condition()
+        self._active: set[Ticket] = set()
+        self._pending: list[_Request] = []
+        self._worker: threading.Thread | None = None
+        self.passes = 0  # passes run (tests and benchmarks read it)
+        self.largest_batch = 0  # the most sessions one pass has served
+
+    # ------------------------------------------------------------------ sessions
+
+    @contextmanager
+    def session(self, name: str = "", timeout: float | None = None) -> Iterator[Ticket | None]:
+        """A ticket for the duration of the block; None when no place freed up within `timeout`
+        (the caller shows that it waits and asks again)."""
+        if not self._slots.acquire(timeout=timeout):
+            yield None
+            return
+        ticket = Ticket(self, name)
+        with self._lock:
+            self._active.add(ticket)
+            self._start_worker()
+        try:
+            yield ticket
+        finally:
+            with self._lock:
+                self._active.discard(ticket)
+                self._pending = [r for r in self._pending if r.ticket is not ticket]
+                self._lock.notify_all()
+            self._slots.release()
+
+    def active_sessions(self) -> int:
+        with self._lock:
+            return len(self._active)
+
+    def others(self, ticket: Ticket) -> Others:
+        with self._lock:
+            others = [t for t in self._active if t is not ticket and not t.elsewhere]
+        return Others(len(others), sum(1 for t in others if t.drafts))
+
+    def wake(self) -> None:
+        with self._lock:
+            self._lock.notify_all()
+
+    # ------------------------------------------------------------------ passes
+
+    def submit(self, ticket: Ticket, model: Transformer, rows: Rows) -> torch.Tensor:
+        """Queue a pass of the ticket's session and wait for its logits (called in its thread)."""
+        if ticket.cancelled.is_set():
+            raise Cancelled
+        request = _Request(ticket, model, rows)
+        with self._lock:
+            if ticket not in self._active:
+                raise RuntimeError("a pass from a session that has left the scheduler")
+            self._pending.append(request)
+            self._lock.notify_all()
+        while not request.done.wait(0.1):
+            if ticket.cancelled.is_set():
+                with self._lock:
+                    if request in self._pending:  # not started: dropped; else it finishes first
+                        self._pending.remove(request)
+                        raise Cancelled
+        if request.error is not None:
+            raise request.error
+        assert request.result is not None
+        return request.result
+
+    def _start_worker(self) -> None:
+        if self._worker is None or not self._worker.is_alive():
+            self._worker = threading.Thread(target=self._serve, name="rapidqa-scheduler", daemon=True)
+            self._worker.start()
+
+    def _serve(self) -> None:
+        while True:
+            with self._lock:
+                batch = self._next_batch()
+                if batch is None:
+                    return  # no session left: the thread ends (a new session starts another)
+            self._run(batch)
+
+    def _next_batch(self) -> list[_Request] | None:
+        """Wait (holding the lock) until a pass should run; the requests it serves, removed from the
+        queue. None when no session is active."""
+        while True:
+            if not self._active and not self._pending:
+                self._worker = None
+                return None
+            self._pending = [r for r in self._pending if not r.ticket.cancelled.is_set() or r.done.is_set()]
+            waiting = {r.ticket for r in self._pending}
+            if self._pending:
+                oldest = min(r.arrived for r in self._pending)
+                everyone = all(t in waiting or t.elsewhere or t.cancelled.is_set() for t in self._active)
+                if everyone or time.perf_counter() - oldest >= self.patience_s:
+                    return self._take()
+                self._lock.wait(self.patience_s - (time.perf_counter() - oldest))
+            else:
+                self._lock.wait(1.0)
+
+    def _take(self) -> list[_Request]:
+        """Drafting passes first; then the model with the most waiting rows, all of its requests."""
+        drafting = [r for r in self._pending if r.rows.drafting]
+        candidates = drafting or self._pending
+        by_model: dict[int, list[_Request]] = {}
+        for request in candidates:
+            by_model.setdefault(id(request.model), []).append(request)
+        batch = max(by_model.values(), key=lambda group: (len(group), -min(r.arrived for r in group)))
+        taken = set(map(id, batch))
+        self._pending = [r for r in self._pending if id(r) not in taken]
+        return batch
+
+    def _run(self, batch: list[_Request]) -> None:
+        model = batch[0].model
+        started = time.perf_counter()
+        try:
+            with torch.inference_mode():
+                results = model.forward_many([r.rows for r in batch])
+        except BaseException as error:  # handed to every session of the pass, in its own thread
+            for request in batch:
+                request.error = error
+                request.done.set()
+            return
+        rows = sum(r.rows.tokens.shape[0] for r in batch)
+        self.costs.record(model, rows, time.perf_counter() - started)
+        self.passes += 1
+        self.largest_batch = max(self.largest_batch, len(batch))
+        for request, result in zip(batch, results, strict=True):
+            request.result = result
+            request.done.set()
