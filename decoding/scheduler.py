@@ -104,6 +104,7 @@ class Scheduler:
         self._worker: threading.Thread | None = None
         self.passes = 0  # passes run (tests and benchmarks read it)
         self.largest_batch = 0  # the most sessions one pass has served
+        self.shared_passes = 0  # passes that served more than one session
 
     # ------------------------------------------------------------------ sessions
 
@@ -221,6 +222,7 @@ class Scheduler:
         self.costs.record(model, rows, time.perf_counter() - started)
         self.passes += 1
         self.largest_batch = max(self.largest_batch, len(batch))
+        self.shared_passes += len(batch) > 1
         for request, result in zip(batch, results, strict=True):
             request.result = result
             request.done.set()
