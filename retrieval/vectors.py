@@ -21,6 +21,7 @@ from retrieval.types import RetrievalSettings
 # Chroma's own rule for collection names (3-512 characters, checked here for a readable error).
 _COLLECTION_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{1,510}[A-Za-z0-9]$")
 _PAGE = 5000  # ids fetched per call when listing the whole collection
+_INDEX_KEY = "rapidqa_index"  # collection metadata: the id of the docstore whose vectors it holds
 
 
 class ChromaVectors:
@@ -42,6 +43,20 @@ class ChromaVectors:
                 "choose another collection name."
             )
         self._batch = max(1, min(self._client.get_max_batch_size(), 1000))
+
+    def claim(self, index_id: str, where: Path) -> None:
+        """Tag a server's collection with the index (docstore) it belongs to, or refuse one that
+        belongs to another: opening an index deletes the vectors its docstore does not list, which
+        would be the other index's."""
+        metadata = dict(self._collection.metadata or {})
+        owner = metadata.get(_INDEX_KEY)
+        if owner is None:
+            self._collection.modify(metadata={**metadata, _INDEX_KEY: index_id})
+        elif owner != index_id:
+            raise RetrievalError(
+                f"The Chroma collection {self._collection.name!r} belongs to another index, not the one in {where}: "
+                "point every process sharing it at that index's folder (--index), or use another Chroma server."
+            )
 
     def upsert(
         self, chunk_ids: Sequence[str], doc_ids: Sequence[str], vectors: Sequence[Sequence[Sequence[float]]]
