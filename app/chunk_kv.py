@@ -31,6 +31,7 @@ from pathlib import Path
 
 import torch
 
+from app.atomic import write_text_atomically
 from decoding.cache import KVCache
 from decoding.loaded_model import Prompt
 from decoding.prefill import PrefixCacheHooks
@@ -190,7 +191,7 @@ def _create_owned(directory: Path, owner: str) -> None:
     """Create the store's folder with its owner file already in it (a rename of a prepared
     folder), so that another process's remove_stale_stores never sees it without an owner."""
     if directory.is_dir():  # made before owners were recorded, or by another process: claimed in place
-        _write_atomically(directory / OWNER_FILE, owner)
+        write_text_atomically(directory / OWNER_FILE, owner)
         return
     directory.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=_CLAIMING, dir=directory.parent))
@@ -204,13 +205,3 @@ def _create_owned(directory: Path, owner: str) -> None:
     finally:
         shutil.rmtree(staging, ignore_errors=True)
 
-
-def _write_atomically(path: Path, text: str) -> None:
-    handle, partial = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(handle, "w") as out:
-            out.write(text)
-        os.replace(partial, path)
-    except BaseException:
-        Path(partial).unlink(missing_ok=True)
-        raise
