@@ -69,6 +69,8 @@ class Settings:
     # Disk for each drafter's per-chunk KV of an index; past it the least recently read chunks go
     # (and are encoded again when a question retrieves them).
     chunk_kv_gb: float = 8.0
+    # The target's cached document KV; None: <home>/kv. Processes serving one corpus may share one.
+    kv_dir: Path | None = None
 
     @property
     def default_index_dir(self) -> Path:
@@ -76,7 +78,7 @@ class Settings:
 
     @property
     def kv_cache_dir(self) -> Path:
-        return self.home / "kv"
+        return self.kv_dir if self.kv_dir is not None else self.home / "kv"
 
     @property
     def uploads_dir(self) -> Path:

@@ -124,4 +124,8 @@ def _client(directory: Path, url: str | None) -> chromadb.ClientAPI:
         raise RetrievalError(f"Invalid Chroma URL {url!r}: expected http://host:port.")
     https = parsed.scheme == "https"
     port = parsed.port or (443 if https else 8000)
-    return chromadb.HttpClient(host=parsed.hostname, port=port, ssl=https, settings=settings)
+    try:
+        return chromadb.HttpClient(host=parsed.hostname, port=port, ssl=https, settings=settings)
+    except ValueError as error:  # chromadb's way of saying the server did not answer
+        raise RetrievalError(f"Could not reach the Chroma server at {url}: is `chroma run` serving there? "
+                             f"({error})") from error
