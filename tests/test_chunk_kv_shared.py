@@ -66,3 +66,33 @@ def test_a_new_store_is_never_seen_without_its_owner(tmp_path: Path, monkeypatch
     assert (ours.store.directory / OWNER_FILE).read_text() == "ours"
     assert ours.missing(_passages(2)) == []
     assert not [p for p in (tmp_path / CHUNK_KV_DIR).iterdir() if p.name.startswith(".")]
+
+
+def test_a_file_another_process_evicted_is_a_miss(tmp_path: Path) -> None:
+    """Another process sharing the KV folder evicts or forgets a file this one is about to read:
+    the prefix is then not cached (prefilled again) and the passage is encoded again, never an error."""
+    import torch
+
+    from decoding.prefix_cache import PrefixCache
+    from tests.tiny import random_prompt
+
+    model = tiny_model(1)
+    prompt = random_prompt(60, seed=3)
+    prefix, cuts = prompt.prefix, prompt.cuts()
+    cache = model.model.new_cache(len(prefix) + 8)
+    model.model.prefill(torch.tensor(prefix), cache)
+    ours, theirs = PrefixCache(tmp_path / "kv", {}), PrefixCache(tmp_path / "kv", {})
+    theirs.save(model.model, prefix, cache, cuts)
+    assert ours.contains(model.model, prefix)
+    for path in (tmp_path / "kv").glob("*.safetensors"):
+        path.unlink()  # their eviction, between our listing and our read
+    assert ours.load(model.model, prefix, len(prefix) + 8) is None
+    assert ours.longest(model.model, prefix, cuts, len(prefix) + 8) is None
+
+    store = ChunkKV(tmp_path, model.model, "a" * 64, HEADER, owner="tiny")
+    store.build(_passages(1))
+    for path in store.store.directory.glob("*.safetensors"):
+        path.unlink()
+    with torch.inference_mode():
+        assert store.piece(_passages(1)[0]) is not None
+    assert store.missing(_passages(1)) == []
