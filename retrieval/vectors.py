@@ -7,9 +7,11 @@ narrow seam: a Chroma server (settings.chroma_url) or another vector store swaps
 
 from __future__ import annotations
 
+import fcntl
 import re
 from collections.abc import Sequence
 from pathlib import Path
+from typing import IO
 from urllib.parse import urlparse
 
 import chromadb
@@ -22,6 +24,7 @@ from retrieval.types import RetrievalSettings
 _COLLECTION_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{1,510}[A-Za-z0-9]$")
 _PAGE = 5000  # ids fetched per call when listing the whole collection
 _INDEX_KEY = "rapidqa_index"  # collection metadata: the id of the docstore whose vectors it holds
+LOCAL_LOCK = "chroma.lock"  # held by the process using the index folder's own Chroma store
 
 
 class ChromaVectors:
@@ -31,6 +34,8 @@ class ChromaVectors:
                 f"Invalid collection name {settings.collection!r}: "
                 "use 3-512 letters, digits, '.', '_' or '-'."
             )
+        # A local store serves one process only: another one's reads fail inside Chroma.
+        self._local_lock = None if settings.chroma_url else _hold_local_store(directory)
         self._client = _client(directory, settings.chroma_url)
         # No embedding function: Chroma's default downloads a model, which fails offline.
         self._collection = self._client.get_or_create_collection(
@@ -113,6 +118,25 @@ class ChromaVectors:
 
     def close(self) -> None:
         self._client.close()
+        if self._local_lock is not None:
+            self._local_lock.close()  # releases the lock
+
+
+def _hold_local_store(directory: Path) -> IO[str]:
+    """Lock the index folder's Chroma store for this process, or say how several processes share an
+    index. A POSIX record lock belongs to the process: this process may open the index again (its
+    Chroma clients share one store), another process is refused."""
+    handle = (directory / LOCAL_LOCK).open("a")
+    try:
+        fcntl.lockf(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as error:
+        handle.close()
+        raise RetrievalError(
+            f"The index in {directory} is open in another process, and its vectors are stored in the index folder, "
+            "which only one process can use. To serve one index from several processes, run a Chroma server "
+            "(`chroma run --path DIR --port PORT`) and pass --chroma-url http://127.0.0.1:PORT to each of them."
+        ) from error
+    return handle
 
 
 def _client(directory: Path, url: str | None) -> chromadb.ClientAPI:

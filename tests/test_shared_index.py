@@ -130,3 +130,37 @@ def test_another_index_on_the_same_collection_is_refused(tmp_path: Path, setting
         assert [hit.chunk.source for hit in first.search("alpacas fleece warm", k=1, mode="dense")] == ["alpaca.txt"]
     with open_index(tmp_path / "elsewhere", replace(settings, collection=settings.collection + "-2")) as other:
         assert other.documents() == []
+
+
+def test_an_index_with_local_vectors_open_in_another_process_is_refused(tmp_path: Path) -> None:
+    """Chroma's store in the index folder serves one process: another one's searches failed inside
+    Chroma ("Error creating hnsw segment reader"). It is refused with the way to share an index."""
+    import subprocess
+    import sys
+
+    from retrieval.errors import RetrievalError
+    from tests.retrieval_fixtures import REPO
+
+    directory = tmp_path / "index"
+    local = RetrievalSettings(chunk_tokens=64)
+    script = f"""
+import sys
+from pathlib import Path
+from retrieval.index import HybridIndex
+from retrieval.types import RetrievalSettings
+from tests.retrieval_fixtures import HashEmbedder, word_tokens
+index = HybridIndex(Path({str(directory)!r}), RetrievalSettings(chunk_tokens=64), word_tokens, HashEmbedder())
+print("open", flush=True)
+sys.stdin.read()
+"""
+    other = subprocess.Popen([sys.executable, "-c", script], cwd=REPO, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                             text=True)
+    try:
+        assert other.stdout is not None and other.stdout.readline().strip() == "open"
+        with pytest.raises(RetrievalError, match=r"open in another process.*chroma run.*--chroma-url"):
+            open_index(directory, local)
+    finally:
+        other.communicate(timeout=60)
+    with open_index(directory, local) as index, open_index(directory, local) as again:  # one process: allowed
+        index.add_file(write(tmp_path / "alpaca.txt", ALPACA))
+        assert [d.source for d in again.documents()] == ["alpaca.txt"]
