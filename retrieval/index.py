@@ -15,7 +15,7 @@ each write replaces as a whole, so concurrent searches see the index before or a
 Several processes may share one index (its folder, and a Chroma server for the vectors): the
 write lock is a file lock (write_lock.py), so their writes and recoveries never interleave, and a
 reader reloads its snapshot when the docstore's generation says another process changed the
-documents since (one small read per call), so what one process adds the other finds.
+documents since (one small read per listing or search), so what one process adds the other finds.
 """
 
 from __future__ import annotations
@@ -203,7 +203,9 @@ class HybridIndex:
         return list(snapshot.ingest_order if in_ingest_order else snapshot.documents)
 
     def chunks(self, doc_id: str) -> list[Chunk]:
-        return list(self._current().by_doc.get(doc_id, ()))
+        """From the snapshot the last listing or search saw (no generation read: callers ask for
+        each listed document's chunks in turn, and one read per document adds up)."""
+        return list(self._snapshot.by_doc.get(doc_id, ()))
 
     def document_text(self, doc_id: str) -> str:
         text = self._docstore.text(doc_id)
