@@ -142,7 +142,13 @@ class HybridIndex:
         return results
 
     def _commit(self, document: StoredDocument, chunks: list[Chunk], vectors: list[ChunkVectors]) -> bool:
-        """Steps 2-5 of the write protocol; returns whether an older version was replaced."""
+        """Steps 2-5 of the write protocol; returns whether an older version was replaced.
+        The caller holds the write lock, so a pending document now is one a process left when it
+        died: it goes first (another process sharing the index may have written it; this one never
+        reopens the index to recover)."""
+        abandoned = self._docstore.pending()
+        if abandoned:
+            self._discard(abandoned)
         old_ids = [doc.doc_id for doc in self._current().documents if doc.source == document.source]
         self._write_pending(document, chunks)
         try:

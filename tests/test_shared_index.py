@@ -164,3 +164,24 @@ sys.stdin.read()
     with open_index(directory, local) as index, open_index(directory, local) as again:  # one process: allowed
         index.add_file(write(tmp_path / "alpaca.txt", ALPACA))
         assert [d.source for d in again.documents()] == ["alpaca.txt"]
+
+
+def test_a_write_left_pending_by_a_process_that_died_does_not_block_the_others(
+        tmp_path: Path, settings: RetrievalSettings) -> None:
+    """Recovery runs when an index is opened; a server that stays open must still get past what a
+    process that shared the index left pending when it died."""
+    from retrieval.chunking import chunk_pages
+    from retrieval.docstore import StoredDocument
+    from retrieval.index import _file_sha256
+    from retrieval.readers import read_document
+
+    path = write(tmp_path / "alpaca.txt", ALPACA)
+    with open_index(tmp_path / "index", settings) as survivor, open_index(tmp_path / "index", settings) as died:
+        # The other process's steps 2-3 of the write protocol for the same file, then its death.
+        doc_id = died._doc_id(_file_sha256(path))
+        chunks = chunk_pages(read_document(path, 10_000), doc_id, "alpaca.txt", word_tokens, 64)
+        died._write_pending(StoredDocument(doc_id, "alpaca.txt", _file_sha256(path), 1, 10, ALPACA), chunks)
+        died._write_vectors(chunks, HashEmbedder().embed_passages([c.text for c in chunks]))
+        assert survivor.add_file(path).status == "added"
+        [doc] = survivor.documents()
+        assert survivor._docstore.pending() == [] and survivor._vectors.count() == doc.n_chunks
