@@ -204,4 +204,3 @@ def _create_owned(directory: Path, owner: str) -> None:
                 raise
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-
