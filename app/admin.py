@@ -9,13 +9,14 @@ from pathlib import Path
 
 from app.config import Settings
 from app.errors import CliError
-from app.options import add_model_options, settings_from_args
+from app.options import add_model_options, add_store_options, settings_from_args
 from app.registry import resolve_model
 
 
 def _index_parser(prog: str, description: str) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog=f"ask {prog}", description=description)
     parser.add_argument("--index", type=Path, metavar="DIR", help="index directory (default $RAPIDQA_HOME/index)")
+    add_store_options(parser)
     return parser
 
 

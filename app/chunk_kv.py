@@ -11,12 +11,19 @@ passage's exact tokens, so a file is used only for the very tokens it was comput
 Disk stays bounded: each store evicts its least recently read files past `max_bytes`, opening a
 store removes the folders of the same drafter under other engine stamps (and folders of older
 versions, which carry no owner), and prepare removes files no current passage is named by.
+
+Several processes may share an index (two `ask serve` on one corpus), so nothing here deletes a
+file it cannot know to be dead: a store's folder appears with its owner already in it (never
+ownerless, even for a moment), keep_only touches only the chunks it is given (another process may
+have just added others), and prune reads which chunks live only after listing the files.
 """
 
 from __future__ import annotations
 
 import hashlib
+import os
 import shutil
+import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -24,6 +31,7 @@ from pathlib import Path
 
 import torch
 
+from app.atomic import write_text_atomically
 from decoding.cache import KVCache
 from decoding.loaded_model import Prompt
 from decoding.prefill import PrefixCacheHooks
@@ -68,8 +76,7 @@ class ChunkKV:
     def _claim(self) -> None:
         """Name this store's owner in its folder (before its first file), so no other store removes it."""
         if not self._claimed:
-            self.store.directory.mkdir(parents=True, exist_ok=True)
-            (self.store.directory / OWNER_FILE).write_text(self.owner)
+            _create_owned(self.store.directory, self.owner)
             self._claimed = True
 
     def _write(self, passage: Passage, piece: PieceKV) -> None:
@@ -84,10 +91,12 @@ class ChunkKV:
         return [p for p in passages if self.name(p) not in present]
 
     def keep_only(self, passages: Sequence[Passage]) -> int:
-        """Remove the files no given passage is named by (deleted chunks, other headers, older
-        naming schemes); returns how many went."""
+        """Remove the files of these passages' chunks that no passage is named by (other headers,
+        older naming schemes); returns how many went. Other chunks' files are prune's: another
+        process may have added those chunks since the passages were listed."""
         wanted = {self.name(p) for p in passages}
-        stale = [name for name in self.store.names() if name not in wanted]
+        chunks = {p.chunk_id for p in passages}
+        stale = [name for name in self.store.names() if name not in wanted and name.split(".", 1)[0] in chunks]
         for name in stale:
             self.store.delete(name)
         return len(stale)
@@ -145,11 +154,17 @@ class ChunkKV:
         return PrefixCacheHooks(load=load, save=lambda model, prefix, cache: None)
 
 
-def prune(index_dir: Path, live_chunk_ids: set[str]) -> int:
-    """Remove every drafter's KV of chunks the index no longer has; returns how many files went."""
+def prune(index_dir: Path, live_chunk_ids: Callable[[], set[str]]) -> int:
+    """Remove every drafter's KV of chunks the index no longer has; returns how many files went.
+
+    The live chunks are read after the files are listed: a chunk's KV is written only after its
+    document is committed, so every listed file of a live chunk (another process's new one too)
+    is among them."""
+    files = list((index_dir / CHUNK_KV_DIR).glob("*/*.safetensors"))
+    live = live_chunk_ids()
     removed = 0
-    for path in (index_dir / CHUNK_KV_DIR).glob("*/*.safetensors"):
-        if path.name.split(".", 1)[0] not in live_chunk_ids:
+    for path in files:
+        if path.name.split(".", 1)[0] not in live:
             path.unlink(missing_ok=True)
             removed += 1
     return removed
@@ -160,7 +175,7 @@ def remove_stale_stores(directory: Path, owner: str) -> int:
     engine stamp) or name no owner (made before owners were recorded); returns how many went."""
     removed = 0
     for folder in directory.parent.iterdir():
-        if folder == directory or not folder.is_dir():
+        if folder == directory or not folder.is_dir() or folder.name.startswith(_CLAIMING):
             continue
         try:
             theirs: str | None = (folder / OWNER_FILE).read_text()
@@ -170,3 +185,25 @@ def remove_stale_stores(directory: Path, owner: str) -> int:
             shutil.rmtree(folder, ignore_errors=True)
             removed += 1
     return removed
+
+
+_CLAIMING = ".claiming-"  # a store folder being created, its owner written before it appears
+
+
+def _create_owned(directory: Path, owner: str) -> None:
+    """Create the store's folder with its owner file already in it (a rename of a prepared
+    folder), so that another process's remove_stale_stores never sees it without an owner."""
+    if directory.is_dir():  # made before owners were recorded, or by another process: claimed in place
+        write_text_atomically(directory / OWNER_FILE, owner)
+        return
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=_CLAIMING, dir=directory.parent))
+    try:
+        (staging / OWNER_FILE).write_text(owner)
+        try:
+            os.rename(staging, directory)
+        except OSError:  # another process created it first: theirs stands
+            if not directory.is_dir():
+                raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)

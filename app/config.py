@@ -71,6 +71,8 @@ class Settings:
     # Questions decoded at once, their passes batched by the scheduler; more wait for a place. The
     # web server's concurrency limit follows it.
     max_sessions: int = 8
+    # The target's cached document KV; None: <home>/kv. Processes serving one corpus may share one.
+    kv_dir: Path | None = None
 
     @property
     def default_index_dir(self) -> Path:
@@ -78,7 +80,7 @@ class Settings:
 
     @property
     def kv_cache_dir(self) -> Path:
-        return self.home / "kv"
+        return self.kv_dir if self.kv_dir is not None else self.home / "kv"
 
     @property
     def uploads_dir(self) -> Path:

@@ -62,7 +62,7 @@ class Documents(Models):
     def prepare(self, index: HybridIndex, progress: bool = False) -> None:
         """Compute what questions over this index read: the drafter's chunk KV, then the target's
         KV of the documents (extending a cached prefix of them where one exists)."""
-        prune(index.directory, self._chunk_ids(index))  # replaced versions' and deleted chunks
+        prune(index.directory, lambda: self._chunk_ids(index))  # replaced versions' and deleted chunks
         if self.settings.drafter_chunk_kv:
             self.build_drafter_kv(index, progress)
         self.prefill_documents(index, progress)
@@ -92,7 +92,7 @@ class Documents(Models):
         windows, prompts = self.windows(index), self.document_prompts(index)
         held = [cut for doc in docs for cut in document_cuts(windows, prompts, doc.doc_id)]
         removed = index.delete(doc_id_or_source)
-        prune(index.directory, self._chunk_ids(index))
+        prune(index.directory, lambda: self._chunk_ids(index))
         for prefix, end in held:
             self.prefix_cache.forget(prefix, end)
         for doc in docs:

@@ -69,6 +69,17 @@ def add_decoding_options(parser: argparse.ArgumentParser) -> None:
                        help="RAPID: try free n-gram lookup drafts from the retrieved context first")
 
 
+def add_store_options(parser: argparse.ArgumentParser) -> None:
+    """Where the corpus's shared state lives: several processes (two `ask serve`) can serve one corpus
+    from the same --index folder, Chroma server and --kv-dir."""
+    group = parser.add_argument_group("shared storage")
+    group.add_argument("--chroma-url", metavar="URL",
+                       help="keep the index's vectors on this Chroma server (`chroma run`), e.g. "
+                       "http://127.0.0.1:8000, instead of inside the index folder")
+    group.add_argument("--kv-dir", type=Path, metavar="DIR",
+                       help="folder of the documents' cached KV (default $RAPIDQA_HOME/kv)")
+
+
 def add_question_options(parser: argparse.ArgumentParser) -> None:
     """Where the documents are and how answers are shown: shared by `ask` and `ask chat`."""
     parser.add_argument("--docs", nargs="+", type=Path, metavar="PATH",
@@ -78,6 +89,7 @@ def add_question_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--compare", action="store_true",
                         help="also run LC on the same input and report the measured speedup")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text")
+    add_store_options(parser)
     add_model_options(parser)
     add_decoding_options(parser)
 
@@ -101,7 +113,11 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
             decoding = replace(decoding, **{field: value})
     if getattr(args, "lookup", False):
         decoding = replace(decoding, lookup_in_rapid=True)
-    return replace(settings, models=models, decoding=decoding)
+    retrieval = settings.retrieval
+    if getattr(args, "chroma_url", None):
+        retrieval = replace(retrieval, chroma_url=args.chroma_url)
+    kv_dir = getattr(args, "kv_dir", None) or settings.kv_dir
+    return replace(settings, models=models, decoding=decoding, retrieval=retrieval, kv_dir=kv_dir)
 
 
 def log(message: str) -> None:

@@ -14,6 +14,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from app.atomic import write_text_atomically
 from app.engine_label import engine_label
 from decoding.methods import BASELINE
 from decoding.stats import Stats
@@ -42,7 +43,9 @@ class LcReference:
     """The last measured LC decode speed per (target model, engine, context bucket), kept on disk.
 
     The file is read once, when first needed (the UI asks for a speedup at every target pass), and
-    written through on every new LC measurement.
+    written through on every new LC measurement. Several processes may share it (two `ask serve`
+    on one home): a write reads the file again and adds its entry to what is there, and replaces the
+    file whole, so no process drops another's entries or reads a half-written file.
     """
 
     def __init__(self, path: Path) -> None:
@@ -52,17 +55,20 @@ class LcReference:
 
     def _read(self) -> dict[str, dict[str, float]]:
         if self._data is None:
-            try:
-                self._data = json.loads(self.path.read_text())
-            except (OSError, ValueError):
-                self._data = {}
+            self._data = self._load()
         return self._data
+
+    def _load(self) -> dict[str, dict[str, float]]:
+        try:
+            return json.loads(self.path.read_text())
+        except (OSError, ValueError):
+            return {}
 
     def record(self, target: str, stats: Stats) -> None:
         if stats.method != BASELINE or not stats.decode_tokens_per_s:
             return
         with self._lock:
-            data = self._read()
+            data = self._data = self._load()  # with what other processes recorded since
             data[reference_key(target, stats)] = {
                 "tokens_per_s": stats.decode_tokens_per_s,
                 "context_tokens": stats.context_tokens,
@@ -70,7 +76,7 @@ class LcReference:
                 "at": time.time(),
             }
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            self.path.write_text(json.dumps(data, indent=1))
+            write_text_atomically(self.path, json.dumps(data, indent=1))
 
     def speedup(self, target: str, stats: Stats) -> Speedup:
         if stats.method == BASELINE:

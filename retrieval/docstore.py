@@ -6,12 +6,17 @@ re-reading any file, and Chroma can be reconciled against this store after a cra
 
 Each call opens its own short-lived connection: sqlite3 connections must not be shared across
 threads, and WAL mode lets readers run while one writer commits.
+
+Several processes may share one docstore (two `ask serve` on one corpus): every change to the
+complete documents bumps a generation number in the same transaction, so a process holding a view
+of the documents sees, with one cheap read, whether another process changed them since.
 """
 
 from __future__ import annotations
 
 import sqlite3
 import time
+import uuid
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -47,6 +52,15 @@ CREATE TABLE IF NOT EXISTS chunks (
 );
 CREATE INDEX IF NOT EXISTS chunks_by_doc ON chunks (doc_id, ord);
 CREATE INDEX IF NOT EXISTS documents_by_source ON documents (source);
+CREATE TABLE IF NOT EXISTS generation (
+    id    INTEGER PRIMARY KEY CHECK (id = 0),
+    value INTEGER NOT NULL
+);
+INSERT OR IGNORE INTO generation VALUES (0, 0);
+CREATE TABLE IF NOT EXISTS identity (
+    id    INTEGER PRIMARY KEY CHECK (id = 0),
+    value TEXT NOT NULL
+);
 """
 
 _CHUNK_COLUMNS = "chunk_id, doc_id, source, ord, text, page, section, char_start, char_end, n_tokens"
@@ -79,6 +93,7 @@ class DocStore:
         with self._connect() as db:
             db.execute("PRAGMA journal_mode=WAL")
             db.executescript(_SCHEMA)
+            db.execute("INSERT OR IGNORE INTO identity VALUES (0, ?)", (uuid.uuid4().hex,))
 
     @contextmanager
     def _connect(self) -> Iterator[sqlite3.Connection]:
@@ -109,12 +124,27 @@ class DocStore:
         with self._connect() as db:
             _delete(db, replaces)
             db.execute("UPDATE documents SET status = ? WHERE doc_id = ?", (COMPLETE, doc_id))
+            _bump(db)
 
     def remove(self, doc_ids: Sequence[str]) -> None:
         with self._connect() as db:
             _delete(db, doc_ids)
+            _bump(db)
 
     # --- reads -----------------------------------------------------------------------------------
+
+    def identity(self) -> str:
+        """A random id given to this docstore when it was created: which index a shared Chroma
+        collection belongs to."""
+        with self._connect() as db:
+            (value,) = db.execute("SELECT value FROM identity WHERE id = 0").fetchone()
+        return str(value)
+
+    def generation(self) -> int:
+        """Changes whenever the complete documents change, whichever process changed them."""
+        with self._connect() as db:
+            (value,) = db.execute("SELECT value FROM generation WHERE id = 0").fetchone()
+        return int(value)
 
     def pending(self) -> list[str]:
         with self._connect() as db:
@@ -171,6 +201,10 @@ class DocStore:
                 "SELECT text FROM documents WHERE doc_id = ? AND status = ?", (doc_id, COMPLETE)
             ).fetchone()
         return row[0] if row else None
+
+
+def _bump(db: sqlite3.Connection) -> None:
+    db.execute("UPDATE generation SET value = value + 1 WHERE id = 0")
 
 
 def _delete(db: sqlite3.Connection, doc_ids: Sequence[str]) -> None:

@@ -11,12 +11,16 @@ docstore (stray vectors deleted, missing ones re-embedded from the stored chunk 
 
 Readers never take the write lock: they use an immutable snapshot of the complete documents that
 each write replaces as a whole, so concurrent searches see the index before or after a write.
+
+Several processes may share one index (its folder, and a Chroma server for the vectors): the
+write lock is a file lock (write_lock.py), so their writes and recoveries never interleave, and a
+reader reloads its snapshot when the docstore's generation says another process changed the
+documents since (one small read per listing or search), so what one process adds the other finds.
 """
 
 from __future__ import annotations
 
 import hashlib
-import threading
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,6 +43,7 @@ from retrieval.readers import (
 )
 from retrieval.types import Chunk, DocumentInfo, IngestResult, RetrievalSettings, ScoredChunk
 from retrieval.vectors import ChromaVectors
+from retrieval.write_lock import WriteLock
 
 Tokenize = Callable[[str], Sequence[int]]
 MODES = ("hybrid", "dense", "bm25")
@@ -49,6 +54,7 @@ ChunkVectors = list[list[float]]  # one chunk's vectors, one per embedder window
 class _Snapshot:
     """Everything a search needs, for one state of the index; replaced whole, never mutated."""
 
+    generation: int  # the docstore's generation it was read at
     documents: tuple[DocumentInfo, ...]
     ingest_order: tuple[DocumentInfo, ...]  # the same documents in the order they were added
     chunks: tuple[Chunk, ...]  # document order: source, doc_id, chunk order
@@ -70,10 +76,13 @@ class HybridIndex:
         self._settings = settings
         self._tokenize = tokenize
         self._embedder = embedder or Embedder()
-        self._write_lock = threading.Lock()
+        self._write_lock = WriteLock(self._directory)
         self._docstore = DocStore(self._directory / "docstore.sqlite")
         self._vectors = ChromaVectors(self._directory, settings)
-        self._recover()
+        if settings.chroma_url:  # a local collection lives in this folder: only a server's is shared
+            self._vectors.claim(self._docstore.identity(), self._directory)
+        with self._write_lock.held():
+            self._recover()
         self._snapshot = self._load_snapshot()
 
     @property
@@ -109,8 +118,8 @@ class HybridIndex:
             n_tokens=len(self._tokenize(text)),
             text=text,
         )
-        with self._write_lock:
-            existing = self._find(doc_id)  # another thread may have added it meanwhile
+        with self._write_lock.held():
+            existing = self._find(doc_id)  # another thread or process may have added it meanwhile
             if existing is not None:
                 return _unchanged(path, name, existing)
             replaced = self._commit(document, chunks, vectors)
@@ -133,8 +142,14 @@ class HybridIndex:
         return results
 
     def _commit(self, document: StoredDocument, chunks: list[Chunk], vectors: list[ChunkVectors]) -> bool:
-        """Steps 2-5 of the write protocol; returns whether an older version was replaced."""
-        old_ids = [doc.doc_id for doc in self._snapshot.documents if doc.source == document.source]
+        """Steps 2-5 of the write protocol; returns whether an older version was replaced.
+        The caller holds the write lock, so a pending document now is one a process left when it
+        died: it goes first (another process sharing the index may have written it; this one never
+        reopens the index to recover)."""
+        abandoned = self._docstore.pending()
+        if abandoned:
+            self._discard(abandoned)
+        old_ids = [doc.doc_id for doc in self._current().documents if doc.source == document.source]
         self._write_pending(document, chunks)
         try:
             self._write_vectors(chunks, vectors)
@@ -164,10 +179,10 @@ class HybridIndex:
 
     def delete(self, doc_id_or_source: str) -> bool:
         """Remove a document by doc_id or source name; False when there is no such document."""
-        with self._write_lock:
+        with self._write_lock.held():
             doc_ids = [
                 doc.doc_id
-                for doc in self._snapshot.documents
+                for doc in self._current().documents
                 if doc_id_or_source in (doc.doc_id, doc.source)
             ]
             if not doc_ids:
@@ -190,9 +205,12 @@ class HybridIndex:
 
     def documents(self, in_ingest_order: bool = False) -> list[DocumentInfo]:
         """By source name (listings), or in the order they were added (the long context)."""
-        return list(self._snapshot.ingest_order if in_ingest_order else self._snapshot.documents)
+        snapshot = self._current()
+        return list(snapshot.ingest_order if in_ingest_order else snapshot.documents)
 
     def chunks(self, doc_id: str) -> list[Chunk]:
+        """From the snapshot the last listing or search saw (no generation read: callers ask for
+        each listed document's chunks in turn, and one read per document adds up)."""
         return list(self._snapshot.by_doc.get(doc_id, ()))
 
     def document_text(self, doc_id: str) -> str:
@@ -202,13 +220,13 @@ class HybridIndex:
         return text
 
     def total_tokens(self) -> int:
-        return sum(doc.n_tokens for doc in self._snapshot.documents)
+        return sum(doc.n_tokens for doc in self._current().documents)
 
     def corpus_fingerprint(self) -> str:
         """Changes whenever the long context would change: documents added, deleted or renamed.
         Source names are included because they appear in the long context's headers."""
         digest = hashlib.sha256()
-        for doc in self._snapshot.documents:
+        for doc in self._current().documents:
             digest.update(f"{doc.source}\0{doc.sha256}\n".encode())
         return digest.hexdigest()
 
@@ -216,7 +234,7 @@ class HybridIndex:
         """Best chunks for a question, best first; k=None returns every candidate that survived."""
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-        snapshot = self._snapshot
+        snapshot = self._current()
         if not snapshot.chunks or not question.strip():
             return []
         n = max(self._settings.candidates, k or 0)
@@ -236,7 +254,7 @@ class HybridIndex:
         ]
 
     def close(self) -> None:
-        with self._write_lock:
+        with self._write_lock.held():
             self._vectors.close()
 
     def __enter__(self) -> HybridIndex:
@@ -262,7 +280,23 @@ class HybridIndex:
             chunks = self._docstore.chunks(missing)
             self._write_vectors(chunks, self._embedder.embed_passages([c.text for c in chunks]))
 
+    def _current(self) -> _Snapshot:
+        """The snapshot, reloaded first when another process (or this one) changed the documents."""
+        snapshot = self._snapshot
+        if snapshot.generation != self._docstore.generation():
+            snapshot = self._snapshot = self._load_snapshot()
+        return snapshot
+
     def _load_snapshot(self) -> _Snapshot:
+        """Read until the generation is the same before and after: no other process's change was
+        committed in between, so documents and chunks agree."""
+        while True:
+            generation = self._docstore.generation()
+            snapshot = self._read_snapshot(generation)
+            if self._docstore.generation() == generation:
+                return snapshot
+
+    def _read_snapshot(self, generation: int) -> _Snapshot:
         rows = self._docstore.documents()
         chunks = tuple(self._docstore.chunks())
         by_doc: dict[str, list[Chunk]] = {}
@@ -275,6 +309,7 @@ class HybridIndex:
         )
         position = {row.doc_id: i for i, row in enumerate(self._docstore.documents(in_ingest_order=True))}
         return _Snapshot(
+            generation=generation,
             documents=documents,
             ingest_order=tuple(sorted(documents, key=lambda doc: position.get(doc.doc_id, len(position)))),
             chunks=chunks,
@@ -292,7 +327,7 @@ class HybridIndex:
         return hashlib.sha256(key.encode()).hexdigest()[:20]
 
     def _find(self, doc_id: str) -> DocumentInfo | None:
-        return next((doc for doc in self._snapshot.documents if doc.doc_id == doc_id), None)
+        return next((doc for doc in self._current().documents if doc.doc_id == doc_id), None)
 
 
 def fuse(

@@ -7,9 +7,11 @@ narrow seam: a Chroma server (settings.chroma_url) or another vector store swaps
 
 from __future__ import annotations
 
+import fcntl
 import re
 from collections.abc import Sequence
 from pathlib import Path
+from typing import IO
 from urllib.parse import urlparse
 
 import chromadb
@@ -21,6 +23,8 @@ from retrieval.types import RetrievalSettings
 # Chroma's own rule for collection names (3-512 characters, checked here for a readable error).
 _COLLECTION_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{1,510}[A-Za-z0-9]$")
 _PAGE = 5000  # ids fetched per call when listing the whole collection
+_INDEX_KEY = "rapidqa_index"  # collection metadata: the id of the docstore whose vectors it holds
+LOCAL_LOCK = "chroma.lock"  # held by the process using the index folder's own Chroma store
 
 
 class ChromaVectors:
@@ -30,6 +34,8 @@ class ChromaVectors:
                 f"Invalid collection name {settings.collection!r}: "
                 "use 3-512 letters, digits, '.', '_' or '-'."
             )
+        # A local store serves one process only: another one's reads fail inside Chroma.
+        self._local_lock = None if settings.chroma_url else _hold_local_store(directory)
         self._client = _client(directory, settings.chroma_url)
         # No embedding function: Chroma's default downloads a model, which fails offline.
         self._collection = self._client.get_or_create_collection(
@@ -42,6 +48,20 @@ class ChromaVectors:
                 "choose another collection name."
             )
         self._batch = max(1, min(self._client.get_max_batch_size(), 1000))
+
+    def claim(self, index_id: str, where: Path) -> None:
+        """Tag a server's collection with the index (docstore) it belongs to, or refuse one that
+        belongs to another: opening an index deletes the vectors its docstore does not list, which
+        would be the other index's."""
+        metadata = dict(self._collection.metadata or {})
+        owner = metadata.get(_INDEX_KEY)
+        if owner is None:
+            self._collection.modify(metadata={**metadata, _INDEX_KEY: index_id})
+        elif owner != index_id:
+            raise RetrievalError(
+                f"The Chroma collection {self._collection.name!r} belongs to another index, not the one in {where}: "
+                "point every process sharing it at that index's folder (--index), or use another Chroma server."
+            )
 
     def upsert(
         self, chunk_ids: Sequence[str], doc_ids: Sequence[str], vectors: Sequence[Sequence[Sequence[float]]]
@@ -98,6 +118,25 @@ class ChromaVectors:
 
     def close(self) -> None:
         self._client.close()
+        if self._local_lock is not None:
+            self._local_lock.close()  # releases the lock
+
+
+def _hold_local_store(directory: Path) -> IO[str]:
+    """Lock the index folder's Chroma store for this process, or say how several processes share an
+    index. A POSIX record lock belongs to the process: this process may open the index again (its
+    Chroma clients share one store), another process is refused."""
+    handle = (directory / LOCAL_LOCK).open("a")
+    try:
+        fcntl.lockf(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as error:
+        handle.close()
+        raise RetrievalError(
+            f"The index in {directory} is open in another process, and its vectors are stored in the index folder, "
+            "which only one process can use. To serve one index from several processes, run a Chroma server "
+            "(`chroma run --path DIR --port PORT`) and pass --chroma-url http://127.0.0.1:PORT to each of them."
+        ) from error
+    return handle
 
 
 def _client(directory: Path, url: str | None) -> chromadb.ClientAPI:
@@ -109,4 +148,8 @@ def _client(directory: Path, url: str | None) -> chromadb.ClientAPI:
         raise RetrievalError(f"Invalid Chroma URL {url!r}: expected http://host:port.")
     https = parsed.scheme == "https"
     port = parsed.port or (443 if https else 8000)
-    return chromadb.HttpClient(host=parsed.hostname, port=port, ssl=https, settings=settings)
+    try:
+        return chromadb.HttpClient(host=parsed.hostname, port=port, ssl=https, settings=settings)
+    except ValueError as error:  # chromadb's way of saying the server did not answer
+        raise RetrievalError(f"Could not reach the Chroma server at {url}: is `chroma run` serving there? "
+                             f"({error})") from error

@@ -163,7 +163,7 @@ def test_prune_removes_the_kv_of_deleted_chunks_for_every_drafter(tmp_path: Path
         directory.mkdir(parents=True)
         for name in ("doc1-000000.aa", "doc1-000001.bb", "doc2-000000.cc"):
             (directory / f"{name}.safetensors").write_bytes(b"")
-    assert prune(tmp_path, {"doc2-000000"}) == 4
+    assert prune(tmp_path, lambda: {"doc2-000000"}) == 4
     left = sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*.safetensors"))
     assert left == ["chunk_kv/drafter-a/doc2-000000.cc.safetensors", "chunk_kv/drafter-b/doc2-000000.cc.safetensors"]
 

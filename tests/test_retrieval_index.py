@@ -213,7 +213,7 @@ def test_unsafe_names_are_sanitised_and_nothing_is_written_outside(tmp_path: Pat
     after = sorted(p for p in tmp_path.rglob("*") if not p.is_relative_to(tmp_path / "index"))
     assert after == sorted([*before, inputs / "v.txt", inputs / "bad\nname\r.pdf"])
     assert {p.name for p in (tmp_path / "index").iterdir()} <= {
-        "chroma", "docstore.sqlite", "docstore.sqlite-wal", "docstore.sqlite-shm"
+        "chroma", "chroma.lock", "docstore.sqlite", "docstore.sqlite-wal", "docstore.sqlite-shm", "write.lock"
     }
 
 

@@ -16,7 +16,14 @@ from starlette.routing import BaseRoute
 
 from app.api import api_routes
 from app.config import Settings
-from app.options import add_decoding_options, add_model_options, log, quiet_environment, settings_from_args
+from app.options import (
+    add_decoding_options,
+    add_model_options,
+    add_store_options,
+    log,
+    quiet_environment,
+    settings_from_args,
+)
 from app.pipeline import Engine
 from ui.blocks import build_app
 
@@ -78,6 +85,7 @@ def serve_parser() -> argparse.ArgumentParser:
     parser.add_argument("--max-sessions", type=int, metavar="N",
                         help="questions answered at once, their model passes batched (default 8); "
                         "more wait in the queue")
+    add_store_options(parser)
     add_model_options(parser)
     add_decoding_options(parser)
     return parser
