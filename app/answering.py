@@ -259,7 +259,8 @@ class Answering(Documents):
         with torch.inference_mode():
             hooks = self.prefix_cache.hooks(long_prompt.cuts(), run=ticket.run)
             yield from generate(method, self.target, draft_model, long_prompt, rag_prompt, decoding, hooks, rag_prefix,
-                                passage_spans, run=ticket.run, plan=ticket.draft_length)
+                                passage_spans, run=ticket.run,
+                                plan=ticket.draft_length if self.settings.plan_drafts else None)
 
     def _prefill_message(self, method: str, long_prompt: Prompt, rag_prompt: Prompt) -> str:
         if method_info(method).target_reads_rag:

@@ -71,6 +71,9 @@ class Settings:
     # Questions decoded at once, their passes batched by the scheduler; more wait for a place. The
     # web server's concurrency limit follows it.
     max_sessions: int = 8
+    # At batch > 1 the scheduler picks each draft's length from the measured cost of passes (0: a
+    # plain step); False keeps the configured gamma (benchmarks compare the two).
+    plan_drafts: bool = True
     # The target's cached document KV; None: <home>/kv. Processes serving one corpus may share one.
     kv_dir: Path | None = None
 

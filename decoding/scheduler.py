@@ -153,12 +153,7 @@ class Scheduler:
                 raise RuntimeError("a pass from a session that has left the scheduler")
             self._pending.append(request)
             self._lock.notify_all()
-        while not request.done.wait(0.1):
-            if ticket.cancelled.is_set():
-                with self._lock:
-                    if request in self._pending:  # not started: dropped; else it finishes first
-                        self._pending.remove(request)
-                        raise Cancelled
+        request.done.wait()  # a cancelled session's pass is dropped by the scheduler with Cancelled
         if request.error is not None:
             raise request.error
         assert request.result is not None
@@ -184,7 +179,7 @@ class Scheduler:
             if not self._active and not self._pending:
                 self._worker = None
                 return None
-            self._pending = [r for r in self._pending if not r.ticket.cancelled.is_set() or r.done.is_set()]
+            self._drop_cancelled()
             waiting = {r.ticket for r in self._pending}
             if self._pending:
                 oldest = min(r.arrived for r in self._pending)
@@ -194,6 +189,13 @@ class Scheduler:
                 self._lock.wait(self.patience_s - (time.perf_counter() - oldest))
             else:
                 self._lock.wait(1.0)
+
+    def _drop_cancelled(self) -> None:
+        """Passes of stopped sessions never run: their threads get Cancelled instead."""
+        for request in [r for r in self._pending if r.ticket.cancelled.is_set()]:
+            self._pending.remove(request)
+            request.error = Cancelled()
+            request.done.set()
 
     def _take(self) -> list[_Request]:
         """Drafting passes first; then the model with the most waiting rows, all of its requests."""
