@@ -144,17 +144,29 @@ def test_batched_sessions_equal_each_session_alone(kernel: NativeAttention, dtyp
 
 
 def test_a_prefill_chunk_and_mixed_bases_in_one_pass(kernel: NativeAttention) -> None:
-    # Rows past MAX_ROWS in one session (a 100-token prefill chunk, 600 rows per K/V head), two
-    # different bases, an empty base and a session without one, all in one attend_all.
+    # Rows past MAX_ROWS in one session (a 100-token prefill chunk, 600 rows per K/V head), a
+    # session whose first rows end inside the base, two different bases, an empty base and sessions
+    # without one, all in one attend_all. 8 threads: the base's rows are split over several work
+    # items (the kernel does that when it has fewer blocks than threads to keep busy).
     dtype = torch.bfloat16
     first, second = (cache_slices(2, n, 128, dtype, seed=n) for n in (1024, 2048))
     empty = cache_slices(2, 0, 128, dtype, seed=9)
-    chunk = Attend(torch.randn(100, 12, 128, generator=torch.Generator().manual_seed(2)).to(dtype),
-                   (first, cache_slices(2, 130, 128, dtype, seed=3)), 100)
+    gen = torch.Generator().manual_seed(2)
+    chunk = Attend(torch.randn(100, 12, 128, generator=gen).to(dtype), (first, cache_slices(2, 130, 128, dtype, 3)),
+                   100)
+    inside = Attend(torch.randn(3, 12, 128, generator=gen).to(dtype), (first, cache_slices(2, 1, 128, dtype, 8)), 3)
     items = [*sessions_on_base(3, first, 128, dtype, dtype, seed=4), chunk,
              *sessions_on_base(2, second, 128, dtype, dtype, seed=5), *sessions_on_base(2, None, 128, dtype, dtype, 6),
-             *sessions_on_base(2, empty, 128, dtype, dtype, seed=7)]
-    assert_each_equals_alone(kernel, items)
+             *sessions_on_base(2, empty, 128, dtype, dtype, seed=7), inside]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(8)
+    try:
+        assert_each_equals_alone(kernel, items)
+    finally:
+        torch.set_num_threads(threads)
+    for item, ours in zip(items, kernel.attend_all(items), strict=True):  # and near torch's attention
+        reference = torch_attention(item.q, *joined(item.segments), item.n_queries)
+        torch.testing.assert_close(ours.float(), reference.float(), atol=1e-2, rtol=1e-2)
 
 
 def test_a_shared_base_is_read_in_place(kernel: NativeAttention, monkeypatch: pytest.MonkeyPatch) -> None:
