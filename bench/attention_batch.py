@@ -4,9 +4,12 @@ the path it replaced (each session alone, its prefix and own slots copied into o
 
 Shapes follow Qwen2.5-1.5B (2 K/V heads, head_dim 128, 12 query heads), bf16 K/V and queries;
 each session owns a few hundred question-and-answer slots after the prefix. Both paths run
-interleaved, and their outputs are checked equal bit for bit before timing.
+interleaved, and their outputs are checked equal bit for bit before timing. Wall-clock and
+process CPU time are both reported: on a shared host, where a preempted thread holds up the
+others at every barrier, CPU time (or --threads 1) is the steadier of the two.
 
     python -m bench.attention_batch [--prefix 16384] [--sessions 1,2,4,8] [--tokens 1,7] [--repeats 30]
+                                    [--threads N]
 """
 
 from __future__ import annotations
@@ -55,10 +58,11 @@ def each_joined(items: list) -> list[torch.Tensor]:
     return out
 
 
-def timed(fn: Callable[[], object]) -> float:
-    start = time.perf_counter()
+def timed(fn: Callable[[], object]) -> tuple[float, float]:
+    """Wall-clock and process CPU milliseconds of one call."""
+    wall, cpu = time.perf_counter(), time.process_time()
     fn()
-    return (time.perf_counter() - start) * 1e3
+    return (time.perf_counter() - wall) * 1e3, (time.process_time() - cpu) * 1e3
 
 
 def bench(prefix: int, counts: list[int], token_counts: list[int], repeats: int) -> list[dict]:
@@ -75,12 +79,15 @@ def bench(prefix: int, counts: list[int], token_counts: list[int], repeats: int)
             for ours, theirs in zip(batched, each_joined(items), strict=True):
                 if not torch.equal(ours, theirs):
                     raise SystemExit(f"{n} sessions x {tokens} tokens: the batched call's bits differ")
-            shared_ms, joined_ms = [], []
+            shared, joined = [], []
             for _ in range(repeats):  # interleaved: both paths see the same machine load
-                shared_ms.append(timed(lambda items=items: kernel.attend_all(items)))
-                joined_ms.append(timed(lambda items=items: each_joined(items)))
-            rows.append({"sessions": n, "tokens": tokens, "shared_ms": statistics.median(shared_ms),
-                         "joined_ms": statistics.median(joined_ms)})
+                shared.append(timed(lambda items=items: kernel.attend_all(items)))
+                joined.append(timed(lambda items=items: each_joined(items)))
+            rows.append({"sessions": n, "tokens": tokens,
+                         "shared_ms": statistics.median(w for w, _ in shared),
+                         "joined_ms": statistics.median(w for w, _ in joined),
+                         "shared_cpu_ms": statistics.median(c for _, c in shared),
+                         "joined_cpu_ms": statistics.median(c for _, c in joined)})
     return rows
 
 
@@ -90,18 +97,23 @@ def main() -> None:
     parser.add_argument("--sessions", default="1,2,4,8")
     parser.add_argument("--tokens", default="1,7", help="new tokens per session")
     parser.add_argument("--repeats", type=int, default=30)
+    parser.add_argument("--threads", type=int, help="torch's (and so the kernel's) thread count; default torch's")
     parser.add_argument("--json", help="also write the rows here")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     counts = [int(x) for x in args.sessions.split(",")]
     token_counts = [int(x) for x in args.tokens.split(",")]
     rows = bench(args.prefix, counts, token_counts, args.repeats)
     print(f"shared prefix {args.prefix} keys, {N_KV} K/V heads x {HEAD_DIM}, group {GROUP}, bf16, "
           f"{torch.get_num_threads()} threads, kernel {native_attention().isa}; median of {args.repeats}")
-    print("| sessions | tokens each | batched on the base (ms) | each joined alone (ms) | speed-up |")
+    print("| sessions | tokens each | batched on the base: wall / CPU ms | each joined alone: wall / CPU ms |"
+          " speed-up wall / CPU |")
     print("|---:|---:|---:|---:|---:|")
     for row in rows:
-        print(f"| {row['sessions']} | {row['tokens']} | {row['shared_ms']:.2f} | {row['joined_ms']:.2f} | "
-              f"{row['joined_ms'] / row['shared_ms']:.2f}x |")
+        print(f"| {row['sessions']} | {row['tokens']} | {row['shared_ms']:.2f} / {row['shared_cpu_ms']:.2f} | "
+              f"{row['joined_ms']:.2f} / {row['joined_cpu_ms']:.2f} | {row['joined_ms'] / row['shared_ms']:.2f}x / "
+              f"{row['joined_cpu_ms'] / row['shared_cpu_ms']:.2f}x |")
     if args.json:
         with open(args.json, "w") as out:
             json.dump(rows, out, indent=1)
