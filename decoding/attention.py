@@ -4,6 +4,8 @@ Both take q [T, H, D] and the cache's valid K/V [H_kv, S, D] (the last T slots b
 tokens, causally masked) and return [n, H * D] for the first n queries. A batched pass hands
 over several sessions' rows at once (`Attend` items): each session's K/V may come in segments,
 a read-only document prefix shared by the sessions that read it, then the session's own slots.
+The C kernel takes every session on one shared prefix in one call and reads each of the prefix's
+blocks once for all their rows; the torch path joins each session's segments.
 
 The C kernel (kernels/attention.c) is compiled once per machine with the system's C compiler
 and loaded with ctypes (decoding/native.py); without a compiler, on a GPU, or with

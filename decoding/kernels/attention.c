@@ -10,6 +10,13 @@
  * only on its query, its valid keys and values - not on how many rows or keys the call has, or
  * on the thread count. A decode step and a verify pass therefore give bit-identical outputs.
  *
+ * Several sessions at once (rq_attend_batch): sessions reading one shared document prefix give
+ * their rows to one call. Each block of the prefix is one work item for every session's rows (read
+ * from memory once), then each session's own keys are blocks of their own; the combine merges a
+ * row's blocks in the order rq_attend would meet them in the joined K/V. The prefix ends on a
+ * block boundary, so every block holds the same keys as in the joined K/V and the outputs are
+ * bit-identical to each session's alone.
+ *
  * GCC vector extensions (16 floats) rather than intrinsics: portable, and the order of every
  * floating-point sum is fixed by the source (no -ffast-math, and -ffp-contract=off so that only
  * the written fused multiply-adds are fused). bf16 K/V take vdpbf16ps on AVX512-BF16; AVX2 and
@@ -36,7 +43,7 @@
 
 #define BLOCK 512      /* keys per work item */
 #define KEY_STEP 16    /* keys per step: one reduce16 of dot products */
-#define MAX_ROWS 64    /* query rows per K/V head (group size x new tokens) */
+#define MAX_ROWS 64    /* query rows per block computation (more are taken this many at a time) */
 #define MAX_VECS 16    /* head_dim / 16 */
 
 /* Read by the Python binding, which sizes the scratch buffer and splits calls with them. */
