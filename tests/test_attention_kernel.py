@@ -10,6 +10,9 @@ import torch
 
 import decoding.attention
 from decoding.attention import Attend, NativeAttention, build_kernel, joined, native_attention, torch_attention
+from decoding.cache import KVCache
+from decoding.transformer import Rows
+from tests.tiny import tiny_model
 
 
 @pytest.fixture(scope="module")
@@ -199,6 +202,24 @@ def test_shapes_the_batched_kernel_refuses_raise(kernel: NativeAttention) -> Non
         kernel.attend_all([Attend(q, (aligned, own), 4)])
     with pytest.raises(ValueError, match="expected 1 or 2"):
         kernel.attend_all([Attend(q, (aligned, aligned, own), 3)])
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_sessions_on_a_stored_prefix_get_their_logits_alone(kernel: NativeAttention, dtype: torch.dtype) -> None:
+    # The whole path: caches on one shared base (KVCache.on_base, as the prefix cache hands them out)
+    # in one forward_many pass, against each session on a private prefill of the same prefix.
+    model = tiny_model(3, dtype).model
+    prefix = torch.arange(1100) % 251
+    stored = model.new_cache(1100)
+    model.prefill(prefix, stored)
+    questions = [torch.tensor([7, 8, 9, 10, 11, 12, 13]), torch.tensor([40]), torch.tensor([50, 51, 52])]
+    shared = [KVCache.on_base(stored.keys, stored.values, 1100, 1200) for _ in questions]
+    assert all(cache.offset == 1024 for cache in shared)  # two 512-key blocks read from the base in place
+    batched = model.forward_many([Rows(q, cache, all_logits=True) for q, cache in zip(questions, shared, strict=True)])
+    for question, logits in zip(questions, batched, strict=True):
+        private = model.new_cache(1200)
+        model.prefill(prefix, private)
+        assert torch.equal(model.forward(question, private, all_logits=True), logits)
 
 
 @pytest.mark.parametrize("isa", ["avx2", "portable"])
