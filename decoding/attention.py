@@ -4,6 +4,8 @@ Both take q [T, H, D] and the cache's valid K/V [H_kv, S, D] (the last T slots b
 tokens, causally masked) and return [n, H * D] for the first n queries. A batched pass hands
 over several sessions' rows at once (`Attend` items): each session's K/V may come in segments,
 a read-only document prefix shared by the sessions that read it, then the session's own slots.
+The C kernel takes every session on one shared prefix in one call and reads each of the prefix's
+blocks once for all their rows; the torch path joins each session's segments.
 
 The C kernel (kernels/attention.c) is compiled once per machine with the system's C compiler
 and loaded with ctypes (decoding/native.py); without a compiler, on a GPU, or with
@@ -101,6 +103,34 @@ def torch_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, n_queries
     return out.view(n_kv, group, t, head_dim).permute(2, 0, 1, 3).reshape(t, n_heads * head_dim)[:n_queries]
 
 
+class _Session(ctypes.Structure):
+    """kernels/attention.c's rq_session: one session of a batched call."""
+
+    _fields_ = [
+        ("q", ctypes.c_void_p), ("q_stride", ctypes.c_int64), ("tokens", ctypes.c_int64),
+        ("first_length", ctypes.c_int64), ("k", ctypes.c_void_p), ("v", ctypes.c_void_p),
+        ("head_stride", ctypes.c_int64), ("out", ctypes.c_void_p), ("out_stride", ctypes.c_int64),
+    ]
+
+
+# rq_attend_batch's status codes
+BATCH_STATUS = {
+    -1: "a head_dim, group or K/V head count it does not take",
+    -2: "out of memory",
+    -3: f"the shared base is not a whole number of {KV_BLOCK}-key blocks",
+    -4: "a session with no query rows, no keys or more than 2^31 keys",
+}
+
+
+def _kernel_rows(rows: torch.Tensor, head_dim: int) -> torch.Tensor:
+    """Query rows [T, H, D] as the kernel reads them: bf16 or fp32, each token's heads contiguous."""
+    if rows.dtype not in (torch.bfloat16, torch.float32):
+        rows = rows.float()
+    if rows.stride(2) != 1 or rows.stride(1) != head_dim:
+        rows = rows.contiguous()
+    return rows
+
+
 class NativeAttention:
     """ctypes binding of kernels/attention.c; falls back to torch for shapes it does not take."""
 
@@ -120,10 +150,36 @@ class NativeAttention:
         self.isa = isa().decode()  # the instruction set the dot products were built for
         if self.block != KV_BLOCK:
             raise RuntimeError(f"attention kernel block {self.block} != the cache's segment alignment {KV_BLOCK}")
+        self._batch_fn = library.rq_attend_batch
+        self._batch_fn.restype = ctypes.c_int
+        self._batch_fn.argtypes = [
+            ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.POINTER(_Session), ctypes.c_int,
+            ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_float,
+            ctypes.c_int,
+        ]
 
     def attend_all(self, items: Sequence[Attend]) -> list[torch.Tensor]:
-        """A batched pass's attention, each item bit-identical to the item alone over joined K/V."""
-        return [self(item.q, *joined(item.segments), item.n_queries) for item in items]
+        """A batched pass's attention, each item bit-identical to the item alone over joined K/V.
+
+        Items on the same shared base (their first of two segments: same K/V tensors and length)
+        go in one kernel call, which reads each of the base's blocks once for all their rows;
+        items with one segment take the single-cache path."""
+        results: list[torch.Tensor | None] = [None] * len(items)
+        on_base: dict[tuple[object, ...], list[int]] = {}
+        for i, item in enumerate(items):
+            if len(item.segments) == 1:
+                results[i] = self(item.q, *item.segments[0], item.n_queries)
+            elif len(item.segments) != 2:
+                raise ValueError(f"attention item {i}: {len(item.segments)} K/V segments, expected 1 or 2 "
+                                 "(a cache's own slots, after an optional shared base)")
+            elif not all(self.takes(item.q, k, v) for k, v in item.segments):
+                results[i] = torch_attention(item.q, *joined(item.segments), item.n_queries)
+            else:
+                on_base.setdefault(_base_key(item), []).append(i)
+        for indices in on_base.values():
+            for i, out in zip(indices, self._attend_shared([items[i] for i in indices]), strict=True):
+                results[i] = out
+        return results  # type: ignore[return-value]
 
     def takes(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
         n_kv, _, head_dim = k.shape
@@ -141,17 +197,51 @@ class NativeAttention:
         pieces = [self._attend(q, k, v, first, min(first + step, n_queries)) for first in range(0, n_queries, step)]
         return pieces[0] if len(pieces) == 1 else torch.cat(pieces)
 
+    def _attend_shared(self, items: Sequence[Attend]) -> list[torch.Tensor]:
+        """Items whose first segment is one shared base, in one kernel call (see attend_all)."""
+        (shared_k, shared_v), _ = items[0].segments
+        n_kv, n_shared, head_dim = shared_k.shape
+        sessions = (_Session * len(items))()
+        kept = []  # every tensor the kernel reads or writes, alive until it returns
+        outs = []
+        for i, item in enumerate(items):
+            own_k, own_v = item.segments[1]
+            t, n_heads, q_dim = item.q.shape
+            keys = n_shared + own_k.shape[1]
+            if own_k.shape[0] != n_kv or own_k.shape[2] != head_dim or own_k.dtype != shared_k.dtype:
+                raise ValueError(f"attention item {i}: own K/V {tuple(own_k.shape)} {own_k.dtype} do not continue "
+                                 f"the shared base's {tuple(shared_k.shape)} {shared_k.dtype}")
+            if q_dim != head_dim or n_heads % n_kv or n_heads != items[0].q.shape[1]:
+                raise ValueError(f"attention item {i}: q {tuple(item.q.shape)} does not fit K/V heads "
+                                 f"{n_kv} x {head_dim} (or the batch's other queries)")
+            if not 1 <= item.n_queries <= t <= keys:
+                raise ValueError(f"attention item {i}: {item.n_queries} of {t} query rows over {keys} keys")
+            rows = _kernel_rows(item.q[: item.n_queries], head_dim)
+            out = torch.empty(item.n_queries, n_heads * head_dim, dtype=rows.dtype)
+            sessions[i] = _Session(rows.data_ptr(), rows.stride(0), item.n_queries, keys - t + 1, own_k.data_ptr(),
+                                   own_v.data_ptr(), own_k.stride(0), out.data_ptr(), out.stride(0))
+            kept.append(rows)
+            outs.append(out)
+        q_dtype, group = kept[0].dtype, items[0].q.shape[1] // n_kv
+        status = self._batch_fn(
+            shared_k.data_ptr(), shared_v.data_ptr(), shared_k.stride(0), n_shared, sessions, len(items),
+            int(q_dtype == torch.bfloat16), int(shared_k.dtype == torch.bfloat16), int(q_dtype == torch.bfloat16),
+            group, n_kv, head_dim, head_dim**-0.5, torch.get_num_threads(),
+        )
+        if status != 0:
+            reason = BATCH_STATUS.get(status, "an unknown status")
+            raise RuntimeError(f"attention kernel rejected a batch of {len(items)} sessions over a shared base of "
+                               f"{n_shared} keys (head_dim {head_dim}, group {group}): {reason} ({status})")
+        return [out if out.dtype == item.q.dtype else out.to(item.q.dtype)
+                for out, item in zip(outs, items, strict=True)]
+
     def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, first: int, stop: int) -> torch.Tensor:
         t, n_heads, head_dim = q.shape
         n_kv, s, _ = k.shape
         group, n = n_heads // n_kv, stop - first
         # The kernel reads q [T, H, D] and writes [n, H * D] as they are (bf16 or fp32); query
         # token i sees the keys up to its own slot s - t + i.
-        rows = q[first:stop]
-        if rows.dtype not in (torch.bfloat16, torch.float32):
-            rows = rows.float()
-        if rows.stride(2) != 1 or rows.stride(1) != head_dim:
-            rows = rows.contiguous()
+        rows = _kernel_rows(q[first:stop], head_dim)
         keys = s - t + stop  # later slots are masked for every row of this call
         scratch = torch.empty(n_kv * -(-keys // self.block) * group * n * (head_dim + 2), dtype=torch.float32)
         out = torch.empty(n, n_heads * head_dim, dtype=rows.dtype)
@@ -164,6 +254,13 @@ class NativeAttention:
         if status != 0:
             raise RuntimeError(f"attention kernel rejected rows={group * n}, head_dim={head_dim} ({status})")
         return out if out.dtype == q.dtype else out.to(q.dtype)
+
+
+def _base_key(item: Attend) -> tuple[object, ...]:
+    """What items must share to go in one batched call: the base's K/V (same storage and length)
+    and the query dtype (one per call)."""
+    (k, v), _ = item.segments
+    return k.data_ptr(), v.data_ptr(), k.shape[1], k.stride(0), v.stride(0), k.dtype, item.q.dtype
 
 
 def build_kernel(cache_dir: Path, isa: str = "native") -> Path:

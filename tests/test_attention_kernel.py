@@ -1,4 +1,5 @@
-"""The C attention kernel: same result as torch's attention, and a row's output independent of the call."""
+"""The C attention kernel: same result as torch's attention, and a row's output independent of the call,
+of the other sessions batched with it and of whether its document prefix is a shared base."""
 
 from __future__ import annotations
 
@@ -7,7 +8,11 @@ import ctypes
 import pytest
 import torch
 
-from decoding.attention import NativeAttention, build_kernel, native_attention, torch_attention
+import decoding.attention
+from decoding.attention import Attend, NativeAttention, build_kernel, joined, native_attention, torch_attention
+from decoding.cache import KVCache
+from decoding.transformer import Rows
+from tests.tiny import tiny_model
 
 
 @pytest.fixture(scope="module")
@@ -99,3 +104,131 @@ def test_other_builds_give_the_native_builds_bits(kernel: NativeAttention, tmp_p
     ours = kernel(q, keys, values, 2)
     assert torch.equal(other(q, keys, values, 2), ours)
     assert (ours.view(2, 12, 128)[..., dims == 1] == 0).all()  # DAZ: they add nothing
+
+
+TOKENS = (1, 2, 7, 10)  # new tokens per session: a decode row, a verify block of 2, of 7, of 10
+OWN_EXTRA = (0, 3, 509, 600, 17, 1100, 40, 1030)  # own slots before the new ones: across block ends
+
+
+def sessions_on_base(n_sessions: int, base: tuple[torch.Tensor, torch.Tensor] | None, head_dim: int,
+                     dtype: torch.dtype, q_dtype: torch.dtype, seed: int) -> list[Attend]:
+    """Sessions (2 K/V heads, group 6) after a shared base, or on their own caches when base is None.
+    From the fifth on, a 1-token session is a padded decode step (2 rows passed, 1 returned)."""
+    gen = torch.Generator().manual_seed(seed)
+    items = []
+    for s in range(n_sessions):
+        tokens = TOKENS[s % len(TOKENS)]
+        passed = 2 if tokens == 1 and s >= len(TOKENS) else tokens
+        own = cache_slices(2, passed + OWN_EXTRA[s % len(OWN_EXTRA)], head_dim, dtype, seed=seed + 1 + s)
+        q = torch.randn(passed, 12, head_dim, generator=gen).to(q_dtype)
+        items.append(Attend(q, (own,) if base is None else (base, own), tokens))
+    return items
+
+
+def assert_each_equals_alone(kernel: NativeAttention, items: list[Attend]) -> None:
+    batched = kernel.attend_all(items)
+    assert len(batched) == len(items)
+    for i, item in enumerate(items):
+        alone = kernel(item.q, *joined(item.segments), item.n_queries)  # rq_attend over the copied K/V
+        assert batched[i].dtype == item.q.dtype and batched[i].shape == alone.shape, i
+        assert torch.equal(batched[i], alone), f"session {i} of {len(items)} differs from its joined K/V"
+        assert torch.equal(kernel.attend_all([item])[0], alone), f"session {i} differs when batched alone"
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("head_dim", [64, 128])
+@pytest.mark.parametrize("n_shared", [0, 512, 1024, 16 * 512])
+def test_batched_sessions_equal_each_session_alone(kernel: NativeAttention, dtype: torch.dtype, head_dim: int,
+                                                   n_shared: int) -> None:
+    # A batched pass must give every session the bits it gets alone: eta = 0 exactness at batch > 1.
+    base = cache_slices(2, n_shared, head_dim, dtype, seed=n_shared) if n_shared else None
+    for n_sessions in range(1, 9):
+        assert_each_equals_alone(kernel, sessions_on_base(n_sessions, base, head_dim, dtype, dtype, seed=n_sessions))
+
+
+def test_a_prefill_chunk_and_mixed_bases_in_one_pass(kernel: NativeAttention) -> None:
+    # Rows past MAX_ROWS in one session (a 100-token prefill chunk, 600 rows per K/V head), a
+    # session whose first rows end inside the base, two different bases, an empty base and sessions
+    # without one, all in one attend_all. 8 threads: the base's rows are split over several work
+    # items (the kernel does that when it has fewer blocks than threads to keep busy).
+    dtype = torch.bfloat16
+    first, second = (cache_slices(2, n, 128, dtype, seed=n) for n in (1024, 2048))
+    empty = cache_slices(2, 0, 128, dtype, seed=9)
+    gen = torch.Generator().manual_seed(2)
+    chunk = Attend(torch.randn(100, 12, 128, generator=gen).to(dtype), (first, cache_slices(2, 130, 128, dtype, 3)),
+                   100)
+    inside = Attend(torch.randn(3, 12, 128, generator=gen).to(dtype), (first, cache_slices(2, 1, 128, dtype, 8)), 3)
+    items = [*sessions_on_base(3, first, 128, dtype, dtype, seed=4), chunk,
+             *sessions_on_base(2, second, 128, dtype, dtype, seed=5), *sessions_on_base(2, None, 128, dtype, dtype, 6),
+             *sessions_on_base(2, empty, 128, dtype, dtype, seed=7), inside]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(8)
+    try:
+        assert_each_equals_alone(kernel, items)
+    finally:
+        torch.set_num_threads(threads)
+    for item, ours in zip(items, kernel.attend_all(items), strict=True):  # and near torch's attention
+        reference = torch_attention(item.q, *joined(item.segments), item.n_queries)
+        torch.testing.assert_close(ours.float(), reference.float(), atol=1e-2, rtol=1e-2)
+
+
+def test_a_shared_base_is_read_in_place(kernel: NativeAttention, monkeypatch: pytest.MonkeyPatch) -> None:
+    # The point of a shared base: no per-session copy of the document K/V per layer and pass.
+    items = sessions_on_base(4, cache_slices(2, 1024, 128, torch.bfloat16, seed=1), 128, torch.bfloat16,
+                             torch.bfloat16, seed=2)
+    expected = [kernel(item.q, *joined(item.segments), item.n_queries) for item in items]
+
+    def no_copy(*args, **kwargs):
+        raise AssertionError("the shared base was copied")
+
+    monkeypatch.setattr(decoding.attention, "joined", no_copy)
+    monkeypatch.setattr(torch, "cat", no_copy)
+    for ours, reference in zip(kernel.attend_all(items), expected, strict=True):
+        assert torch.equal(ours, reference)
+
+
+def test_shapes_the_batched_kernel_refuses_raise(kernel: NativeAttention) -> None:
+    own = cache_slices(2, 20, 128, torch.float32, seed=1)
+    q = torch.randn(3, 12, 128, generator=torch.Generator().manual_seed(2))
+    unaligned = cache_slices(2, 500, 128, torch.float32, seed=3)  # a base must end on a 512-key block
+    with pytest.raises(RuntimeError, match="not a whole number of 512-key blocks"):
+        kernel.attend_all([Attend(q, (unaligned, own), 3)])
+    aligned = cache_slices(2, 512, 128, torch.float32, seed=4)
+    with pytest.raises(ValueError, match="does not fit K/V heads"):
+        kernel.attend_all([Attend(q[..., :64], (aligned, own), 3)])
+    with pytest.raises(ValueError, match="own K/V"):
+        kernel.attend_all([Attend(q, (aligned, cache_slices(2, 20, 128, torch.bfloat16, seed=5)), 3)])
+    with pytest.raises(ValueError, match="query rows"):
+        kernel.attend_all([Attend(q, (aligned, own), 4)])
+    with pytest.raises(ValueError, match="expected 1 or 2"):
+        kernel.attend_all([Attend(q, (aligned, aligned, own), 3)])
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_sessions_on_a_stored_prefix_get_their_logits_alone(kernel: NativeAttention, dtype: torch.dtype) -> None:
+    # The whole path: caches on one shared base (KVCache.on_base, as the prefix cache hands them out)
+    # in one forward_many pass, against each session on a private prefill of the same prefix.
+    model = tiny_model(3, dtype).model
+    prefix = torch.arange(1100) % 251
+    stored = model.new_cache(1100)
+    model.prefill(prefix, stored)
+    questions = [torch.tensor([7, 8, 9, 10, 11, 12, 13]), torch.tensor([40]), torch.tensor([50, 51, 52])]
+    shared = [KVCache.on_base(stored.keys, stored.values, 1100, 1200) for _ in questions]
+    assert all(cache.offset == 1024 for cache in shared)  # two 512-key blocks read from the base in place
+    batched = model.forward_many([Rows(q, cache, all_logits=True) for q, cache in zip(questions, shared, strict=True)])
+    for question, logits in zip(questions, batched, strict=True):
+        private = model.new_cache(1200)
+        model.prefill(prefix, private)
+        assert torch.equal(model.forward(question, private, all_logits=True), logits)
+
+
+@pytest.mark.parametrize("isa", ["avx2", "portable"])
+def test_other_builds_give_the_native_builds_bits_batched(kernel: NativeAttention, tmp_path, isa: str) -> None:
+    if kernel.isa != "avx512-bf16":
+        pytest.skip("this machine builds a non-AVX512-BF16 kernel already")
+    other = NativeAttention(ctypes.CDLL(str(build_kernel(tmp_path, isa))))
+    for dtype, q_dtype in ((torch.bfloat16, torch.bfloat16), (torch.bfloat16, torch.float32), (torch.float32,) * 2):
+        base = cache_slices(2, 1024, 128, dtype, seed=11)
+        items = sessions_on_base(6, base, 128, dtype, q_dtype, seed=12)
+        for i, (ours, theirs) in enumerate(zip(kernel.attend_all(items), other.attend_all(items), strict=True)):
+            assert torch.equal(theirs, ours), (isa, dtype, q_dtype, i)

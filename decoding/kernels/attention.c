@@ -10,6 +10,13 @@
  * only on its query, its valid keys and values - not on how many rows or keys the call has, or
  * on the thread count. A decode step and a verify pass therefore give bit-identical outputs.
  *
+ * Several sessions at once (rq_attend_batch): sessions reading one shared document prefix give
+ * their rows to one call. Each block of the prefix is one work item for every session's rows (read
+ * from memory once), then each session's own keys are blocks of their own; the combine merges a
+ * row's blocks in the order rq_attend would meet them in the joined K/V. The prefix ends on a
+ * block boundary, so every block holds the same keys as in the joined K/V and the outputs are
+ * bit-identical to each session's alone.
+ *
  * GCC vector extensions (16 floats) rather than intrinsics: portable, and the order of every
  * floating-point sum is fixed by the source (no -ffast-math, and -ffp-contract=off so that only
  * the written fused multiply-adds are fused). bf16 K/V take vdpbf16ps on AVX512-BF16; AVX2 and
@@ -36,7 +43,7 @@
 
 #define BLOCK 512      /* keys per work item */
 #define KEY_STEP 16    /* keys per step: one reduce16 of dot products */
-#define MAX_ROWS 64    /* query rows per K/V head (group size x new tokens) */
+#define MAX_ROWS 64    /* query rows per block computation (more are taken this many at a time) */
 #define MAX_VECS 16    /* head_dim / 16 */
 
 /* Read by the Python binding, which sizes the scratch buffer and splits calls with them. */
@@ -565,88 +572,286 @@ BLOCK_VARIANT(256, f32, 0)
 typedef void (*block_fn)(const float *, int, const void *, const void *, const int32_t *, int64_t, int64_t,
                          float, float *);
 
-/* Softmax-weighted merge of the blocks' partial results, in block order, written to out as
- * [token][q head][head_dim] (fp32, or bf16 rounded to nearest even as torch rounds). */
-static void combine(const float *scratch, int n_kv, int group, int tokens, int head_dim, int64_t n_blocks, void *out,
-                    int out_bf16, int64_t out_stride, int n_threads) {
-    const int rows = group * tokens;
-    const int64_t partial_size = (int64_t)rows * (head_dim + 2);
-#pragma omp parallel for schedule(static) num_threads(n_threads)
-    for (int64_t hr = 0; hr < (int64_t)n_kv * rows; ++hr) {
-        const int64_t h = hr / rows, r = hr % rows;
-        float m = -3.0e38f;
-        for (int64_t b = 0; b < n_blocks; ++b) {
-            const float mb = scratch[(h * n_blocks + b) * partial_size + r * (head_dim + 2)];
+static block_fn block_for(int head_dim, int bf16) {
+    switch (head_dim) {
+    case 64: return bf16 ? block_bf16_64 : block_f32_64;
+    case 128: return bf16 ? block_bf16_128 : block_f32_128;
+    case 256: return bf16 ? block_bf16_256 : block_f32_256;
+    default: return 0;
+    }
+}
+
+/* Status codes (0: done). */
+#define RQ_BAD_HEADS -1   /* a head_dim, group or K/V head count it does not take */
+#define RQ_NO_MEMORY -2
+#define RQ_BAD_SHARED -3  /* a shared segment that is not a whole number of blocks, or has no K/V */
+#define RQ_BAD_SESSION -4 /* a session with no rows, no keys, too many keys or no pointers */
+
+/* One session of a batched call. Its keys are counted over the shared segment, then its own
+ * segment: token i sees first_length + i keys, the last of them first_length + tokens - 1. */
+typedef struct {
+    const void *q;        /* [tokens][n_kv * group][head_dim], q_stride elements from one token to the next */
+    int64_t q_stride;
+    int64_t tokens;
+    int64_t first_length;
+    const void *k, *v;    /* its own K/V: own slot j is key n_shared + j */
+    int64_t head_stride;  /* elements from one K/V head to the next in k and v */
+    void *out;            /* [tokens][n_kv * group * head_dim], out_stride elements from one token to the next */
+    int64_t out_stride;
+} rq_session;
+
+/* Where a session's rows and own partial results are. A K/V head's rows are every session's rows
+ * one after another, each session's ordered (group member, token). */
+typedef struct {
+    int64_t rows;         /* group * tokens */
+    int64_t first_row;    /* its first row among a K/V head's rows */
+    int64_t own_keys;     /* keys of its own segment that it reads */
+    int64_t own_blocks;
+    float *own_partials;  /* [n_kv][own_blocks][rows][head_dim + 2] */
+} session_plan;
+
+/* One work item: n_rows rows (taken MAX_ROWS at a time) over keys [begin, end) of one segment's
+ * K/V head. The rows' partial results go to partial, head_dim + 2 floats apart. */
+typedef struct {
+    const char *k, *v;
+    int64_t begin, end;
+    const float *q;         /* the rows' fp32 queries, head_dim apart */
+    const int32_t *lengths; /* the rows' valid key counts, counted from the segment's first key */
+    int64_t n_rows;
+    float *partial;
+} work_item;
+
+/* A run of one row's partial results {max, sum, out[head_dim]} over consecutive blocks. */
+typedef struct {
+    const float *first;
+    int64_t count, stride;
+} partial_run;
+
+static int check_shapes(const void *shared_k, const void *shared_v, int64_t n_shared, const rq_session *sessions,
+                        int n_sessions, int group, int n_kv, int head_dim, int bf16) {
+    if (!block_for(head_dim, bf16) || group < 1 || n_kv < 1) return RQ_BAD_HEADS;
+    if (n_shared < 0 || n_shared % BLOCK != 0 || (n_shared > 0 && (!shared_k || !shared_v))) return RQ_BAD_SHARED;
+    if (n_sessions < 1 || !sessions) return RQ_BAD_SESSION;
+    for (int s = 0; s < n_sessions; ++s) {
+        const rq_session *x = &sessions[s];
+        if (x->tokens < 1 || x->first_length < 1 || x->first_length + x->tokens - 1 > INT32_MAX) return RQ_BAD_SESSION;
+        if (!x->q || !x->out) return RQ_BAD_SESSION;
+        if (x->first_length + x->tokens - 1 > n_shared && (!x->k || !x->v)) return RQ_BAD_SESSION;
+        if ((int64_t)group * x->tokens > INT32_MAX / n_kv) return RQ_BAD_SESSION;
+    }
+    return 0;
+}
+
+/* Fills plans; returns the scratch floats the call needs for its partial results. */
+static int64_t plan_sessions(const rq_session *sessions, int n_sessions, int64_t n_shared, int group, int n_kv,
+                             int head_dim, session_plan *plans, int64_t *total_rows) {
+    int64_t rows = 0, own_partials = 0;
+    for (int s = 0; s < n_sessions; ++s) {
+        session_plan *p = &plans[s];
+        p->rows = group * sessions[s].tokens;
+        p->first_row = rows;
+        const int64_t keys = sessions[s].first_length + sessions[s].tokens - 1 - n_shared;
+        p->own_keys = keys > 0 ? keys : 0;
+        p->own_blocks = (p->own_keys + BLOCK - 1) / BLOCK;
+        rows += p->rows;
+        own_partials += p->own_blocks * p->rows;
+    }
+    *total_rows = rows;
+    return (int64_t)n_kv * (n_shared / BLOCK * rows + own_partials) * (head_dim + 2);
+}
+
+static void run_item(const work_item *w, block_fn block, int head_dim, float scale) {
+    for (int64_t r0 = 0; r0 < w->n_rows; r0 += MAX_ROWS) {
+        const int n = w->n_rows - r0 < MAX_ROWS ? (int)(w->n_rows - r0) : MAX_ROWS;
+        block(w->q + r0 * head_dim, n, w->k, w->v, w->lengths + r0, w->begin, w->end, scale,
+              w->partial + r0 * (head_dim + 2));
+    }
+}
+
+/* Softmax-weighted merge of one row's partial results in block order (the shared segment's blocks,
+ * then its own), written to out (fp32, or bf16 rounded to nearest even as torch rounds). */
+static void combine_row(const partial_run runs[2], int head_dim, void *out, int out_bf16) {
+    float m = -3.0e38f;
+    for (int i = 0; i < 2; ++i)
+        for (int64_t b = 0; b < runs[i].count; ++b) {
+            const float mb = runs[i].first[b * runs[i].stride];
             m = mb > m ? mb : m;
         }
-        float total = 0.0f;
-        float o[256];
-        for (int d = 0; d < head_dim; ++d) o[d] = 0.0f;
-        for (int64_t b = 0; b < n_blocks; ++b) {
-            const float *pb = scratch + (h * n_blocks + b) * partial_size + r * (head_dim + 2);
+    float total = 0.0f;
+    float o[256];
+    for (int d = 0; d < head_dim; ++d) o[d] = 0.0f;
+    for (int i = 0; i < 2; ++i)
+        for (int64_t b = 0; b < runs[i].count; ++b) {
+            const float *pb = runs[i].first + b * runs[i].stride;
             if (pb[1] == 0.0f) continue; /* no valid key of this row in the block */
             const float w = exp_nonpositive(splat(pb[0] - m))[0];
             total += pb[1] * w;
             for (int d = 0; d < head_dim; ++d) o[d] += pb[2 + d] * w;
         }
-        const float inv = 1.0f / total;
-        /* row r is group member r / tokens of K/V head h, at token r % tokens */
-        const int64_t at = (r % tokens) * out_stride + (h * group + r / tokens) * head_dim;
-        for (int d = 0; d < head_dim; ++d) {
-            const float x = o[d] * inv;
-            if (out_bf16) ((uint16_t *)out)[at + d] = f32_to_bf16(x);
-            else ((float *)out)[at + d] = x;
-        }
+    const float inv = 1.0f / total;
+    for (int d = 0; d < head_dim; ++d) {
+        const float x = o[d] * inv;
+        if (out_bf16) ((uint16_t *)out)[d] = f32_to_bf16(x);
+        else ((float *)out)[d] = x;
     }
 }
 
-/* q: [tokens][n_kv * group][head_dim], bf16 (q_bf16 = 1) or fp32, q_stride elements from one
+/* The work items over the shared segment: per (K/V head, block), every session's rows in one item,
+ * so the block is read from memory once for all of them (the row groups after the first find it in
+ * the core's cache). With few blocks, the rows are split over a few items to keep threads busy. */
+static int64_t shared_items(work_item *items, const char *k, const char *v, int64_t head_bytes, int64_t n_shared,
+                            const float *qf, const int32_t *lengths, int64_t rows, int n_kv, int head_dim,
+                            float *partials, int n_threads) {
+    const int64_t n_blocks = n_shared / BLOCK, base = n_kv * n_blocks, groups = (rows + MAX_ROWS - 1) / MAX_ROWS;
+    if (base == 0) return 0;
+    int64_t splits = (2 * (int64_t)n_threads + base - 1) / base;
+    splits = splits < 1 ? 1 : (splits > groups ? groups : splits);
+    const int64_t per = (groups + splits - 1) / splits * MAX_ROWS; /* rows per item, whole groups */
+    int64_t n = 0;
+    for (int64_t h = 0; h < n_kv; ++h)
+        for (int64_t b = 0; b < n_blocks; ++b)
+            for (int64_t r0 = 0; r0 < rows; r0 += per)
+                items[n++] = (work_item){k + h * head_bytes, v + h * head_bytes, b * BLOCK, b * BLOCK + BLOCK,
+                                         qf + (h * rows + r0) * head_dim, lengths + r0,
+                                         rows - r0 < per ? rows - r0 : per,
+                                         partials + ((h * n_blocks + b) * rows + r0) * (head_dim + 2)};
+    return n;
+}
+
+/* The work items over one session's own segment: per (K/V head, block, group of MAX_ROWS rows). */
+static int64_t own_items(work_item *items, const rq_session *x, const session_plan *p, int elem, const float *qf,
+                         const int32_t *own_lengths, int64_t rows, int n_kv, int head_dim) {
+    int64_t n = 0;
+    for (int64_t h = 0; h < n_kv; ++h)
+        for (int64_t b = 0; b < p->own_blocks; ++b) {
+            const int64_t begin = b * BLOCK, end = begin + BLOCK < p->own_keys ? begin + BLOCK : p->own_keys;
+            for (int64_t r0 = 0; r0 < p->rows; r0 += MAX_ROWS)
+                items[n++] = (work_item){(const char *)x->k + h * x->head_stride * elem,
+                                         (const char *)x->v + h * x->head_stride * elem, begin, end,
+                                         qf + (h * rows + p->first_row + r0) * head_dim,
+                                         own_lengths + p->first_row + r0,
+                                         p->rows - r0 < MAX_ROWS ? p->rows - r0 : MAX_ROWS,
+                                         p->own_partials + ((h * p->own_blocks + b) * p->rows + r0) * (head_dim + 2)};
+        }
+    return n;
+}
+
+/* Every session's rows over the shared segment and then its own, into scratch (plan_sessions'
+ * floats): a row's partial result for a block is what rq_attend computes for that block of the
+ * joined K/V, and the combine merges them in the same order, so outputs are bit-identical. */
+static int attend_sessions(const void *shared_k, const void *shared_v, int64_t shared_head_stride, int64_t n_shared,
+                           const rq_session *sessions, int n_sessions, int q_bf16, int bf16, int out_bf16, int group,
+                           int n_kv, int head_dim, float scale, float *scratch, int n_threads) {
+    const block_fn block = block_for(head_dim, bf16);
+    const int elem = bf16 ? 2 : 4;
+    const int64_t n_shared_blocks = n_shared / BLOCK;
+    session_plan *plans = malloc(sizeof(session_plan) * (size_t)n_sessions);
+    if (!plans) return RQ_NO_MEMORY;
+    int64_t rows;
+    plan_sessions(sessions, n_sessions, n_shared, group, n_kv, head_dim, plans, &rows);
+    float *own = scratch + n_kv * n_shared_blocks * rows * (head_dim + 2);
+    int64_t n_items = n_kv * n_shared_blocks * ((rows + MAX_ROWS - 1) / MAX_ROWS);
+    for (int s = 0; s < n_sessions; ++s) {
+        plans[s].own_partials = own;
+        own += n_kv * plans[s].own_blocks * plans[s].rows * (head_dim + 2);
+        n_items += n_kv * plans[s].own_blocks * ((plans[s].rows + MAX_ROWS - 1) / MAX_ROWS);
+    }
+    float *qf = malloc(sizeof(float) * (size_t)(n_kv * rows * head_dim));
+    int32_t *lengths = malloc(sizeof(int32_t) * (size_t)rows * 2); /* counted over the joined keys, then own */
+    int32_t *session_of = malloc(sizeof(int32_t) * (size_t)rows);
+    work_item *items = malloc(sizeof(work_item) * (size_t)(n_items > 0 ? n_items : 1));
+    if (!qf || !lengths || !session_of || !items) {
+        free(plans), free(qf), free(lengths), free(session_of), free(items);
+        return RQ_NO_MEMORY;
+    }
+    int32_t *own_lengths = lengths + rows;
+    for (int s = 0; s < n_sessions; ++s) {
+        const rq_session *x = &sessions[s];
+        for (int64_t r = 0; r < plans[s].rows; ++r) {
+            const int64_t at = plans[s].first_row + r;
+            session_of[at] = s;
+            lengths[at] = (int32_t)(x->first_length + r % x->tokens);
+            own_lengths[at] = (int32_t)(lengths[at] - n_shared); /* may be <= 0: no own key */
+            for (int64_t h = 0; h < n_kv; ++h) {
+                const int64_t from = (r % x->tokens) * x->q_stride + (h * group + r / x->tokens) * head_dim;
+                float *to = qf + (h * rows + at) * head_dim;
+                for (int d = 0; d < head_dim; ++d) {
+                    if (q_bf16) {
+                        const uint32_t u = (uint32_t)((const uint16_t *)x->q)[from + d] << 16;
+                        memcpy(&to[d], &u, 4);
+                    } else {
+                        to[d] = ((const float *)x->q)[from + d];
+                    }
+                }
+            }
+        }
+    }
+    n_items = shared_items(items, shared_k, shared_v, shared_head_stride * elem, n_shared, qf, lengths, rows, n_kv,
+                           head_dim, scratch, n_threads);
+    for (int s = 0; s < n_sessions; ++s)
+        n_items += own_items(items + n_items, &sessions[s], &plans[s], elem, qf, own_lengths, rows, n_kv, head_dim);
+#pragma omp parallel for schedule(dynamic, 1) num_threads(n_threads)
+    for (int64_t i = 0; i < n_items; ++i) run_item(&items[i], block, head_dim, scale);
+    const int64_t partial = head_dim + 2;
+#pragma omp parallel for schedule(static) num_threads(n_threads)
+    for (int64_t hr = 0; hr < n_kv * rows; ++hr) {
+        const int64_t h = hr / rows, at = hr % rows;
+        const rq_session *x = &sessions[session_of[at]];
+        const session_plan *p = &plans[session_of[at]];
+        const int64_t r = at - p->first_row;
+        const partial_run runs[2] = {
+            {scratch + (h * n_shared_blocks * rows + at) * partial, n_shared_blocks, rows * partial},
+            {p->own_partials + (h * p->own_blocks * p->rows + r) * partial, p->own_blocks, p->rows * partial},
+        };
+        /* row r is group member r / tokens of K/V head h, at token r % tokens */
+        const int64_t to = (r % x->tokens) * x->out_stride + (h * group + r / x->tokens) * head_dim;
+        combine_row(runs, head_dim, out_bf16 ? (void *)((uint16_t *)x->out + to) : (void *)((float *)x->out + to),
+                    out_bf16);
+    }
+    free(plans), free(qf), free(lengths), free(session_of), free(items);
+    return 0;
+}
+
+/* Several sessions' new rows in one call, each over an optional shared segment (a document prefix
+ * that every session reads first) and then its own K/V. shared_k, shared_v: n_shared keys per K/V
+ * head (a multiple of BLOCK; 0 for none), shared_head_stride elements from one head to the next,
+ * keys head_dim apart, like every session's own K/V. Each shared block is read once for every
+ * session's rows. q, k, v, out dtypes and scores as in rq_attend; a session's rows may exceed
+ * MAX_ROWS. Every row's output is bit-identical to rq_attend's over the session's shared and own
+ * K/V joined. Returns 0 or a status code (RQ_BAD_HEADS, RQ_NO_MEMORY, RQ_BAD_SHARED, RQ_BAD_SESSION). */
+int rq_attend_batch(const void *shared_k, const void *shared_v, int64_t shared_head_stride, int64_t n_shared,
+                    const rq_session *sessions, int n_sessions, int q_bf16, int bf16, int out_bf16, int group,
+                    int n_kv, int head_dim, float scale, int n_threads) {
+    const int status = check_shapes(shared_k, shared_v, n_shared, sessions, n_sessions, group, n_kv, head_dim, bf16);
+    if (status != 0) return status;
+    session_plan *plans = malloc(sizeof(session_plan) * (size_t)n_sessions);
+    if (!plans) return RQ_NO_MEMORY;
+    int64_t rows;
+    const int64_t floats = plan_sessions(sessions, n_sessions, n_shared, group, n_kv, head_dim, plans, &rows);
+    free(plans);
+    float *scratch = malloc(sizeof(float) * (size_t)(floats > 0 ? floats : 1));
+    if (!scratch) return RQ_NO_MEMORY;
+    const int done = attend_sessions(shared_k, shared_v, shared_head_stride, n_shared, sessions, n_sessions, q_bf16,
+                                     bf16, out_bf16, group, n_kv, head_dim, scale, scratch, n_threads);
+    free(scratch);
+    return done;
+}
+
+/* One session over one K/V segment (rq_attend_batch with no shared segment).
+ * q: [tokens][n_kv * group][head_dim], bf16 (q_bf16 = 1) or fp32, q_stride elements from one
  * token to the next; scores are q . k * scale. k, v: bf16 (bf16 = 1) or fp32; one head is
- * head_stride elements from the next, keys head_dim apart. Token i sees first_length + i keys.
+ * head_stride elements from the next, keys head_dim apart. Token i sees first_length + i keys;
+ * n_keys >= first_length + tokens - 1 (later keys are masked for every row).
  * scratch: n_kv * ceil(n_keys / BLOCK) * group * tokens * (head_dim + 2) floats. out: [tokens]
  * [n_kv * group * head_dim], out_stride elements from one token to the next, bf16 (out_bf16) or
  * fp32. Returns 0, -1 for a shape it does not take, -2 when out of memory. */
 int rq_attend(const void *q, int q_bf16, int64_t q_stride, const void *k, const void *v, int bf16,
               int64_t head_stride, int first_length, int tokens, int group, int n_kv, int head_dim, int64_t n_keys,
               float scale, float *scratch, void *out, int out_bf16, int64_t out_stride, int n_threads) {
-    const int rows = group * tokens;
-    if (rows < 1 || rows > MAX_ROWS) return -1;
-    block_fn block;
-    switch (head_dim) {
-    case 64: block = bf16 ? block_bf16_64 : block_f32_64; break;
-    case 128: block = bf16 ? block_bf16_128 : block_f32_128; break;
-    case 256: block = bf16 ? block_bf16_256 : block_f32_256; break;
-    default: return -1;
-    }
-    /* rows ordered (group member, token) per K/V head: fp32 queries and their valid key counts */
-    float *qf = malloc(sizeof(float) * (size_t)n_kv * rows * head_dim);
-    if (!qf) return -2;
-    int32_t lengths[MAX_ROWS];
-    for (int r = 0; r < rows; ++r) lengths[r] = first_length + r % tokens;
-    for (int h = 0; h < n_kv; ++h)
-        for (int r = 0; r < rows; ++r) {
-            const int64_t from = (r % tokens) * q_stride + (int64_t)(h * group + r / tokens) * head_dim;
-            float *to = qf + ((int64_t)h * rows + r) * head_dim;
-            for (int d = 0; d < head_dim; ++d) {
-                if (q_bf16) {
-                    const uint32_t u = (uint32_t)((const uint16_t *)q)[from + d] << 16;
-                    memcpy(&to[d], &u, 4);
-                } else {
-                    to[d] = ((const float *)q)[from + d];
-                }
-            }
-        }
-    const int64_t n_blocks = (n_keys + BLOCK - 1) / BLOCK;
-    const int64_t partial_size = (int64_t)rows * (head_dim + 2);
-    const int elem = bf16 ? 2 : 4;
-#pragma omp parallel for schedule(dynamic, 1) num_threads(n_threads)
-    for (int64_t item = 0; item < n_kv * n_blocks; ++item) {
-        const int64_t h = item / n_blocks, b = item % n_blocks;
-        const int64_t begin = b * BLOCK, end = begin + BLOCK < n_keys ? begin + BLOCK : n_keys;
-        const char *kh = (const char *)k + h * head_stride * elem, *vh = (const char *)v + h * head_stride * elem;
-        block(qf + h * rows * head_dim, rows, kh, vh, lengths, begin, end, scale, scratch + item * partial_size);
-    }
-    combine(scratch, n_kv, group, tokens, head_dim, n_blocks, out, out_bf16, out_stride, n_threads);
-    free(qf);
-    return 0;
+    const rq_session one = {q, q_stride, tokens, first_length, k, v, head_stride, out, out_stride};
+    if (n_keys < (int64_t)first_length + tokens - 1) return RQ_BAD_HEADS;
+    const int status = check_shapes(0, 0, 0, &one, 1, group, n_kv, head_dim, bf16);
+    if (status != 0) return RQ_BAD_HEADS;
+    return attend_sessions(0, 0, 0, 0, &one, 1, q_bf16, bf16, out_bf16, group, n_kv, head_dim, scale, scratch,
+                           n_threads);
 }
