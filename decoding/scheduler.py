@@ -105,6 +105,7 @@ class Scheduler:
         self.passes = 0  # passes run (tests and benchmarks read it)
         self.largest_batch = 0  # the most sessions one pass has served
         self.shared_passes = 0  # passes that served more than one session
+        self._free_since = 0.0  # when the last pass ended
 
     # ------------------------------------------------------------------ sessions
 
@@ -182,11 +183,13 @@ class Scheduler:
             self._drop_cancelled()
             waiting = {r.ticket for r in self._pending}
             if self._pending:
-                oldest = min(r.arrived for r in self._pending)
+                # Patience counts from when a pass could first run: a request that arrived during
+                # the last pass must not leave the sessions of that pass behind (they alternate then).
+                since = max(min(r.arrived for r in self._pending), self._free_since)
                 everyone = all(t in waiting or t.elsewhere or t.cancelled.is_set() for t in self._active)
-                if everyone or time.perf_counter() - oldest >= self.patience_s:
+                if everyone or time.perf_counter() - since >= self.patience_s:
                     return self._take()
-                self._lock.wait(self.patience_s - (time.perf_counter() - oldest))
+                self._lock.wait(self.patience_s - (time.perf_counter() - since))
             else:
                 self._lock.wait(1.0)
 
@@ -216,12 +219,14 @@ class Scheduler:
             with torch.inference_mode():
                 results = model.forward_many([r.rows for r in batch])
         except BaseException as error:  # handed to every session of the pass, in its own thread
+            self._free_since = time.perf_counter()
             for request in batch:
                 request.error = error
                 request.done.set()
             return
         rows = sum(r.rows.tokens.shape[0] for r in batch)
-        self.costs.record(model, rows, time.perf_counter() - started)
+        self._free_since = time.perf_counter()
+        self.costs.record(model, rows, self._free_since - started)
         self.passes += 1
         self.largest_batch = max(self.largest_batch, len(batch))
         self.shared_passes += len(batch) > 1

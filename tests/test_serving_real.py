@@ -28,7 +28,7 @@ QUESTIONS = (
 @pytest.fixture(scope="module")
 def engine(tmp_path_factory: pytest.TempPathFactory) -> tuple[Engine, object]:
     home = tmp_path_factory.mktemp("serving-home")
-    settings = real_settings(home, small_model(), free_port(), max_new_tokens=24)
+    settings = real_settings(home, small_model(), free_port(), max_new_tokens=64)
     engine = Engine(settings)
     index = engine.open_index(home / "index")
     engine.ingest(index, [small_pdf(home / "R-data-p1-3.pdf")], progress=False)
@@ -139,15 +139,18 @@ def test_two_web_users_are_served_at_the_same_time(engine) -> None:
     answered: dict[int, tuple[float, float]] = {}
 
     with serving(build_app(engine, index.directory), settings) as url:
-        Client(url, verbose=False).predict(QUESTIONS[0], "lc", 24, api_name="/ask")  # warm
+        clients = [Client(url, verbose=False) for _ in range(2)]
+        clients[0].predict(QUESTIONS[0], "lc", 24, api_name="/ask")  # warm
+        together = threading.Barrier(2)
 
         def ask(user: int) -> None:
+            together.wait()
             started = time.perf_counter()
-            Client(url, verbose=False).predict(QUESTIONS[user], "lc", 24, api_name="/ask")
-            answered[user] = (started, time.perf_counter())
+            clients[user].predict(QUESTIONS[user + 1], "lc", 64, api_name="/ask")
+            answered[user + 1] = (started, time.perf_counter())
 
         shared = engine.scheduler.shared_passes
-        users = [threading.Thread(target=ask, args=(i,)) for i in (1, 2)]
+        users = [threading.Thread(target=ask, args=(i,)) for i in (0, 1)]
         for user in users:
             user.start()
         for user in users:
@@ -171,8 +174,10 @@ def test_four_users_at_once_take_at_most_half_the_time_of_one_after_another(engi
     engine.settings = settings
     questions = QUESTIONS[:4]
     with serving(build_app(engine, index.directory), settings) as url:
+        clients = {question: Client(url, verbose=False) for question in questions}
+
         def ask(question: str) -> str:
-            return Client(url, verbose=False).predict(question, "rapid", 24, api_name="/ask")[0]
+            return clients[question].predict(question, "rapid", 64, api_name="/ask")[0]
 
         ask(questions[0])  # warm
         started = time.perf_counter()
