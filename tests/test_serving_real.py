@@ -172,7 +172,11 @@ def test_four_users_at_once_take_at_most_half_the_time_of_one_after_another(engi
     engine, index = engine
     settings = replace(engine.settings, server=replace(engine.settings.server, port=free_port()))
     engine.settings = settings
-    questions = QUESTIONS[:4]
+    # Questions with long answers: the test is about the decoding passes, not the fixed costs around them.
+    questions = ("Describe in detail what this manual covers.",
+                 "List the chapters of this manual with what each covers.",
+                 "Explain the copyright and permission notice of this manual in full.",
+                 "Describe everything the title page of this manual says.")
     with serving(build_app(engine, index.directory), settings) as url:
         clients = {question: Client(url, verbose=False) for question in questions}
 
@@ -180,13 +184,15 @@ def test_four_users_at_once_take_at_most_half_the_time_of_one_after_another(engi
             return clients[question].predict(question, "rapid", 64, api_name="/ask")[0]
 
         ask(questions[0])  # warm
-        started = time.perf_counter()
-        one_by_one = [ask(q) for q in questions]
-        sequential = time.perf_counter() - started
-        started = time.perf_counter()
-        with ThreadPoolExecutor(len(questions)) as pool:
-            together = list(pool.map(ask, questions))
-        concurrent = time.perf_counter() - started
-    print(f"\nfour questions: one after another {sequential:.1f} s, at once {concurrent:.1f} s")
-    assert together == one_by_one
+        sequential = concurrent = 0.0
+        for _ in range(2):  # two rounds, interleaved: a busy moment of the host weighs on both
+            started = time.perf_counter()
+            one_by_one = [ask(q) for q in questions]
+            sequential += time.perf_counter() - started
+            started = time.perf_counter()
+            with ThreadPoolExecutor(len(questions)) as pool:
+                together = list(pool.map(ask, questions))
+            concurrent += time.perf_counter() - started
+            assert together == one_by_one
+    print(f"\nfour questions, two rounds: one after another {sequential:.1f} s, at once {concurrent:.1f} s")
     assert concurrent <= 0.5 * sequential, (concurrent, sequential)
