@@ -1,13 +1,19 @@
-"""Shared fixtures: where the real embedded models are, and engines built on them."""
+"""Shared fixtures: where the real embedded models are, and engines built on them; the tiny pair and
+the attention paths the exactness suites (solo and batched) run on."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 import pytest
+import torch
 
+import decoding.attention
+import decoding.transformer
 from app.options import quiet_environment
+from decoding.attention import torch_attention_all
 from tests.resources import LARGE, SMALL, real_models_dir, require_model
+from tests.tiny import EXACT_VOCAB, tiny_model
 
 quiet_environment()  # before any test imports a library that reads these
 
@@ -23,3 +29,22 @@ def small_model_dir() -> Path:
 @pytest.fixture(scope="session")
 def large_model_dir() -> Path:
     return require_model(LARGE)
+
+
+@pytest.fixture(params=["native", "torch"])
+def attention(request, monkeypatch) -> str:
+    """Run an exactness suite on the C attention kernel and on the torch path (what a GPU, or a
+    machine without a C compiler, runs)."""
+    if request.param == "torch":
+        monkeypatch.setattr(decoding.transformer, "attention_for", lambda device: torch_attention_all)
+    elif decoding.attention.native_attention() is None:
+        pytest.fail("the C attention kernel did not build on this machine")
+    return request.param
+
+
+@pytest.fixture(scope="module", params=[torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def small_vocab_pair(request):
+    """A tiny target and a perturbed copy as drafter: they agree often, not always."""
+    dtype = request.param
+    return (tiny_model(1, dtype, vocab=EXACT_VOCAB),
+            tiny_model(2, dtype, noise_from=1, noise=0.01, vocab=EXACT_VOCAB))

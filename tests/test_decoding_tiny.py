@@ -11,7 +11,6 @@ from transformers import Qwen2Config, Qwen2ForCausalLM
 import decoding.attention
 import decoding.generate
 import decoding.transformer
-from decoding.attention import torch_attention_all
 from decoding.cache import KVCache
 from decoding.drafters import lookup_continuation, vocabulary_head
 from decoding.generate import Finished, PassStats, generate, passage_slots, run_to_end
@@ -19,7 +18,7 @@ from decoding.loaded_model import LoadedModel, Prompt
 from decoding.loading import transformer_from_hf_model
 from decoding.settings import MAX_GAMMA, DecodingSettings
 from decoding.transformer import norm_linear
-from tests.tiny import random_prompt, tiny_model
+from tests.tiny import EXACT_VOCAB, random_prompt, tiny_model
 
 SPECULATIVE = ("sd", "magicdec", "rapid", "rapid-self", "rapid-focus", "lookup")
 
@@ -69,30 +68,12 @@ def test_engine_matches_transformers_logits(hidden_size: int) -> None:
 # A small vocabulary makes n-grams recur, so prompt lookup finds drafts; the drafter reads the last
 # three quarters of the documents and MagicDec's window drops a quarter, so every drafter agrees
 # with the target often but not always. Each exactness run must show both outcomes.
-EXACT_VOCAB = 32
 EXACT_GAMMAS = (1, 3, 6, MAX_GAMMA)
 
 
 def assert_drafted_and_sometimes_wrong(out: Finished, label: object) -> None:
     assert out.stats.drafted > 0 and 0 < out.stats.accepted < out.stats.drafted, (
         label, out.stats.drafted, out.stats.accepted)
-
-
-@pytest.fixture(params=["native", "torch"])
-def attention(request, monkeypatch) -> str:
-    """Run the exactness suite on the C attention kernel and on the torch path."""
-    if request.param == "torch":
-        monkeypatch.setattr(decoding.transformer, "attention_for", lambda device: torch_attention_all)
-    elif decoding.attention.native_attention() is None:
-        pytest.fail("the C attention kernel did not build on this machine")
-    return request.param
-
-
-@pytest.fixture(scope="module", params=[torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-def small_vocab_pair(request):
-    dtype = request.param
-    return (tiny_model(1, dtype, vocab=EXACT_VOCAB),
-            tiny_model(2, dtype, noise_from=1, noise=0.01, vocab=EXACT_VOCAB))
 
 
 def check_drafters_exact(target: LoadedModel, drafter: LoadedModel, length: int) -> None:

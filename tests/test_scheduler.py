@@ -10,12 +10,8 @@ import threading
 import time
 from pathlib import Path
 
-import pytest
 import torch
 
-import decoding.attention
-import decoding.transformer
-from decoding.attention import torch_attention_all
 from decoding.cache import KV_BLOCK, KVCache
 from decoding.generate import Finished, generate, run_to_end
 from decoding.loaded_model import Prompt
@@ -23,25 +19,10 @@ from decoding.pass_costs import PassCosts, best_draft_length
 from decoding.prefix_cache import PrefixCache
 from decoding.scheduler import Cancelled, Others, Scheduler
 from decoding.settings import DecodingSettings
-from tests.test_decoding_tiny import EXACT_VOCAB, assert_drafted_and_sometimes_wrong, passage_spans_of
-from tests.tiny import random_prompt, tiny_model
+from tests.test_decoding_tiny import assert_drafted_and_sometimes_wrong, passage_spans_of
+from tests.tiny import EXACT_VOCAB, random_prompt
 
 METHODS = ("lc", "rapid", "lookup", "sd", "magicdec", "rapid-focus", "rapid-self")
-
-
-@pytest.fixture(params=["native", "torch"])
-def attention(request, monkeypatch) -> str:
-    if request.param == "torch":  # what a GPU, or a machine without a C compiler, runs
-        monkeypatch.setattr(decoding.transformer, "attention_for", lambda device: torch_attention_all)
-    elif decoding.attention.native_attention() is None:
-        pytest.fail("the C attention kernel did not build on this machine")
-    return request.param
-
-
-@pytest.fixture(scope="module", params=[torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-def models(request):
-    return (tiny_model(1, request.param, vocab=EXACT_VOCAB),
-            tiny_model(2, request.param, noise_from=1, noise=0.01, vocab=EXACT_VOCAB))
 
 
 def settings(method: str, **overrides) -> DecodingSettings:
@@ -97,10 +78,10 @@ def prompts(length: int, seed: int) -> tuple[Prompt, Prompt]:
     return prompt, Prompt(prompt.prefix[length // 4 :], prompt.suffix)
 
 
-def test_batched_sessions_get_their_solo_tokens(models, attention: str) -> None:
+def test_batched_sessions_get_their_solo_tokens(small_vocab_pair, attention: str) -> None:
     """Every method side by side, one joining mid-stream and one cancelled: each of the others returns
     exactly what it returns alone, and the passes really were shared."""
-    target, drafter = models
+    target, drafter = small_vocab_pair
     scheduler = Scheduler(max_sessions=len(METHODS) + 2)
     inputs = {method: prompts(300 + 37 * i, seed=i) for i, method in enumerate(METHODS)}
     alone = {method: solo(method, target, drafter, *inputs[method]) for method in METHODS}
@@ -125,10 +106,10 @@ def test_batched_sessions_get_their_solo_tokens(models, attention: str) -> None:
     assert scheduler.active_sessions() == 0
 
 
-def test_planned_draft_lengths_keep_the_solo_tokens(models) -> None:
+def test_planned_draft_lengths_keep_the_solo_tokens(small_vocab_pair) -> None:
     """With the scheduler choosing each draft's length from measured pass costs, the tokens stay the
     same: only how fast they come changes."""
-    target, drafter = models
+    target, drafter = small_vocab_pair
     scheduler = Scheduler(max_sessions=4)
     methods = ("rapid", "sd", "lookup", "lc")
     inputs = {method: prompts(400 + 11 * i, seed=20 + i) for i, method in enumerate(methods)}
@@ -143,10 +124,10 @@ def test_planned_draft_lengths_keep_the_solo_tokens(models) -> None:
     assert any(s.result is not None and s.result.stats.draft_lengths for s in sessions)
 
 
-def test_sessions_share_one_copy_of_a_stored_prefix(models, attention: str, tmp_path: Path) -> None:
+def test_sessions_share_one_copy_of_a_stored_prefix(small_vocab_pair, attention: str, tmp_path: Path) -> None:
     """Prefixes longer than a kernel block are handed out as a shared read-only base: sessions on it
     read the same memory, write only their own slots, and decode what they decode without the cache."""
-    target, drafter = models
+    target, drafter = small_vocab_pair
     prompt, rag = prompts(3 * KV_BLOCK + 100, seed=7)
     cache = PrefixCache(tmp_path, {})
     stored = target.model.new_cache(len(prompt.prefix) + 1)
@@ -170,8 +151,8 @@ def test_sessions_share_one_copy_of_a_stored_prefix(models, attention: str, tmp_
         assert session.result.stats.prefix_cached_tokens == len(prompt.prefix)
 
 
-def test_a_stopped_session_leaves_at_its_next_pass(models) -> None:
-    target, drafter = models
+def test_a_stopped_session_leaves_at_its_next_pass(small_vocab_pair) -> None:
+    target, drafter = small_vocab_pair
     prompt, rag = prompts(2000, seed=3)
     scheduler = Scheduler(max_sessions=2)
     session = Session(scheduler, "lc", target, drafter, prompt, rag, cancel_after=1)
