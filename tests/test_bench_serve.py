@@ -10,10 +10,10 @@ from pathlib import Path
 
 import pytest
 
-from bench.serve import QUESTIONS, DOCUMENT, document_questions, main, user_counts
+from bench.serve import DOCUMENT, QUESTIONS, document_questions, main, user_counts
 from bench.serve_metrics import UserResult, aggregate_tokens_per_s, markdown_table, percentile, round_row
 from bench.serve_peer import PeerMissing, completion_request, find_llama_server, server_command
-from bench.serve_round import run_round
+from bench.serve_round import Ask, run_round
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -125,7 +125,7 @@ def test_users_start_together_and_a_failure_stays_with_its_user() -> None:
     arrived: list[float] = []
     lock = threading.Lock()
 
-    def ask(name: str, fail: bool, delay: float):  # noqa: ANN202
+    def ask(name: str, fail: bool, delay: float) -> tuple[str, Ask]:
         def run(started: float) -> UserResult:
             with lock:
                 arrived.append(started)
