@@ -4,15 +4,20 @@ GGUF file our target was converted from, reading our LC's prompt tokens.
 Per round a fresh server with N slots (-c N x (prompt + answer): each slot holds one whole answer),
 each slot first given the document prefix (cache_prompt, one token predicted), then the N users
 send their questions at once as streamed /completion requests, so time to first token is seen by
-the client. The prompts are sent as token ids, which llama.cpp reads as they are; the count the
-server reports reading is checked against ours. The solo answers (the reference for "= alone")
-come from a one-slot server, one question after another.
+the client. Slot 0 prefills the prefix and saves it (llama.cpp's slot save; a saved slot loads
+only into a server with the same slot count), and every other slot restores that file before its
+warm-up request, which then reads one token: the same KV in every slot, the document read once
+per server. The prompts are sent as token
+ids, which llama.cpp reads as they are; the count the server reports reading is checked against
+ours. The solo answers (the reference for "= alone") come from the first round's server (one
+slot with --users 1,...), one question after another, before its round.
 """
 
 from __future__ import annotations
 
 import http.client
 import json
+import shutil
 import socket
 import subprocess
 import tempfile
@@ -46,11 +51,12 @@ def find_llama_server(home: Path) -> Path:
 
 
 def server_command(binary: Path, gguf: Path, slots: int, prompt_tokens: int, new_tokens: int, threads: int,
-                   port: int, extra: Sequence[str] = ()) -> list[str]:
-    """llama-server with `slots` slots of prompt + answer tokens each, continuous batching, greedy."""
+                   port: int, slot_files: Path, extra: Sequence[str] = ()) -> list[str]:
+    """llama-server with `slots` slots of prompt + answer tokens each, continuous batching, greedy;
+    slots are saved to and restored from slot_files."""
     return [str(binary), "-m", str(gguf), "-np", str(slots), "-c", str(slots * (prompt_tokens + new_tokens)),
             "--cont-batching", "-t", str(threads), "-tb", str(threads), "--temp", "0", "-n", str(new_tokens),
-            "--host", "127.0.0.1", "--port", str(port), "--no-webui", *extra]
+            "--host", "127.0.0.1", "--port", str(port), "--no-webui", "--slot-save-path", str(slot_files), *extra]
 
 
 def completion_request(prompt: Sequence[int], new_tokens: int, slot: int, stream: bool) -> dict[str, object]:
@@ -112,20 +118,30 @@ def _wait_ready(server: Server, process: subprocess.Popen[bytes]) -> None:
     raise RuntimeError(f"llama-server did not get ready in {START_TIMEOUT_S} s: {server.log.read_text()[-2000:]}")
 
 
-def _post(server: Server, body: dict[str, object]) -> http.client.HTTPResponse:
+def _post(server: Server, body: dict[str, object], path: str = "/completion") -> http.client.HTTPResponse:
     connection = server.connection()
-    connection.request("POST", "/completion", json.dumps(body), {"Content-Type": "application/json"})
+    connection.request("POST", path, json.dumps(body), {"Content-Type": "application/json"})
     response = connection.getresponse()
     if response.status != 200:
         raise RuntimeError(f"llama-server answered {response.status}: {response.read()[-1000:]!r}")
     return response
 
 
+PREFIX_FILE = "document-prefix.bin"
+
+
 def warm_slots(server: Server, prefix: Sequence[int], slots: int) -> float:
-    """Each slot reads the document prefix (one token predicted), so timed questions find it cached; seconds."""
+    """Each slot reads the document prefix (one token predicted), so timed questions find it cached:
+    slot 0 prefills it and saves it, the others restore it first. Seconds."""
     started = time.perf_counter()
     for slot in range(slots):
-        json.loads(_post(server, completion_request(prefix, 1, slot, stream=False)).read())
+        if slot > 0:
+            _post(server, {"filename": PREFIX_FILE}, f"/slots/{slot}?action=restore").read()
+        reply = json.loads(_post(server, completion_request(prefix, 1, slot, stream=False)).read())
+        if reply.get("tokens_evaluated") != len(prefix):
+            raise RuntimeError(f"llama-server read {reply.get('tokens_evaluated')} prefix tokens, ours {len(prefix)}")
+        if slot == 0 and slots > 1:
+            _post(server, {"filename": PREFIX_FILE}, "/slots/0?action=save").read()
     return time.perf_counter() - started
 
 
@@ -165,22 +181,33 @@ def peer_rows(binary: Path, gguf: Path, prompts: Sequence[tuple[str, list[int]]]
     """The peer's rows, one per user count, and what ran (commands, warm-up seconds)."""
     longest = max(len(tokens) for _, tokens in prompts)
 
-    def command(slots: int) -> Callable[[int], list[str]]:
-        return lambda port: server_command(binary, gguf, slots, longest, new_tokens, threads, port, extra)
+    slot_files = Path(tempfile.mkdtemp(prefix="llama-slots-"))
 
+    def command(slots: int) -> Callable[[int], list[str]]:
+        return lambda port: server_command(binary, gguf, slots, longest, new_tokens, threads, port, slot_files, extra)
+
+    try:
+        return _rounds(command, prompts, prefix, user_counts, new_tokens, log)
+    finally:
+        shutil.rmtree(slot_files, ignore_errors=True)
+
+
+def _rounds(command: Callable[[int], Callable[[int], list[str]]], prompts: Sequence[tuple[str, list[int]]],
+            prefix: list[int], user_counts: Sequence[int], new_tokens: int,
+            log: Callable[[str], None]) -> tuple[list[dict[str, object]], dict[str, object]]:
     commands: dict[str, list[str]] = {}
     warm_s: dict[str, float] = {}
-    with running_server(command(1)) as server:
-        log(f"[{PEER_NAME}: the {len(prompts)} questions alone]")
-        warm_slots(server, prefix, 1)
-        solo = {question_id: run_round([server_user(server, question_id, tokens, new_tokens, 0)])[0]
-                for question_id, tokens in prompts}
+    solo: dict[str, UserResult] = {}
     rows = []
     for count in user_counts:
         with running_server(command(count)) as server:
             commands[str(count)] = command(count)(server.port)
-            log(f"[{PEER_NAME}: warming {count} slot(s) with the document prefix]")
+            log(f"[{PEER_NAME}: {count} slot(s), each given the {len(prefix)}-token document prefix]")
             warm_s[str(count)] = warm_slots(server, prefix, count)
+            if not solo:
+                log(f"[{PEER_NAME}: the {len(prompts)} questions alone]")
+                solo = {question_id: run_round([server_user(server, question_id, tokens, new_tokens, 0)])[0]
+                        for question_id, tokens in prompts}
             users = [server_user(server, question_id, tokens, new_tokens, slot)
                      for slot, (question_id, tokens) in enumerate(prompts[:count])]
             log(f"[{PEER_NAME}: {count} user(s) at once]")

@@ -82,7 +82,8 @@ def test_markdown_table_has_a_header_and_formats_each_figure() -> None:
 
 def test_llama_server_command_line() -> None:
     command = server_command(Path("/peers/bin/llama-server"), Path("/m/model.gguf"), slots=4, prompt_tokens=20700,
-                             new_tokens=128, threads=2, port=8123, extra=["--cache-ram", "0"])
+                             new_tokens=128, threads=2, port=8123, slot_files=Path("/tmp/slots"),
+                             extra=["--cache-ram", "0"])
     text = " ".join(command)
     assert command[0] == "/peers/bin/llama-server"
     assert re.search(r"-m /m/model.gguf\b", text)
@@ -92,6 +93,7 @@ def test_llama_server_command_line() -> None:
     assert re.search(r"-t 2 -tb 2\b", text)
     assert re.search(r"--temp 0\b", text) and re.search(r"-n 128\b", text)
     assert re.search(r"--host 127.0.0.1 --port 8123\b", text)
+    assert re.search(r"--slot-save-path /tmp/slots\b", text)  # the prefix is read once, restored per slot
     assert command[-2:] == ["--cache-ram", "0"]
 
 
