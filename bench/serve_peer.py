@@ -188,6 +188,8 @@ def peer_rows(binary: Path, gguf: Path, prompts: Sequence[tuple[str, list[int]]]
 
     try:
         return _rounds(command, prompts, prefix, user_counts, new_tokens, log)
+    except (OSError, http.client.HTTPException) as error:  # the server died or dropped a connection
+        raise RuntimeError(f"{PEER_NAME}: {type(error).__name__}: {error}") from error
     finally:
         shutil.rmtree(slot_files, ignore_errors=True)
 

@@ -154,3 +154,40 @@ def test_each_user_gets_a_different_question_spread_over_the_file() -> None:
         document_questions(QUESTIONS, DOCUMENT, 1000)
     with pytest.raises(CliError, match="--users"):
         user_counts("1,0")
+
+
+FAKE_SERVER = '''#!{python}
+"""A llama-server stand-in: healthy, then it drops every /completion connection (a crash mid-answer)."""
+import sys
+from http.server import BaseHTTPRequestHandler, HTTPServer
+
+
+class Handler(BaseHTTPRequestHandler):
+    def do_GET(self):
+        self.send_response(200)
+        self.end_headers()
+
+    def do_POST(self):
+        self.connection.close()
+
+    def log_message(self, *args):
+        pass
+
+
+HTTPServer(("127.0.0.1", int(sys.argv[sys.argv.index("--port") + 1])), Handler).serve_forever()
+'''
+
+
+@pytest.mark.parametrize("script", ["#!/bin/sh\necho 'error: cannot load the model'\nexit 3\n", FAKE_SERVER])
+def test_a_failing_server_is_a_runtime_error_bench_serve_reports(tmp_path: Path, script: str) -> None:
+    """bench.serve keeps its own rows and records the peer's error when the server dies, at start or
+    mid-answer (a dropped connection must not escape as a traceback)."""
+    import sys
+
+    from bench.serve_peer import peer_rows
+
+    binary = tmp_path / "llama-server"
+    binary.write_text(script.replace("{python}", sys.executable))
+    binary.chmod(0o755)
+    with pytest.raises(RuntimeError, match=r"exited|RemoteDisconnected|ConnectionResetError"):
+        peer_rows(binary, tmp_path / "model.gguf", [("q1", [1, 2, 3])], [1, 2], [1], 4, 1, [], lambda _: None)
