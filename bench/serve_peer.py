@@ -170,6 +170,8 @@ def server_user(server: Server, question_id: str, prompt: Sequence[int], new_tok
             raise RuntimeError("llama-server's stream ended without a final chunk")
         if final.get("tokens_evaluated") != len(prompt):  # token ids go in as they are: a mismatch is a bug
             raise RuntimeError(f"llama-server read {final.get('tokens_evaluated')} prompt tokens, ours {len(prompt)}")
+        if final.get("stop_type") == "eos" and tokens:
+            tokens = tokens[:-1]  # the server streams the end-of-answer token too; Engine.answer's tokens leave it out
         return UserResult(question_id, first, ended - started, tokens, started, ended)
 
     return question_id, ask

@@ -4,6 +4,7 @@ line and requests it builds, its rounds' barrier and errors, and its question ch
 from __future__ import annotations
 
 import re
+import sys
 import threading
 import time
 from pathlib import Path
@@ -12,7 +13,7 @@ import pytest
 
 from bench.serve import DOCUMENT, QUESTIONS, document_questions, main, user_counts
 from bench.serve_metrics import UserResult, aggregate_tokens_per_s, markdown_table, percentile, round_row
-from bench.serve_peer import PeerMissing, completion_request, find_llama_server, server_command
+from bench.serve_peer import PeerMissing, completion_request, find_llama_server, peer_rows, server_command
 from bench.serve_round import Ask, run_round
 
 REPO = Path(__file__).resolve().parent.parent
@@ -182,12 +183,48 @@ HTTPServer(("127.0.0.1", int(sys.argv[sys.argv.index("--port") + 1])), Handler).
 def test_a_failing_server_is_a_runtime_error_bench_serve_reports(tmp_path: Path, script: str) -> None:
     """bench.serve keeps its own rows and records the peer's error when the server dies, at start or
     mid-answer (a dropped connection must not escape as a traceback)."""
-    import sys
-
-    from bench.serve_peer import peer_rows
-
     binary = tmp_path / "llama-server"
     binary.write_text(script.replace("{python}", sys.executable))
     binary.chmod(0o755)
     with pytest.raises(RuntimeError, match=r"exited|RemoteDisconnected|ConnectionResetError"):
         peer_rows(binary, tmp_path / "model.gguf", [("q1", [1, 2, 3])], [1, 2], [1], 4, 1, [], lambda _: None)
+
+
+STREAMING_SERVER = '''#!{python}
+"""A llama-server stand-in that streams three tokens, the last one the end of the answer."""
+import json
+import sys
+from http.server import BaseHTTPRequestHandler, HTTPServer
+
+
+class Handler(BaseHTTPRequestHandler):
+    def do_GET(self):
+        self.send_response(200)
+        self.end_headers()
+
+    def do_POST(self):
+        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        self.send_response(200)
+        self.end_headers()
+        final = {"stop": True, "tokens": [], "tokens_evaluated": len(body["prompt"]), "stop_type": "eos"}
+        chunks = [{"tokens": [5]}, {"tokens": [6]}, {"tokens": [151645]}, final] if body["stream"] else [final]
+        for chunk in chunks:
+            self.wfile.write(("data: " if body["stream"] else "").encode() + json.dumps(chunk).encode() + b"\\n\\n")
+
+    def log_message(self, *args):
+        pass
+
+
+HTTPServer(("127.0.0.1", int(sys.argv[sys.argv.index("--port") + 1])), Handler).serve_forever()
+'''
+
+
+def test_the_peers_answer_tokens_leave_out_the_end_token_as_ours_do(tmp_path: Path) -> None:
+    """llama-server streams the end-of-answer token; Engine.answer's token_ids never hold it, so the
+    peer's answer length (and its throughput) would count one token more per answer."""
+    binary = tmp_path / "llama-server"
+    binary.write_text(STREAMING_SERVER.replace("{python}", sys.executable))
+    binary.chmod(0o755)
+    rows, _ = peer_rows(binary, tmp_path / "model.gguf", [("q1", [1, 2, 3])], [1, 2], [1], 4, 1, [], lambda _: None)
+    assert rows[0]["answer_tokens"] == 2 and rows[0]["per_user"][0]["tokens"] == 2
+    assert rows[0]["same_tokens_as_solo"] == "1/1"
