@@ -32,10 +32,15 @@ class LlamaCpp:
         return str(self.bin_dir / name)
 
 
-def find_llama_cpp(home: Path, threads: int) -> LlamaCpp | None:
-    """The built tools (RAPIDQA_LLAMA_CPP_BIN, else $RAPIDQA_HOME/peers/llama.cpp/bin), or None."""
+def llama_cpp_bin_dir(home: Path) -> Path:
+    """Where `make peers` puts llama.cpp's tools: RAPIDQA_LLAMA_CPP_BIN, else $RAPIDQA_HOME/peers/llama.cpp/bin."""
     configured = os.environ.get("RAPIDQA_LLAMA_CPP_BIN")
-    bin_dir = Path(configured) if configured else home / "peers" / "llama.cpp" / "bin"
+    return Path(configured) if configured else home / "peers" / "llama.cpp" / "bin"
+
+
+def find_llama_cpp(home: Path, threads: int) -> LlamaCpp | None:
+    """The built tools (llama_cpp_bin_dir), or None."""
+    bin_dir = llama_cpp_bin_dir(home)
     if all((bin_dir / tool).exists() for tool in TOOLS):
         return LlamaCpp(bin_dir, threads)
     return None
