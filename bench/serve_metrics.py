@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 
 @dataclass(frozen=True)
@@ -21,6 +21,7 @@ class UserResult:
     started: float  # perf_counter at the user's start (the round's wall clock spans all users)
     ended: float  # perf_counter when the answer finished or failed
     error: str | None = None
+    draft_lengths: list[int] = field(default_factory=list)  # what the scheduler chose before each verify
 
 
 def percentile(values: Sequence[float], q: float) -> float | None:
@@ -69,11 +70,16 @@ def round_row(engine: str, users: Sequence[UserResult], solo: dict[str, UserResu
         "answer_p50_over_solo": _ratio(percentile(seconds, 50), percentile(solo_s, 50)),
         "same_tokens_as_solo": f"{sum(same)}/{len(users)}",
         "peak_rss_gb": peak_rss_gb,
+        "mean_draft_length": _mean([k for u in answered for k in u.draft_lengths]),
         "per_user": [{"question_id": u.question_id, "first_token_s": u.first_token_s, "answer_s": u.answer_s,
                       "tokens": len(u.tokens), "error": u.error,
                       "solo_answer_s": solo[u.question_id].answer_s if u.question_id in solo else None}
                      for u in users],
     }
+
+
+def _mean(values: Sequence[float]) -> float | None:
+    return sum(values) / len(values) if values else None
 
 
 def _ratio(a: float | None, b: float | None) -> float | None:
@@ -92,6 +98,7 @@ COLUMNS = (  # (header, key, format)
     ("p50 / alone", "answer_p50_over_solo", "{:.2f}x"),
     ("= alone", "same_tokens_as_solo", "{}"),
     ("peak RSS GB", "peak_rss_gb", "{:.2f}"),
+    ("mean draft", "mean_draft_length", "{:.1f}"),
 )
 
 

@@ -58,6 +58,7 @@ def engine_user(engine: Engine, index: HybridIndex, question_id: str, question: 
         ended = time.perf_counter()
         if done is None:
             raise RuntimeError("the answer stream ended without a Done event")
-        return UserResult(question_id, first, ended - started, list(done.token_ids), started, ended)
+        return UserResult(question_id, first, ended - started, list(done.token_ids), started, ended,
+                          draft_lengths=list(done.stats.draft_lengths))
 
     return question_id, ask
