@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-import app.pipeline as pipeline
+import app.documents as documents
 from app.config import Limits, ModelSettings, Settings
 from app.events import Done, Sources
 from app.pipeline import Engine, answer_once
@@ -75,13 +75,13 @@ def index(engine: Engine, tmp_path: Path) -> Iterator[HybridIndex]:
 def prefills(monkeypatch: pytest.MonkeyPatch) -> list[tuple[int, int]]:
     """(tokens restored from the cache, prefix length) of every document prefill the engine runs."""
     seen: list[tuple[int, int]] = []
-    real = pipeline.prefill_parts
+    real = documents.prefill_parts
 
-    def spy(model, prefix, cuts, cache, progress=None):  # type: ignore[no-untyped-def]
+    def spy(model, prefix, cuts, cache, progress=None, run=None):  # type: ignore[no-untyped-def]
         seen.append((cache.length, len(prefix)))
-        return real(model, prefix, cuts, cache, progress)
+        return real(model, prefix, cuts, cache, progress, run)
 
-    monkeypatch.setattr(pipeline, "prefill_parts", spy)
+    monkeypatch.setattr(documents, "prefill_parts", spy)
     return seen
 
 
