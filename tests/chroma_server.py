@@ -11,7 +11,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from tests.resources import missing
+from tests.resources import missing, stop_process
 
 
 def chroma_cli() -> Path:
@@ -51,9 +51,4 @@ def chroma_server(data: Path, timeout: float = 60.0) -> Iterator[str]:
             time.sleep(0.1)
         yield f"http://127.0.0.1:{port}"
     finally:
-        server.terminate()
-        try:
-            server.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            server.kill()
-            server.wait()
+        stop_process(server, 20)

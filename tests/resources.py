@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import subprocess
 from pathlib import Path
 from typing import NoReturn
 
@@ -55,3 +56,13 @@ def require_chromium() -> Path:
     if found is None:
         missing("chromium is not on PATH (`make browser` installs Debian's)")
     return Path(found)
+
+
+def stop_process(process: subprocess.Popen, timeout: float = 30) -> None:
+    """Terminate a server a test started; kill it when it does not stop within `timeout` seconds."""
+    process.terminate()
+    try:
+        process.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()

@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 
 from tests.chroma_server import chroma_server
-from tests.resources import real_models_dir
+from tests.resources import real_models_dir, stop_process
 from tests.ui_helpers import EXPECTED, QUESTION, REPO, free_port, small_model, small_pdf, wait_until
 
 pytestmark = [pytest.mark.real_models, pytest.mark.timeout(900)]
@@ -44,12 +44,7 @@ def ask_serve(tmp_path: Path, name: str, model: Path,
     try:
         yield server, port, log
     finally:
-        server.terminate()
-        try:
-            server.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            server.kill()
-            server.wait()
+        stop_process(server, 30)
 
 
 def client(port: int) -> Any:

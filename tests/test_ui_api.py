@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING
 
 import pytest
 
+from tests.resources import stop_process
 from tests.ui_helpers import (
     EXPECTED,
     QUESTION,
@@ -199,9 +200,4 @@ def test_ask_serve_listens_on_loopback_only(tmp_path: Path) -> None:
         assert server.poll() is None, log.read_text()[-3000:]
         assert listening_addresses(server.pid, port) == {"127.0.0.1"}
     finally:
-        server.terminate()
-        try:
-            server.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            server.kill()
-            server.wait()
+        stop_process(server, 20)
