@@ -61,12 +61,15 @@ def run_in_session(scheduler: Scheduler, name: str, work: Work) -> Iterator[Even
         finally:
             events.put(_End())
 
-    threading.Thread(target=body, name=f"rapidqa-{name}", daemon=True).start()
+    thread = threading.Thread(target=body, name=f"rapidqa-{name}", daemon=True)
+    thread.start()
     try:
         while not isinstance(item := events.get(), _End):
             if isinstance(item, _Failure):
+                thread.join()
                 raise item.error
             yield item
+        thread.join()  # it has left its session and only returns now: the caller sees it ended
     finally:
         stop.set()
         for ticket in held:

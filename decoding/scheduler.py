@@ -162,7 +162,10 @@ class Scheduler:
 
     def _start_worker(self) -> None:
         if self._worker is None or not self._worker.is_alive():
-            self._worker = threading.Thread(target=self._serve, name="rapidqa-scheduler", daemon=True)
+            # Not a daemon: it leaves as soon as no session is left, and the interpreter waits for
+            # that, so torch is never torn down under a pass or this thread's own exit (an abort,
+            # "terminate called without an active exception", at the end of `ask`).
+            self._worker = threading.Thread(target=self._serve, name="rapidqa-scheduler", daemon=False)
             self._worker.start()
 
     def _serve(self) -> None:
