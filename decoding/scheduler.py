@@ -180,10 +180,13 @@ class Scheduler:
         """Wait (holding the lock) until a pass should run; the requests it serves, removed from the
         queue. None when no session is active."""
         while True:
-            if not self._active and not self._pending:
+            if not threading.main_thread().is_alive():  # the program is ending: no one reads these sessions
+                for ticket in self._active:
+                    ticket.cancelled.set()
+            self._drop_cancelled()
+            if not self._pending and (not self._active or not threading.main_thread().is_alive()):
                 self._worker = None
                 return None
-            self._drop_cancelled()
             waiting = {r.ticket for r in self._pending}
             if self._pending:
                 # Patience counts from when a pass could first run: a request that arrived during
