@@ -13,16 +13,19 @@ from __future__ import annotations
 import itertools
 import threading
 import weakref
-from typing import Protocol
+from dataclasses import dataclass
 
 from torch import nn
 
 SMOOTHING = 0.3  # weight of a new measurement in a row count's running mean
 
 
-class OtherSessions(Protocol):
-    sessions: int  # other sessions in the passes
-    drafting: int  # of them, those that draft
+@dataclass(frozen=True)
+class Others:
+    """What the other active sessions add to a pass, as one session plans its draft."""
+
+    sessions: int
+    drafting: int  # of them, sessions that draft (they share the drafting passes)
 
 
 class PassCosts:
@@ -59,7 +62,7 @@ def expected_tokens(k: int, acceptance: float) -> float:
 
 
 def best_draft_length(costs: PassCosts, target: nn.Module, drafter: nn.Module | None, longest: int,
-                      acceptance: float, others: OtherSessions) -> int:
+                      acceptance: float, others: Others) -> int:
     """The draft length in 0..longest that gives the batch the most tokens per second, if every
     drafting session drafts that many: (the drafting sessions' expected tokens + one per session that
     does not draft) / (the target pass with everyone's rows + the drafting passes). drafter: the model

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from decoding.pass_costs import PassCosts, best_draft_length
+from decoding.pass_costs import Others, PassCosts, best_draft_length
 from decoding.transformer import Rows, Transformer
 
 
@@ -80,14 +80,6 @@ class Ticket:
         gives the same tokens: this only decides how fast they come."""
         self.drafts = True
         return best_draft_length(self.scheduler.costs, model, drafter, longest, acceptance, self.scheduler.others(self))
-
-
-@dataclass(frozen=True)
-class Others:
-    """What the other active sessions add to a pass, as this session plans its draft."""
-
-    sessions: int
-    drafting: int  # of them, sessions that draft (they share the drafting passes)
 
 
 class Scheduler:

@@ -15,9 +15,9 @@ import torch
 from decoding.cache import KV_BLOCK, KVCache
 from decoding.generate import Finished, generate, run_to_end
 from decoding.loaded_model import Prompt
-from decoding.pass_costs import PassCosts, best_draft_length
+from decoding.pass_costs import Others, PassCosts, best_draft_length
 from decoding.prefix_cache import PrefixCache
-from decoding.scheduler import Cancelled, Others, Scheduler
+from decoding.scheduler import Cancelled, Scheduler
 from decoding.settings import DecodingSettings
 from tests.test_decoding_tiny import assert_drafted_and_sometimes_wrong, passage_spans_of
 from tests.tiny import EXACT_VOCAB, random_prompt
