@@ -312,8 +312,9 @@ class PrefixCache:
         with self._lock:
             hot = list(reversed(self._hot.items()))
         known = [(key, entry.cut_keys) for key, entry in hot]
+        held = {key for key, _ in hot}
         for name in self.store.names():
-            if all(name != key for key, _ in hot):
+            if name not in held:
                 known.append((name, json.loads(self.store.metadata(name).get("cuts", "[]"))))
         return known
 
