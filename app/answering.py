@@ -8,11 +8,12 @@ read, passages without chunk KV, the generation, a comparison with LC) runs in a
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, replace
 
 import torch
 
+from app.config import Settings
 from app.conversation import (
     REWRITE_SYSTEM,
     REWRITE_TOKENS,
@@ -29,7 +30,7 @@ from app.errors import QuestionError
 from app.events import Done, Event, Progress, Sources, Status, Token
 from app.passage_tokens import passage_token_spans
 from app.speedup import LcReference, measured_speedup
-from app.worker import Emit, run_in_session, run_to_end
+from app.worker import Emit, run_in_session, watch
 from decoding.generate import Finished, PassStats, TextDelta, generate
 from decoding.loaded_model import LoadedModel, Prompt
 from decoding.methods import BASELINE, Drafting, method_info
@@ -58,8 +59,8 @@ class Question:
 
 
 class Answering(Documents):
-    def __init__(self, *args, **kwargs) -> None:  # type: ignore[no-untyped-def]
-        super().__init__(*args, **kwargs)
+    def __init__(self, settings: Settings, log: Callable[[str], None] = print) -> None:
+        super().__init__(settings, log)
         self.lc_reference = LcReference(self.settings.home / "lc_reference.json")
 
     def check_question(self, question: str, decoding: DecodingSettings) -> None:
@@ -149,7 +150,7 @@ class Answering(Documents):
                 events = generate(BASELINE, rewriter, None, Prompt([], tokens), None, settings, run=ticket.run)
                 text.append(next(e.text for e in events if isinstance(e, Finished)))
 
-        run_to_end(self.scheduler, "rewrite", rewrite)
+        watch(self.scheduler, "rewrite", rewrite)
         return standalone_from(text[0])
 
     # ------------------------------------------------------------------------- answering

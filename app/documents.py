@@ -18,7 +18,7 @@ from app.events import Preparing
 from app.forget import document_cuts, upload_copies
 from app.models import Models
 from app.progress import Job, PreparingBars
-from app.worker import Emit, run_to_end
+from app.worker import Emit, watch
 from decoding.loaded_model import Prompt
 from decoding.prefill import prefill_parts
 from decoding.prefix_cache import PrefixCache
@@ -273,7 +273,7 @@ class Documents(Models):
                 shown.show(event)
 
         try:
-            run_to_end(self.scheduler, name, work, show)
+            watch(self.scheduler, name, work, show)
         finally:
             if shown is not None:
                 shown.close()

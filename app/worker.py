@@ -76,7 +76,7 @@ def run_in_session(scheduler: Scheduler, name: str, work: Work) -> Iterator[Even
             ticket.cancel()
 
 
-def run_to_end(scheduler: Scheduler, name: str, work: Work, show: Emit | None = None) -> None:
+def watch(scheduler: Scheduler, name: str, work: Work, show: Emit | None = None) -> None:
     """run_in_session for a caller that only watches (ingest, background preparation)."""
     for event in run_in_session(scheduler, name, work):
         if show is not None:
