@@ -11,10 +11,10 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 
-from app.events import Done, Token
 from app.pipeline import Engine
 from app.reexports import DecodingSettings, HybridIndex
 from bench.serve_metrics import UserResult
+from bench.ttft import first_token_and_done
 
 Ask = Callable[[float], UserResult]
 
@@ -48,13 +48,7 @@ def engine_user(engine: Engine, index: HybridIndex, question_id: str, question: 
     Token event (the first answer text the user sees) and to the Done event."""
 
     def ask(started: float) -> UserResult:
-        first: float | None = None
-        done: Done | None = None
-        for event in engine.answer(question, index, decoding):
-            if isinstance(event, Token) and first is None:
-                first = time.perf_counter() - started
-            elif isinstance(event, Done):
-                done = event
+        first, done = first_token_and_done(engine.answer(question, index, decoding), started)
         ended = time.perf_counter()
         if done is None:
             raise RuntimeError("the answer stream ended without a Done event")

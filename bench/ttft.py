@@ -20,12 +20,12 @@ import shutil
 import statistics
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import replace
 from pathlib import Path
 
 from app.config import Settings
-from app.events import Done, Token
+from app.events import Done, Event, Token
 from app.machine import machine_summary
 from app.options import add_model_options, settings_from_args
 from app.pipeline import Engine
@@ -38,16 +38,23 @@ QUESTIONS = (
 )
 
 
-def timed_answer(engine: Engine, question: str, index_dir: Path, decoding: DecodingSettings) -> dict[str, object]:
-    index = engine.open_index(index_dir)
-    started = time.perf_counter()
+def first_token_and_done(events: Iterable[Event], started: float) -> tuple[float | None, Done | None]:
+    """Consume an answer's events: seconds from `started` to its first Token (the first text a user
+    sees; None without one), and its Done event (None if the stream ended without one)."""
     first_token_s: float | None = None
     done: Done | None = None
-    for event in engine.answer(question, index, decoding):
+    for event in events:
         if isinstance(event, Token) and first_token_s is None:
             first_token_s = time.perf_counter() - started
         elif isinstance(event, Done):
             done = event
+    return first_token_s, done
+
+
+def timed_answer(engine: Engine, question: str, index_dir: Path, decoding: DecodingSettings) -> dict[str, object]:
+    index = engine.open_index(index_dir)
+    started = time.perf_counter()
+    first_token_s, done = first_token_and_done(engine.answer(question, index, decoding), started)
     assert done is not None
     s = done.stats
     return {
