@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from decoding import rowwise
+from decoding import kv_quant, rowwise
 from decoding.cache import KV_BLOCK, Segments
 from decoding.native import build_library, kernel_flags, load_kernel
 
@@ -63,8 +63,11 @@ def torch_attention_all(items: Sequence[Attend]) -> list[torch.Tensor]:
 
 
 def torch_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, n_queries: int) -> torch.Tensor:
-    """Reference path, any device: every query row is computed, the first n_queries returned."""
+    """Reference path, any device: every query row is computed, the first n_queries returned.
+    8-bit K/V (decoding/kv_quant.py) is read as the values it stands for, in q's dtype."""
     t, n_heads, head_dim = q.shape
+    if kv_quant.is_quantized(k):
+        k, v = kv_quant.dequantize(k, head_dim, q.dtype), kv_quant.dequantize(v, head_dim, q.dtype)
     n_kv, s, _ = k.shape
     group = n_heads // n_kv
     if t > SMALL_T:
