@@ -48,8 +48,8 @@ STALE_PARTIAL_S = 3600.0  # a temp file this old belongs to a writer that died
 # loading and conversion (GGUF unpacking included), the cache layout, prefill (prefill.prefill_parts
 # cuts the prompt into parts), the assembly of chunk KV and this file's format. Drafting, acceptance, sampling and
 # statistics only run after a prefix is read, so editing them keeps every cache valid.
-KV_SOURCES = ("attention.py", "cache.py", "gguf.py", "kv_quant.py", "native.py", "loaded_model.py", "loading.py", "prefill.py",
-              "prefix_cache.py", "quant.py", "rowwise.py", "segments.py", "transformer.py", "kernels/*")
+KV_SOURCES = ("attention.py", "cache.py", "gguf.py", "kv_quant.py", "native.py", "loaded_model.py", "loading.py",
+              "prefill.py", "prefix_cache.py", "quant.py", "rowwise.py", "segments.py", "transformer.py", "kernels/*")
 
 
 def chained_keys(seed: bytes, prefix: list[int], cuts: Sequence[int]) -> list[str]:
