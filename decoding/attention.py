@@ -125,6 +125,25 @@ BATCH_STATUS = {
 }
 
 
+# rq_attend's kv_form: the K/V element types it reads (8-bit: decoding/kv_quant.py's form)
+KV_FORMS = {torch.float32: 0, torch.bfloat16: 1, kv_quant.STORAGE: 2}
+
+
+def _kv_form(k: torch.Tensor, v: torch.Tensor) -> int:
+    """The kernel's code for K/V's element type; K and V of different forms are refused."""
+    if k.dtype != v.dtype:
+        raise ValueError(f"attention K/V of mixed forms: K {k.dtype}, V {v.dtype} (both 8-bit or neither)")
+    return KV_FORMS[k.dtype]
+
+
+def _kv_width(q: torch.Tensor, k: torch.Tensor) -> int:
+    """Elements per key the kernel expects for q's head_dim: head_dim, or its 8-bit row's bytes."""
+    head_dim = q.shape[2]
+    if kv_quant.is_quantized(k):
+        return kv_quant.row_bytes(head_dim) if head_dim % kv_quant.GROUP == 0 else -1
+    return head_dim
+
+
 def _kernel_rows(rows: torch.Tensor, head_dim: int) -> torch.Tensor:
     """Query rows [T, H, D] as the kernel reads them: bf16 or fp32, each token's heads contiguous."""
     if rows.dtype not in (torch.bfloat16, torch.float32):
@@ -175,6 +194,9 @@ class NativeAttention:
             elif len(item.segments) != 2:
                 raise ValueError(f"attention item {i}: {len(item.segments)} K/V segments, expected 1 or 2 "
                                  "(a cache's own slots, after an optional shared base)")
+            elif item.segments[0][0].dtype != item.segments[1][0].dtype:
+                raise ValueError(f"attention item {i}: a shared base of {item.segments[0][0].dtype} K/V and own "
+                                 f"slots of {item.segments[1][0].dtype} (one form per session)")
             elif not all(self.takes(item.q, k, v) for k, v in item.segments):
                 results[i] = torch_attention(item.q, *joined(item.segments), item.n_queries)
             else:
@@ -185,10 +207,14 @@ class NativeAttention:
         return results  # type: ignore[return-value]
 
     def takes(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
-        n_kv, _, head_dim = k.shape
+        """Whether the kernel computes this call (else torch does). K and V of different forms
+        (8-bit and not) raise: neither path reads them. head_dim is q's (an 8-bit key's last
+        dimension is its row's bytes)."""
+        _kv_form(k, v)
+        n_kv, _, width = k.shape
         return (
-            k.device.type == "cpu" and k.dtype in (torch.bfloat16, torch.float32) and head_dim in KERNEL_HEAD_DIMS
-            and k.stride(2) == 1 and k.stride(1) == head_dim and v.stride() == k.stride()
+            k.device.type == "cpu" and k.dtype in KV_FORMS and q.shape[2] in KERNEL_HEAD_DIMS
+            and width == _kv_width(q, k) and k.stride(2) == 1 and k.stride(1) == width and v.stride() == k.stride()
             and q.shape[1] // n_kv <= self.max_rows
         )
 
@@ -203,7 +229,8 @@ class NativeAttention:
     def _attend_shared(self, items: Sequence[Attend]) -> list[torch.Tensor]:
         """Items whose first segment is one shared base, in one kernel call (see attend_all)."""
         (shared_k, shared_v), _ = items[0].segments
-        n_kv, n_shared, head_dim = shared_k.shape
+        n_kv, n_shared, width = shared_k.shape
+        head_dim = items[0].q.shape[2]
         sessions = (_Session * len(items))()
         kept = []  # every tensor the kernel reads or writes, alive until it returns
         outs = []
@@ -211,12 +238,13 @@ class NativeAttention:
             own_k, own_v = item.segments[1]
             t, n_heads, q_dim = item.q.shape
             keys = n_shared + own_k.shape[1]
-            if own_k.shape[0] != n_kv or own_k.shape[2] != head_dim or own_k.dtype != shared_k.dtype:
+            if own_k.shape[0] != n_kv or own_k.shape[2] != width or own_k.dtype != shared_k.dtype:
                 raise ValueError(f"attention item {i}: own K/V {tuple(own_k.shape)} {own_k.dtype} do not continue "
                                  f"the shared base's {tuple(shared_k.shape)} {shared_k.dtype}")
-            if q_dim != head_dim or n_heads % n_kv or n_heads != items[0].q.shape[1]:
+            fits = q_dim == head_dim and _kv_width(item.q, own_k) == width
+            if not fits or n_heads % n_kv or n_heads != items[0].q.shape[1]:
                 raise ValueError(f"attention item {i}: q {tuple(item.q.shape)} does not fit K/V heads "
-                                 f"{n_kv} x {head_dim} (or the batch's other queries)")
+                                 f"{n_kv} x {width} {shared_k.dtype} (or the batch's other queries)")
             if not 1 <= item.n_queries <= t <= keys:
                 raise ValueError(f"attention item {i}: {item.n_queries} of {t} query rows over {keys} keys")
             rows = _kernel_rows(item.q[: item.n_queries], head_dim)
@@ -228,7 +256,7 @@ class NativeAttention:
         q_dtype, group = kept[0].dtype, items[0].q.shape[1] // n_kv
         status = self._batch_fn(
             shared_k.data_ptr(), shared_v.data_ptr(), shared_k.stride(0), n_shared, sessions, len(items),
-            int(q_dtype == torch.bfloat16), int(shared_k.dtype == torch.bfloat16), int(q_dtype == torch.bfloat16),
+            int(q_dtype == torch.bfloat16), _kv_form(shared_k, shared_v), int(q_dtype == torch.bfloat16),
             group, n_kv, head_dim, head_dim**-0.5, torch.get_num_threads(),
         )
         if status != 0:
@@ -239,7 +267,7 @@ class NativeAttention:
                 for out, item in zip(outs, items, strict=True)]
 
     def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, first: int, stop: int) -> torch.Tensor:
-        t, n_heads, head_dim = q.shape
+        t, n_heads, head_dim = q.shape  # head_dim is q's: an 8-bit key's last dimension is its bytes
         n_kv, s, _ = k.shape
         group, n = n_heads // n_kv, stop - first
         # The kernel reads q [T, H, D] and writes [n, H * D] as they are (bf16 or fp32); query
@@ -250,7 +278,7 @@ class NativeAttention:
         out = torch.empty(n, n_heads * head_dim, dtype=rows.dtype)
         status = self._attend_fn(
             rows.data_ptr(), int(rows.dtype == torch.bfloat16), rows.stride(0), k.data_ptr(), v.data_ptr(),
-            int(k.dtype == torch.bfloat16), k.stride(0), s - t + first + 1, n, group, n_kv, head_dim, keys,
+            _kv_form(k, v), k.stride(0), s - t + first + 1, n, group, n_kv, head_dim, keys,
             head_dim**-0.5, scratch.data_ptr(), out.data_ptr(), int(out.dtype == torch.bfloat16), out.stride(0),
             torch.get_num_threads(),
         )

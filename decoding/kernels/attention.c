@@ -30,7 +30,7 @@
 
 #include "common.h"
 
-#if defined(__AVX512BF16__) && defined(__AVX512BW__)
+#if defined(__AVX512BF16__) && defined(__AVX512BW__) && defined(__AVX512VNNI__)
 #include <immintrin.h>
 #define RQ_ISA "avx512-bf16"
 #elif defined(__AVX2__) && defined(__FMA__)
@@ -172,7 +172,7 @@ weighted_values_generic(float scores[][BLOCK], int rows, const void *v, int64_t 
     }
 }
 
-#if defined(__AVX512BF16__) && defined(__AVX512BW__)
+#if defined(__AVX512BF16__) && defined(__AVX512BW__) && defined(__AVX512VNNI__)
 #define HAVE_BF16_DOT 1
 
 /* In place: r[t] lane p -> r[p] lane t, 32-bit lanes (unpack within 128-bit lanes, then a 4x4
@@ -513,17 +513,313 @@ static void weighted_values_bf16(float scores[][BLOCK], int rows, const uint16_t
 }
 #endif
 
+/* ---- 8-bit K/V (decoding/kv_quant.py) ----
+ * A key or value is row_bytes = head_dim + head_dim / 16 bytes: head_dim int8 values, then a bf16
+ * scale per group of 32 channels. Queries are quantized the same way per (row, head, group), to
+ * int8 with an fp32 scale, once per call and per row alone (quantize_query), so a row's bits do not
+ * depend on the rows beside it. A score is the sum over groups, in group order, of
+ * fma(int32 dot, key scale * query factor, sum); the int32 dot is exact on every build.
+ *
+ * Value sum: each key's probability times its value scale, rounded to bf16 (w = bf16(p * s), one
+ * per key and group), against the values converted exactly to bf16, summed by vdpbf16ps as the
+ * bf16 path does. Why not integer dot products here too: the scale varies per key, so 8-bit
+ * weights would need a scale per row, group and run of keys (a max over them per row) and would
+ * round the many small probabilities of a long context to zero; dequantizing to fp32 does twice
+ * the multiply-adds per instruction of vdpbf16ps. */
+#define KV_F32 0 /* the K/V forms rq_attend takes (kv_form) */
+#define KV_BF16 1
+#define KV_Q8 2
+#define Q8_GROUP 32
+#define Q8_MAX_GROUPS (MAX_VECS * 16 / Q8_GROUP)
+
+static inline int q8_row_bytes(int head_dim) { return head_dim + head_dim / 16; }
+
+/* A query row of an 8-bit call, written over the row's head_dim floats (it takes head_dim * 5 / 4
+ * bytes): head_dim int8 values, then per group the fp32 factor (query scale times the softmax
+ * scale), then per group the int32 offset -128 * (sum of its int8 values), which undoes the +128
+ * that makes the keys unsigned for vpdpbusd. The scale is max |q| / 127 over the group; a group
+ * holding a NaN or an infinity gets a NaN factor, so its scores are NaN as torch's would be. */
+static void quantize_query(float *row, int head_dim, float scale) {
+    const int groups = head_dim / Q8_GROUP;
+    int8_t values[MAX_VECS * 16];
+    float factors[Q8_MAX_GROUPS];
+    int32_t offsets[Q8_MAX_GROUPS];
+    for (int g = 0; g < groups; ++g) {
+        const float *x = row + g * Q8_GROUP;
+        float amax = 0.0f;
+        int finite = 1;
+        for (int i = 0; i < Q8_GROUP; ++i) {
+            const float a = fabsf(x[i]);
+            finite &= a <= FLT_MAX;
+            amax = a > amax ? a : amax;
+        }
+        int32_t sum = 0;
+        const float inv = amax > 0.0f && finite ? 127.0f / amax : 0.0f;
+        for (int i = 0; i < Q8_GROUP; ++i) {
+            float r = rintf(x[i] * inv); /* nearest even, as every build's default rounding */
+            r = r > 127.0f ? 127.0f : (r < -127.0f ? -127.0f : r);
+            values[g * Q8_GROUP + i] = finite ? (int8_t)r : 0;
+            sum += values[g * Q8_GROUP + i];
+        }
+        factors[g] = finite ? amax / 127.0f * scale : NAN;
+        offsets[g] = -128 * sum;
+    }
+    memcpy(row, values, (size_t)head_dim);
+    memcpy((char *)row + head_dim, factors, sizeof(float) * (size_t)groups);
+    memcpy((char *)row + head_dim + 4 * groups, offsets, sizeof(int32_t) * (size_t)groups);
+}
+
+/* The rows' quantized queries (quantize_query's layout) as 4-byte words, factors and offsets. */
+static inline void unpack_queries_q8(const float *q, int rows, int head_dim, uint32_t (*words)[MAX_VECS * 4],
+                                     float (*factors)[Q8_MAX_GROUPS], int32_t (*offsets)[Q8_MAX_GROUPS]) {
+    const int groups = head_dim / Q8_GROUP;
+    for (int r = 0; r < rows; ++r) {
+        const char *row = (const char *)(q + (int64_t)r * head_dim);
+        memcpy(words[r], row, (size_t)head_dim);
+        memcpy(factors[r], row + head_dim, sizeof(float) * (size_t)groups);
+        memcpy(offsets[r], row + head_dim + 4 * groups, sizeof(int32_t) * (size_t)groups);
+    }
+}
+
+#if HAVE_BF16_DOT
+/* s[g] lane t = the scale of group g of key t (of the step's keys from first); keys past steps
+ * repeat the last key's scales, so the padding lanes stay finite. */
+static inline __attribute__((always_inline)) void scales_q8(const uint8_t *first, int steps, const int head_dim,
+                                                            __m512 *s) {
+    const __m512i lane = _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);
+    const __m512i key = _mm512_min_epi32(lane, _mm512_set1_epi32(steps - 1));
+    const __m512i at = _mm512_add_epi32(_mm512_mullo_epi32(key, _mm512_set1_epi32(q8_row_bytes(head_dim))),
+                                        _mm512_set1_epi32(head_dim));
+    for (int j = 0; j < head_dim / 64; ++j) { /* one 4-byte word: the scales of groups 2j, 2j + 1 */
+        const __m512i w = _mm512_i32gather_epi32(_mm512_add_epi32(at, _mm512_set1_epi32(4 * j)), first, 1);
+        s[2 * j] = _mm512_castsi512_ps(_mm512_slli_epi32(w, 16));
+        s[2 * j + 1] = _mm512_castsi512_ps(_mm512_and_si512(w, _mm512_set1_epi32((int)0xffff0000u)));
+    }
+}
+
+/* f[i] lane t = the score of row i and key t: per group an int32 dot product of 8 vpdpbusd
+ * (keys + 128 unsigned, the query signed, started at the query's offset), then one fma. */
+static inline __attribute__((always_inline)) void
+score_rows_q8(const uint32_t (*words)[MAX_VECS * 4], const float (*factors)[Q8_MAX_GROUPS],
+              const int32_t (*offsets)[Q8_MAX_GROUPS], const int n, const __m512i *kt, const __m512 *ks,
+              const int groups, __m512 *f) {
+    for (int i = 0; i < n; ++i) f[i] = _mm512_setzero_ps();
+    for (int g = 0; g < groups; ++g) {
+        __m512i acc[SCORE_ROWS];
+        for (int i = 0; i < n; ++i) acc[i] = _mm512_set1_epi32(offsets[i][g]);
+        for (int p = 0; p < Q8_GROUP / 4; ++p) {
+            const __m512i kv = kt[g * (Q8_GROUP / 4) + p];
+            for (int i = 0; i < n; ++i)
+                acc[i] = _mm512_dpbusd_epi32(acc[i], kv, _mm512_set1_epi32((int)words[i][g * (Q8_GROUP / 4) + p]));
+        }
+        for (int i = 0; i < n; ++i)
+            f[i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc[i]), _mm512_mul_ps(ks[g], _mm512_set1_ps(factors[i][g])),
+                                   f[i]);
+    }
+}
+
+/* scores[r][j] = q_r . k_(begin + j) as above, the softmax scale in the query factors; padding
+ * lanes are junk (finite). Each step's 16 keys are transposed once (lane t = key t, 4 channels
+ * per lane) for every row of the call. */
+static inline __attribute__((always_inline)) void
+scores_q8(const float *q, int rows, const uint8_t *k, int64_t begin, int64_t n, float scores[][BLOCK],
+          const int head_dim) {
+    const int groups = head_dim / Q8_GROUP, row_bytes = q8_row_bytes(head_dim);
+    uint32_t words[MAX_ROWS][MAX_VECS * 4];
+    float factors[MAX_ROWS][Q8_MAX_GROUPS];
+    int32_t offsets[MAX_ROWS][Q8_MAX_GROUPS];
+    unpack_queries_q8(q, rows, head_dim, words, factors, offsets);
+    const __m512i flip = _mm512_set1_epi8((char)0x80);
+    __m512i kt[MAX_VECS * 4]; /* [64-channel chunk][16] -> [4-channel word][key] after transposing */
+    __m512 ks[Q8_MAX_GROUPS];
+    for (int64_t j0 = 0; j0 < n; j0 += KEY_STEP) {
+        const int steps = n - j0 < KEY_STEP ? (int)(n - j0) : KEY_STEP;
+        const uint8_t *first = k + (begin + j0) * row_bytes;
+        for (int c = 0; c < head_dim / 64; ++c) {
+            for (int t = 0; t < KEY_STEP; ++t)
+                kt[16 * c + t] = t < steps ? _mm512_xor_si512(_mm512_loadu_si512(first + t * row_bytes + c * 64), flip)
+                                           : flip;
+            transpose16(kt + 16 * c);
+        }
+        scales_q8(first, steps, head_dim, ks);
+        for (int r0 = 0; r0 < rows; r0 += SCORE_ROWS) {
+            const int rn = rows - r0 < SCORE_ROWS ? rows - r0 : SCORE_ROWS;
+            __m512 f[SCORE_ROWS];
+            switch (rn) { /* a constant row count per case keeps the accumulators in registers */
+#define SCORE_CASE(N)                                                                                        \
+    case N: score_rows_q8(words + r0, factors + r0, offsets + r0, N, kt, ks, groups, f); break;
+            SCORE_CASE(1) SCORE_CASE(2) SCORE_CASE(3) SCORE_CASE(4) SCORE_CASE(5) SCORE_CASE(6) SCORE_CASE(7)
+            default: score_rows_q8(words + r0, factors + r0, offsets + r0, SCORE_ROWS, kt, ks, groups, f); break;
+#undef SCORE_CASE
+            }
+            for (int i = 0; i < rn; ++i) _mm512_storeu_ps(&scores[r0 + i][j0], f[i]);
+        }
+    }
+}
+
+/* out_r += sum_j bf16(p[r][j] * s_j) v_j, per group of channels with its own scale s_j: the
+ * values converted to bf16 (exact for int8) and interleaved in pairs of keys, as in
+ * weighted_values_bf16. */
+static inline __attribute__((always_inline)) void
+weighted_values_q8(float scores[][BLOCK], int rows, const uint8_t *v, int64_t begin, int64_t n, float *partial,
+                   const int head_dim) {
+    const int nv = head_dim / 16, groups = head_dim / Q8_GROUP, row_bytes = q8_row_bytes(head_dim);
+    const __m512i interleave = _mm512_set_epi16(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8, 23, 7,
+                                                22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
+    uint32_t pairs[Q8_MAX_GROUPS][KEY_STEP / 2];
+    __m512i w[KEY_STEP / 2][MAX_VECS];
+    __m512 vs[Q8_MAX_GROUPS];
+    for (int64_t j0 = 0; j0 < n; j0 += KEY_STEP) {
+        const int steps = n - j0 < KEY_STEP ? (int)(n - j0) : KEY_STEP;
+        const int n_pairs = (steps + 1) / 2;
+        const uint8_t *first = v + (begin + j0) * row_bytes;
+        for (int u = 0; u < n_pairs; ++u) {
+            const uint8_t *even = first + 2 * u * row_bytes;
+            for (int c = 0; c < nv; ++c) {
+                const __m512 a = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(even + c * 16))));
+                const __m512 b = 2 * u + 1 < steps ? _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(
+                                                         _mm_loadu_si128((const __m128i *)(even + row_bytes + c * 16))))
+                                                   : _mm512_setzero_ps();
+                w[u][c] = _mm512_permutexvar_epi16(interleave, (__m512i)_mm512_cvtne2ps_pbh(b, a));
+            }
+        }
+        scales_q8(first, steps, head_dim, vs);
+        for (int r = 0; r < rows; ++r) {
+            const __m512 p = _mm512_loadu_ps(&scores[r][j0]); /* zero past the valid keys */
+            for (int g = 0; g < groups; ++g) {
+                const __m256bh h = _mm512_cvtneps_pbh(_mm512_mul_ps(p, vs[g]));
+                memcpy(pairs[g], &h, sizeof pairs[g]);
+            }
+            float *out = partial + (int64_t)r * (head_dim + 2) + 2;
+            __m512 acc[MAX_VECS];
+            for (int c = 0; c < nv; ++c) acc[c] = _mm512_loadu_ps(out + c * 16);
+            for (int u = 0; u < n_pairs; ++u)
+                for (int g = 0; g < groups; ++g) {
+                    const __m512bh pw = (__m512bh)_mm512_set1_epi32((int)pairs[g][u]);
+                    acc[2 * g] = _mm512_dpbf16_ps(acc[2 * g], pw, (__m512bh)w[u][2 * g]);
+                    acc[2 * g + 1] = _mm512_dpbf16_ps(acc[2 * g + 1], pw, (__m512bh)w[u][2 * g + 1]);
+                }
+            for (int c = 0; c < nv; ++c) _mm512_storeu_ps(out + c * 16, acc[c]);
+        }
+    }
+}
+#else
+/* Without AVX512-VNNI and -BF16 the 8-bit paths compute what those builds compute, bit for bit:
+ * the int32 dot products are exact whatever the order, and the rest is the same fp32 operations
+ * (an fma per group for a score; the vdpbf16ps emulation for the value sum). */
+
+static inline float scale_q8(const uint8_t *key, int head_dim, int g) {
+    uint16_t h;
+    memcpy(&h, key + head_dim + 2 * g, 2);
+    return f32_of(h);
+}
+
+static void scores_q8(const float *q, int rows, const uint8_t *k, int64_t begin, int64_t n, float scores[][BLOCK],
+                      const int head_dim) {
+    const int groups = head_dim / Q8_GROUP, row_bytes = q8_row_bytes(head_dim);
+    uint32_t words[MAX_ROWS][MAX_VECS * 4];
+    float factors[MAX_ROWS][Q8_MAX_GROUPS];
+    int32_t offsets[MAX_ROWS][Q8_MAX_GROUPS];
+    unpack_queries_q8(q, rows, head_dim, words, factors, offsets);
+    for (int64_t j = 0; j < n; ++j) {
+        const uint8_t *key = k + (begin + j) * row_bytes;
+        float ks[Q8_MAX_GROUPS];
+        for (int g = 0; g < groups; ++g) ks[g] = scale_q8(key, head_dim, g);
+        for (int r = 0; r < rows; ++r) {
+            const int8_t *qr = (const int8_t *)words[r], *kr = (const int8_t *)key;
+            float f = 0.0f;
+            for (int g = 0; g < groups; ++g) {
+                int32_t dot = 0;
+                for (int i = g * Q8_GROUP; i < (g + 1) * Q8_GROUP; ++i) dot += (int32_t)qr[i] * kr[i];
+                f = fmaf((float)dot, ks[g] * factors[r][g], f);
+            }
+            scores[r][j] = f;
+        }
+    }
+}
+
+#ifdef RQ_AVX2
+/* out_r += sum over the step's keys of w * v as vdpbf16ps sums pairs of keys (dot_values_avx2),
+ * w per group: wb[row][group][key] (bf16, zero past steps). Runs in dot mode. */
+__attribute__((noinline)) static void dot_values_q8(const uint16_t (*wb)[Q8_MAX_GROUPS][KEY_STEP], int rows,
+                                                    const uint8_t *first, int steps, int head_dim, float *partial) {
+    const int nv = head_dim / 8, row_bytes = q8_row_bytes(head_dim);
+    __m256 vf[KEY_STEP][MAX_VECS * 2];
+    for (int t = 0; t < KEY_STEP; ++t)
+        for (int c = 0; c < nv; ++c)
+            vf[t][c] = t < steps ? _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(
+                                       _mm_loadl_epi64((const __m128i *)(first + (int64_t)t * row_bytes + c * 8))))
+                                 : _mm256_setzero_ps();
+    for (int r = 0; r < rows; ++r) {
+        float *out = partial + (int64_t)r * (head_dim + 2) + 2;
+        for (int c0 = 0; c0 < nv; c0 += Q8_GROUP / 8) {
+            const uint16_t *wg = wb[r][c0 / (Q8_GROUP / 8)];
+            __m256 acc[Q8_GROUP / 8];
+            for (int c = 0; c < Q8_GROUP / 8; ++c) acc[c] = _mm256_loadu_ps(out + (c0 + c) * 8);
+            for (int u = 0; 2 * u < steps; ++u) {
+                const __m256 po = _mm256_set1_ps(f32_of(wg[2 * u + 1])), pe = _mm256_set1_ps(f32_of(wg[2 * u]));
+                for (int c = 0; c < Q8_GROUP / 8; ++c)
+                    acc[c] = _mm256_fmadd_ps(pe, vf[2 * u][c0 + c], _mm256_fmadd_ps(po, vf[2 * u + 1][c0 + c], acc[c]));
+            }
+            for (int c = 0; c < Q8_GROUP / 8; ++c) _mm256_storeu_ps(out + (c0 + c) * 8, acc[c]);
+        }
+    }
+}
+#else
+static void dot_values_q8(const uint16_t (*wb)[Q8_MAX_GROUPS][KEY_STEP], int rows, const uint8_t *first, int steps,
+                          int head_dim, float *partial) {
+    const int row_bytes = q8_row_bytes(head_dim);
+    for (int r = 0; r < rows; ++r) {
+        float *out = partial + (int64_t)r * (head_dim + 2) + 2;
+        for (int d = 0; d < head_dim; ++d) {
+            const uint16_t *wg = wb[r][d / Q8_GROUP];
+            float acc = out[d];
+            for (int u = 0; 2 * u < steps; ++u) {
+                const float odd = 2 * u + 1 < steps ? (float)(int8_t)first[(int64_t)(2 * u + 1) * row_bytes + d] : 0.0f;
+                acc = dot_step(acc, f32_of(wg[2 * u + 1]), odd);
+                acc = dot_step(acc, f32_of(wg[2 * u]), (float)(int8_t)first[(int64_t)(2 * u) * row_bytes + d]);
+            }
+            out[d] = acc;
+        }
+    }
+}
+#endif
+
+static void weighted_values_q8(float scores[][BLOCK], int rows, const uint8_t *v, int64_t begin, int64_t n,
+                               float *partial, const int head_dim) {
+    const int groups = head_dim / Q8_GROUP, row_bytes = q8_row_bytes(head_dim);
+    uint16_t wb[MAX_ROWS][Q8_MAX_GROUPS][KEY_STEP];
+    for (int64_t j0 = 0; j0 < n; j0 += KEY_STEP) {
+        const int steps = n - j0 < KEY_STEP ? (int)(n - j0) : KEY_STEP;
+        const uint8_t *first = v + (begin + j0) * row_bytes;
+        for (int g = 0; g < groups; ++g)
+            for (int t = 0; t < KEY_STEP; ++t) {
+                const float s = t < steps ? scale_q8(first + (int64_t)t * row_bytes, head_dim, g) : 0.0f;
+                for (int r = 0; r < rows; ++r) wb[r][g][t] = bf16_of(scores[r][j0 + t] * s);
+            }
+#ifdef RQ_AVX2
+        const unsigned int saved = dot_mode_on();
+        dot_values_q8((const uint16_t(*)[Q8_MAX_GROUPS][KEY_STEP])wb, rows, first, steps, head_dim, partial);
+        dot_mode_off(saved);
+#else
+        dot_values_q8((const uint16_t(*)[Q8_MAX_GROUPS][KEY_STEP])wb, rows, first, steps, head_dim, partial);
+#endif
+    }
+}
+#endif
+
 /* One K/V head, keys [begin, end): per row, the running max, the sum of exp and the unnormalised
  * weighted values, written to partial[row] = {max, sum, out[head_dim]}. */
 static inline __attribute__((always_inline)) void
 attend_block(const float *q, int rows, const void *k, const void *v, const int32_t *lengths,
-             int64_t begin, int64_t end, float scale, float *partial, const int head_dim, const int bf16) {
+             int64_t begin, int64_t end, float scale, float *partial, const int head_dim, const int form) {
     float scores[MAX_ROWS][BLOCK] __attribute__((aligned(64)));
     const int64_t n = end - begin;
     const int64_t padded = (n + 15) & ~(int64_t)15;
 
-    if (bf16) scores_bf16(q, rows, (const uint16_t *)k, begin, n, scale, scores, head_dim);
-    else scores_generic(q, rows, k, begin, n, scale, scores, head_dim, bf16);
+    if (form == KV_Q8) scores_q8(q, rows, (const uint8_t *)k, begin, n, scores, head_dim);
+    else if (form == KV_BF16) scores_bf16(q, rows, (const uint16_t *)k, begin, n, scale, scores, head_dim);
+    else scores_generic(q, rows, k, begin, n, scale, scores, head_dim, 0);
 
     const vi lane = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
     for (int r = 0; r < rows; ++r) {
@@ -552,34 +848,41 @@ attend_block(const float *q, int rows, const void *k, const void *v, const int32
         memset(out + 2, 0, sizeof(float) * head_dim);
     }
 
-    if (bf16) weighted_values_bf16(scores, rows, (const uint16_t *)v, begin, n, partial, head_dim);
-    else weighted_values_generic(scores, rows, v, begin, n, partial, head_dim, bf16);
+    if (form == KV_Q8) weighted_values_q8(scores, rows, (const uint8_t *)v, begin, n, partial, head_dim);
+    else if (form == KV_BF16) weighted_values_bf16(scores, rows, (const uint16_t *)v, begin, n, partial, head_dim);
+    else weighted_values_generic(scores, rows, v, begin, n, partial, head_dim, 0);
 }
 
-#define BLOCK_VARIANT(D, NAME, BF16)                                                                  \
+#define BLOCK_VARIANT(D, NAME, FORM)                                                                  \
     static void block_##NAME##_##D(const float *q, int rows, const void *k, const void *v,           \
                                    const int32_t *lengths, int64_t begin, int64_t end, float scale,  \
                                    float *out) {                                                     \
-        attend_block(q, rows, k, v, lengths, begin, end, scale, out, D, BF16);                        \
+        attend_block(q, rows, k, v, lengths, begin, end, scale, out, D, FORM);                        \
     }
-BLOCK_VARIANT(64, bf16, 1)
-BLOCK_VARIANT(128, bf16, 1)
-BLOCK_VARIANT(256, bf16, 1)
-BLOCK_VARIANT(64, f32, 0)
-BLOCK_VARIANT(128, f32, 0)
-BLOCK_VARIANT(256, f32, 0)
+BLOCK_VARIANT(64, bf16, KV_BF16)
+BLOCK_VARIANT(128, bf16, KV_BF16)
+BLOCK_VARIANT(256, bf16, KV_BF16)
+BLOCK_VARIANT(64, f32, KV_F32)
+BLOCK_VARIANT(128, f32, KV_F32)
+BLOCK_VARIANT(256, f32, KV_F32)
+BLOCK_VARIANT(64, q8, KV_Q8)
+BLOCK_VARIANT(128, q8, KV_Q8)
+BLOCK_VARIANT(256, q8, KV_Q8)
 
 typedef void (*block_fn)(const float *, int, const void *, const void *, const int32_t *, int64_t, int64_t,
                          float, float *);
 
-static block_fn block_for(int head_dim, int bf16) {
-    switch (head_dim) {
-    case 64: return bf16 ? block_bf16_64 : block_f32_64;
-    case 128: return bf16 ? block_bf16_128 : block_f32_128;
-    case 256: return bf16 ? block_bf16_256 : block_f32_256;
-    default: return 0;
-    }
+/* The block computation for a head_dim and K/V form, or 0 for one the kernel does not take. */
+static block_fn block_for(int head_dim, int form) {
+    static const block_fn blocks[3][3] = {{block_f32_64, block_f32_128, block_f32_256},
+                                          {block_bf16_64, block_bf16_128, block_bf16_256},
+                                          {block_q8_64, block_q8_128, block_q8_256}};
+    const int d = head_dim == 64 ? 0 : head_dim == 128 ? 1 : head_dim == 256 ? 2 : -1;
+    return d < 0 || form < KV_F32 || form > KV_Q8 ? 0 : blocks[form][d];
 }
+
+/* Bytes per element of a K/V form (an 8-bit key is q8_row_bytes elements, a float one head_dim). */
+static int element_bytes(int form) { return form == KV_Q8 ? 1 : form == KV_BF16 ? 2 : 4; }
 
 /* Status codes (0: done). */
 #define RQ_BAD_HEADS -1   /* a head_dim, group or K/V head count it does not take */
@@ -628,8 +931,8 @@ typedef struct {
 } partial_run;
 
 static int check_shapes(const void *shared_k, const void *shared_v, int64_t n_shared, const rq_session *sessions,
-                        int n_sessions, int group, int n_kv, int head_dim, int bf16) {
-    if (!block_for(head_dim, bf16) || group < 1 || n_kv < 1) return RQ_BAD_HEADS;
+                        int n_sessions, int group, int n_kv, int head_dim, int form) {
+    if (!block_for(head_dim, form) || group < 1 || n_kv < 1) return RQ_BAD_HEADS;
     if (n_shared < 0 || n_shared % BLOCK != 0 || (n_shared > 0 && (!shared_k || !shared_v))) return RQ_BAD_SHARED;
     if (n_sessions < 1 || !sessions) return RQ_BAD_SESSION;
     for (int s = 0; s < n_sessions; ++s) {
@@ -740,10 +1043,10 @@ static int64_t own_items(work_item *items, const rq_session *x, const session_pl
  * floats): a row's partial result for a block is what rq_attend computes for that block of the
  * joined K/V, and the combine merges them in the same order, so outputs are bit-identical. */
 static int attend_sessions(const void *shared_k, const void *shared_v, int64_t shared_head_stride, int64_t n_shared,
-                           const rq_session *sessions, int n_sessions, int q_bf16, int bf16, int out_bf16, int group,
+                           const rq_session *sessions, int n_sessions, int q_bf16, int form, int out_bf16, int group,
                            int n_kv, int head_dim, float scale, float *scratch, int n_threads) {
-    const block_fn block = block_for(head_dim, bf16);
-    const int elem = bf16 ? 2 : 4;
+    const block_fn block = block_for(head_dim, form);
+    const int elem = element_bytes(form);
     const int64_t n_shared_blocks = n_shared / BLOCK;
     session_plan *plans = malloc(sizeof(session_plan) * (size_t)n_sessions);
     if (!plans) return RQ_NO_MEMORY;
@@ -786,6 +1089,8 @@ static int attend_sessions(const void *shared_k, const void *shared_v, int64_t s
             }
         }
     }
+    if (form == KV_Q8) /* each row once, alone: its 8-bit form does not depend on the call */
+        for (int64_t i = 0; i < n_kv * rows; ++i) quantize_query(qf + i * head_dim, head_dim, scale);
     n_items = shared_items(items, shared_k, shared_v, shared_head_stride * elem, n_shared, qf, lengths, rows, n_kv,
                            head_dim, scratch, n_threads);
     for (int s = 0; s < n_sessions; ++s)
@@ -820,9 +1125,9 @@ static int attend_sessions(const void *shared_k, const void *shared_v, int64_t s
  * MAX_ROWS. Every row's output is bit-identical to rq_attend's over the session's shared and own
  * K/V joined. Returns 0 or a status code (RQ_BAD_HEADS, RQ_NO_MEMORY, RQ_BAD_SHARED, RQ_BAD_SESSION). */
 int rq_attend_batch(const void *shared_k, const void *shared_v, int64_t shared_head_stride, int64_t n_shared,
-                    const rq_session *sessions, int n_sessions, int q_bf16, int bf16, int out_bf16, int group,
+                    const rq_session *sessions, int n_sessions, int q_bf16, int kv_form, int out_bf16, int group,
                     int n_kv, int head_dim, float scale, int n_threads) {
-    const int status = check_shapes(shared_k, shared_v, n_shared, sessions, n_sessions, group, n_kv, head_dim, bf16);
+    const int status = check_shapes(shared_k, shared_v, n_shared, sessions, n_sessions, group, n_kv, head_dim, kv_form);
     if (status != 0) return status;
     session_plan *plans = malloc(sizeof(session_plan) * (size_t)n_sessions);
     if (!plans) return RQ_NO_MEMORY;
@@ -832,26 +1137,27 @@ int rq_attend_batch(const void *shared_k, const void *shared_v, int64_t shared_h
     float *scratch = malloc(sizeof(float) * (size_t)(floats > 0 ? floats : 1));
     if (!scratch) return RQ_NO_MEMORY;
     const int done = attend_sessions(shared_k, shared_v, shared_head_stride, n_shared, sessions, n_sessions, q_bf16,
-                                     bf16, out_bf16, group, n_kv, head_dim, scale, scratch, n_threads);
+                                     kv_form, out_bf16, group, n_kv, head_dim, scale, scratch, n_threads);
     free(scratch);
     return done;
 }
 
 /* One session over one K/V segment (rq_attend_batch with no shared segment).
  * q: [tokens][n_kv * group][head_dim], bf16 (q_bf16 = 1) or fp32, q_stride elements from one
- * token to the next; scores are q . k * scale. k, v: bf16 (bf16 = 1) or fp32; one head is
- * head_stride elements from the next, keys head_dim apart. Token i sees first_length + i keys;
+ * token to the next; scores are q . k * scale. k, v: fp32, bf16 or 8-bit (kv_form KV_F32, KV_BF16,
+ * KV_Q8); one head is head_stride elements (bytes for 8-bit) from the next, keys head_dim elements
+ * apart (q8_row_bytes(head_dim) bytes for 8-bit). Token i sees first_length + i keys;
  * n_keys >= first_length + tokens - 1 (later keys are masked for every row).
  * scratch: n_kv * ceil(n_keys / BLOCK) * group * tokens * (head_dim + 2) floats. out: [tokens]
  * [n_kv * group * head_dim], out_stride elements from one token to the next, bf16 (out_bf16) or
  * fp32. Returns 0, -1 for a shape it does not take, -2 when out of memory. */
-int rq_attend(const void *q, int q_bf16, int64_t q_stride, const void *k, const void *v, int bf16,
+int rq_attend(const void *q, int q_bf16, int64_t q_stride, const void *k, const void *v, int kv_form,
               int64_t head_stride, int first_length, int tokens, int group, int n_kv, int head_dim, int64_t n_keys,
               float scale, float *scratch, void *out, int out_bf16, int64_t out_stride, int n_threads) {
     const rq_session one = {q, q_stride, tokens, first_length, k, v, head_stride, out, out_stride};
     if (n_keys < (int64_t)first_length + tokens - 1) return RQ_BAD_HEADS;
-    const int status = check_shapes(0, 0, 0, &one, 1, group, n_kv, head_dim, bf16);
+    const int status = check_shapes(0, 0, 0, &one, 1, group, n_kv, head_dim, kv_form);
     if (status != 0) return RQ_BAD_HEADS;
-    return attend_sessions(0, 0, 0, 0, &one, 1, q_bf16, bf16, out_bf16, group, n_kv, head_dim, scale, scratch,
+    return attend_sessions(0, 0, 0, 0, &one, 1, q_bf16, kv_form, out_bf16, group, n_kv, head_dim, scale, scratch,
                            n_threads);
 }
