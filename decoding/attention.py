@@ -130,10 +130,11 @@ KV_FORMS = {torch.float32: 0, torch.bfloat16: 1, kv_quant.STORAGE: 2}
 
 
 def _kv_form(k: torch.Tensor, v: torch.Tensor) -> int:
-    """The kernel's code for K/V's element type; K and V of different forms are refused."""
+    """The kernel's code for K/V's element type (-1: one it does not read); K and V of different
+    forms are refused."""
     if k.dtype != v.dtype:
         raise ValueError(f"attention K/V of mixed forms: K {k.dtype}, V {v.dtype} (both 8-bit or neither)")
-    return KV_FORMS[k.dtype]
+    return KV_FORMS.get(k.dtype, -1)
 
 
 def _kv_width(q: torch.Tensor, k: torch.Tensor) -> int:
@@ -195,8 +196,8 @@ class NativeAttention:
                 raise ValueError(f"attention item {i}: {len(item.segments)} K/V segments, expected 1 or 2 "
                                  "(a cache's own slots, after an optional shared base)")
             elif item.segments[0][0].dtype != item.segments[1][0].dtype:
-                raise ValueError(f"attention item {i}: a shared base of {item.segments[0][0].dtype} K/V and own "
-                                 f"slots of {item.segments[1][0].dtype} (one form per session)")
+                raise ValueError(f"attention item {i}: own K/V of {item.segments[1][0].dtype} after a shared base "
+                                 f"of {item.segments[0][0].dtype} (one form per session)")
             elif not all(self.takes(item.q, k, v) for k, v in item.segments):
                 results[i] = torch_attention(item.q, *joined(item.segments), item.n_queries)
             else:
@@ -212,9 +213,12 @@ class NativeAttention:
         dimension is its row's bytes)."""
         _kv_form(k, v)
         n_kv, _, width = k.shape
+        if width != _kv_width(q, k):
+            raise ValueError(f"attention q {tuple(q.shape)} does not fit K/V heads {tuple(k.shape)} {k.dtype}"
+                             + (" (8-bit rows of another head_dim)" if kv_quant.is_quantized(k) else ""))
         return (
             k.device.type == "cpu" and k.dtype in KV_FORMS and q.shape[2] in KERNEL_HEAD_DIMS
-            and width == _kv_width(q, k) and k.stride(2) == 1 and k.stride(1) == width and v.stride() == k.stride()
+            and k.stride(2) == 1 and k.stride(1) == width and v.stride() == k.stride()
             and q.shape[1] // n_kv <= self.max_rows
         )
 

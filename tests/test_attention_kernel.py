@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import decoding.attention
+from decoding import kv_quant
 from decoding.attention import Attend, NativeAttention, build_kernel, joined, native_attention, torch_attention
 from decoding.cache import KVCache
 from decoding.transformer import Rows
@@ -24,10 +25,14 @@ def kernel() -> NativeAttention:
 
 
 def cache_slices(n_kv: int, length: int, head_dim: int, dtype: torch.dtype, seed: int) -> tuple[torch.Tensor, ...]:
-    """Valid K/V of a preallocated cache: strided views, as the model passes them."""
+    """Valid K/V of a preallocated cache: strided views, as the model passes them (dtype uint8:
+    the 8-bit form of decoding/kv_quant.py)."""
     gen = torch.Generator().manual_seed(seed)
-    keys = torch.randn(n_kv, length + 37, head_dim, generator=gen).to(dtype)
-    values = torch.randn(n_kv, length + 37, head_dim, generator=gen).to(dtype)
+    keys = torch.randn(n_kv, length + 37, head_dim, generator=gen)
+    values = torch.randn(n_kv, length + 37, head_dim, generator=gen)
+    if dtype == kv_quant.STORAGE:
+        keys, values = kv_quant.quantize(keys), kv_quant.quantize(values)
+    keys, values = keys.to(dtype), values.to(dtype)
     return keys[:, :length], values[:, :length]
 
 
@@ -232,3 +237,149 @@ def test_other_builds_give_the_native_builds_bits_batched(kernel: NativeAttentio
         items = sessions_on_base(6, base, 128, dtype, q_dtype, seed=12)
         for i, (ours, theirs) in enumerate(zip(kernel.attend_all(items), other.attend_all(items), strict=True)):
             assert torch.equal(theirs, ours), (isa, dtype, q_dtype, i)
+
+
+# ---- 8-bit K/V (decoding/kv_quant.py): the kernel reads it with integer dot products ----
+Q8 = kv_quant.STORAGE
+
+
+def q8_reference(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, n: int) -> torch.Tensor:
+    """What the kernel computes for 8-bit K/V, in fp32 torch: q's own 8-bit form (per row, head
+    and 32 channels, as the kernel quantizes it) over the values the cache stands for."""
+    head_dim = q.shape[2]
+    quantized = kv_quant.dequantize(kv_quant.quantize(q.float()), head_dim)
+    return torch_attention(quantized, keys, values, n)
+
+
+@pytest.mark.parametrize("q_dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("head_dim", [64, 128, 256])
+@pytest.mark.parametrize(("length", "new"), [(1, 1), (9, 2), (600, 6), (512, 11), (1029, 3), (1100, 100)])
+def test_8bit_matches_torch(kernel: NativeAttention, q_dtype: torch.dtype, head_dim: int, length: int,
+                            new: int) -> None:
+    keys, values = cache_slices(2, length, head_dim, Q8, seed=length)
+    q = torch.randn(new, 12, head_dim, generator=torch.Generator().manual_seed(1)).to(q_dtype)
+    assert kernel.takes(q, keys, values), "the kernel reads 8-bit K/V itself"
+    ours = kernel(q, keys, values, new).float()
+    # The kernel rounds each weight p * s (probability times the value's group scale) to bf16
+    # before the value sum, as the bf16 path rounds p: relative 2^-9 per term. With few keys an
+    # output is a few values of magnitude up to ~4, so its error reaches ~4 * 2^-9 - hence 2e-2,
+    # not the 1e-2 of the bf16 path (whose values are N(0, 1) too, but sums order alike).
+    torch.testing.assert_close(ours, q8_reference(q, keys, values, new).float(), atol=2e-2, rtol=2e-2)
+    # and near the unquantized query too: q's 8-bit rounding moves a score by ~1/254 of its scale
+    torch.testing.assert_close(ours, torch_attention(q.float(), keys, values, new), atol=3e-2, rtol=3e-2)
+
+
+def with_threads(n: int, fn):
+    threads = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        return fn()
+    finally:
+        torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize("q_dtype", [torch.bfloat16, torch.float32])
+def test_8bit_a_row_does_not_depend_on_the_call(kernel: NativeAttention, q_dtype: torch.dtype) -> None:
+    # Decode == verify bit for bit on an 8-bit cache, whatever the thread count: each row's query is
+    # quantized alone, and its blocks are combined in a fixed order.
+    length, new = 3 * kernel.block + 11, 7
+    keys, values = cache_slices(2, length, 128, Q8, seed=3)
+    q = torch.randn(new, 12, 128, generator=torch.Generator().manual_seed(4)).to(q_dtype)
+    assert kernel.takes(q, keys, values)
+    verify = with_threads(1, lambda: kernel(q, keys, values, new))
+    for threads in (2, 3):
+        assert torch.equal(with_threads(threads, lambda: kernel(q, keys, values, new)), verify), threads
+    for i in range(new):
+        visible = length - new + i + 1
+        for threads in (1, 2, 3):
+            decode = with_threads(threads, lambda v=visible, i=i: kernel(q[i : i + 1], keys[:, :v], values[:, :v], 1))
+            assert torch.equal(decode[0], verify[i]), f"row {i} differs with {threads} threads"
+    assert torch.equal(kernel(q, keys, values, 2), verify[:2])  # a padded decode
+    chunk = torch.randn(150, 12, 128, generator=torch.Generator().manual_seed(5)).to(q_dtype)  # past MAX_ROWS
+    whole = kernel(chunk, keys, values, 150)
+    for first, stop in ((0, 1), (0, 64), (37, 101), (149, 150)):
+        part = kernel(chunk[:stop], keys[:, : length - 150 + stop], values[:, : length - 150 + stop], stop)
+        assert torch.equal(part[first:stop], whole[first:stop]), (first, stop)
+
+
+@pytest.mark.parametrize("head_dim", [64, 128])
+@pytest.mark.parametrize("n_shared", [0, 512, 16 * 512])
+def test_8bit_batched_sessions_equal_each_session_alone(kernel: NativeAttention, head_dim: int,
+                                                        n_shared: int) -> None:
+    base = cache_slices(2, n_shared, head_dim, Q8, seed=n_shared) if n_shared else None
+    for n_sessions in (1, 2, 5, 8):
+        items = sessions_on_base(n_sessions, base, head_dim, Q8, torch.bfloat16, seed=n_sessions)
+        assert all(kernel.takes(item.q, k, v) for item in items for k, v in item.segments)
+        assert_each_equals_alone(kernel, items)
+
+
+def test_8bit_prefill_chunk_and_sessions_in_one_pass(kernel: NativeAttention) -> None:
+    # A 100-token chunk (600 rows per K/V head) beside decode and verify sessions on an 8-bit base,
+    # 8 threads (the base's rows split over several work items), fp32 queries: every bit shows.
+    base = cache_slices(2, 1024, 128, Q8, seed=1)
+    gen = torch.Generator().manual_seed(2)
+    chunk = Attend(torch.randn(100, 12, 128, generator=gen), (base, cache_slices(2, 130, 128, Q8, 3)), 100)
+    items = [*sessions_on_base(3, base, 128, Q8, torch.float32, seed=4), chunk]
+    with_threads(8, lambda: assert_each_equals_alone(kernel, items))
+    for item, ours in zip(items, kernel.attend_all(items), strict=True):
+        reference = q8_reference(item.q, *joined(item.segments), item.n_queries)
+        torch.testing.assert_close(ours, reference, atol=2e-2, rtol=2e-2)
+
+
+@pytest.mark.parametrize("isa", ["avx2", "portable"])
+def test_other_builds_give_the_native_builds_bits_8bit(kernel: NativeAttention, tmp_path, isa: str) -> None:
+    if kernel.isa != "avx512-bf16":
+        pytest.skip("this machine builds a non-AVX512 kernel already")
+    other = NativeAttention(ctypes.CDLL(str(build_kernel(tmp_path, isa))))
+    shapes = [  # (n_kv, group, head_dim, keys, new tokens)
+        (2, 6, 128, 4096, 1),  # a decode row over 4K keys (Qwen2.5-1.5B's grouping)
+        (2, 6, 128, 1029, 6),  # a verify block across block boundaries
+        (2, 6, 64, 700, 100),  # a prefill chunk (several calls of up to 64 rows)
+        (4, 1, 128, 513, 3),  # no grouping
+        (1, 8, 256, 40, 5),  # head_dim 256, fewer keys than a step past the new ones
+    ]
+    for q_dtype in (torch.bfloat16, torch.float32):  # fp32 queries give fp32 outputs: every bit shows
+        for n_kv, group, head_dim, length, new in shapes:
+            keys, values = cache_slices(n_kv, length, head_dim, Q8, seed=length)
+            q = torch.randn(new, n_kv * group, head_dim, generator=torch.Generator().manual_seed(new)).to(q_dtype)
+            assert kernel.takes(q, keys, values) and other.takes(q, keys, values)
+            ours = kernel(q, keys, values, new)
+            assert torch.equal(other(q, keys, values, new), ours), (isa, q_dtype, n_kv, group, head_dim, length, new)
+        items = sessions_on_base(6, cache_slices(2, 1024, 128, Q8, seed=11), 128, Q8, q_dtype, seed=12)
+        for i, (ours, theirs) in enumerate(zip(kernel.attend_all(items), other.attend_all(items), strict=True)):
+            assert torch.equal(theirs, ours), (isa, q_dtype, i)
+    # extremes: a zero query group, a query group with one huge channel, zero-scale (all-zero) keys
+    # and values, and scales small enough that p * s is denormal before its bf16 rounding
+    keys, values = cache_slices(2, 300, 128, torch.float32, seed=7)
+    keys[:, :40] = 0.0
+    values[:, 40:80] *= 2.0**-120
+    keys, values = kv_quant.quantize(keys), kv_quant.quantize(values)
+    q = torch.randn(2, 12, 128, generator=torch.Generator().manual_seed(8))
+    q[:, :, :32] = 0.0
+    q[:, :, 40] = 1e30
+    ours = kernel(q, keys, values, 2)
+    assert torch.equal(other(q, keys, values, 2), ours)
+
+
+def test_8bit_shapes_refused_raise(kernel: NativeAttention) -> None:
+    q = torch.randn(3, 12, 128, generator=torch.Generator().manual_seed(2))
+    q8_k, q8_v = cache_slices(2, 20, 128, Q8, seed=1)
+    bf16_k, bf16_v = cache_slices(2, 20, 128, torch.bfloat16, seed=1)
+    with pytest.raises(ValueError, match="mixed forms"):
+        kernel(q, q8_k, bf16_v, 3)
+    base = cache_slices(2, 512, 128, Q8, seed=4)
+    with pytest.raises(ValueError, match="one form per session"):
+        kernel.attend_all([Attend(q, (base, (bf16_k, bf16_v)), 3)])
+    with pytest.raises(ValueError, match="8-bit rows of another head_dim"):
+        kernel(q[..., :64], q8_k, q8_v, 3)
+    with pytest.raises(ValueError, match="8-bit rows of another head_dim"):
+        kernel.attend_all([Attend(q[..., :64], (base, (q8_k, q8_v)), 3)])
+    # At the C boundary: a head_dim the kernel is not built for (96: whole 32-channel groups, so a
+    # valid 8-bit form that torch reads) returns a status, which the binding raises.
+    wide_k, wide_v = cache_slices(2, 20, 96, Q8, seed=5)
+    q96 = torch.randn(3, 12, 96, generator=torch.Generator().manual_seed(6))
+    assert not kernel.takes(q96, wide_k, wide_v)
+    with pytest.raises(RuntimeError, match="rejected rows"):
+        kernel._attend(q96, wide_k, wide_v, 0, 3)
+    with pytest.raises(RuntimeError, match="head_dim, group or K/V head count it does not take"):
+        kernel._attend_shared([Attend(q96, (cache_slices(2, 512, 96, Q8, seed=7), (wide_k, wide_v)), 3)])
