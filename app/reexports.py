@@ -10,7 +10,8 @@ module, so every such dependency is listed here and nowhere else:
   (LoadedModel, Prompt, Transformer, load_model, PREFILL_CHUNK, transformer_module - the forward
   pass's module, whose attention_for bench.prefill_depth wraps to time attention), the generation
   loop (generate, run_to_end, BASELINE, Drafting), the kernels and layouts (native_attention,
-  native_quant, PackedLinear, QuantLinear, QuantWeight, QuantEmbedding, quantized_bytes) and which
+  native_quant, PackedLinear, QuantLinear, QuantWeight, QuantEmbedding, quantized_bytes, the 8-bit
+  K/V form quantize_kv) and which
   engine and kernels run (engine_description).
 - what the retrieval benchmark measures: read_document, Embedder, HybridIndex, RetrievalSettings,
   Label, load_labels, recall_at_k.
@@ -22,6 +23,7 @@ from decoding import transformer as transformer_module
 from decoding.attention import native_attention
 from decoding.engine_info import engine_description
 from decoding.generate import generate, run_to_end
+from decoding.kv_quant import quantize as quantize_kv
 from decoding.loaded_model import LoadedModel, Prompt
 from decoding.loading import PackedLinear, load_model
 from decoding.methods import BASELINE, METHODS, Drafting
@@ -67,6 +69,7 @@ __all__ = [
     "native_attention",
     "native_quant",
     "pdf_page_image",
+    "quantize_kv",
     "quantized_bytes",
     "read_document",
     "recall_at_k",

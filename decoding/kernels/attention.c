@@ -657,6 +657,31 @@ scores_q8(const float *q, int rows, const uint8_t *k, int64_t begin, int64_t n, 
     }
 }
 
+#define VALUE_ROWS_Q8 (256 / head_dim) /* rows sharing each load of the step's values: 16 accumulators */
+
+/* The value sum of n rows (n <= VALUE_ROWS_Q8) over one step: pairs[i][g][u] the bf16 weights of
+ * keys 2u, 2u + 1 in group g, w[u][c] those keys' values interleaved. The weights are the
+ * broadcast operand (vdpbf16ps's products are the same either way round). */
+static inline __attribute__((always_inline)) void
+value_rows_q8(const uint32_t (*pairs)[Q8_MAX_GROUPS][KEY_STEP / 2], const int n, const __m512i (*w)[MAX_VECS],
+              const int n_pairs, float *partial, const int head_dim) {
+    const int nv = head_dim / 16, groups = head_dim / Q8_GROUP;
+    __m512 acc[4][MAX_VECS];
+    for (int i = 0; i < n; ++i)
+        for (int c = 0; c < nv; ++c) acc[i][c] = _mm512_loadu_ps(partial + (int64_t)i * (head_dim + 2) + 2 + c * 16);
+    for (int u = 0; u < n_pairs; ++u)
+        for (int g = 0; g < groups; ++g) {
+            const __m512bh w0 = (__m512bh)w[u][2 * g], w1 = (__m512bh)w[u][2 * g + 1];
+            for (int i = 0; i < n; ++i) {
+                const __m512bh pw = (__m512bh)_mm512_set1_epi32((int)pairs[i][g][u]);
+                acc[i][2 * g] = _mm512_dpbf16_ps(acc[i][2 * g], w0, pw);
+                acc[i][2 * g + 1] = _mm512_dpbf16_ps(acc[i][2 * g + 1], w1, pw);
+            }
+        }
+    for (int i = 0; i < n; ++i)
+        for (int c = 0; c < nv; ++c) _mm512_storeu_ps(partial + (int64_t)i * (head_dim + 2) + 2 + c * 16, acc[i][c]);
+}
+
 /* out_r += sum_j bf16(p[r][j] * s_j) v_j, per group of channels with its own scale s_j: the
  * values converted to bf16 (exact for int8) and interleaved in pairs of keys, as in
  * weighted_values_bf16. */
@@ -666,7 +691,7 @@ weighted_values_q8(float scores[][BLOCK], int rows, const uint8_t *v, int64_t be
     const int nv = head_dim / 16, groups = head_dim / Q8_GROUP, row_bytes = q8_row_bytes(head_dim);
     const __m512i interleave = _mm512_set_epi16(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8, 23, 7,
                                                 22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
-    uint32_t pairs[Q8_MAX_GROUPS][KEY_STEP / 2];
+    uint32_t pairs[MAX_ROWS][Q8_MAX_GROUPS][KEY_STEP / 2];
     __m512i w[KEY_STEP / 2][MAX_VECS];
     __m512 vs[Q8_MAX_GROUPS];
     for (int64_t j0 = 0; j0 < n; j0 += KEY_STEP) {
@@ -688,18 +713,19 @@ weighted_values_q8(float scores[][BLOCK], int rows, const uint8_t *v, int64_t be
             const __m512 p = _mm512_loadu_ps(&scores[r][j0]); /* zero past the valid keys */
             for (int g = 0; g < groups; ++g) {
                 const __m256bh h = _mm512_cvtneps_pbh(_mm512_mul_ps(p, vs[g]));
-                memcpy(pairs[g], &h, sizeof pairs[g]);
+                memcpy(pairs[r][g], &h, sizeof pairs[r][g]);
             }
-            float *out = partial + (int64_t)r * (head_dim + 2) + 2;
-            __m512 acc[MAX_VECS];
-            for (int c = 0; c < nv; ++c) acc[c] = _mm512_loadu_ps(out + c * 16);
-            for (int u = 0; u < n_pairs; ++u)
-                for (int g = 0; g < groups; ++g) {
-                    const __m512bh pw = (__m512bh)_mm512_set1_epi32((int)pairs[g][u]);
-                    acc[2 * g] = _mm512_dpbf16_ps(acc[2 * g], pw, (__m512bh)w[u][2 * g]);
-                    acc[2 * g + 1] = _mm512_dpbf16_ps(acc[2 * g + 1], pw, (__m512bh)w[u][2 * g + 1]);
-                }
-            for (int c = 0; c < nv; ++c) _mm512_storeu_ps(out + c * 16, acc[c]);
+        }
+        for (int r0 = 0; r0 < rows; r0 += VALUE_ROWS_Q8) {
+            float *out = partial + (int64_t)r0 * (head_dim + 2);
+            if (rows - r0 >= VALUE_ROWS_Q8) {
+                value_rows_q8((const uint32_t(*)[Q8_MAX_GROUPS][KEY_STEP / 2])pairs + r0, VALUE_ROWS_Q8,
+                              (const __m512i(*)[MAX_VECS])w, n_pairs, out, head_dim);
+            } else {
+                for (int r = r0; r < rows; ++r, out += head_dim + 2)
+                    value_rows_q8((const uint32_t(*)[Q8_MAX_GROUPS][KEY_STEP / 2])pairs + r, 1,
+                                  (const __m512i(*)[MAX_VECS])w, n_pairs, out, head_dim);
+            }
         }
     }
 }
@@ -808,6 +834,30 @@ static void weighted_values_q8(float scores[][BLOCK], int rows, const uint8_t *v
 }
 #endif
 
+/* The largest of a row's scores s[0, valid) (-3e38 for none), of padded (a multiple of 16). Four
+ * running maxima side by side, as the max of a set does not depend on the order it is taken in. */
+static inline float valid_max(const float *s, int64_t padded, int64_t valid) {
+    const vi lane = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
+    vf m4[4] = {splat(-3.0e38f), splat(-3.0e38f), splat(-3.0e38f), splat(-3.0e38f)};
+    int64_t j0 = 0;
+    for (; j0 + 64 <= padded; j0 += 64)
+        for (int a = 0; a < 4; ++a) {
+            const vi ok = (lane + (int32_t)(j0 + 16 * a)) < (int32_t)valid;
+            const vf x = load_f32(s + j0 + 16 * a);
+            m4[a] = where(ok & (x > m4[a]), x, m4[a]);
+        }
+    for (; j0 < padded; j0 += 16) {
+        const vi ok = (lane + (int32_t)j0) < (int32_t)valid;
+        const vf x = load_f32(s + j0);
+        m4[0] = where(ok & (x > m4[0]), x, m4[0]);
+    }
+    float lanes[4][16], m = -3.0e38f;
+    memcpy(lanes, m4, sizeof lanes);
+    for (int a = 0; a < 4; ++a)
+        for (int l = 0; l < 16; ++l) m = lanes[a][l] > m ? lanes[a][l] : m;
+    return m;
+}
+
 /* One K/V head, keys [begin, end): per row, the running max, the sum of exp and the unnormalised
  * weighted values, written to partial[row] = {max, sum, out[head_dim]}. */
 static inline __attribute__((always_inline)) void
@@ -826,22 +876,22 @@ attend_block(const float *q, int rows, const void *k, const void *v, const int32
         float *out = partial + (int64_t)r * (head_dim + 2);
         int64_t valid = lengths[r] - begin;
         valid = valid < 0 ? 0 : (valid > n ? n : valid);
-        vf m16 = splat(-3.0e38f);
-        for (int64_t j0 = 0; j0 < padded; j0 += 16) {
-            vi ok = (lane + (int32_t)j0) < (int32_t)valid;
-            vf s = load_f32(&scores[r][j0]);
-            m16 = where(ok & (s > m16), s, m16);
-        }
-        float lanes[16], m = -3.0e38f;
-        memcpy(lanes, &m16, sizeof lanes);
-        for (int l = 0; l < 16; ++l) m = lanes[l] > m ? lanes[l] : m;
+        const float m = valid_max(scores[r], padded, valid);
         vf sums = splat(0.0f);
-        for (int64_t j0 = 0; j0 < padded; j0 += 16) {
-            vi ok = (lane + (int32_t)j0) < (int32_t)valid;
-            vf p = exp_nonpositive(load_f32(&scores[r][j0]) - m);
-            p = where(ok, p, splat(0.0f)); /* exact zeros: masked keys add nothing to any sum */
-            memcpy(&scores[r][j0], &p, sizeof p);
-            sums += p;
+        if (valid == padded) { /* every lane valid (most blocks of a long context) */
+            for (int64_t j0 = 0; j0 < padded; j0 += 16) {
+                const vf p = exp_nonpositive(load_f32(&scores[r][j0]) - m);
+                memcpy(&scores[r][j0], &p, sizeof p);
+                sums += p;
+            }
+        } else {
+            for (int64_t j0 = 0; j0 < padded; j0 += 16) {
+                vi ok = (lane + (int32_t)j0) < (int32_t)valid;
+                vf p = exp_nonpositive(load_f32(&scores[r][j0]) - m);
+                p = where(ok, p, splat(0.0f)); /* exact zeros: masked keys add nothing to any sum */
+                memcpy(&scores[r][j0], &p, sizeof p);
+                sums += p;
+            }
         }
         out[0] = valid > 0 ? m : -3.0e38f;
         out[1] = sum16(sums);
