@@ -5,9 +5,12 @@ Shapes follow Qwen2.5-1.5B (2 K/V heads, head_dim 128, 12 query heads), bf16 que
 K/V are the bf16 ones quantized, so both runs attend over the same values. A case's last `rows`
 slots are its new tokens (causal). Both forms run interleaved, medians of wall-clock and process
 CPU time; the largest difference between their outputs is shown (8-bit is near bf16, not equal).
+A decode case walks several layers' K/V per timed call (--decode-layers), as a decode step does, so
+the K/V come from memory rather than the CPU's cache; its times are per layer.
 
     python -m bench.attention_q8 [--prefill-keys 16384,28672] [--chunk 1024] [--decode-keys 16384]
-                                 [--decode-rows 1,6] [--repeats 5] [--decode-repeats 30] [--threads N]
+                                 [--decode-rows 1,6] [--decode-layers 8] [--repeats 5] [--decode-repeats 30]
+                                 [--threads N]
 """
 
 from __future__ import annotations
@@ -50,22 +53,30 @@ def timed(fn: Callable[[], object]) -> tuple[float, float]:
     return (time.perf_counter() - wall) * 1e3, (time.process_time() - cpu) * 1e3
 
 
-def bench_case(kind: str, rows: int, keys: int, repeats: int, gen: torch.Generator) -> dict:
+def bench_case(kind: str, rows: int, keys: int, layers: int, repeats: int, gen: torch.Generator) -> dict:
     kernel = native_attention()
-    bf16_kv = kv(keys, gen)
-    q8_kv = quantized(*bf16_kv)
+    bf16_kvs = [kv(keys, gen) for _ in range(layers)]
+    q8_kvs = [quantized(*pair) for pair in bf16_kvs]
     q = torch.randn(rows, N_KV * GROUP, HEAD_DIM, generator=gen).bfloat16()
-    if not (kernel.takes(q, *bf16_kv) and kernel.takes(q, *q8_kv)):
+    if not (kernel.takes(q, *bf16_kvs[0]) and kernel.takes(q, *q8_kvs[0])):
         raise SystemExit(f"{kind}: the kernel does not take these shapes")
-    difference = (kernel(q, *q8_kv, rows).float() - kernel(q, *bf16_kv, rows).float()).abs().max().item()
+    difference = (kernel(q, *q8_kvs[0], rows).float() - kernel(q, *bf16_kvs[0], rows).float()).abs().max().item()
+
+    def every_layer(kvs: list) -> None:
+        for keys_, values in kvs:
+            kernel(q, keys_, values, rows)
+
     bf16_times, q8_times = [], []
     for _ in range(repeats):  # interleaved: both forms see the same machine load
-        bf16_times.append(timed(lambda: kernel(q, *bf16_kv, rows)))
-        q8_times.append(timed(lambda: kernel(q, *q8_kv, rows)))
-    return {"case": kind, "rows": rows, "keys": keys,
-            "bf16_ms": statistics.median(w for w, _ in bf16_times), "q8_ms": statistics.median(w for w, _ in q8_times),
-            "bf16_cpu_ms": statistics.median(c for _, c in bf16_times),
-            "q8_cpu_ms": statistics.median(c for _, c in q8_times), "max_difference": difference}
+        bf16_times.append(timed(lambda: every_layer(bf16_kvs)))
+        q8_times.append(timed(lambda: every_layer(q8_kvs)))
+    def median_per_layer(times: list[tuple[float, float]], which: int) -> float:
+        return statistics.median(t[which] for t in times) / layers
+
+    return {"case": kind, "rows": rows, "keys": keys, "layers": layers,
+            "bf16_ms": median_per_layer(bf16_times, 0), "bf16_cpu_ms": median_per_layer(bf16_times, 1),
+            "q8_ms": median_per_layer(q8_times, 0), "q8_cpu_ms": median_per_layer(q8_times, 1),
+            "max_difference": difference}
 
 
 def main() -> None:
@@ -74,6 +85,7 @@ def main() -> None:
     parser.add_argument("--chunk", type=int, default=1024, help="new tokens of a prefill chunk")
     parser.add_argument("--decode-keys", type=int, default=16384)
     parser.add_argument("--decode-rows", default="1,6", help="new tokens of a decode step and a verify block")
+    parser.add_argument("--decode-layers", type=int, default=8, help="layers' K/V a decode case walks per call")
     parser.add_argument("--repeats", type=int, default=5, help="timed calls per prefill case")
     parser.add_argument("--decode-repeats", type=int, default=30, help="timed calls per decode case")
     parser.add_argument("--threads", type=int, help="torch's (and so the kernel's) thread count; default torch's")
@@ -84,17 +96,19 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     gen = torch.Generator().manual_seed(0)
-    results = [bench_case("prefill", args.chunk, int(keys), args.repeats, gen) for keys in args.prefill_keys.split(",")]
-    results += [bench_case("decode" if int(rows) == 1 else "verify", int(rows), args.decode_keys, args.decode_repeats,
-                           gen) for rows in args.decode_rows.split(",")]
+    results = [bench_case("prefill", args.chunk, int(keys), 1, args.repeats, gen)
+               for keys in args.prefill_keys.split(",")]
+    results += [bench_case("decode" if int(rows) == 1 else "verify", int(rows), args.decode_keys, args.decode_layers,
+                           args.decode_repeats, gen) for rows in args.decode_rows.split(",")]
     print(f"{N_KV} K/V heads x {HEAD_DIM}, group {GROUP}, bf16 queries, {torch.get_num_threads()} threads, "
           f"kernel {native_attention().isa}; medians, interleaved")
-    print("| case | new rows | keys | bf16 K/V: wall / CPU ms | 8-bit K/V: wall / CPU ms | speed-up wall / CPU |"
-          " max difference |")
-    print("|---|---:|---:|---:|---:|---:|---:|")
+    print("| case | new rows | keys | layers per call | bf16 K/V: wall / CPU ms per layer | 8-bit K/V: wall / CPU ms"
+          " per layer | speed-up wall / CPU | max difference |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|")
     for row in results:
-        print(f"| {row['case']} | {row['rows']} | {row['keys']} | {row['bf16_ms']:.1f} / {row['bf16_cpu_ms']:.1f} | "
-              f"{row['q8_ms']:.1f} / {row['q8_cpu_ms']:.1f} | {row['bf16_ms'] / row['q8_ms']:.2f}x / "
+        print(f"| {row['case']} | {row['rows']} | {row['keys']} | {row['layers']} | "
+              f"{row['bf16_ms']:.2f} / {row['bf16_cpu_ms']:.2f} | "
+              f"{row['q8_ms']:.2f} / {row['q8_cpu_ms']:.2f} | {row['bf16_ms'] / row['q8_ms']:.2f}x / "
               f"{row['bf16_cpu_ms'] / row['q8_cpu_ms']:.2f}x | {row['max_difference']:.4f} |")
     if args.json:
         with open(args.json, "w") as out:
