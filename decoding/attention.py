@@ -1,7 +1,9 @@
 """Attention of new query tokens over a KV cache: a fused C kernel on the CPU, torch elsewhere.
 
 Both take q [T, H, D] and the cache's valid K/V [H_kv, S, D] (the last T slots being the new
-tokens, causally masked) and return [n, H * D] for the first n queries. A batched pass hands
+tokens, causally masked) and return [n, H * D] for the first n queries. K/V may be 8-bit
+(decoding/kv_quant.py: uint8 [H_kv, S, row_bytes(D)], D taken from q): the C kernel reads that form
+with integer dot products, the torch path dequantizes it. A batched pass hands
 over several sessions' rows at once (`Attend` items): each session's K/V may come in segments,
 a read-only document prefix shared by the sessions that read it, then the session's own slots.
 The C kernel takes every session on one shared prefix in one call and reads each of the prefix's

@@ -1,5 +1,5 @@
-/* Attention of a few query rows over a long KV cache (bf16 or fp32), for decode and verify
- * passes on a CPU.
+/* Attention of a few query rows over a long KV cache (bf16, fp32 or 8-bit), for decode, verify
+ * and prefill passes on a CPU.
  *
  * Why not torch: with 6-36 query rows per K/V head, torch's bf16 matmuls read the cache at a
  * fraction of memory bandwidth and the fp32 softmax between them is another full pass; here one
@@ -21,6 +21,12 @@
  * floating-point sum is fixed by the source (no -ffast-math, and -ffp-contract=off so that only
  * the written fused multiply-adds are fused). bf16 K/V take vdpbf16ps on AVX512-BF16; AVX2 and
  * plain C builds compute exactly what it computes, so every build gives the same bits.
+ *
+ * 8-bit K/V (decoding/kv_quant.py's form: int8 values and a bf16 scale per 32 channels, per token
+ * and head) take vpdpbusd for Q.K on int8 queries, and vdpbf16ps for the value sum (see "8-bit
+ * K/V" below); the AVX512 build needs AVX512-VNNI beside AVX512-BF16, and the other builds again
+ * compute the same bits. A query is quantized once per call, each row alone, so the exactness
+ * above holds for 8-bit K/V too.
  */
 #include <float.h>
 #include <math.h>
@@ -50,7 +56,7 @@
 const int rq_block = BLOCK;
 const int rq_max_rows = MAX_ROWS;
 
-/* The instruction set this build's bf16 dot products use (the Python side reports it). */
+/* The instruction set this build's bf16 and 8-bit dot products use (the Python side reports it). */
 const char *rq_isa(void) { return RQ_ISA; }
 
 typedef float vf __attribute__((vector_size(64)));
