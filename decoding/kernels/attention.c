@@ -746,6 +746,51 @@ static inline float scale_q8(const uint8_t *key, int head_dim, int g) {
     return f32_of(h);
 }
 
+#ifdef RQ_AVX2
+/* The AVX2 build: 8 keys per step, transposed (lane t = key t, 4 channels per lane); a 4-channel
+ * product by vpmaddubsw on |q| and k with q's sign (at most 2 * 127 * 127 per pair of products, so
+ * no saturation: kv_quant never writes -128), summed to int32 by vpmaddwd - exact, as vpdpbusd. */
+static void scores_q8(const float *q, int rows, const uint8_t *k, int64_t begin, int64_t n, float scores[][BLOCK],
+                      const int head_dim) {
+    const int groups = head_dim / Q8_GROUP, row_bytes = q8_row_bytes(head_dim);
+    uint32_t words[MAX_ROWS][MAX_VECS * 4];
+    float factors[MAX_ROWS][Q8_MAX_GROUPS];
+    int32_t offsets[MAX_ROWS][Q8_MAX_GROUPS];
+    unpack_queries_q8(q, rows, head_dim, words, factors, offsets);
+    const __m256i ones = _mm256_set1_epi16(1);
+    __m256i kt[MAX_VECS * 4]; /* [4-channel word][8 keys] */
+    __m256 ks[Q8_MAX_GROUPS];
+    for (int64_t j0 = 0; j0 < n; j0 += 8) {
+        const int steps = n - j0 < 8 ? (int)(n - j0) : 8;
+        const uint8_t *first = k + (begin + j0) * row_bytes;
+        for (int c = 0; c < head_dim / 32; ++c) {
+            for (int t = 0; t < 8; ++t)
+                kt[8 * c + t] = t < steps ? _mm256_loadu_si256((const __m256i *)(first + t * row_bytes + c * 32))
+                                          : _mm256_setzero_si256();
+            transpose8(kt + 8 * c);
+        }
+        for (int g = 0; g < groups; ++g) {
+            float lanes[8];
+            for (int t = 0; t < 8; ++t) lanes[t] = t < steps ? scale_q8(first + (int64_t)t * row_bytes, head_dim, g) : 0.0f;
+            ks[g] = _mm256_loadu_ps(lanes);
+        }
+        for (int r = 0; r < rows; ++r) {
+            __m256 f = _mm256_setzero_ps();
+            for (int g = 0; g < groups; ++g) {
+                __m256i acc = _mm256_setzero_si256();
+                for (int p = 0; p < Q8_GROUP / 4; ++p) {
+                    const __m256i qw = _mm256_set1_epi32((int)words[r][g * (Q8_GROUP / 4) + p]);
+                    const __m256i pairs = _mm256_maddubs_epi16(_mm256_abs_epi8(qw),
+                                                               _mm256_sign_epi8(kt[g * (Q8_GROUP / 4) + p], qw));
+                    acc = _mm256_add_epi32(acc, _mm256_madd_epi16(pairs, ones));
+                }
+                f = _mm256_fmadd_ps(_mm256_cvtepi32_ps(acc), _mm256_mul_ps(ks[g], _mm256_set1_ps(factors[r][g])), f);
+            }
+            _mm256_storeu_ps(&scores[r][j0], f); /* lanes past steps: junk (zero scale) */
+        }
+    }
+}
+#else
 static void scores_q8(const float *q, int rows, const uint8_t *k, int64_t begin, int64_t n, float scores[][BLOCK],
                       const int head_dim) {
     const int groups = head_dim / Q8_GROUP, row_bytes = q8_row_bytes(head_dim);
@@ -769,6 +814,7 @@ static void scores_q8(const float *q, int rows, const uint8_t *k, int64_t begin,
         }
     }
 }
+#endif
 
 #ifdef RQ_AVX2
 /* out_r += sum over the step's keys of w * v as vdpbf16ps sums pairs of keys (dot_values_avx2),
