@@ -320,6 +320,7 @@ def test_8bit_prefill_chunk_and_sessions_in_one_pass(kernel: NativeAttention) ->
     gen = torch.Generator().manual_seed(2)
     chunk = Attend(torch.randn(100, 12, 128, generator=gen), (base, cache_slices(2, 130, 128, Q8, 3)), 100)
     items = [*sessions_on_base(3, base, 128, Q8, torch.float32, seed=4), chunk]
+    assert all(kernel.takes(item.q, k, v) for item in items for k, v in item.segments)
     with_threads(8, lambda: assert_each_equals_alone(kernel, items))
     for item, ours in zip(items, kernel.attend_all(items), strict=True):
         reference = q8_reference(item.q, *joined(item.segments), item.n_queries)
