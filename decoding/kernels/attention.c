@@ -100,6 +100,37 @@ static inline vf exp_nonpositive(vf x) {
     return where(underflow, splat(0.0f), p * scale);
 }
 
+/* a * b + c rounded once, lane by lane, on every build */
+static inline vf fma16(vf a, vf b, vf c) {
+#if defined(__AVX512F__)
+    return (vf)_mm512_fmadd_ps((__m512)a, (__m512)b, (__m512)c);
+#else
+    vf out;
+    for (int l = 0; l < 16; ++l) out[l] = fmaf(a[l], b[l], c[l]);
+    return out;
+#endif
+}
+
+/* exp_nonpositive with fused multiply-adds: fewer operations for the 8-bit path's softmax, whose
+ * bits are its own (the bf16 and fp32 paths keep theirs). */
+static inline vf exp_nonpositive_fused(vf x) {
+    vi underflow = x < -87.0f;
+    x = where(underflow, splat(-87.0f), x);
+    vi n = __builtin_convertvector(fma16(x, splat(1.44269504088896341f), splat(-0.5f)), vi); /* toward zero */
+    vf fn = __builtin_convertvector(n, vf);
+    vf r = fma16(fn, splat(-0.693359375f), x);
+    r = fma16(fn, splat(2.12194440e-4f), r);
+    vf p = splat(1.9875691500e-4f);
+    p = fma16(p, r, splat(1.3981999507e-3f));
+    p = fma16(p, r, splat(8.3334519073e-3f));
+    p = fma16(p, r, splat(4.1665795894e-2f));
+    p = fma16(p, r, splat(1.6666665459e-1f));
+    p = fma16(p, r, splat(5.0000001201e-1f));
+    p = fma16(p, r * r, r) + 1.0f;
+    vf scale = (vf)((n + 127) << 23);
+    return where(underflow, splat(0.0f), p * scale);
+}
+
 static inline float sum16(vf v) {
     float a[16];
     memcpy(a, &v, sizeof a);
@@ -932,14 +963,16 @@ attend_block(const float *q, int rows, const void *k, const void *v, const int32
         vf sums = splat(0.0f);
         if (valid == padded) { /* every lane valid (most blocks of a long context) */
             for (int64_t j0 = 0; j0 < padded; j0 += 16) {
-                const vf p = exp_nonpositive(load_f32(&scores[r][j0]) - m);
+                const vf x = load_f32(&scores[r][j0]) - m;
+                const vf p = form == KV_Q8 ? exp_nonpositive_fused(x) : exp_nonpositive(x);
                 memcpy(&scores[r][j0], &p, sizeof p);
                 sums += p;
             }
         } else {
             for (int64_t j0 = 0; j0 < padded; j0 += 16) {
                 vi ok = (lane + (int32_t)j0) < (int32_t)valid;
-                vf p = exp_nonpositive(load_f32(&scores[r][j0]) - m);
+                const vf x = load_f32(&scores[r][j0]) - m;
+                vf p = form == KV_Q8 ? exp_nonpositive_fused(x) : exp_nonpositive(x);
                 p = where(ok, p, splat(0.0f)); /* exact zeros: masked keys add nothing to any sum */
                 memcpy(&scores[r][j0], &p, sizeof p);
                 sums += p;
