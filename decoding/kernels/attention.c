@@ -104,6 +104,13 @@ static inline vf exp_nonpositive(vf x) {
 static inline vf fma16(vf a, vf b, vf c) {
 #if defined(__AVX512F__)
     return (vf)_mm512_fmadd_ps((__m512)a, (__m512)b, (__m512)c);
+#elif defined(RQ_AVX2)
+    __m256 x[2], y[2], z[2];
+    memcpy(x, &a, sizeof x), memcpy(y, &b, sizeof y), memcpy(z, &c, sizeof z);
+    for (int h = 0; h < 2; ++h) z[h] = _mm256_fmadd_ps(x[h], y[h], z[h]);
+    vf out;
+    memcpy(&out, z, sizeof out);
+    return out;
 #else
     vf out;
     for (int l = 0; l < 16; ++l) out[l] = fmaf(a[l], b[l], c[l]);
