@@ -118,8 +118,14 @@ def bytes_per_pass(model: Transformer, context_tokens: int) -> int:
     else:
         # Counted from the shapes: packed linears (decoding.loading.PackedLinear) are not parameters.
         weights = (a.n_layers * per_layer + a.vocab_size * a.dim + a.dim) * model.dtype.itemsize
-    kv = 2 * a.n_layers * a.n_kv_heads * a.head_dim * context_tokens * model.dtype.itemsize
-    return weights + kv
+    return weights + kv_bytes_per_token(model) * context_tokens
+
+
+def kv_bytes_per_token(model: Transformer) -> int:
+    """Bytes of K and V one token takes in the model's cache, in whatever form it stores (an 8-bit
+    row holds its scales too), read off a cache of one slot."""
+    cache = model.new_cache(1)
+    return sum(t.element_size() * t.shape[0] * t.shape[2] for t in (*cache.keys, *cache.values))
 
 
 def verify_over_decode(model: Transformer, context_tokens: int, gamma: int, repeats: int = 9) -> tuple[float, float]:
@@ -285,10 +291,12 @@ def run(argv: Sequence[str] | None = None) -> dict[str, object]:
         engines = {form: Engine(replace(form_settings, home=Path(tmp) / form, decoding=decoding),
                                 log=lambda m: print(m, flush=True))
                    for form, form_settings in forms.items()}
+        for each in engines.values():  # every form's models loaded before the resident size is read
+            _ = (each.target, each.draft_model)
         engine = next(iter(engines.values()))
         settings = engine.settings
         target, drafter = engine.target, engine.draft_model
-        loaded_gb = peak_rss_gb() if reset_peak_rss() else None  # both models loaded, nothing decoded yet
+        loaded_gb = peak_rss_gb() if reset_peak_rss() else None  # all models loaded, nothing decoded yet
         bandwidth = copy_bandwidth_gbs()
         attention = "C kernel" if native_attention() is not None else "torch"
         report: dict[str, object] = {"machine": machine_summary(str(engine.device)),

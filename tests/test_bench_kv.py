@@ -3,18 +3,23 @@ depth-major), bench.decode's KV forms and llama.cpp cache types, and the filled 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import stat
+from argparse import Namespace
 from pathlib import Path
 
 import pytest
 import torch
 
+import bench.kv_forms as kv_forms
 import bench.prefill_depth as prefill_depth
-from bench.decode import verify_over_decode
+from app.config import Limits, ModelSettings, Settings
+from app.pipeline import Engine
+from bench.decode import bench_context, kv_bytes_per_token, kv_form_settings, verify_over_decode
 from bench.kv_fill import SEED_SLOTS, filled_cache
-from bench.kv_forms import load_options, parse_kv_dtypes
+from bench.kv_forms import load_options, parse_kv_dtypes, settings_for
 from bench.peers import (
     LlamaCpp,
     llama_bench_command,
@@ -23,7 +28,12 @@ from bench.peers import (
     plain_decode_command,
     speculative_command,
 )
+from decoding.settings import DecodingSettings
+from retrieval.types import RetrievalSettings
+from tests.retrieval_fixtures import HashEmbedder
 from tests.tiny import tiny_model
+
+DECODING = DecodingSettings(method="lc", max_new_tokens=8, gamma=4, eta=0.0)
 
 FAKE_LLAMA_BENCH = """#!/bin/bash
 echo "$@" >> "$(dirname "$0")/calls.txt"
@@ -203,3 +213,69 @@ def test_parse_llama_bench() -> None:
     for text, chunk, depth in (("llama-bench: error", 8, 4), (good, 8, 5), (good, 16, 4), ("[]", 8, 4)):
         with pytest.raises(RuntimeError):
             parse_llama_bench(text, chunk, depth)
+
+
+def tiny_engine(home: Path) -> Engine:
+    settings = Settings(
+        home=home, models=ModelSettings(target="tiny-target", drafter="tiny-drafter"),
+        retrieval=RetrievalSettings(chunk_tokens=64, budget_min_tokens=150, budget_fraction=0.0),
+        decoding=DECODING, limits=Limits(max_new_tokens=32),
+    )
+    engine = Engine(settings, log=lambda _: None)
+    engine._models["tiny-target"] = tiny_model(1)
+    engine._models["tiny-drafter"] = tiny_model(2, noise_from=1, noise=0.01)
+    engine._embedder = HashEmbedder()  # type: ignore[assignment]
+    return engine
+
+
+def test_decode_bench_runs_every_method_per_kv_form(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    # Two engines stand for two KV forms (both hold bf16 here: the names are what is under test).
+    engines = {"bf16": tiny_engine(tmp_path / "a"), "q8": tiny_engine(tmp_path / "b")}
+    args = Namespace(runs=1, gamma=DECODING.gamma, no_hf=True, hf_contexts="", peer=None, peer_contexts="",
+                     peers="", peer_caches="f16,q8_0", new_tokens=DECODING.max_new_tokens, hf_runs=1)
+    entry = bench_context(engines, 600, "What does read.fwf read?", DECODING, ["lc", "rapid"], args, 10.0, tmp_path)
+    assert list(entry["kv_forms"]) == ["bf16", "q8"]
+    for form in entry["kv_forms"].values():
+        assert list(form["methods"]) == ["lc", "rapid"] and form["methods"]["rapid"]["same_tokens_as_lc"]
+        assert form["verify_over_decode"] == form["verify_pass_s"] / form["decode_step_s"]
+        assert form["lc_same_as_first_form"]
+    assert entry["context_tokens"] > 0 and entry["peers"] == {} and entry["hf"] == {}
+    out = capsys.readouterr().out
+    assert "KV bf16:" in out and "KV q8:" in out
+    assert f"verify({DECODING.gamma + 1})/decode per KV form: bf16 " in out and ", q8 " in out
+
+
+def test_decode_kv_form_settings(monkeypatch: pytest.MonkeyPatch) -> None:
+    settings = Settings()
+    assert kv_form_settings(settings, "") == {str(getattr(settings, "kv_dtype", "bf16")): settings}
+    with pytest.raises(ValueError):
+        kv_form_settings(settings, "bf16,fp8")
+    # a checkout without Settings.kv_dtype: bf16 is what it stores; q8 is refused
+    monkeypatch.setattr(kv_forms, "settings_take_kv_dtype", lambda: False)
+    assert kv_form_settings(settings, "bf16") == {"bf16": settings}
+    with pytest.raises(ValueError, match="no kv_dtype"):
+        kv_form_settings(settings, "bf16,q8")
+
+    @dataclasses.dataclass(frozen=True)
+    class WithKv:
+        kv_dtype: str = "auto"
+
+    monkeypatch.setattr(kv_forms, "settings_take_kv_dtype", lambda: True)
+    assert settings_for(WithKv(), "q8") == WithKv("q8")  # type: ignore[arg-type]
+
+
+def test_kv_bytes_per_token_counts_the_cache_as_stored() -> None:
+    for dtype in (torch.float32, torch.bfloat16):
+        model = tiny_model(1, dtype=dtype).model
+        a = model.args
+        assert kv_bytes_per_token(model) == 2 * a.n_layers * a.n_kv_heads * a.head_dim * dtype.itemsize
+
+
+def test_kv_bytes_per_token_of_the_8bit_cache() -> None:
+    model = tiny_model(1, dtype=torch.bfloat16).model
+    if not hasattr(model, "kv_dtype"):
+        pytest.skip("this checkout has no 8-bit KV cache (Transformer.kv_dtype)")
+    model.kv_dtype = torch.uint8
+    a = model.args
+    # per token, layer and K/V head: head_dim int8 values and a bf16 scale per 32 of them
+    assert kv_bytes_per_token(model) == 2 * a.n_layers * a.n_kv_heads * (a.head_dim + a.head_dim // 16)
