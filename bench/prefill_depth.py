@@ -29,7 +29,7 @@ from app.reexports import transformer_module as model_module
 from app.registry import resolve_model
 from bench.kv_fill import filled_cache
 from bench.kv_forms import load_options, parse_kv_dtypes
-from bench.peers import PEER_CACHES, LlamaCpp, find_llama_bench, prefill_at_depth
+from bench.peers import BENCH_TOOL, PEER_CACHES, LlamaCpp, find_llama_bench, llama_cpp_bin_dir, prefill_at_depth
 
 REPO = Path(__file__).resolve().parent.parent
 WARM_UP_TOKENS = 16
@@ -177,8 +177,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     peer = None if args.no_peers else find_llama_bench(Settings().home, torch.get_num_threads())
     gguf = directory / "model.gguf"
     if not args.no_peers and (peer is None or not gguf.exists()):
-        print("llama.cpp rows left out: " + ("llama-bench not built (`make peers`)" if peer is None
-                                             else f"no GGUF file at {gguf}"))
+        missing = f"no {BENCH_TOOL} in {llama_cpp_bin_dir(Settings().home)}" if peer is None else f"no {gguf}"
+        print(f"llama.cpp rows left out: {missing}")
     print(f"{args.model}, {args.chunk}-token chunk, {torch.get_num_threads()} threads")
     print(table([])[0], flush=True)
     rows = measure(models, args.depths, args.chunk, peer, gguf if gguf.exists() else None, args.peer_caches,

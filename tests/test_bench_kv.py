@@ -279,3 +279,12 @@ def test_kv_bytes_per_token_of_the_8bit_cache() -> None:
     a = model.args
     # per token, layer and K/V head: head_dim int8 values and a bf16 scale per 32 of them
     assert kv_bytes_per_token(model) == 2 * a.n_layers * a.n_kv_heads * (a.head_dim + a.head_dim // 16)
+
+
+def test_prefill_depth_says_why_llama_cpp_rows_are_missing(tiny_loader: list[dict[str, object]], tmp_path: Path,
+                                                           monkeypatch: pytest.MonkeyPatch,
+                                                           capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.setenv("RAPIDQA_LLAMA_CPP_BIN", str(tmp_path / "empty"))
+    prefill_depth.main(["--model", "tiny", "--depths", "0", "--chunk", "16", "--kv-dtypes", "bf16",
+                        "--out", str(tmp_path / "out.json")])
+    assert f"llama.cpp rows left out: no llama-bench in {tmp_path / 'empty'}" in capsys.readouterr().out
