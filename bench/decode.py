@@ -295,13 +295,14 @@ def run(argv: Sequence[str] | None = None) -> dict[str, object]:
             _ = (each.target, each.draft_model)
         engine = next(iter(engines.values()))
         settings = engine.settings
-        target, drafter = engine.target, engine.draft_model
+        target = engine.target
         loaded_gb = peak_rss_gb() if reset_peak_rss() else None  # all models loaded, nothing decoded yet
         bandwidth = copy_bandwidth_gbs()
         attention = "C kernel" if native_attention() is not None else "torch"
         report: dict[str, object] = {"machine": machine_summary(str(engine.device)),
-                                     "engine": {"target": engine_description(target),
-                                                "drafter": engine_description(drafter)},
+                                     "engines": {form: {"target": engine_description(each.target),
+                                                        "drafter": engine_description(each.draft_model)}
+                                                 for form, each in engines.items()},
                                      "copy_bandwidth_gbs": bandwidth, "attention": attention,
                                      "target": settings.models.target, "drafter": settings.models.drafter,
                                      "dtype": str(target.model.dtype), "gamma": args.gamma, "eta": args.eta,

@@ -181,16 +181,28 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"llama.cpp rows left out: {missing}")
     print(f"{args.model}, {args.chunk}-token chunk, {torch.get_num_threads()} threads")
     print(table([])[0], flush=True)
+    done: list[dict[str, object]] = []
+
+    def emit(row: dict[str, object]) -> None:
+        """Print the row and write the report so far (a long run stopped midway keeps its rows)."""
+        print(format_row(row), flush=True)
+        done.append(row)
+        write_report(args, done)
+
     rows = measure(models, args.depths, args.chunk, peer, gguf if gguf.exists() else None, args.peer_caches,
-                   args.peer_runs, lambda row: print(format_row(row), flush=True))
+                   args.peer_runs, emit)
     print("\n" + "\n".join(table(rows)))
+    print(json.dumps(write_report(args, rows)))
+    print(f"wrote {args.out}")
+    return 0
+
+
+def write_report(args: argparse.Namespace, rows: list[dict[str, object]]) -> dict[str, object]:
     report = {"model": args.model, "chunk": args.chunk, "threads": torch.get_num_threads(),
               "rows": with_ratios(rows)}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2))
-    print(json.dumps(report))
-    print(f"wrote {args.out}")
-    return 0
+    return report
 
 
 if __name__ == "__main__":
