@@ -14,6 +14,10 @@ Side by side on the same prompt: transformers' own assisted generation (the same
 `assistant_model`) and prompt-lookup decoding, timed on a prefilled cache so only decoding counts,
 and llama.cpp on the GGUF files the models came from (bench/peers.py; `make peers` builds it).
 It also times one target verify pass of gamma+1 tokens against one decode step.
+
+`--kv-dtypes bf16,q8` runs our methods once per KV cache form (each form has its own engine and
+ingest), context by context, and reports verify/decode per form; llama.cpp runs with its default
+f16 cache and with Q8_0 keys and values (`--peer-caches`). Without it, one form: the settings'.
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ from pathlib import Path
 
 import torch
 
+from app.config import Settings
 from app.events import Done
 from app.machine import machine_summary
 from app.options import add_model_options, settings_from_args
@@ -49,7 +54,9 @@ from app.reexports import (
     read_document,
 )
 from app.reexports import METHODS as METHOD_TABLE
-from bench.peers import PEERS, find_llama_cpp, measure_peers
+from bench.kv_fill import filled_cache
+from bench.kv_forms import parse_kv_dtypes, settings_for
+from bench.peers import PEER_CACHES, PEERS, find_llama_cpp, measure_peers
 
 REPO = Path(__file__).resolve().parent.parent
 # Bench-only variants, named by a suffix to the method: RAPID that first tries n-gram lookup drafts
@@ -111,8 +118,14 @@ def bytes_per_pass(model: Transformer, context_tokens: int) -> int:
     else:
         # Counted from the shapes: packed linears (decoding.loading.PackedLinear) are not parameters.
         weights = (a.n_layers * per_layer + a.vocab_size * a.dim + a.dim) * model.dtype.itemsize
-    kv = 2 * a.n_layers * a.n_kv_heads * a.head_dim * context_tokens * model.dtype.itemsize
-    return weights + kv
+    return weights + kv_bytes_per_token(model) * context_tokens
+
+
+def kv_bytes_per_token(model: Transformer) -> int:
+    """Bytes of K and V one token takes in the model's cache, in whatever form it stores (an 8-bit
+    row holds its scales too), read off a cache of one slot."""
+    cache = model.new_cache(1)
+    return sum(t.element_size() * t.shape[0] * t.shape[2] for t in (*cache.keys, *cache.values))
 
 
 def verify_over_decode(model: Transformer, context_tokens: int, gamma: int, repeats: int = 9) -> tuple[float, float]:
@@ -120,8 +133,7 @@ def verify_over_decode(model: Transformer, context_tokens: int, gamma: int, repe
 
     The two are timed alternately, so a slow spell of the machine lands on both alike.
     """
-    cache = model.new_cache(context_tokens + gamma + 8)
-    cache.length = cache.next_position = context_tokens  # contents do not change the cost
+    cache = filled_cache(model, context_tokens, context_tokens + gamma + 8)
 
     def step(n: int) -> float:
         start = time.perf_counter()
@@ -250,6 +262,10 @@ def run(argv: Sequence[str] | None = None) -> dict[str, object]:
     parser.add_argument("--peer-contexts", default="4096,8192,16384",
                         help="context lengths that also run llama.cpp on the same GGUF files and prompt")
     parser.add_argument("--peers", default=",".join(PEERS), help=f"which llama.cpp runs (default {','.join(PEERS)})")
+    parser.add_argument("--peer-caches", default=",".join(PEER_CACHES),
+                        help=f"llama.cpp KV cache types, rows side by side (default {','.join(PEER_CACHES)})")
+    parser.add_argument("--kv-dtypes", default="",
+                        help="our KV cache forms to compare, rows per form (bf16,q8); default: the settings' one")
     parser.add_argument("--question", default=LONG_ANSWER_QUESTION,
                         help="asked over every context (default: one whose answer runs to several sentences)")
     parser.add_argument("--out", type=Path, default=REPO / "artifacts" / "bench_decode.json")
@@ -257,7 +273,13 @@ def run(argv: Sequence[str] | None = None) -> dict[str, object]:
     args = parser.parse_args(argv)
     if unknown := set(args.peers.split(",")) - set(PEERS) - {""}:
         parser.error(f"unknown peer(s) {', '.join(sorted(unknown))}; choose from {', '.join(PEERS)}")
+    if unknown := set(args.peer_caches.split(",")) - set(PEER_CACHES) - {""}:
+        parser.error(f"unknown peer cache(s) {', '.join(sorted(unknown))}; choose from {', '.join(PEER_CACHES)}")
     settings = settings_from_args(args)
+    try:
+        forms = kv_form_settings(settings, args.kv_dtypes)
+    except ValueError as error:
+        parser.error(f"--kv-dtypes: {error}")
     question = args.question
     decoding = replace(settings.decoding, max_new_tokens=args.new_tokens, gamma=args.gamma, eta=args.eta)
     methods = [m for m in args.methods.split(",") if m]
@@ -266,54 +288,84 @@ def run(argv: Sequence[str] | None = None) -> dict[str, object]:
 
     args.peer = None if args.no_peers else find_llama_cpp(settings.home, torch.get_num_threads())
     with tempfile.TemporaryDirectory() as tmp:
-        settings = replace(settings, home=Path(tmp), decoding=decoding)
-        engine = Engine(settings, log=lambda m: print(m, flush=True))
-        target, drafter = engine.target, engine.draft_model
-        loaded_gb = peak_rss_gb() if reset_peak_rss() else None  # both models loaded, nothing decoded yet
+        engines = {form: Engine(replace(form_settings, home=Path(tmp) / form, decoding=decoding),
+                                log=lambda m: print(m, flush=True))
+                   for form, form_settings in forms.items()}
+        for each in engines.values():  # every form's models loaded before the resident size is read
+            _ = (each.target, each.draft_model)
+        engine = next(iter(engines.values()))
+        settings = engine.settings
+        target = engine.target
+        loaded_gb = peak_rss_gb() if reset_peak_rss() else None  # all models loaded, nothing decoded yet
         bandwidth = copy_bandwidth_gbs()
         attention = "C kernel" if native_attention() is not None else "torch"
         report: dict[str, object] = {"machine": machine_summary(str(engine.device)),
-                                     "engine": {"target": engine_description(target),
-                                                "drafter": engine_description(drafter)},
+                                     "engines": {form: {"target": engine_description(each.target),
+                                                        "drafter": engine_description(each.draft_model)}
+                                                 for form, each in engines.items()},
                                      "copy_bandwidth_gbs": bandwidth, "attention": attention,
                                      "target": settings.models.target, "drafter": settings.models.drafter,
                                      "dtype": str(target.model.dtype), "gamma": args.gamma, "eta": args.eta,
                                      "new_tokens": args.new_tokens, "runs": args.runs,
                                      "rss_models_loaded_gb": loaded_gb, "drafter_chunk_kv": settings.drafter_chunk_kv,
-                                     "contexts": []}
+                                     "kv_forms": list(engines), "contexts": []}
         print(f"machine: {report['machine']}; copy bandwidth {bandwidth:.1f} GB/s; attention: {attention}; "
-              f"resident with both models loaded: {'-' if loaded_gb is None else f'{loaded_gb:.2f} GB'}")
+              f"resident with {2 * len(engines)} models loaded: {'-' if loaded_gb is None else f'{loaded_gb:.2f} GB'}")
         if not args.no_peers and args.peer is None:
             print("llama.cpp not built (run `make peers`): its rows are left out")
         for n_tokens in (int(c) for c in args.contexts.split(",")):
-            report["contexts"].append(bench_context(engine, target, drafter, n_tokens, question, decoding, methods,
-                                                    args, bandwidth, Path(tmp)))
+            report["contexts"].append(bench_context(engines, n_tokens, question, decoding, methods, args, bandwidth,
+                                                    Path(tmp)))
             args.out.parent.mkdir(parents=True, exist_ok=True)
             args.out.write_text(json.dumps(report, indent=2))
     print(f"\nwrote {args.out}")
     return report
 
 
-def bench_context(engine: Engine, target: LoadedModel, drafter: LoadedModel, n_tokens: int, question: str,
-                  decoding: DecodingSettings, methods: list[str], args: argparse.Namespace, bandwidth: float,
-                  workdir: Path) -> dict[str, object]:
-    index = build_index(engine, n_tokens, workdir)
-    rows, lc = bench_methods(engine, index, question, decoding, methods, args.runs)
-    long_prompt = lc.long_prompt_tokens  # the documents and question every method's target read (RAG's aside)
+def kv_form_settings(settings: Settings, kv_dtypes: str) -> dict[str, Settings]:
+    """The settings each KV form's engine runs with, by form name; no forms named: the settings' own
+    form alone (named by Settings.kv_dtype, bf16 on a checkout without the 8-bit cache)."""
+    if not kv_dtypes:
+        return {str(getattr(settings, "kv_dtype", "bf16")): settings}
+    return {form: settings_for(settings, form) for form in parse_kv_dtypes(kv_dtypes)}
+
+
+def bench_context(engines: dict[str, Engine], n_tokens: int, question: str, decoding: DecodingSettings,
+                  methods: list[str], args: argparse.Namespace, bandwidth: float, workdir: Path) -> dict[str, object]:
+    """Every method per KV form (each form's engine ingests the same slice), then the transformers and
+    llama.cpp rows once, on the first form's prompt; speedups are over the first form's LC."""
+    forms: dict[str, dict[str, object]] = {}
+    first_lc: Done | None = None
+    for form, engine in engines.items():
+        index = build_index(engine, n_tokens, workdir / form)
+        rows, lc = bench_methods(engine, index, question, decoding, methods, args.runs)
+        first_lc = first_lc or lc
+        decode_s, verify_s = verify_over_decode(engine.target.model, len(lc.long_prompt_tokens), args.gamma)
+        forms[form] = {"methods": rows, "decode_step_s": decode_s, "verify_pass_s": verify_s,
+                       "verify_over_decode": verify_s / decode_s,
+                       "lc_same_as_first_form": lc.token_ids == first_lc.token_ids}
+    assert first_lc is not None
+    long_prompt = first_lc.long_prompt_tokens  # the documents and question every method's target read (RAG's aside)
     context_tokens = len(long_prompt)
-    decode_s, verify_s = verify_over_decode(target.model, context_tokens, args.gamma)
+    engine = next(iter(engines.values()))
+    target, drafter = engine.target, engine.draft_model
+    lc_speed = next(iter(forms.values()))["methods"][BASELINE]["decode_tokens_per_s"]  # type: ignore[index]
     with_hf = not args.no_hf and str(n_tokens) in args.hf_contexts.split(",")
     hf = hf_baselines(target, drafter, long_prompt, args.new_tokens, args.hf_runs) if with_hf else {}
     for row in hf.values():
-        row["speedup_vs_lc"] = row["tokens_per_s"] / rows[BASELINE]["decode_tokens_per_s"]
+        row["speedup_vs_lc"] = row["tokens_per_s"] / lc_speed
     peers = run_peers(args, target, drafter, long_prompt, n_tokens)
     for row in peers.values():
         if row.get("tokens_per_s"):
-            row["speedup_vs_lc"] = row["tokens_per_s"] / rows[BASELINE]["decode_tokens_per_s"]
-    print_table(context_tokens, rows, {**hf, **peers}, decode_s, verify_s, args.gamma, bandwidth)
-    return {"context_tokens": context_tokens, "rag_tokens": len(lc.rag_prompt_tokens), "methods": rows, "hf": hf,
-            "peers": peers,
-            "decode_step_s": decode_s, "verify_pass_s": verify_s, "verify_over_decode": verify_s / decode_s}
+            row["speedup_vs_lc"] = row["tokens_per_s"] / lc_speed
+    for form, entry in forms.items():
+        print_table(context_tokens, form, entry["methods"], entry["decode_step_s"], entry["verify_pass_s"],  # type: ignore[arg-type]
+                    args.gamma)
+    print_others({**hf, **peers}, next(iter(forms)), bandwidth)
+    print("verify(" + str(args.gamma + 1) + ")/decode per KV form: "
+          + ", ".join(f"{form} {entry['verify_over_decode']:.2f}" for form, entry in forms.items()))
+    return {"context_tokens": context_tokens, "rag_tokens": len(first_lc.rag_prompt_tokens), "kv_forms": forms,
+            "hf": hf, "peers": peers}
 
 
 def bench_methods(engine: Engine, index: HybridIndex, question: str, decoding: DecodingSettings,
@@ -364,13 +416,15 @@ def run_peers(args: argparse.Namespace, target: LoadedModel, drafter: LoadedMode
         return {}
     text = target.tokenizer.decode(prompt, skip_special_tokens=False)
     which = tuple(p for p in args.peers.split(",") if p)
-    return measure_peers(args.peer, ggufs[0], ggufs[1], text, len(prompt), args.new_tokens, args.gamma, which)
+    caches = tuple(c for c in args.peer_caches.split(",") if c)
+    return measure_peers(args.peer, ggufs[0], ggufs[1], text, len(prompt), args.new_tokens, args.gamma, which,
+                         caches)
 
 
-def print_table(context_tokens: int, rows: dict[str, dict[str, float | None]], hf: dict[str, dict[str, float]],
-                decode_s: float, verify_s: float, gamma: int, bandwidth: float) -> None:
-    print(f"\ncontext {context_tokens} tokens: decode step {decode_s * 1e3:.0f} ms, verify of {gamma + 1} tokens "
-          f"{verify_s * 1e3:.0f} ms (ratio {verify_s / decode_s:.2f})")
+def print_table(context_tokens: int, form: str, rows: dict[str, dict[str, float | None]], decode_s: float,
+                verify_s: float, gamma: int) -> None:
+    print(f"\ncontext {context_tokens} tokens, KV {form}: decode step {decode_s * 1e3:.0f} ms, verify of {gamma + 1} "
+          f"tokens {verify_s * 1e3:.0f} ms (ratio {verify_s / decode_s:.2f})")
     print(f"{'method':20s} {'tok/s':>7s} {'vs LC':>6s} {'accept':>7s} {'len/pass':>8s} {'GB/s':>6s} "
           f"{'prefill s':>9s} {'=LC':>4s} {'peak RSS':>8s}")
     for method, r in rows.items():
@@ -379,7 +433,13 @@ def print_table(context_tokens: int, rows: dict[str, dict[str, float | None]], h
         print(f"{method:20s} {r['decode_tokens_per_s']:7.2f} {r['speedup_vs_lc']:5.2f}x {acc:>7s} {mal:>8s} "
               f"{r['target_bandwidth_gbs']:6.1f} {r['prefill_s']:9.1f} {'yes' if r['same_tokens_as_lc'] else 'no':>4s} "
               f"{'-' if r['peak_rss_gb'] is None else format(r['peak_rss_gb'], '.2f') + ' GB':>8s}")
-    for name, r in hf.items():
+
+
+def print_others(others: dict[str, dict[str, float]], first_form: str, bandwidth: float) -> None:
+    """transformers' and llama.cpp's rows, their speedups over LC with our first KV form."""
+    if others:
+        print(f"(beside them, vs LC with KV {first_form})")
+    for name, r in others.items():
         if not r.get("tokens_per_s"):
             print(f"{name:20s} failed: {r.get('error', '')[:200]}")
             continue
