@@ -59,7 +59,7 @@ define build_llama_cpp # $(1): build folder name, $(2): link name, $(3): cmake o
 	{ test -d "$(LLAMA_CPP_SRC)" || { $(PIP) download --no-deps --no-binary :all: \
 	    llama-cpp-python==$(LLAMA_CPP_PYTHON) -d "$(PEERS_DIR)" && tar -xzf "$(LLAMA_CPP_SRC).tar.gz" -C "$(PEERS_DIR)"; }; } && \
 	cmake -S "$(LLAMA_CPP_SRC)/vendor/llama.cpp" -B "$(LLAMA_CPP_SRC)/$(1)" $(3) $(LLAMA_CPP_CMAKE) >/dev/null && \
-	cmake --build "$(LLAMA_CPP_SRC)/$(1)" -j2 --target llama-completion llama-speculative-simple llama-server && \
+	cmake --build "$(LLAMA_CPP_SRC)/$(1)" -j2 --target llama-completion llama-speculative-simple llama-server llama-bench && \
 	ln -sfn "$(LLAMA_CPP_SRC)/$(1)" "$(PEERS_DIR)/$(2)"
 endef
 
