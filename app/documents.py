@@ -20,6 +20,7 @@ from app.models import Models
 from app.progress import Job, PreparingBars
 from app.worker import Emit, watch
 from decoding.loaded_model import Prompt
+from decoding.pass_costs import depth_cost_ratio
 from decoding.prefill import prefill_parts
 from decoding.prefix_cache import PrefixCache
 from decoding.scheduler import Ticket
@@ -140,7 +141,8 @@ class Documents(Models):
     def encode_passages(self, store: ChunkKV, todo: Sequence[Passage], ticket: Ticket, emit: Emit) -> float:
         """Encode passages into the store with progress; returns the seconds spent."""
         key = f"chunks:{store.store.directory}"
-        job = self._start_job(key, "Drafter reading passages", sum(len(p.tokens) for p in todo))
+        # Each passage is read after the same header: its cost does not grow with the job's progress.
+        job = self._start_job(key, "Drafter reading passages", sum(len(p.tokens) for p in todo), depth=None)
         try:
             return store.build(todo, lambda done, total: emit(job.update(done, total)), ticket.run)
         finally:
@@ -240,6 +242,8 @@ class Documents(Models):
     def _read(self, prompt: Prompt, job: Job, ticket: Ticket, emit: Emit) -> None:
         model, prefix, cuts = self.target.model, prompt.prefix, prompt.cuts()
         cache = self.prefix_cache.longest(model, prefix, cuts, len(prefix) + 1) or model.new_cache(len(prefix) + 1)
+        job.depth = cache.length  # a restored run of documents: the prefill starts that deep
+        job.prior_ratio = depth_cost_ratio(model.args)
         emit(job.update(0, len(prefix) - cache.length))
         prefill_parts(model, prefix, cuts, cache, lambda done, total: emit(job.update(done, total)), ticket.run)
         self.prefix_cache.save(model, prefix, cache, cuts)
@@ -252,8 +256,8 @@ class Documents(Models):
 
     # -------------------------------------------------------------------- helpers
 
-    def _start_job(self, key: str, what: str, total: int) -> Job:
-        job = Job(what, total)
+    def _start_job(self, key: str, what: str, total: int, depth: int | None = 0) -> Job:
+        job = Job(what, total, depth=depth)
         with self._jobs_lock:
             self._jobs[key] = job
         return job
