@@ -106,12 +106,12 @@ class Documents(Models):
     def chunk_kv(self, index: HybridIndex, spec: str | None = None) -> ChunkKV:
         """Per-chunk KV of the model `spec` (default: the drafter) for this index."""
         spec = spec or self.settings.models.drafter
-        drafter = self.model(spec)
+        drafter, target = self.model(spec), self.target  # loaded before _load_lock: see Models.model
         key = (index.directory, spec)
         with self._load_lock:
             if key not in self._chunk_kv:
                 model_key = self.prefix_cache.model_key(drafter.model)
-                header = self.target.prompt([], "?").header  # the RAG prompt's (answering's prompts)
+                header = target.prompt([], "?").header  # the RAG prompt's (answering's prompts)
                 owner = f"{spec}|{drafter.weights}|{drafter.model.dtype}"
                 max_bytes = int(self.settings.chunk_kv_gb * 1e9)
                 self._chunk_kv[key] = ChunkKV(index.directory, drafter.model, model_key, header, owner, max_bytes)
