@@ -41,6 +41,7 @@ from decoding.transformer import Run, Transformer
 
 CHUNK_KV_DIR = "chunk_kv"
 OWNER_FILE = "owner.txt"  # in each store's folder: which drafter (name, weights, dtype) it holds
+HEADER_DIR = "header"  # in each store's folder: the prompt header's KV, apart from the chunks' files
 
 # (tokens done, tokens total) while chunks are encoded
 BuildProgress = Callable[[int, int], None]
@@ -107,6 +108,8 @@ class ChunkKV:
         run: who runs the passes (the engine's scheduler)."""
         todo = self.missing(passages)
         total, done, spent = sum(len(p.tokens) for p in todo), 0, 0.0
+        if todo:
+            self.header_kv(run)
         for passage in todo:
             start = time.perf_counter()
             piece = encode_piece(self.model, passage.tokens, after=self.header, run=run)
@@ -127,8 +130,17 @@ class ChunkKV:
         return piece
 
     def header_kv(self, run: Run | None = None) -> PieceKV:
+        """The header's KV: stored like a passage's (built at ingest), so a question's process
+        reads it instead of running the drafter over the header before its first draft. Its own
+        folder keeps it out of the chunks' listing, bound and pruning."""
         if self._header_kv is None:
-            self._header_kv = encode_piece(self.model, self.header, run=run)
+            headers, name = KVStore(self.store.directory / HEADER_DIR), tokens_hash(self.header)
+            stored = headers.read(name, self.model.device)
+            if stored is None:
+                stored = encode_piece(self.model, self.header, run=run)
+                self._claim()
+                headers.write(name, stored)
+            self._header_kv = stored
         return self._header_kv
 
     @staticmethod

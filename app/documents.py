@@ -20,6 +20,7 @@ from app.models import Models
 from app.progress import Job, PreparingBars
 from app.worker import Emit, watch
 from decoding.loaded_model import Prompt
+from decoding.pass_costs import depth_cost_ratio
 from decoding.prefill import prefill_parts
 from decoding.prefix_cache import PrefixCache
 from decoding.scheduler import Ticket
@@ -105,12 +106,12 @@ class Documents(Models):
     def chunk_kv(self, index: HybridIndex, spec: str | None = None) -> ChunkKV:
         """Per-chunk KV of the model `spec` (default: the drafter) for this index."""
         spec = spec or self.settings.models.drafter
-        drafter = self.model(spec)
+        drafter, target = self.model(spec), self.target  # loaded before _load_lock: see Models.model
         key = (index.directory, spec)
         with self._load_lock:
             if key not in self._chunk_kv:
                 model_key = self.prefix_cache.model_key(drafter.model)
-                header = self.target.prompt([], "?").header  # the RAG prompt's (answering's prompts)
+                header = target.prompt([], "?").header  # the RAG prompt's (answering's prompts)
                 owner = f"{spec}|{drafter.weights}|{drafter.model.dtype}"
                 max_bytes = int(self.settings.chunk_kv_gb * 1e9)
                 self._chunk_kv[key] = ChunkKV(index.directory, drafter.model, model_key, header, owner, max_bytes)
@@ -140,7 +141,8 @@ class Documents(Models):
     def encode_passages(self, store: ChunkKV, todo: Sequence[Passage], ticket: Ticket, emit: Emit) -> float:
         """Encode passages into the store with progress; returns the seconds spent."""
         key = f"chunks:{store.store.directory}"
-        job = self._start_job(key, "Drafter reading passages", sum(len(p.tokens) for p in todo))
+        # Each passage is read after the same header: its cost does not grow with the job's progress.
+        job = self._start_job(key, "Drafter reading passages", sum(len(p.tokens) for p in todo), depth=None)
         try:
             return store.build(todo, lambda done, total: emit(job.update(done, total)), ticket.run)
         finally:
@@ -240,6 +242,8 @@ class Documents(Models):
     def _read(self, prompt: Prompt, job: Job, ticket: Ticket, emit: Emit) -> None:
         model, prefix, cuts = self.target.model, prompt.prefix, prompt.cuts()
         cache = self.prefix_cache.longest(model, prefix, cuts, len(prefix) + 1) or model.new_cache(len(prefix) + 1)
+        job.depth = cache.length  # a restored run of documents: the prefill starts that deep
+        job.prior_ratio = depth_cost_ratio(model.args)
         emit(job.update(0, len(prefix) - cache.length))
         prefill_parts(model, prefix, cuts, cache, lambda done, total: emit(job.update(done, total)), ticket.run)
         self.prefix_cache.save(model, prefix, cache, cuts)
@@ -252,8 +256,8 @@ class Documents(Models):
 
     # -------------------------------------------------------------------- helpers
 
-    def _start_job(self, key: str, what: str, total: int) -> Job:
-        job = Job(what, total)
+    def _start_job(self, key: str, what: str, total: int, depth: int | None = 0) -> Job:
+        job = Job(what, total, depth=depth)
         with self._jobs_lock:
             self._jobs[key] = job
         return job

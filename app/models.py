@@ -29,20 +29,30 @@ class Models:
         self._model_ids: dict[int, str] = {}  # id(Transformer) -> its weights' identity (prefix cache keys)
         self._embedder: Embedder | None = None
         self._load_lock = threading.RLock()  # re-entrant: open_index loads the embedder under it
+        # One lock per model being loaded, not _load_lock: two models load at once (app/warm_up.py
+        # loads the drafter while the target is loaded and the index opened).
+        self._spec_locks: dict[str, threading.Lock] = {}
 
     def model(self, spec: str) -> LoadedModel:
         with self._load_lock:
-            if spec not in self._models:
-                directory = resolve_model(spec, self.settings.models_dir, self.log)
-                dtype = pick_dtype(self.settings.models.dtype, self.device)
-                quantized = wants_quantized(self.settings.models.dtype, self.device)
-                loaded = load_model(spec, directory, dtype, self.device, quantized=quantized)
-                warn_once(engine_description(loaded))  # a slow fallback is said once, on stderr
-                self._models[spec] = loaded
-                # Quantized and dense weights give different KV: cached prefixes must not mix.
-                weights = "" if loaded.weights == "dense" else f":{loaded.weights}"
+            if spec in self._models:
+                return self._models[spec]
+            spec_lock = self._spec_locks.setdefault(spec, threading.Lock())
+        with spec_lock:
+            with self._load_lock:
+                if spec in self._models:  # another thread loaded it while this one waited
+                    return self._models[spec]
+            directory = resolve_model(spec, self.settings.models_dir, self.log)
+            dtype = pick_dtype(self.settings.models.dtype, self.device)
+            quantized = wants_quantized(self.settings.models.dtype, self.device)
+            loaded = load_model(spec, directory, dtype, self.device, quantized=quantized)
+            warn_once(engine_description(loaded))  # a slow fallback is said once, on stderr
+            # Quantized and dense weights give different KV: cached prefixes must not mix.
+            weights = "" if loaded.weights == "dense" else f":{loaded.weights}"
+            with self._load_lock:
                 self._model_ids[id(loaded.model)] = f"{directory.resolve()}:{_weights_stamp(directory)}{weights}"
-            return self._models[spec]
+                self._models[spec] = loaded
+            return loaded
 
     @property
     def target(self) -> LoadedModel:

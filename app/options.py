@@ -166,8 +166,10 @@ def engine_and_index(args: argparse.Namespace) -> tuple[Settings, Engine, Hybrid
     settings.decoding.validate()
 
     from app.pipeline import Engine  # torch takes seconds to import: not before the arguments are known good
+    from app.warm_up import start_warm_up
 
     engine = Engine(settings, log=log)
+    start_warm_up(engine, settings.decoding.method)  # the drafter loads beside the target
     index = engine.open_index(index_dir)
     if args.docs:
         ingest_documents(index, args.docs, progress=True, engine=engine)

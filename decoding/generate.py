@@ -7,9 +7,11 @@ target reads, who drafts, whether eta applies - comes from the table in decoding
 
 from __future__ import annotations
 
+import filecmp
+import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -43,6 +45,7 @@ class Finished:
 
 
 GenerationEvent = TextDelta | PassStats | Finished
+TOKENIZER_FILE = "tokenizer.json"
 # (target, the model whose passes drafting costs or None, longest draft, acceptance) -> draft length
 DraftPlanner = Callable[[Transformer, Transformer | None, int, float], int]
 
@@ -124,21 +127,53 @@ class Detokenizer:
 DraftLength = Callable[[int, float], int]
 
 
+class DrafterBuild:
+    """A drafter built in a thread of its own (its chunk KV read and assembled, its prompt read,
+    its output layer cut down) while the target goes on with plain steps."""
+
+    def __init__(self, make_drafter: Callable[[], Drafter | None]) -> None:
+        self._drafter: Drafter | None = None
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._build, args=(make_drafter,), name="rapidqa-drafter-build",
+                                        daemon=True)
+        self._thread.start()
+
+    def _build(self, make_drafter: Callable[[], Drafter | None]) -> None:
+        try:
+            self._drafter = make_drafter()
+        except BaseException as error:  # raised in the session's thread, by result()
+            self._error = error
+
+    def ready(self) -> bool:
+        return not self._thread.is_alive()
+
+    def result(self) -> Drafter | None:
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
+        return self._drafter
+
+
 def emit_tokens(
     target: Session, make_drafter: Callable[[], Drafter | None], first_logits: torch.Tensor, sampler: Sampler,
     eta: float, stop_ids: frozenset[int], stats: Stats, detokenizer: Detokenizer,
-    draft_length: DraftLength | None = None,
+    draft_length: DraftLength | None = None, build_aside: bool = False,
 ) -> Iterator[GenerationEvent]:
     """Emit tokens until a stop token or max_new_tokens; speculative when make_drafter gives a drafter.
 
     The first token comes from the target's prefill logits alone, so the drafter (and its own
     prefill) is built only after that token is out: it never delays the first token. Its build
-    time counts as prefill, not decode.
+    time counts as prefill, not decode. With build_aside the drafter is built in a thread while
+    the target takes plain steps, and drafting starts once it is ready: the second token then
+    comes one target step after the first. Only for greedy decoding (plain steps and verifies pick
+    the same tokens, so when the drafter arrives changes nothing) and where a scheduler runs the
+    passes (the two threads' passes then take turns instead of running at once).
     """
     settings, output = sampler.settings, target.output
     start = first_out = time.perf_counter()
     proposed = [sampler.choose(first_logits)]
     drafter: Drafter | None = None
+    building: DrafterBuild | None = None
     while True:
         emitted, stats.finish_reason = commit(output, proposed, settings, stop_ids)
         clock = time.perf_counter()
@@ -159,13 +194,21 @@ def emit_tokens(
         start += away
         first_out += away
         if stats.finish_reason:
+            if building is not None:
+                building.result()  # nothing keeps running for an answer that ended
             return
-        if stats.target_passes == 1:
-            building = time.perf_counter()
+        if stats.target_passes == 1 and build_aside:
+            building = DrafterBuild(make_drafter)
+        elif stats.target_passes == 1:
+            began = time.perf_counter()
             drafter = make_drafter()
-            spent = time.perf_counter() - building
+            spent = time.perf_counter() - began
             stats.prefill_s += spent
             start += spent
+        if building is not None and building.ready():
+            drafter, building = building.result(), None
+            if drafter is not None:
+                drafter.keep(len(output))  # the answer so far joins what it scores
         k = min(settings.gamma, settings.max_new_tokens - len(output) - 1)  # the target adds one more
         if drafter is not None and k >= 1 and draft_length is not None:
             k = draft_length(k, (stats.accepted + 1) / (stats.drafted + 2))
@@ -235,6 +278,9 @@ def generate(
     stats.prefix_cached_tokens = restored
     stats.prefill_s = time.perf_counter() - t0
 
+    sampler = Sampler.seeded(settings)
+    build_aside = sampler.greedy and run is not run_alone and drafting_model is not None
+
     def make_drafter() -> Drafter | None:
         if drafting_model is not None and drafting_model is not target:
             check_same_vocabulary(target, drafting_model)
@@ -244,7 +290,9 @@ def generate(
             hooks = prefix_hooks if drafting_model is not target else None
         else:
             hooks = rag_prefix
-        read_prompt = drafter_prefill(session, stats, hooks)
+        # Built aside, its prompt's passes go first like any draft's: behind other sessions' target
+        # passes it would wait until they all ended.
+        read_prompt = drafter_prefill(session, stats, hooks, drafting_passes(run) if build_aside else run)
         reads = None
         if info.drafting is Drafting.FOCUS:
             reads = TargetSlots(passage_slots(long_prompt, passage_spans or ()), len(long_prompt.prefix))
@@ -264,8 +312,8 @@ def generate(
         def draft_length(longest: int, acceptance: float) -> int:
             return plan(target.model, drafts_on, longest, acceptance)
 
-    yield from emit_tokens(session, make_drafter, logits, Sampler.seeded(settings), eta, target.stop_ids, stats,
-                           Detokenizer(target), draft_length)
+    yield from emit_tokens(session, make_drafter, logits, sampler, eta, target.stop_ids, stats,
+                           Detokenizer(target), draft_length, build_aside)
     yield Finished(target.decode(session.output), list(session.output), stats)
 
 
@@ -286,20 +334,39 @@ def passage_slots(prompt: Prompt, spans: Sequence[tuple[int, int]]) -> list[tupl
 
 
 def check_same_vocabulary(target: LoadedModel, drafter: LoadedModel) -> None:
+    # Two models shipped with byte-identical tokenizer files share their vocabulary: a file compare
+    # takes milliseconds, the vocabulary key most of a second per model (holding the interpreter
+    # lock, so the answer's steps would wait on a drafter built aside).
+    if same_tokenizer_file(target, drafter):
+        return
     if drafter.vocabulary_key != target.vocabulary_key:
         raise ValueError("the drafter and the target must share one tokenizer (same vocabulary ids)")
 
 
 def drafter_prefill(
-    target_session: Session, stats: Stats, hooks: PrefixCacheHooks | None
+    target_session: Session, stats: Stats, hooks: PrefixCacheHooks | None, run: Run
 ) -> Callable[[LoadedModel, Prompt, int], Session]:
-    """How a model drafter reads its prompt: through the given hooks (SD's document prefix from the
-    prefix cache, RAPID's retrieved passages from per-chunk KV), otherwise a plain prefill."""
+    """How a model drafter reads its prompt (its passes run by `run`): through the given hooks (SD's
+    document prefix from the prefix cache, RAPID's retrieved passages from per-chunk KV), otherwise
+    a plain prefill."""
 
     def read(draft_model: LoadedModel, prompt: Prompt, capacity: int) -> Session:
-        cache, _, _ = prefill(draft_model.model, prompt, hooks, capacity, target_session.run)
+        cache, _, _ = prefill(draft_model.model, prompt, hooks, capacity, run)
         stats.draft_context_tokens = len(prompt)
         return Session(draft_model.model, cache, prompt.tokens, target_session.output, run=target_session.run,
                        drafting=True)
 
     return read
+
+
+def drafting_passes(run: Run) -> Run:
+    """`run` with every pass marked as a drafter's: a scheduler runs those first."""
+    return lambda model, rows: run(model, replace(rows, drafting=True))
+
+
+def same_tokenizer_file(a: LoadedModel, b: LoadedModel) -> bool:
+    """Whether both models were loaded with byte-identical tokenizer.json files."""
+    if a.directory is None or b.directory is None:
+        return False
+    files = [a.directory / TOKENIZER_FILE, b.directory / TOKENIZER_FILE]
+    return all(f.is_file() for f in files) and filecmp.cmp(files[0], files[1], shallow=False)

@@ -17,6 +17,8 @@ from dataclasses import dataclass
 
 from torch import nn
 
+from decoding.transformer import ModelArgs
+
 SMOOTHING = 0.3  # weight of a new measurement in a row count's running mean
 
 
@@ -81,3 +83,13 @@ def best_draft_length(costs: PassCosts, target: nn.Module, drafter: nn.Module | 
         if rate > best_rate:
             best, best_rate = k, rate
     return best
+
+
+def depth_cost_ratio(args: ModelArgs) -> float:
+    """b / a of a prefill token's cost a + b * depth, from the model's shape: the multiply-adds of
+    its attention per token of depth (q.k and the value sum, every layer and head) over those of
+    its weights (the projections and the MLP; a prefill's output layer reads one row). Real kernels
+    run the two at different speeds, so this is where an estimate starts, not what it ends at."""
+    projections = args.dim * args.head_dim * (2 * args.n_heads + 2 * args.n_kv_heads)
+    per_layer = projections + 3 * args.dim * args.intermediate_size
+    return 2 * args.n_heads * args.head_dim / per_layer

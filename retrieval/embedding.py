@@ -51,6 +51,11 @@ class Embedder:
             )
         return vectors.tolist()
 
+    def load(self) -> None:
+        """Load the model now (it otherwise loads at the first embedding: a question's retrieval)."""
+        with self._lock:
+            self._load()
+
     def embed_query(self, text: str) -> list[float]:
         return self.embed([text])[0]
 

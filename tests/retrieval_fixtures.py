@@ -34,6 +34,9 @@ class HashEmbedder:
 
     dims = 384
 
+    def load(self) -> None:
+        pass
+
     def embed(self, texts: list[str]) -> list[list[float]]:
         return [self._vector(text) for text in texts]
 
