@@ -251,6 +251,11 @@ class Documents(Models):
         with self._jobs_lock:
             return key in self._jobs or index.directory in self._preparing
 
+    def documents_ready(self, index: HybridIndex) -> bool:
+        """Nothing is reading this index's documents now (no preparation, no first read running)."""
+        with self._jobs_lock:
+            return index.directory not in self._preparing and not self._jobs
+
     def _read(self, prompt: Prompt, job: Job, ticket: Ticket, emit: Emit) -> None:
         model, prefix, cuts = self.target.model, prompt.prefix, prompt.cuts()
         cache = self.prefix_cache.longest(model, prefix, cuts, len(prefix) + 1) or model.new_cache(len(prefix) + 1)
