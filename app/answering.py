@@ -13,7 +13,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from app.config import Settings
+from app.config import RAG_READ_CHUNK_KV, Settings
 from app.conversation import (
     REWRITE_SYSTEM,
     REWRITE_TOKENS,
@@ -27,7 +27,7 @@ from app.conversation import (
 )
 from app.documents import PROMPT_OVERHEAD_TOKENS, Documents
 from app.errors import QuestionError
-from app.events import Done, Event, Progress, Sources, Status, Token
+from app.events import Done, Event, Progress, Sources, Status, StillReading, Token
 from app.passage_tokens import passage_token_spans
 from app.speedup import LcReference, measured_speedup
 from app.worker import Emit, run_in_session, watch
@@ -42,6 +42,9 @@ from retrieval.context import build_contexts
 from retrieval.errors import ContextTooLongError
 from retrieval.index import HybridIndex
 from retrieval.types import Contexts, RetrievalSettings
+
+# What answers a question whose documents are still being read: the target on the retrieved passages.
+PASSAGES_METHOD = "rag"
 
 
 @dataclass(frozen=True)
@@ -190,16 +193,22 @@ class Answering(Documents):
         """The question's session: what it waits for (with progress), its generation, its Done."""
         decoding, long_prompt, rag_prompt = asked.decoding, asked.long_prompt, asked.rag_prompt
         waited = time.perf_counter()  # the computations this question waits for before generating
+        still_reading = False
         if method_info(decoding.method).uses_prefix_cache and not self.prefix_cache.contains(
             self.target.model, long_prompt.prefix
         ):
-            emit(Status(f"Reading {len(long_prompt.prefix)} tokens of documents (once; later questions reuse it)"))
-            self.read_window(long_prompt, ticket, emit)
+            if self.being_read(asked.index, long_prompt):
+                # Another job reads this window now (an upload's preparation, another question): answer
+                # at once from the passages instead of waiting; that read goes on untouched.
+                still_reading = True
+                decoding = replace(decoding, method=PASSAGES_METHOD)
+                emit(StillReading())
+            else:
+                emit(Status(f"Reading {len(long_prompt.prefix)} tokens of documents (once; later questions reuse it)"))
+                self.read_window(long_prompt, ticket, emit)
         target_name = self.settings.models.target
         emit(Status(self._prefill_message(decoding.method, long_prompt, rag_prompt)))
-        rag_prefix = self._rag_prefix(asked, ticket)
-        if rag_prefix is not None:
-            self._encode_missing_passages(asked, ticket, emit)
+        rag_prefix = self._passage_kv(asked, decoding.method, ticket, emit, encode_missing=not still_reading)
         spans_needed = method_info(decoding.method).drafting is Drafting.FOCUS
         spans = self.passage_token_spans(long_prompt, asked.contexts) if spans_needed else None
         wait_s = time.perf_counter() - waited
@@ -220,7 +229,7 @@ class Answering(Documents):
         self.lc_reference.record(target_name, stats)
         lc_stats = None
         speedup = self.lc_reference.speedup(target_name, stats)
-        if asked.compare and decoding.method != BASELINE:
+        if asked.compare and decoding.method != BASELINE and not still_reading:
             emit(Status("Measuring LC on the same input for the speedup"))
             lc = [e for e in self._run(replace(decoding, method=BASELINE), long_prompt, rag_prompt, ticket)
                   if isinstance(e, Finished)]
@@ -228,24 +237,36 @@ class Answering(Documents):
             self.lc_reference.record(target_name, lc_stats)
             speedup = measured_speedup(stats, lc_stats)
         emit(Done(answer, stats, asked.contexts.citations, speedup, lc_stats, asked.contexts.reading, token_ids,
-                  long_prompt.tokens, rag_prompt.tokens, asked.follow_up))
+                  long_prompt.tokens, rag_prompt.tokens, asked.follow_up, still_reading))
 
-    def _rag_prefix(self, asked: Question, ticket: Ticket) -> PrefixCacheHooks | None:
-        """RAPID's drafter context from per-chunk KV, when the prompt is made of the chunks' passages."""
-        method = asked.decoding.method
-        rag_drafter = method_info(method).drafting is Drafting.RAG_MODEL
-        if not rag_drafter or not self.settings.drafter_chunk_kv or not asked.contexts.rag_chunk_ids:
+    def chunk_kv_reader(self, method: str) -> str | None:
+        """The model whose per-chunk KV `method` reads its retrieved passages from: RAPID's drafter
+        (the target itself in rapid-self), or the target in rag (settings.rag_read); None: no model
+        reads passages from chunk KV."""
+        info = method_info(method)
+        if info.drafting is Drafting.RAG_MODEL and self.settings.drafter_chunk_kv:
+            return self.drafter_spec(method)
+        if info.target_reads_rag and self.settings.rag_read == RAG_READ_CHUNK_KV:
+            return self.settings.models.target
+        return None
+
+    def _passage_kv(self, asked: Question, method: str, ticket: Ticket, emit: Emit,
+                    encode_missing: bool = True) -> PrefixCacheHooks | None:
+        """The RAG prompt's prefix from per-chunk KV, for the model that reads it (chunk_kv_reader),
+        when the prompt is made of the chunks' passages. Passages without KV for that model (ingest
+        builds the default drafter's only) are encoded now, with progress, and stored; without
+        encode_missing they make it None instead (the passages are then prefilled together: one
+        prefill of them costs fewer passes than encoding each after the header)."""
+        spec = self.chunk_kv_reader(method)
+        if spec is None or not asked.contexts.rag_chunk_ids:
             return None
-        store = self.chunk_kv(asked.index, self.drafter_spec(method))
-        return store.hooks(asked.rag_prompt, asked.contexts.rag_chunk_ids, ticket.run)
-
-    def _encode_missing_passages(self, asked: Question, ticket: Ticket, emit: Emit) -> None:
-        """Passages without chunk KV for this drafter (ingest builds the default drafter's only) are
-        encoded now, with progress."""
-        store = self.chunk_kv(asked.index, self.drafter_spec(asked.decoding.method))
+        store = self.chunk_kv(asked.index, spec)
         todo = store.missing(store.prompt_passages(asked.rag_prompt, asked.contexts.rag_chunk_ids))
+        if todo and not encode_missing:
+            return None
         if todo:
             self.encode_passages(store, todo, ticket, emit)
+        return store.hooks(asked.rag_prompt, asked.contexts.rag_chunk_ids, ticket.run)
 
     def passage_token_spans(self, long_prompt: Prompt, contexts: Contexts) -> list[tuple[int, int]]:
         """Where the retrieved passages lie in the long prompt, as token ranges (a focus drafter's)."""

@@ -21,6 +21,11 @@ def default_models_dir() -> Path:
     return Path(override).expanduser() if override else default_home() / "models"
 
 
+RAG_READ_CHUNK_KV = "chunk-kv"
+RAG_READ_JOINT = "joint"
+RAG_READS = (RAG_READ_CHUNK_KV, RAG_READ_JOINT)
+
+
 @dataclass(frozen=True)
 class ModelSettings:
     target: str = "qwen2.5-coder-1.5b"  # registry name, HF model directory, or .gguf path
@@ -62,6 +67,11 @@ class Settings:
     server: ServerSettings = field(default_factory=ServerSettings)
     # RAPID's drafter reads its passages from KV built per chunk at ingest instead of prefilling them.
     drafter_chunk_kv: bool = True
+    # How the `rag` method's target reads its retrieved passages: RAG_READ_CHUNK_KV assembles the
+    # target's per-chunk KV (each passage read after the prompt's header, no attention between
+    # passages) and prefills only the question; RAG_READ_JOINT prefills the passages together per
+    # question (the exact read, slower).
+    rag_read: str = RAG_READ_CHUNK_KV
     # RAM for the target's KV of a corpus larger than its window (the server and eval): when every
     # window's KV fits, all stay loaded, so a question routed to another window reads no disk.
     hot_windows_gb: float = 6.0
@@ -76,6 +86,10 @@ class Settings:
     plan_drafts: bool = True
     # The target's cached document KV; None: <home>/kv. Processes serving one corpus may share one.
     kv_dir: Path | None = None
+
+    def __post_init__(self) -> None:
+        if self.rag_read not in RAG_READS:
+            raise ValueError(f"rag_read {self.rag_read!r}: choose one of {', '.join(RAG_READS)}")
 
     @property
     def default_index_dir(self) -> Path:

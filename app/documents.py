@@ -42,6 +42,7 @@ class Documents(Models):
         self._windows: dict[Path, tuple[tuple[object, ...], list[Window]]] = {}  # the last plan per index
         self._jobs: dict[str, Job] = {}  # what is being read now, by prefix-cache key (or store)
         self._jobs_lock = threading.Lock()
+        self._preparing: set[Path] = set()  # indexes whose preparation runs in the background (uploads)
         self.prefix_cache = PrefixCache(settings.kv_cache_dir, self._model_ids)
 
     def open_index(self, directory: Path | None = None) -> HybridIndex:
@@ -78,6 +79,12 @@ class Documents(Models):
                 self.keep_windows_in_memory(index)
             except Exception as error:  # a failed build only means questions compute it themselves
                 self.log(f"preparing the documents failed: {type(error).__name__}: {error}")
+            finally:
+                with self._jobs_lock:
+                    self._preparing.discard(index.directory)
+
+        with self._jobs_lock:  # before the thread starts: a question asked at once sees it
+            self._preparing.add(index.directory)
 
         thread = threading.Thread(target=prepare, name="rapidqa-prepare", daemon=True)
         thread.start()
@@ -238,6 +245,18 @@ class Documents(Models):
                 self._read(prompt, job, ticket, emit)
             finally:
                 self._end_job(key, job)
+
+    def being_read(self, index: HybridIndex, prompt: Prompt) -> bool:
+        """Whether the first read of this prompt's window runs now, by a request other than the
+        caller: the index's background preparation (after an upload) or another question's read."""
+        key = self.prefix_cache.key(self.target.model, prompt.prefix)
+        with self._jobs_lock:
+            return key in self._jobs or index.directory in self._preparing
+
+    def documents_ready(self, index: HybridIndex) -> bool:
+        """Nothing is reading this index's documents now (no preparation, no first read running)."""
+        with self._jobs_lock:
+            return index.directory not in self._preparing and not self._jobs
 
     def _read(self, prompt: Prompt, job: Job, ticket: Ticket, emit: Emit) -> None:
         model, prefix, cuts = self.target.model, prompt.prefix, prompt.cuts()

@@ -9,12 +9,22 @@ from app.speedup import Speedup
 from decoding.stats import Stats
 from retrieval.types import Citation, Reading
 
+# The label of an answer given while its documents' first read runs (app/answering.py).
+STILL_READING = "the documents are still being read: answered from the retrieved passages"
+
 
 @dataclass(frozen=True)
 class Status:
     """A stage the user is waiting on (retrieving, prefilling N tokens, ...)."""
 
     message: str
+
+
+@dataclass(frozen=True)
+class StillReading(Status):
+    """The documents' first read is still running: this answer comes from the retrieved passages."""
+
+    message: str = f"{STILL_READING[0].upper()}{STILL_READING[1:]}"
 
 
 @dataclass(frozen=True)
@@ -64,6 +74,9 @@ class Done:
     long_prompt_tokens: list[int] = field(default_factory=list)
     rag_prompt_tokens: list[int] = field(default_factory=list)
     follow_up: FollowUp | None = None  # how a question continuing a conversation was read
+    # Answered from the retrieved passages alone because the documents' first read was still running
+    # (STILL_READING says so to people); asking again once it is done reads the full documents.
+    still_reading: bool = False
 
 
 Event = Status | Preparing | Sources | Token | Progress | Done

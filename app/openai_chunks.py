@@ -13,8 +13,15 @@ from dataclasses import dataclass
 from typing import Any
 
 from app.conversation import FollowUp
-from app.events import Done, Event, Preparing, Progress, Sources, Status, Token
-from app.report import follow_up_record, reading_record, sources_record, speedup_record, stats_record
+from app.events import Done, Event, Preparing, Progress, Sources, Status, StillReading, Token
+from app.report import (
+    follow_up_record,
+    reading_record,
+    sources_record,
+    speedup_record,
+    stats_record,
+    still_reading_record,
+)
 from app.speedup import Speedup
 from app.stop_text import StopText
 from decoding.stats import Stats
@@ -50,6 +57,7 @@ class _Seen:
     citations: Sequence[Citation] = ()
     reading: Reading | None = None
     follow_up: FollowUp | None = None
+    still_reading: bool = False  # answered from the passages while the documents are read
     stats: Stats | None = None
     speedup: Speedup | None = None
 
@@ -65,6 +73,7 @@ def completion(events: Iterator[Event], stops: Sequence[str] = ()) -> Generator[
                 seen.citations, seen.reading, seen.follow_up = event.citations, event.reading, event.follow_up
                 yield Note({"status": f"Retrieved {len(event.citations)} passages"})
             elif isinstance(event, Status) and seen.citations:
+                seen.still_reading = seen.still_reading or isinstance(event, StillReading)
                 yield Note({"status": event.message})
             elif isinstance(event, Preparing):
                 yield Note({"progress": progress_record(event)})
@@ -82,6 +91,7 @@ def completion(events: Iterator[Event], stops: Sequence[str] = ()) -> Generator[
                     yield Text(rest)
                 reason = "length" if event.stats.finish_reason == "length" else "stop"
                 seen.citations, seen.reading, seen.follow_up = event.citations, event.reading, event.follow_up
+                seen.still_reading = event.still_reading
                 yield _final(reason, seen, event.stats, event.speedup, None)
                 return
     assert seen.stats is not None and seen.speedup is not None
@@ -99,6 +109,7 @@ def _final(reason: str, seen: _Seen, stats: Stats, speedup: Speedup, stopped_by:
         "stats": stats_record(stats) | speedup_record(speedup),
         "read": reading_record(seen.reading),
         "conversation": follow_up_record(seen.follow_up),
+        "still_reading": still_reading_record(seen.still_reading),
         "stopped_by": stopped_by,
     }
     usage = {"prompt_tokens": stats.context_tokens, "completion_tokens": stats.generated,

@@ -15,7 +15,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from app.config import Settings
+from app.config import RAG_READ_CHUNK_KV, RAG_READ_JOINT, RAG_READS, Settings
 from app.errors import CliError
 from app.presets import QUALITY
 from decoding.methods import METHODS
@@ -67,6 +67,14 @@ def add_decoding_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--eta", type=float, help="RAPID retrieval-augmented target strength (default 0 = exact)")
     group.add_argument("--lookup", action="store_true",
                        help="RAPID: try free n-gram lookup drafts from the retrieved context first")
+    add_rag_read_option(group)
+
+
+def add_rag_read_option(parser: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
+    parser.add_argument("--rag-read", choices=RAG_READS,
+                        help=f"how the rag method's target reads its passages: {RAG_READ_CHUNK_KV} (default) "
+                        "assembles each passage's KV, stored once per chunk, and prefills only the question; "
+                        f"{RAG_READ_JOINT} prefills the passages together for every question (exact, slower)")
 
 
 def add_store_options(parser: argparse.ArgumentParser) -> None:
@@ -117,7 +125,8 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
     if getattr(args, "chroma_url", None):
         retrieval = replace(retrieval, chroma_url=args.chroma_url)
     kv_dir = getattr(args, "kv_dir", None) or settings.kv_dir
-    return replace(settings, models=models, decoding=decoding, retrieval=retrieval, kv_dir=kv_dir)
+    rag_read = getattr(args, "rag_read", None) or settings.rag_read
+    return replace(settings, models=models, decoding=decoding, retrieval=retrieval, kv_dir=kv_dir, rag_read=rag_read)
 
 
 def log(message: str) -> None:

@@ -10,7 +10,7 @@ from dataclasses import asdict
 
 from app.conversation import FollowUp
 from app.engine_label import engine_label
-from app.events import Done
+from app.events import STILL_READING, Done
 from app.speedup import Speedup
 from decoding.stats import Stats
 from retrieval.types import Citation, Reading
@@ -64,7 +64,13 @@ def done_record(done: Done) -> dict[str, object]:
         "lc_stats": stats_record(done.lc_stats) if done.lc_stats else None,
         "read": reading_record(done.reading),
         "conversation": follow_up_record(done.follow_up),
+        "still_reading": still_reading_record(done.still_reading),
     }
+
+
+def still_reading_record(still_reading: bool) -> str | None:
+    """Why an answer came from the retrieved passages alone (None: it read what its method reads)."""
+    return STILL_READING if still_reading else None
 
 
 def _figure(value: float | None, spec: str) -> str:
@@ -101,5 +107,7 @@ def summary_text(done: Done) -> str:
                for i, c in enumerate(done.citations, 1)]
     read = [f"  The target {done.reading.note()}"] if done.reading else []
     read += [f"  {done.follow_up.note()}"] if done.follow_up else []
+    read += [f"  Answered early: {STILL_READING}; ask again once they are read for the answer from the full "
+             "documents"] if done.still_reading else []
     stats = [f"  {line}" for line in stats_lines(done)]
     return "\n".join(["", "", "Sources:", *read, *sources, "", "Statistics:", *stats])

@@ -246,7 +246,8 @@ def generate(
     """Run one method; yields text deltas as tokens are accepted, stats per pass, then Finished.
 
     prefix_hooks serve the document prefix of the long prompt; rag_prefix, when given, serves the
-    RAG drafter's prompt prefix (its retrieved passages); passage_spans: where the retrieved passages lie in
+    RAG prompt's prefix (its retrieved passages) to whoever reads it: the RAG drafter, or the target
+    of a method that reads the passages (rag); passage_spans: where the retrieved passages lie in
     the long prompt's prefix, as token ranges (a focus drafter reads those slots of the target's cache).
     run: who runs every model pass (decoding/scheduler.py batches them with other sessions').
     plan: chooses each draft's length (decoding/scheduler.py Ticket.draft_length); default, gamma.
@@ -271,9 +272,11 @@ def generate(
         assert read is not None
         drafting_model.check_fits("The drafter's prompt", len(read), room)
 
+    # The documents' prefix from the prefix cache; a target reading the retrieved passages reads
+    # them through rag_prefix (their per-chunk KV) when given.
+    target_hooks = prefix_hooks if info.uses_prefix_cache else rag_prefix if info.target_reads_rag else None
     t0 = time.perf_counter()
-    cache, logits, restored = prefill(target.model, prompt, prefix_hooks if info.uses_prefix_cache else None,
-                                      len(prompt) + room, run)
+    cache, logits, restored = prefill(target.model, prompt, target_hooks, len(prompt) + room, run)
     session = Session(target.model, cache, prompt.tokens, [], run=run)
     stats.prefix_cached_tokens = restored
     stats.prefill_s = time.perf_counter() - t0

@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from app.events import Done, Preparing, Token
+from app.events import Done, Preparing, StillReading, Token
 from app.pipeline import Engine, answer_once
-from tests.ui_helpers import free_port, real_settings, serving, small_model, small_pdf
+from tests.ui_helpers import free_port, real_settings, serving, small_model, small_pdf, wait_until
 
 pytestmark = pytest.mark.real_models
 
@@ -125,6 +125,34 @@ def test_a_stop_during_the_documents_first_read_leaves_no_work_running(tmp_path:
     assert engine.scheduler.passes == passes  # nothing runs on
     assert not engine.prefix_cache.contains(engine.target.model, prompt.prefix)
     assert engine.preparing() is None
+
+
+def test_a_question_during_the_documents_first_read_is_answered_from_the_passages(tmp_path: Path) -> None:
+    """An upload's documents are being read (in the background) when a question comes: it is answered
+    at once from the retrieved passages and labelled so; the read goes on to its end untouched, and a
+    later question reads the full documents."""
+    settings = real_settings(tmp_path / "home", small_model(), free_port(), max_new_tokens=16)
+    engine = Engine(replace(settings, drafter_chunk_kv=False))
+    index = engine.open_index(tmp_path / "index")
+    index.add_files([small_pdf(tmp_path / "R-data-p1-12.pdf", pages=12)], progress=False)
+    prompt = engine.document_prompt(index)
+    assert prompt is not None and len(prompt.prefix) > 2048  # more than one chunk to read
+    reading = engine.prepare_in_background(index)
+    assert wait_until(lambda: (engine.preparing() or Preparing("", 0, 1, None, None)).done > 0, 300)
+
+    asked = time.perf_counter()
+    events = list(engine.answer(QUESTIONS[0], index, replace(settings.decoding, method="rapid")))
+    done = events[-1]
+    assert isinstance(done, Done) and done.still_reading and done.stats.method == "rag"
+    assert any(isinstance(e, StillReading) for e in events)
+    assert done.stats.generated > 0 and done.stats.question_to_first_s < time.perf_counter() - asked
+    assert done.stats.wait_s < 1.0  # it did not wait for the read
+
+    reading.join(600)
+    assert not reading.is_alive() and engine.prefix_cache.contains(engine.target.model, prompt.prefix)
+    later = answer_once(engine, QUESTIONS[0], index, replace(settings.decoding, method="rapid"))
+    assert not later.still_reading and later.stats.method == "rapid"
+    assert later.stats.prefix_cached_tokens == len(prompt.prefix)  # the read's KV, not a second read
 
 
 def test_two_web_users_are_served_at_the_same_time(engine) -> None:

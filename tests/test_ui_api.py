@@ -154,24 +154,29 @@ def test_serve_options_default_to_loopback(monkeypatch: pytest.MonkeyPatch) -> N
 
 
 @pytest.mark.real_models
-def test_api_answers_about_an_uploaded_pdf(tmp_path: Path, tmp_path_factory: pytest.TempPathFactory) -> None:
+def test_api_answers_about_an_uploaded_pdf(tmp_path: Path) -> None:
     from gradio_client import handle_file
 
+    from app.events import STILL_READING
     from app.pipeline import Engine
     from ui.blocks import build_app
 
     model = small_model()
-    # One home for every real-model UI test: the prefix cache then saves the second prefill.
-    home = tmp_path_factory.getbasetemp() / "ui-real-home"
-    settings = real_settings(home, model, free_port(), max_new_tokens=16)
+    # A home of its own: the documents' first read is cold, so a question can be asked during it.
+    settings = real_settings(tmp_path / "home", model, free_port(), max_new_tokens=16)
     engine = Engine(settings)
     pdf = small_pdf(tmp_path / "R-data-p1-3.pdf")
     with serving(build_app(engine, tmp_path / "index"), settings) as url:
         api = client(url)
         uploaded = api.predict([handle_file(str(pdf))], api_name="/upload")
         assert uploaded["files"][0]["status"] == "added", uploaded
+        # Asked while the upload's documents are read (in the background): answered from the passages.
+        _, early, _ = api.predict(QUESTION, "rapid", 16, api_name="/ask")
+        assert early["still_reading"] == STILL_READING and early["method"] == "rag"
+        index = engine.open_index(tmp_path / "index")
+        assert wait_until(lambda: engine.documents_ready(index), 600)
         answer, stats, sources = api.predict(QUESTION, "rapid", 16, api_name="/ask")
-    assert EXPECTED in answer
+    assert EXPECTED in answer and stats["still_reading"] is None
     assert stats["method"] == "rapid" and 0 < stats["generated"] <= 16
     assert stats["decode_tokens_per_s"] > 0 and stats["drafted"] > 0
     assert 0 <= stats["acceptance_rate"] <= 1

@@ -58,15 +58,16 @@ def upload(page: Page, *paths: Path) -> None:
 
 
 @pytest.mark.real_models
-def test_upload_ask_and_watch_the_answer(tmp_path: Path, tmp_path_factory: pytest.TempPathFactory) -> None:
+def test_upload_ask_and_watch_the_answer(tmp_path: Path) -> None:
     from playwright.sync_api import expect
 
+    from app.events import STILL_READING
     from app.pipeline import Engine
     from ui.blocks import build_app
 
     model = small_model()
-    home = tmp_path_factory.getbasetemp() / "ui-real-home"  # shared with the API test: prefix cache reuse
-    settings = real_settings(home, model, free_port(), max_new_tokens=24)
+    # A home of its own: the documents' first read is cold, so the first question is asked during it.
+    settings = real_settings(tmp_path / "home", model, free_port(), max_new_tokens=24)
     pdf = small_pdf(tmp_path / "R-data-p1-3.pdf")
     bad = bad_files(tmp_path / "bad")
     with serving(build_app(Engine(settings), tmp_path / "index"), settings) as url, \
@@ -85,10 +86,23 @@ def test_upload_ask_and_watch_the_answer(tmp_path: Path, tmp_path_factory: pytes
         expect(status).to_contain_text(f"added: {pdf.name}", timeout=60_000)
         expect(documents).to_contain_text(pdf.name)
 
-        page.evaluate(RECORD_TEXTS, ["#chat", "#stats"])
+        # Asked while the documents are read: answered from the passages at once, labelled so, with
+        # a button that asks again once the documents are read.
         ask(page, QUESTION)
         expect(stats).to_contain_text("Answer complete", timeout=ANSWER_TIMEOUT_MS)
-        answer = page.locator("#chat [data-testid=bot]").last.inner_text()
+        answers = page.locator("#chat [data-testid=bot]")
+        expect(answers.last).to_contain_text(STILL_READING[1:])
+        again = page.locator("#ask-again")
+        expect(again).to_be_visible(timeout=10_000)
+        expect(again).to_be_enabled(timeout=ANSWER_TIMEOUT_MS)
+
+        page.evaluate(RECORD_TEXTS, ["#chat", "#stats"])
+        again.click()
+        expect(answers).to_have_count(3, timeout=30_000)  # the "no documents" message, the early answer, this
+        expect(stats).not_to_contain_text("Answer complete", timeout=30_000)
+        expect(stats).to_contain_text("Answer complete", timeout=ANSWER_TIMEOUT_MS)
+        answer = answers.last.inner_text()
+        assert STILL_READING[1:] not in answer
         assert EXPECTED in answer, answer
         assert re.search(rf"{re.escape(pdf.name)}, p\. [123]\b", answer), answer
         panel = stats.inner_text()
@@ -224,3 +238,43 @@ def test_new_chat_and_a_citation_opening_its_page(tmp_path: Path) -> None:
         expect(chat).not_to_contain_text("Searched for")
         ARTIFACTS.mkdir(exist_ok=True)
         page.screenshot(path=str(ARTIFACTS / "ui-new-chat.png"), full_page=True)
+
+
+def test_an_answer_while_the_documents_are_read_offers_to_ask_again(tmp_path: Path) -> None:
+    """An answer given from the passages while the documents are read says so, and a button asks the
+    same question again once they are read (the conversation then continues from the new answer)."""
+    from playwright.sync_api import expect
+
+    from app.events import STILL_READING
+    from ui.blocks import build_app
+
+    engine = ScriptedEngine(tmp_path / "home")
+    engine.ready = False
+    notes = tmp_path / "notes.md"
+    notes.write_text("# Notes\n\nThe manual is for R version 4.2.2.\n")
+    with serving(build_app(engine), engine.settings) as url, chromium(tmp_path / "profile") as browser:
+        page = browser.new_page()
+        page.goto(url)
+        chat, stats, again = page.locator("#chat"), page.locator("#stats"), page.locator("#ask-again")
+        upload(page, notes)
+        expect(page.locator("#upload-status")).to_contain_text("added: notes.md", timeout=30_000)
+        expect(again).to_be_hidden()
+
+        ask(page, "An early question?")
+        expect(stats).to_contain_text("Answer complete", timeout=30_000)
+        last = page.locator("#chat [data-testid=bot]").last
+        expect(last).to_contain_text(STILL_READING[1:], timeout=10_000)
+        expect(again).to_be_visible(timeout=10_000)
+        expect(again).to_be_disabled()  # the documents are still being read
+        expect(again).to_contain_text("still being read")
+
+        engine.ready = True  # the read is done: the page's poll enables the button
+        expect(again).to_be_enabled(timeout=10_000)
+        again.click()
+        expect(page.locator("#chat [data-testid=bot]")).to_have_count(2, timeout=30_000)
+        expect(stats).to_contain_text("Answer complete", timeout=30_000)
+        assert engine.questions[-1][0] == "An early question?"
+        assert engine.histories[-1] == ()  # asked again in place of the early answer, not as a follow-up
+        expect(page.locator("#chat [data-testid=bot]").last).not_to_contain_text(STILL_READING[1:])
+        expect(again).to_be_hidden(timeout=10_000)
+        expect(chat).to_contain_text("version 4.2.2")

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 from app.config import Limits, ModelSettings, ServerSettings, Settings
 from app.conversation import FollowUp, Turn
 from app.errors import QuestionError
-from app.events import Done, Event, Preparing, Progress, Sources, Status, Token
+from app.events import Done, Event, Preparing, Progress, Sources, Status, StillReading, Token
 from app.speedup import Speedup
 from decoding.settings import DecodingSettings
 from decoding.stats import Stats
@@ -164,6 +164,8 @@ class ScriptedEngine:
         self.closed = 0  # answers whose generator was closed before its end (a client went away, Stop)
         self.now_preparing: Preparing | None = None
         self.parts: list[str] = []  # what reading_parts reports: a corpus larger than the window
+        # What documents_ready reports; while False, an "early" question is answered from the passages.
+        self.ready = True
 
     def open_index(self, directory: Path | None = None) -> HybridIndex:
         from retrieval.index import HybridIndex
@@ -180,6 +182,9 @@ class ScriptedEngine:
 
     def reading_parts(self, index: HybridIndex) -> list[str]:
         return self.parts
+
+    def documents_ready(self, index: HybridIndex) -> bool:
+        return self.ready
 
     def delete(self, index: HybridIndex, doc_id_or_source: str) -> bool:
         return index.delete(doc_id_or_source)
@@ -214,6 +219,9 @@ class ScriptedEngine:
             for done in (0, 40, 80):
                 yield Preparing("Reading documents", done, 120, 40.0 if done else None, (120 - done) / 40.0)
                 time.sleep(0.6)
+        still_reading = "early" in question and not self.ready
+        if still_reading:  # the documents are being read: the engine answers from the passages
+            yield StillReading()
         stats = Stats(method=decoding.method, context_tokens=600, draft_context_tokens=300, prefill_s=0.5)
         speedup = Speedup(None, "no LC run measured yet at this context length (use compare)")
         for piece in self.ANSWER:
@@ -231,4 +239,5 @@ class ScriptedEngine:
         if compare:
             speedup = Speedup(1.5, "measured side by side on this input")
         yield Done("".join(self.ANSWER), stats, citations, speedup,
-                   Stats(method="lc", generated=6, decode_s=2.25) if compare else None, follow_up=follow_up)
+                   Stats(method="lc", generated=6, decode_s=2.25) if compare else None, follow_up=follow_up,
+                   still_reading=still_reading)

@@ -17,7 +17,7 @@ from app.pipeline import Engine
 from app.presets import FAST, PRESETS
 from app.reexports import METHODS, supported_extensions
 from ui.handlers import Handlers
-from ui.render import accepted_lengths_frame, document_choices, documents_markdown, size_text, stats_markdown
+from ui.render import ASK_AGAIN, accepted_lengths_frame, document_choices, documents_markdown, size_text, stats_markdown
 
 
 def build_app(engine: Engine, index_dir: Path | None = None) -> gr.Blocks:
@@ -73,6 +73,8 @@ def build_app(engine: Engine, index_dir: Path | None = None) -> gr.Blocks:
                     new_chat = gr.ClearButton(value="New chat", elem_id="new-chat")
                     compare = gr.Checkbox(label="Compare with LC (measures the speedup side by side; slower)",
                                           value=False, elem_id="compare")
+                # After an answer given from the passages while the documents were being read.
+                ask_again = gr.Button(ASK_AGAIN, visible=False, interactive=False, elem_id="ask-again")
                 mode = gr.Radio([(p.label, p.name) for p in PRESETS.values()], value=FAST.name, label="Answer mode",
                                 elem_id="mode")
                 with gr.Accordion("Settings", open=False, elem_id="settings"):
@@ -118,8 +120,15 @@ def build_app(engine: Engine, index_dir: Path | None = None) -> gr.Blocks:
             [chatbot, question, stats_panel, plot, showing, turns, source_choice], api_visibility="private",
             show_progress="minimal",
         )
-        stop.click(handlers.on_stop, [chatbot, showing], [chatbot, stats_panel, showing], cancels=[answering],
-                   api_visibility="private", queue=False)
+        answering.then(handlers.ask_again, [showing], [ask_again], api_visibility="private", queue=False)
+        asking_again = ask_again.click(
+            handlers.on_ask_again, [chatbot, turns, method, eta, gamma, temperature, max_new_tokens, compare, budget],
+            [chatbot, question, stats_panel, plot, showing, turns, source_choice], api_visibility="private",
+            show_progress="minimal",
+        )
+        asking_again.then(handlers.ask_again, [showing], [ask_again], api_visibility="private", queue=False)
+        stop.click(handlers.on_stop, [chatbot, showing], [chatbot, stats_panel, showing],
+                   cancels=[answering, asking_again], api_visibility="private", queue=False)
         source_choice.change(handlers.on_source, [source_choice, showing], [source_note, source_page, source_text],
                              api_visibility="private")
         demo.load(handlers.refresh_documents, None, [documents, doc_choice], api_visibility="private")
@@ -127,6 +136,8 @@ def build_app(engine: Engine, index_dir: Path | None = None) -> gr.Blocks:
         mode.change(lambda name: (PRESETS[name].method, PRESETS[name].eta, PRESETS[name].gamma), [mode],
                     [method, eta, gamma], api_visibility="private", queue=False)
         poll.tick(handlers.preparing, None, preparing, api_visibility="private",
+                  show_progress="hidden", queue=False)
+        poll.tick(handlers.ask_again, [showing], [ask_again], api_visibility="private",
                   show_progress="hidden", queue=False)
 
         # API: `ask` takes plain values; `upload` goes through a (hidden) File component so that

@@ -18,7 +18,7 @@ import gradio as gr
 from app.config import Settings
 from app.conversation import Turn
 from app.errors import user_message
-from app.events import Done, Preparing, Progress, Sources, Status, Token
+from app.events import Done, Preparing, Progress, Sources, Status, StillReading, Token
 from app.pipeline import Engine
 from app.progress import describe
 from app.reexports import (
@@ -29,12 +29,13 @@ from app.reexports import (
     pdf_page_image,
     surrounding_text,
 )
-from app.report import reading_record, sources_record, speedup_record, stats_record
+from app.report import reading_record, sources_record, speedup_record, stats_record, still_reading_record
 from ui.render import (
     UNEXPECTED,
     AnswerView,
     PanelView,
     accepted_lengths_plot,
+    ask_again_button,
     document_choices,
     documents_markdown,
     marked_html,
@@ -138,6 +139,7 @@ class Handlers:
                     choices: Any = gr.skip()
                     if isinstance(event, Status):
                         view.status = event.message
+                        view.still_reading = view.still_reading or isinstance(event, StillReading)
                         if shown.panel.stats is not None:  # e.g. the LC run of a comparison
                             shown.panel = PanelView(f"{event.message}…", shown.panel.stats)
                             panel = shown.panel.markdown()
@@ -173,6 +175,25 @@ class Handlers:
             shown.panel = PanelView("No answer: see the message in the chat.")
             history[-1] = {"role": "assistant", "content": view.markdown()}
             yield history, gr.skip(), shown.panel.markdown(), gr.skip(), shown, gr.skip(), gr.skip()
+
+    def on_ask_again(self, history: list[dict[str, Any]] | None, turns: list[list[str]] | None, method: str,
+                     eta: float, gamma: float, temperature: float, max_new_tokens: float, compare: bool,
+                     budget: float) -> Iterator[tuple[Any, ...]]:
+        """The latest question again, now that its documents are read: the answer from the passages
+        stays in the chat, but the conversation continues from the new answer instead of it."""
+        if not turns:
+            gr.Warning("There is no question to ask again.")
+            yield gr.skip(), gr.skip(), gr.skip(), gr.skip(), gr.skip(), gr.skip(), gr.skip()
+            return
+        question = turns[-1][0]
+        yield from self.on_ask(question, history, turns[:-1], method, eta, gamma, temperature, max_new_tokens,
+                               compare, budget)
+
+    def ask_again(self, shown: Showing | None) -> Any:
+        """The "ask again" button's state: shown after an answer from the passages alone, pressable
+        once nothing is reading the documents any more (the page polls it)."""
+        still_reading = shown is not None and shown.view.finished and shown.view.still_reading
+        return ask_again_button(still_reading, self.engine.documents_ready(self.index))
 
     def on_source(self, choice: int | None, shown: Showing | None) -> tuple[str, Any, Any]:
         """A source of the latest answer, opened: its PDF page with the excerpt marked, or the text around it."""
@@ -226,7 +247,8 @@ class Handlers:
         if done is None:
             raise gr.Error(UNEXPECTED, print_exception=False)
         # The layout of `ask --json`, so a script can switch between the two.
-        stats = stats_record(done.stats) | speedup_record(done.speedup) | {"read": reading_record(done.reading)}
+        stats = (stats_record(done.stats) | speedup_record(done.speedup) | {"read": reading_record(done.reading)}
+                 | {"still_reading": still_reading_record(done.still_reading)})
         return done.answer, stats, sources_record(done.citations)
 
     def upload_api(self, files: list[str] | None) -> dict[str, Any]:

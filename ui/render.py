@@ -17,7 +17,7 @@ import pandas as pd
 
 from app.conversation import FollowUp
 from app.engine_label import engine_label
-from app.events import Preparing
+from app.events import STILL_READING, Preparing
 from app.progress import describe
 from app.reexports import Citation, DocumentInfo, Reading, Stats
 from app.speedup import Speedup
@@ -186,6 +186,16 @@ def accepted_lengths_plot(stats: Stats | None, gamma: int) -> Any:
     return gr.BarPlot(frame, sort=list(frame["target pass"]), y_lim=[0, top])
 
 
+ASK_AGAIN = "Ask again with the full documents"
+ASK_AGAIN_HINT = f"“{ASK_AGAIN}” asks it again once they are read."
+
+
+def ask_again_button(still_reading: bool, documents_ready: bool) -> Any:
+    """Shown under an answer given from the passages alone; it can be pressed once the documents are read."""
+    label = ASK_AGAIN if documents_ready else f"{ASK_AGAIN} (they are still being read)"
+    return gr.Button(value=label, visible=still_reading, interactive=documents_ready)
+
+
 @dataclass
 class AnswerView:
     """One assistant message while it streams: status line, answer text, sources, error."""
@@ -198,6 +208,7 @@ class AnswerView:
     error: str | None = None
     finished: bool = False
     stopped: bool = False  # cancelled by the user: the text so far stays
+    still_reading: bool = False  # answered from the passages while the documents are still being read
 
     @property
     def working(self) -> bool:
@@ -213,6 +224,8 @@ class AnswerView:
             parts.append("_Stopped._")
         elif not self.finished:
             parts.append(f"_{md_escape(self.status)}…_")
+        if self.still_reading and not self.error:
+            parts.append(f"_{STILL_READING[0].upper()}{STILL_READING[1:]}. {ASK_AGAIN_HINT}_")
         if self.citations and not self.error:
             parts.append(sources_markdown(self.citations, self.reading, self.follow_up))
         return "\n\n".join(parts)

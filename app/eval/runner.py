@@ -25,10 +25,18 @@ from app.eval.scoring import context_summary, score_row, summarize
 from app.eval.types import MethodRun, QAItem
 from app.events import Done
 from app.machine import machine_info
-from app.options import add_model_options, check_document_args, index_dir_for, ingest_documents, log, settings_from_args
+from app.options import (
+    add_model_options,
+    add_rag_read_option,
+    check_document_args,
+    index_dir_for,
+    ingest_documents,
+    log,
+    settings_from_args,
+)
 from app.pipeline import Engine, answer_once
 from decoding.engine_info import engine_description
-from decoding.methods import BASELINE, METHODS, Drafting
+from decoding.methods import BASELINE, METHODS
 from decoding.settings import DecodingSettings
 from retrieval.index import HybridIndex
 
@@ -171,6 +179,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--drafter-prefills", action="store_true",
                    help="RAPID's drafter prefills its passages together instead of reading their per-chunk "
                         "KV: slower, measures what reading chunks apart costs in acceptance and quality")
+    add_rag_read_option(p)
     p.add_argument("--max-new-tokens", type=int, default=48, help="answer length limit (default 48)")
     p.add_argument("--out", type=Path, metavar="DIR",
                    help="output folder (default $RAPIDQA_HOME/eval/TIMESTAMP)")
@@ -267,6 +276,7 @@ def run_eval(
         "documents": documents,
         "decoding": asdict(settings.decoding),  # every knob, so a result can be reproduced
         "drafter_chunk_kv": settings.drafter_chunk_kv,
+        "rag_read": settings.rag_read,
         "methods": [r.label for r in runs],
         "n_questions": len(items),
         "questions": [vars(item) for item in items],
@@ -284,13 +294,13 @@ def run_eval(
         log("[warm-up: reading the documents once]")
         started = time.perf_counter()
         # What ingest prepares (every window's prefill, the drafter's chunk KV) and the chunk KV of any
-        # other model that drafts from the passages (rapid-self), with progress bars: minutes when cold.
+        # other model that reads the passages from it (the target in rapid-self and in rag), with
+        # progress bars: minutes when cold.
         engine.prepare(index, progress=True)
         engine.keep_windows_in_memory(index)  # as the server does after an upload
-        for spec in dict.fromkeys(engine.drafter_spec(r.decoding.method) for r in runs
-                                  if METHODS[r.decoding.method].drafting is Drafting.RAG_MODEL
-                                  and settings.drafter_chunk_kv):
-            engine.build_drafter_kv(index, progress=True, spec=spec)
+        for spec in dict.fromkeys(engine.chunk_kv_reader(r.decoding.method) for r in runs):
+            if spec is not None:
+                engine.build_drafter_kv(index, progress=True, spec=spec)
         short = replace(settings.decoding, method=BASELINE, max_new_tokens=2)
         done = answer_once(engine, items[0].question, index, short)
         results["warmup"] = {"seconds": time.perf_counter() - started, "prefill_s": done.stats.prefill_s,
