@@ -46,5 +46,7 @@ def small_vocab_pair(request):
     """A tiny target and a perturbed copy as drafter: they agree often, not always. Each activation
     dtype with a KV cache in that dtype and with the 8-bit KV form."""
     dtype, kv_dtype = request.param
-    return (tiny_model(1, dtype, vocab=EXACT_VOCAB, kv_dtype=kv_dtype),
+    pair = (tiny_model(1, dtype, vocab=EXACT_VOCAB, kv_dtype=kv_dtype),
             tiny_model(2, dtype, noise_from=1, noise=0.01, vocab=EXACT_VOCAB, kv_dtype=kv_dtype))
+    assert all(m.model.new_cache(1).quantized == (kv_dtype is not None) for m in pair)  # the form really runs
+    return pair

@@ -28,7 +28,9 @@ QUESTION = "Which function reads fixed width files?"
 @pytest.fixture(scope="module", params=[None, kv_quant.STORAGE], ids=["kv-fp32", "kv8"])
 def pair(request) -> tuple[LoadedModel, LoadedModel]:
     """Target and drafter, their caches (and so their chunk KV) in the model's dtype or 8-bit."""
-    return tiny_model(1, kv_dtype=request.param), tiny_model(2, noise_from=1, noise=0.01, kv_dtype=request.param)
+    pair = tiny_model(1, kv_dtype=request.param), tiny_model(2, noise_from=1, noise=0.01, kv_dtype=request.param)
+    assert all(m.model.new_cache(1).quantized == (request.param is not None) for m in pair)
+    return pair
 
 
 def _alone_at(model: LoadedModel, tokens: list[int], position: int):

@@ -291,8 +291,10 @@ def small_vocab_pair(request) -> tuple[LoadedModel, LoadedModel]:
     """The exactness suite's inputs (tests/test_decoding_tiny.py), on quantized weights; bf16 with
     8-bit KV is what the app runs on a CPU."""
     dtype, kv_dtype = request.param
-    return (quantized(tiny_model(1, vocab=EXACT_VOCAB), dtype, kv_dtype),
+    pair = (quantized(tiny_model(1, vocab=EXACT_VOCAB), dtype, kv_dtype),
             quantized(tiny_model(2, noise_from=1, noise=0.01, vocab=EXACT_VOCAB), dtype, kv_dtype))
+    assert all(m.model.new_cache(1).quantized == (kv_dtype is not None) for m in pair)  # the form really runs
+    return pair
 
 
 @pytest.mark.parametrize("length", [12, 300, 1100])  # 1100 crosses a prefill chunk boundary

@@ -53,6 +53,7 @@ def make_engine(home: Path, kv_dtype: torch.dtype | None = None) -> Engine:
     engine._models["tiny-target"] = tiny_model(1, max_positions=1024, kv_dtype=kv_dtype)
     engine._models["tiny-drafter"] = tiny_model(2, noise_from=1, noise=0.01, max_positions=1024, kv_dtype=kv_dtype)
     engine._embedder = HashEmbedder()  # type: ignore[assignment]
+    assert engine.target.model.new_cache(1).quantized == (kv_dtype is not None)  # the form really runs
     return engine
 
 
