@@ -52,9 +52,12 @@ def test_placed_keys_match_an_encoding_at_that_position(dtype: torch.dtype, kv_d
     placed = assemble(model.model, [encode_piece(model.model, header), encode_piece(model.model, piece)], 200)
     direct = _alone_at(model, piece, len(header))
     span = slice(len(header), len(header) + len(piece))
-    # bf16 rounds differently at other positions, and the difference grows through the layers; so
-    # do the 8-bit form's roundings.
-    tolerance = 1e-5 if dtype == torch.float32 and kv_dtype is None else 0.05
+    # bf16 rounds differently at other positions, and the difference grows through the layers; the
+    # 8-bit form adds its own roundings (and a second one for the moved keys). Far below the 0.5 of
+    # keys left unrotated (checked below).
+    tolerance = 1e-5 if dtype == torch.float32 else 0.05
+    if kv_dtype is not None:
+        tolerance = 0.1
     for layer in range(model.model.args.n_layers):
         expected_k, expected_v = direct.keys[layer][:, : len(piece)], direct.values[layer][:, : len(piece)]
         assert _relative_error(placed.keys[layer][:, span], expected_k) < tolerance
