@@ -86,6 +86,10 @@ class Settings:
     plan_drafts: bool = True
     # The target's cached document KV; None: <home>/kv. Processes serving one corpus may share one.
     kv_dir: Path | None = None
+    # What every model's KV cache stores (decoding.loading.pick_kv_dtype): auto = the 8-bit form on a
+    # CPU, the model's dtype elsewhere; "q8" / "bf16" explicit (bf16: the unquantized cache, in the
+    # model's dtype). Cached prefixes and chunk KV are kept per form.
+    kv_dtype: str = "auto"
 
     def __post_init__(self) -> None:
         if self.rag_read not in RAG_READS:

@@ -119,7 +119,8 @@ class Documents(Models):
             if key not in self._chunk_kv:
                 model_key = self.prefix_cache.model_key(drafter.model)
                 header = target.prompt([], "?").header  # the RAG prompt's (answering's prompts)
-                owner = f"{spec}|{drafter.weights}|{drafter.model.dtype}"
+                # The KV form too: stores of q8 and bf16 processes on one index are not each other's stale ones.
+                owner = f"{spec}|{drafter.weights}|{drafter.model.dtype}|kv {drafter.model.kv_dtype}"
                 max_bytes = int(self.settings.chunk_kv_gb * 1e9)
                 self._chunk_kv[key] = ChunkKV(index.directory, drafter.model, model_key, header, owner, max_bytes)
             return self._chunk_kv[key]

@@ -10,7 +10,7 @@ from app.config import Settings
 from app.registry import resolve_model
 from decoding.engine_info import engine_description, warn_once
 from decoding.loaded_model import LoadedModel
-from decoding.loading import load_model, pick_device, pick_dtype, wants_quantized
+from decoding.loading import load_model, pick_device, pick_dtype, pick_kv_dtype, wants_quantized
 from decoding.methods import method_info
 from decoding.scheduler import Scheduler
 from retrieval.embedding import Embedder
@@ -45,7 +45,8 @@ class Models:
             directory = resolve_model(spec, self.settings.models_dir, self.log)
             dtype = pick_dtype(self.settings.models.dtype, self.device)
             quantized = wants_quantized(self.settings.models.dtype, self.device)
-            loaded = load_model(spec, directory, dtype, self.device, quantized=quantized)
+            kv_dtype = pick_kv_dtype(self.settings.kv_dtype, self.device)
+            loaded = load_model(spec, directory, dtype, self.device, quantized=quantized, kv_dtype=kv_dtype)
             warn_once(engine_description(loaded))  # a slow fallback is said once, on stderr
             # Quantized and dense weights give different KV: cached prefixes must not mix.
             weights = "" if loaded.weights == "dense" else f":{loaded.weights}"

@@ -49,6 +49,10 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
                        help="weights (default auto: a GGUF model's own 4/8-bit blocks on a CPU, bf16 on CUDA; "
                        "an explicit dtype keeps dense weights)")
     group.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda when present)")
+    group.add_argument("--kv-dtype", choices=["auto", "q8", "bf16"],
+                       help="what the KV cache stores (default auto: q8 on a CPU, the model's dtype elsewhere); "
+                       "q8: 8-bit values with a bf16 scale per 32, half of bf16's bytes; bf16: the unquantized "
+                       "cache, in the model's dtype")
     group.add_argument("--fast", action="store_true",
                        help="quick setting: Qwen2.5-Coder-0.5B as both target and drafter (self-speculation)")
 
@@ -126,7 +130,9 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
         retrieval = replace(retrieval, chroma_url=args.chroma_url)
     kv_dir = getattr(args, "kv_dir", None) or settings.kv_dir
     rag_read = getattr(args, "rag_read", None) or settings.rag_read
-    return replace(settings, models=models, decoding=decoding, retrieval=retrieval, kv_dir=kv_dir, rag_read=rag_read)
+    kv_dtype = getattr(args, "kv_dtype", None) or settings.kv_dtype
+    return replace(settings, models=models, decoding=decoding, retrieval=retrieval, kv_dir=kv_dir, rag_read=rag_read,
+                   kv_dtype=kv_dtype)
 
 
 def log(message: str) -> None:

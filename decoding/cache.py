@@ -8,6 +8,12 @@ read at once (decoding/prefix_cache.py hands one out per stored prefix). Its fir
 slots are read from the base in place; the cache's own storage holds the rest, so sessions share
 one copy of the documents and each owns only its question and answer slots. The alignment lets the
 attention kernel read each shared block once for every session, with the blocks it uses alone.
+
+A cache stores K/V in the model's dtype or in the 8-bit form (decoding/kv_quant.py: per token and
+K/V head one byte row of int8 values and their scales). Every slot operation below (crop, span,
+gather, clone, a shared base) works on the slot axis alone, so it is the same for both forms; only
+`write` converts, quantizing new K/V when the cache is 8-bit. The storage's last dim is then the
+row's bytes, not head_dim, which is why a cache carries head_dim itself.
 """
 
 from __future__ import annotations
@@ -16,14 +22,27 @@ from collections.abc import Sequence
 
 import torch
 
+from decoding import kv_quant
+
 KV_BLOCK = 512  # keys per attention work item (kernels/attention.c BLOCK); shared bases end on it
-# (K, V) pairs of [n_kv_heads, slots, head_dim], in slot order: a layer's valid keys
+# (K, V) pairs of [n_kv_heads, slots, head_dim] (8-bit: row bytes), in slot order: a layer's valid keys
 Segments = tuple[tuple[torch.Tensor, torch.Tensor], ...]
 
 
-class KVCache:
-    """Preallocated per-layer K/V of shape [n_kv_heads, capacity, head_dim]; `length` slots valid.
+def storage_dim(head_dim: int, dtype: torch.dtype) -> int:
+    """The last dim of a cache's K/V tensors: head_dim, or an 8-bit row's bytes."""
+    return kv_quant.row_bytes(head_dim) if dtype == kv_quant.STORAGE else head_dim
 
+
+def bytes_per_token(n_layers: int, n_kv_heads: int, head_dim: int, dtype: torch.dtype) -> int:
+    """Bytes one token's K and V take in a cache of `dtype` (in memory and stored alike)."""
+    return 2 * n_layers * n_kv_heads * storage_dim(head_dim, dtype) * dtype.itemsize
+
+
+class KVCache:
+    """Preallocated per-layer K/V of shape [n_kv_heads, capacity, storage_dim]; `length` slots valid.
+
+    dtype torch.uint8 (kv_quant.STORAGE) is the 8-bit form, any float dtype plain K/V.
     With a base, slots [0, offset) are the base's (never written) and own slot i is slot offset + i.
     """
 
@@ -31,7 +50,8 @@ class KVCache:
         self, n_layers: int, n_kv_heads: int, head_dim: int, capacity: int, dtype: torch.dtype,
         device: torch.device | str = "cpu",
     ) -> None:
-        shape = (n_kv_heads, capacity, head_dim)
+        self.head_dim = head_dim
+        shape = (n_kv_heads, capacity, storage_dim(head_dim, dtype))
         # Uninitialised: only the `length` valid slots are ever read, and zero-filling a long
         # context's cache would cost as much as copying a cached prefix into it.
         self.keys = [torch.empty(shape, dtype=dtype, device=device) for _ in range(n_layers)]
@@ -43,12 +63,16 @@ class KVCache:
         self.next_position = 0  # RoPE position of the next token written
 
     @classmethod
-    def on_base(cls, keys: Sequence[torch.Tensor], values: Sequence[torch.Tensor], n: int, capacity: int) -> KVCache:
+    def on_base(cls, keys: Sequence[torch.Tensor], values: Sequence[torch.Tensor], n: int, capacity: int,
+                head_dim: int) -> KVCache:
         """A cache holding the first n slots of the read-only per-layer K/V `keys`/`values` ([n_kv,
-        >= n, D] each), with room for `capacity` slots in all. The base is read in place up to the
-        last KV_BLOCK boundary; the few slots after it are copied into the cache's own storage."""
+        >= n, storage_dim] each, of either form), with room for `capacity` slots in all. The base is
+        read in place up to the last KV_BLOCK boundary; the few slots after it are copied into the
+        cache's own storage."""
         offset = n - n % KV_BLOCK
-        n_kv, _, head_dim = keys[0].shape
+        n_kv, _, stored = keys[0].shape
+        if stored != storage_dim(head_dim, keys[0].dtype):
+            raise ValueError(f"stored K/V rows of {stored} {keys[0].dtype} do not hold head_dim {head_dim}")
         cache = cls(len(keys), n_kv, head_dim, max(capacity, n) - offset, keys[0].dtype, keys[0].device)
         cache.base_keys = [k[:, :offset] for k in keys]
         cache.base_values = [v[:, :offset] for v in values]
@@ -58,6 +82,15 @@ class KVCache:
             cache.values[layer][:, : n - offset] = values[layer][:, offset:n]
         cache.length = cache.next_position = n
         return cache
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The storage's dtype: kv_quant.STORAGE for the 8-bit form."""
+        return self.keys[0].dtype
+
+    @property
+    def quantized(self) -> bool:
+        return kv_quant.is_quantized(self.keys[0])
 
     @property
     def capacity(self) -> int:
@@ -82,9 +115,12 @@ class KVCache:
                 store[i] = grown
 
     def write(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> Segments:
-        """Store new K/V ([n_kv, T, D]) after the valid slots; return the valid K/V including them."""
+        """Store new K/V ([n_kv, T, D]) after the valid slots; return the valid K/V including them.
+        An 8-bit cache stores them quantized (per token: a verify pass writes the decode steps' bytes)."""
         start = self.length - self.offset
         end = start + k.shape[1]
+        if self.quantized:
+            k, v = kv_quant.quantize(k), kv_quant.quantize(v)
         self.keys[layer][:, start:end] = k
         self.values[layer][:, start:end] = v
         own = (self.keys[layer][:, :end], self.values[layer][:, :end])
@@ -139,9 +175,8 @@ class KVCache:
         """
         if spans and spans[-1][1] > next_position:
             raise ValueError("a gathered slot lies at or after the next position")
-        n_kv, _, head_dim = full.keys[0].shape
         kept = sum(end - start for start, end in spans)
-        cache = cls(len(full.keys), n_kv, head_dim, kept + spare, full.keys[0].dtype, full.keys[0].device)
+        cache = cls(len(full.keys), full.keys[0].shape[0], full.head_dim, kept + spare, full.dtype, full.keys[0].device)
         for layer in range(len(full.keys)):
             at = 0
             for start, end in spans:
@@ -177,10 +212,9 @@ class StreamingCache(KVCache):
     @classmethod
     def from_prefix(cls, full: KVCache, sinks: int, window: int, spare: int) -> StreamingCache:
         """Derive the window from a full cache (the target's prefilled prompt), no recomputation."""
-        n_kv, _, head_dim = full.keys[0].shape
         cache = cls(
-            sinks=sinks, window=window, n_layers=len(full.keys), n_kv_heads=n_kv, head_dim=head_dim,
-            capacity=sinks + window + spare, dtype=full.keys[0].dtype, device=full.keys[0].device,
+            sinks=sinks, window=window, n_layers=len(full.keys), n_kv_heads=full.keys[0].shape[0],
+            head_dim=full.head_dim, capacity=sinks + window + spare, dtype=full.dtype, device=full.keys[0].device,
         )
         keep_recent = min(window, max(0, full.length - sinks))
         head = min(sinks, full.length)

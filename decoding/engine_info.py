@@ -14,12 +14,15 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from decoding import kv_quant
 from decoding.attention import attention_kernel, native_attention
+from decoding.cache import storage_dim
 from decoding.native import ISA_VARIABLE, kernel_isa
 from decoding.quant import native_quant, quant_kernel
 
 if TYPE_CHECKING:
     from decoding.loaded_model import LoadedModel
+    from decoding.transformer import Transformer
 
 FULL_SPEED_ISAS = {"avx512-vnni", "avx512-bf16", "avx2"}  # vector paths; "portable" runs plain C loops
 
@@ -59,20 +62,42 @@ def _attention(loaded: LoadedModel) -> tuple[str, str]:
         return f"torch sdpa ({loaded.model.device.type})", ""
     kernel = native_attention()
     if kernel is not None:
-        return f"C {kernel.isa}", _problem(kernel.isa, "the attention kernel")
+        if kernel.takes(*_probe(loaded.model)):
+            return f"C {kernel.isa}", _problem(kernel.isa, "the attention kernel")
+        model = loaded.model
+        reason = f"the C kernel does not read {kv_form(model.kv_dtype)} K/V of head_dim {model.args.head_dim}"
+        remedy = "; --kv-dtype bf16 keeps the C kernel" if model.kv_dtype == kv_quant.STORAGE else ""
+        return f"torch sdpa ({reason})", f"attention runs on torch, slower over long contexts ({reason}{remedy})"
     reason = attention_kernel()[1] or "the C kernel is not loaded"
     return f"torch sdpa ({reason})", f"attention runs on torch, slower over long contexts ({_remedy(reason)})"
 
 
+def kv_form(dtype: torch.dtype) -> str:
+    """A cache dtype as --kv-dtype names it: "q8" for the 8-bit form, else the float dtype (bf16, fp32...)."""
+    if dtype == kv_quant.STORAGE:
+        return "q8"
+    return {torch.bfloat16: "bf16", torch.float32: "fp32", torch.float16: "fp16"}.get(dtype, str(dtype))
+
+
+def _probe(model: Transformer) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One query row and one key slot shaped as the model's passes hand them to attention (its KV form)."""
+    a = model.args
+    q = torch.empty(1, a.n_heads, a.head_dim, dtype=model.dtype)
+    kv = torch.empty(a.n_kv_heads, 1, storage_dim(a.head_dim, model.kv_dtype), dtype=model.kv_dtype)
+    return q, kv, kv
+
+
 def engine_description(model: LoadedModel) -> dict[str, str]:
-    """JSON-ready: "engine" (quantized / dense), "linear_kernel", "attention_kernel", "threads" and
-    "warning" ("" when everything runs at full speed, else one sentence: what is slow, what to do)."""
+    """JSON-ready: "engine" (quantized / dense), "linear_kernel", "attention_kernel", "kv_cache" (the
+    KV form, kv_form), "threads" and "warning" ("" when everything runs at full speed, else one
+    sentence: what is slow, what to do)."""
     linear, linear_problem = _linear(model)
     attention, attention_problem = _attention(model)
     problems = [p for p in (linear_problem, attention_problem) if p]
     warning = f"Slow engine: {'; '.join(problems)}." if problems else ""
     return {"engine": "quantized" if model.weights == "quantized" else "dense", "linear_kernel": linear,
-            "attention_kernel": attention, "threads": str(torch.get_num_threads()), "warning": warning}
+            "attention_kernel": attention, "kv_cache": kv_form(model.model.kv_dtype),
+            "threads": str(torch.get_num_threads()), "warning": warning}
 
 
 def warn_once(description: dict[str, str]) -> None:

@@ -13,6 +13,7 @@ from safetensors.torch import load_file
 from torch import nn
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
+from decoding import kv_quant
 from decoding.loaded_model import LoadedModel
 from decoding.quant import QUANT_FORMAT, QuantEmbedding, QuantizedState, QuantLinear, QuantWeight, native_quant
 from decoding.transformer import ModelArgs, Transformer
@@ -258,6 +259,21 @@ def pick_dtype(requested: str, device: torch.device) -> torch.dtype:
     return torch.bfloat16 if cpu_has_bf16() else torch.float32
 
 
+KV_DTYPES = ("auto", "q8", "bf16")  # --kv-dtype's choices
+
+
+def pick_kv_dtype(requested: str, device: torch.device) -> torch.dtype | None:
+    """What the KV cache stores, as load_model's kv_dtype: torch.uint8 for the 8-bit form, None for
+    the model's own dtype. auto: 8-bit on a CPU (attention there reads half the bytes and takes
+    integer dot products), the model's dtype elsewhere. bf16 names today's unquantized cache, which
+    is in the model's dtype (bf16 where the CPU has bf16 units, fp32 where it has not)."""
+    if requested not in KV_DTYPES:
+        raise ValueError(f"unknown KV cache form {requested!r} (choose from {', '.join(KV_DTYPES)})")
+    if requested == "q8" or (requested == "auto" and device.type == "cpu"):
+        return kv_quant.STORAGE
+    return None
+
+
 def stop_ids_for(directory: Path, tokenizer: PreTrainedTokenizerBase) -> frozenset[int]:
     ids: set[int] = set()
     generation = directory / "generation_config.json"
@@ -284,12 +300,14 @@ def has_quantized_weights(directory: Path) -> bool:
 
 
 def load_model(name: str, directory: Path, dtype: torch.dtype, device: torch.device,
-               quantized: bool = False) -> LoadedModel:
+               quantized: bool = False, kv_dtype: torch.dtype | None = None) -> LoadedModel:
     """quantized: use the directory's quantized weights when it has current ones (CPU only);
-    activations, norms and the KV cache stay in `dtype`."""
+    activations and norms stay in `dtype`. kv_dtype: what the KV cache stores (None: `dtype`;
+    torch.uint8: the 8-bit form, decoding/kv_quant.py)."""
     tokenizer = AutoTokenizer.from_pretrained(directory)
     if quantized and device.type == "cpu" and has_quantized_weights(directory):
         model, weights = load_quantized(directory, dtype), "quantized"
     else:
         model, weights = load_transformer(directory, dtype, str(device)), "dense"
+    model.kv_dtype = kv_dtype
     return LoadedModel(name, directory, model, tokenizer, stop_ids_for(directory, tokenizer), weights)

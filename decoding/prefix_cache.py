@@ -2,7 +2,8 @@
 
 Keyed by what the KV values depend on: the engine's code (its sources, the attention kernel's,
 torch's version), the model (its stable id when the caller has one, and always a fingerprint of
-what it computes), its dtype and the exact prefix tokens (which already encode the corpus
+what it computes), its dtype, the form its KV is stored in (the model's dtype or 8-bit,
+decoding/kv_quant.py) and the exact prefix tokens (which already encode the corpus
 content, the document order and the prompt template). Anything that would change the values is
 a different key: nothing stale can be served.
 
@@ -35,7 +36,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from decoding.attention import native_attention
-from decoding.cache import KVCache
+from decoding.cache import KVCache, bytes_per_token
 from decoding.prefill import PrefillProgress, PrefixCacheHooks, prefill_parts
 from decoding.transformer import Run, Transformer
 
@@ -187,10 +188,12 @@ class PrefixCache:
         return self.store.directory
 
     def model_key(self, model: Transformer) -> str:
-        """The model's part of every key: engine stamp, given identity, fingerprint and dtype."""
+        """The model's part of every key: engine stamp, given identity, fingerprint, dtype and KV form
+        (a prefix stored in one form is never served to a model whose caches hold the other)."""
         if model not in self._fingerprints:
             self._fingerprints[model] = model_fingerprint(model)
-        parts = (engine_stamp(), self.model_ids.get(id(model), ""), self._fingerprints[model], str(model.dtype))
+        parts = (engine_stamp(), self.model_ids.get(id(model), ""), self._fingerprints[model], str(model.dtype),
+                 f"kv {model.kv_dtype}")
         return hashlib.sha256("\n".join(parts).encode()).hexdigest()
 
     def key(self, model: Transformer, prefix: list[int]) -> str:
@@ -322,8 +325,11 @@ class PrefixCache:
     def _materialize(model: Transformer, entry: _Entry, n: int, capacity: int) -> KVCache:
         """A cache on the entry's first n slots as its shared base (never copied, never written)."""
         layers = range(model.args.n_layers)
+        stored = entry.tensors["k0"].dtype
+        if stored != model.kv_dtype:  # the key holds the KV form: only a damaged file gets here
+            raise ValueError(f"a stored prefix holds {stored} K/V, the model's caches hold {model.kv_dtype}")
         return KVCache.on_base([entry.tensors[f"k{layer}"] for layer in layers],
-                               [entry.tensors[f"v{layer}"] for layer in layers], n, capacity)
+                               [entry.tensors[f"v{layer}"] for layer in layers], n, capacity, model.args.head_dim)
 
     def _remember(self, key: str, entry: _Entry) -> None:
         with self._lock:
@@ -333,5 +339,6 @@ class PrefixCache:
                 self._hot.popitem(last=False)
 
     def bytes_per_1k_tokens(self, model: Transformer) -> int:
+        """What 1,000 tokens of the model's prefix take, in memory and stored (in its KV form)."""
         a = model.args
-        return 2 * a.n_layers * a.n_kv_heads * a.head_dim * 1000 * model.dtype.itemsize
+        return 1000 * bytes_per_token(a.n_layers, a.n_kv_heads, a.head_dim, model.kv_dtype)

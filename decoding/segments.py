@@ -3,7 +3,11 @@
 A piece is encoded once, after a context it is read with (the prompt's header), and only its own
 slots are kept, with the position they were encoded at; keys are stored after RoPE, so placing
 the piece at position p rotates every key by p minus that position (RoPE rotations compose), in
-fp32. Values carry no position. Reading each piece after the header, not alone, matters: a
+fp32. Values carry no position. A model whose caches hold the 8-bit form (decoding/kv_quant.py)
+stores its pieces in it; a moved piece's keys are then dequantized, rotated and quantized again,
+so they differ slightly from the keys a prefill at the new position would store (new groups' scales,
+a second rounding): fine for a drafter, whose tokens the target verifies. Unmoved pieces are copied
+byte for byte. Reading each piece after the header, not alone, matters: a
 sequence's first tokens draw a large share of every later token's attention (attention sinks),
 so a piece encoded alone would make its own first tokens sinks, and the assembled prompt would
 hold one per passage where a prompt read in one go holds one. What a piece still lacks is
@@ -17,10 +21,11 @@ from collections.abc import Sequence
 
 import torch
 
+from decoding import kv_quant
 from decoding.cache import KVCache
 from decoding.transformer import Run, Transformer, rotate_half
 
-# "k{layer}" / "v{layer}" -> [n_kv_heads, tokens, head_dim]; "start" -> [1], the position of the
+# "k{layer}" / "v{layer}" -> [n_kv_heads, tokens, head_dim] (8-bit: row bytes); "start" -> [1], the position of the
 # piece's first token when it was encoded (its keys carry that rotation).
 PieceKV = dict[str, torch.Tensor]
 
@@ -49,18 +54,30 @@ def assemble(model: Transformer, pieces: Sequence[PieceKV], capacity: int) -> KV
     cache = model.new_cache(max(capacity, total))
     position = 0
     for piece in pieces:
+        if piece["k0"].dtype != cache.dtype:
+            raise ValueError(f"a piece of {piece['k0'].dtype} K/V for a cache of {cache.dtype} (pieces are "
+                             "stored in the form of the model that encoded them)")
         end = position + piece_length(piece)
         shift = position - int(piece["start"][0])
         cos, sin = _rotation(model, shift)
         for layer in range(model.args.n_layers):
             keys = piece[f"k{layer}"]
             if shift:
-                keys = (keys.float() * cos + rotate_half(keys.float()) * sin).to(keys.dtype)
+                keys = _rotated(keys, cos, sin, model.args.head_dim)
             cache.keys[layer][:, position:end] = keys
             cache.values[layer][:, position:end] = piece[f"v{layer}"]
         position = end
     cache.length = cache.next_position = total
     return cache
+
+
+def _rotated(keys: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, head_dim: int) -> torch.Tensor:
+    """Keys turned by a rotation's cos/sin in fp32, back in their own form; 8-bit keys are
+    dequantized, turned and quantized again (see the module docstring)."""
+    if kv_quant.is_quantized(keys):
+        wide = kv_quant.dequantize(keys, head_dim)
+        return kv_quant.quantize(wide * cos + rotate_half(wide) * sin)
+    return (keys.float() * cos + rotate_half(keys.float()) * sin).to(keys.dtype)
 
 
 def _rotation(model: Transformer, delta: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from decoding import rowwise
+from decoding import kv_quant, rowwise
 from decoding.attention import Attend, AttentionFn, attention_for
 from decoding.cache import KVCache
 from decoding.quant import QuantLinear
@@ -229,6 +229,7 @@ class Transformer(nn.Module):
         inv_freq = 1.0 / (args.rope_theta ** (torch.arange(0, args.head_dim, 2).float() / args.head_dim))
         self.register_buffer("inv_freq", inv_freq, persistent=False)
         self.min_rows = 2  # rows per forward at least (see the module docstring)
+        self._kv_dtype: torch.dtype | None = None  # None: the model's dtype
 
     @property
     def dtype(self) -> torch.dtype:
@@ -242,9 +243,23 @@ class Transformer(nn.Module):
     def quantized(self) -> bool:
         return isinstance(self.lm_head, QuantLinear)
 
+    @property
+    def kv_dtype(self) -> torch.dtype:
+        """What its caches store: the model's dtype, or torch.uint8 for the 8-bit form (decoding/kv_quant.py)."""
+        return self._kv_dtype or self.dtype
+
+    @kv_dtype.setter
+    def kv_dtype(self, dtype: torch.dtype | None) -> None:
+        if dtype is not None and dtype not in (self.dtype, kv_quant.STORAGE):
+            raise ValueError(f"a KV cache stores the model's dtype ({self.dtype}) or the 8-bit form "
+                             f"({kv_quant.STORAGE}), not {dtype}")
+        if dtype == kv_quant.STORAGE:
+            kv_quant.row_bytes(self.args.head_dim)  # refuses a head_dim the 8-bit form cannot hold
+        self._kv_dtype = dtype
+
     def new_cache(self, capacity: int) -> KVCache:
         a = self.args
-        return KVCache(a.n_layers, a.n_kv_heads, a.head_dim, capacity, self.dtype, self.device)
+        return KVCache(a.n_layers, a.n_kv_heads, a.head_dim, capacity, self.kv_dtype, self.device)
 
     def _rope(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         freqs = positions.float()[:, None] * self.inv_freq[None, :]

@@ -6,14 +6,13 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-import torch
 
 import decoding.attention
 import decoding.transformer
 from app.options import quiet_environment
 from decoding.attention import torch_attention_all
 from tests.resources import LARGE, SMALL, real_models_dir, require_model
-from tests.tiny import EXACT_VOCAB, tiny_model
+from tests.tiny import EXACT_FORM_IDS, EXACT_FORMS, EXACT_VOCAB, tiny_model
 
 quiet_environment()  # before any test imports a library that reads these
 
@@ -42,9 +41,12 @@ def attention(request, monkeypatch) -> str:
     return request.param
 
 
-@pytest.fixture(scope="module", params=[torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.fixture(scope="module", params=EXACT_FORMS, ids=EXACT_FORM_IDS)
 def small_vocab_pair(request):
-    """A tiny target and a perturbed copy as drafter: they agree often, not always."""
-    dtype = request.param
-    return (tiny_model(1, dtype, vocab=EXACT_VOCAB),
-            tiny_model(2, dtype, noise_from=1, noise=0.01, vocab=EXACT_VOCAB))
+    """A tiny target and a perturbed copy as drafter: they agree often, not always. Each activation
+    dtype with a KV cache in that dtype and with the 8-bit KV form."""
+    dtype, kv_dtype = request.param
+    pair = (tiny_model(1, dtype, vocab=EXACT_VOCAB, kv_dtype=kv_dtype),
+            tiny_model(2, dtype, noise_from=1, noise=0.01, vocab=EXACT_VOCAB, kv_dtype=kv_dtype))
+    assert all(m.model.new_cache(1).quantized == (kv_dtype is not None) for m in pair)  # the form really runs
+    return pair

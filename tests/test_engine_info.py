@@ -10,11 +10,11 @@ import torch
 
 from app.config import ModelSettings, Settings
 from app.pipeline import Engine
-from decoding import attention, engine_info, quant
+from decoding import attention, engine_info, kv_quant, quant
 from tests.test_quant_linear import quantized
 from tests.tiny import tiny_model
 
-KEYS = {"engine", "linear_kernel", "attention_kernel", "threads", "warning"}
+KEYS = {"engine", "linear_kernel", "attention_kernel", "kv_cache", "threads", "warning"}
 
 
 @pytest.fixture
@@ -40,6 +40,29 @@ def test_full_speed_engine_has_no_warning() -> None:
     assert description["threads"] == str(torch.get_num_threads()) and description["warning"] == ""
     dense = engine_info.engine_description(tiny_model(1))
     assert dense["engine"] == "dense" and dense["linear_kernel"].startswith("torch")
+
+
+def test_the_description_and_its_line_name_the_kv_form(monkeypatch: pytest.MonkeyPatch) -> None:
+    from app.engine_label import engine_label
+
+    q8 = quantized(tiny_model(1), torch.bfloat16, kv_quant.STORAGE)
+    plain = quantized(tiny_model(1), torch.bfloat16)
+    assert engine_info.engine_description(plain)["kv_cache"] == "bf16"
+    assert engine_info.engine_description(tiny_model(1))["kv_cache"] == "fp32"
+    description = engine_info.engine_description(q8)
+    assert description["kv_cache"] == "q8" and ", KV q8, " in engine_label(description)
+    assert ", KV bf16, " in engine_label(engine_info.engine_description(plain))
+    assert "KV" not in engine_label({"engine": "dense", "threads": "2"})  # a record from before the KV form
+    # A kernel that does not read the 8-bit form leaves attention to torch: said, with the way back.
+    kernel = attention.native_attention()
+    assert kernel is not None
+    real_takes = type(kernel).takes
+    monkeypatch.setattr(type(kernel), "takes", lambda self, q, k, v: k.dtype != kv_quant.STORAGE
+                        and real_takes(self, q, k, v))
+    slow = engine_info.engine_description(q8)
+    assert slow["attention_kernel"].startswith("torch sdpa (the C kernel does not read q8 K/V")
+    assert "--kv-dtype bf16 keeps the C kernel" in slow["warning"]
+    assert engine_info.engine_description(plain)["attention_kernel"] == f"C {kernel.isa}"
 
 
 def engine_description_of_quantized() -> dict[str, str]:

@@ -289,7 +289,7 @@ def test_eval_checks_every_eta0_speculative_answer_against_lc(tmp_path: Path,
     table = capsys.readouterr().out
     assert "= LC" in table and "2/2" in table
     # The engine that ran, for the run and for every row.
-    assert set(results["engine"]) == {"engine", "linear_kernel", "attention_kernel", "threads", "warning"}
+    assert set(results["engine"]) == {"engine", "linear_kernel", "attention_kernel", "kv_cache", "threads", "warning"}
     assert all(row["stats"]["engine"] == results["engine"] for row in results["rows"])
     assert f"engine: {results['engine']['engine']}" in table
 

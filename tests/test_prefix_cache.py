@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import decoding.prefix_cache as prefix_cache_module
+from decoding import kv_quant
 from decoding.cache import KVCache
 from decoding.generate import generate, run_to_end
 from decoding.prefill import PrefixCacheHooks, prefill_parts
@@ -221,3 +222,66 @@ def test_nothing_is_restored_when_the_first_document_changed(model, tmp_path: Pa
     assert restored is not None and restored.length == len(new.header)  # only the header is shared
     other = tiny_model(3)
     assert cache.longest(other.model, old.prefix, old.cuts(), 10) is None  # another model shares nothing
+
+
+# --------------------------------------------------------------------------- the 8-bit KV form
+
+
+def _stored_data_bytes(path: Path) -> int:
+    """A safetensors file's tensor bytes: its size less the 8-byte length and the JSON header."""
+    raw = path.read_bytes()
+    return len(raw) - 8 - int.from_bytes(raw[:8], "little")
+
+
+@pytest.mark.parametrize("from_disk", [False, True])
+def test_an_8bit_prefix_round_trips_its_bytes(tmp_path: Path, from_disk: bool) -> None:
+    q8 = tiny_model(1, kv_dtype=kv_quant.STORAGE)
+    prefix = random_prompt(600, seed=8).prefix  # past a KV_BLOCK: a shared base and own slots
+    filled = _filled(q8, prefix)
+    PrefixCache(tmp_path, {}).save(q8.model, prefix, filled)
+    store = PrefixCache(tmp_path, {})
+    if not from_disk:
+        store.save(q8.model, prefix, filled)
+    loaded = store.load(q8.model, prefix, 700)
+    assert loaded is not None and loaded.quantized and loaded.head_dim == q8.model.args.head_dim
+    assert loaded.offset == 512 and loaded.base_keys[0].dtype == kv_quant.STORAGE
+    assert _same_prefix(loaded, filled, len(prefix))
+    # ... and it decodes on: the next token's logits are those of the cache that was stored.
+    token = torch.tensor([3])
+    assert torch.equal(q8.model.forward(token, loaded), q8.model.forward(token, filled.clone()))
+
+
+def test_a_prefix_of_one_kv_form_is_not_served_to_the_other(tmp_path: Path) -> None:
+    """The same model object, its caches switched to the 8-bit form: the fp32 prefix it stored before
+    is not its prefix any more (and the other way round), in memory, on disk, or as a document run."""
+    loaded = tiny_model(1)
+    prompt = random_prompt(60, seed=9)
+    store = PrefixCache(tmp_path, {})
+    store.save(loaded.model, prompt.prefix, _filled(loaded, prompt.prefix), prompt.cuts())
+    loaded.model.kv_dtype = kv_quant.STORAGE
+    for cache in (store, PrefixCache(tmp_path, {})):
+        assert not cache.contains(loaded.model, prompt.prefix)
+        assert cache.load(loaded.model, prompt.prefix, 64) is None
+        assert cache.longest(loaded.model, prompt.prefix, prompt.cuts(), 64) is None
+    store.save(loaded.model, prompt.prefix, _filled(loaded, prompt.prefix), prompt.cuts())
+    served = store.load(loaded.model, prompt.prefix, 64)
+    assert served is not None and served.quantized
+    loaded.model.kv_dtype = None
+    assert store.load(loaded.model, prompt.prefix, 64) is not None  # its own fp32 prefix, still there
+    assert not store.load(loaded.model, prompt.prefix, 64).quantized
+
+
+def test_stored_bytes_per_token_follow_the_kv_form(tmp_path: Path) -> None:
+    """On disk and in the size estimates: 8-bit K/V take row_bytes / (2 head_dim) of bf16's bytes."""
+    forms = {"bf16": tiny_model(1, torch.bfloat16), "q8": tiny_model(1, torch.bfloat16, kv_dtype=kv_quant.STORAGE)}
+    prefix = random_prompt(100, seed=10).prefix
+    on_disk, estimated = {}, {}
+    for name, loaded in forms.items():
+        store = PrefixCache(tmp_path / name, {})
+        store.save(loaded.model, prefix, _filled(loaded, prefix))
+        on_disk[name] = _stored_data_bytes(store.store.path(store.key(loaded.model, prefix)))
+        estimated[name] = store.bytes_per_1k_tokens(loaded.model)
+    head_dim = forms["q8"].model.args.head_dim
+    assert on_disk["q8"] * 2 * head_dim == on_disk["bf16"] * kv_quant.row_bytes(head_dim)
+    assert estimated["q8"] * 2 * head_dim == estimated["bf16"] * kv_quant.row_bytes(head_dim)
+    assert on_disk["bf16"] * 1000 == estimated["bf16"] * len(prefix)

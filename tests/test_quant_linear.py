@@ -19,7 +19,7 @@ from decoding.prefix_cache import PrefixCache
 from decoding.quant import QuantLinear, QuantWeight, native_quant
 from decoding.settings import DecodingSettings
 from tests.test_decoding_tiny import EXACT_VOCAB, check_drafters_exact, check_lookup_exact, passage_spans_of
-from tests.tiny import random_prompt, tiny_model
+from tests.tiny import EXACT_FORM_IDS, EXACT_FORMS, random_prompt, tiny_model
 
 SPECULATIVE = ("sd", "magicdec", "rapid", "rapid-focus", "lookup")
 LAYOUTS = [(4, 32), (5, 32), (6, 16), (8, 16), (8, 32)]  # (kind, group): Q4_K; Q5_0; Q6_K; (Q6_K as 8-bit); Q8_0
@@ -250,8 +250,10 @@ def test_fallback_without_the_native_kernel(monkeypatch) -> None:
 KINDS = {"qkv": 8, "gate_up": 5, "down": 6, "embed": 8, "lm_head": 6}  # o_proj: 4-bit (the GGUF files mix them)
 
 
-def quantized(model: LoadedModel, dtype: torch.dtype = torch.float32) -> LoadedModel:
+def quantized(model: LoadedModel, dtype: torch.dtype = torch.float32,
+              kv_dtype: torch.dtype | None = None) -> LoadedModel:
     q = quantize_transformer(model.model, KINDS, dtype)
+    q.kv_dtype = kv_dtype
     return LoadedModel(model.name + "-q", None, q, model.tokenizer, model.stop_ids, "quantized")
 
 
@@ -284,12 +286,15 @@ def test_decode_steps_equal_a_verify_pass(pair) -> None:
         assert torch.equal(model.forward(ids[30 + i : 31 + i], cache), verify[i]), i
 
 
-@pytest.fixture(scope="module", params=[torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.fixture(scope="module", params=EXACT_FORMS, ids=EXACT_FORM_IDS)
 def small_vocab_pair(request) -> tuple[LoadedModel, LoadedModel]:
-    """The exactness suite's inputs (tests/test_decoding_tiny.py), on quantized weights."""
-    dtype = request.param
-    return (quantized(tiny_model(1, vocab=EXACT_VOCAB), dtype),
-            quantized(tiny_model(2, noise_from=1, noise=0.01, vocab=EXACT_VOCAB), dtype))
+    """The exactness suite's inputs (tests/test_decoding_tiny.py), on quantized weights; bf16 with
+    8-bit KV is what the app runs on a CPU."""
+    dtype, kv_dtype = request.param
+    pair = (quantized(tiny_model(1, vocab=EXACT_VOCAB), dtype, kv_dtype),
+            quantized(tiny_model(2, noise_from=1, noise=0.01, vocab=EXACT_VOCAB), dtype, kv_dtype))
+    assert all(m.model.new_cache(1).quantized == (kv_dtype is not None) for m in pair)  # the form really runs
+    return pair
 
 
 @pytest.mark.parametrize("length", [12, 300, 1100])  # 1100 crosses a prefill chunk boundary

@@ -18,7 +18,7 @@ import pytest
 import torch
 from transformers import Qwen2Config, Qwen2ForCausalLM
 
-from decoding import loading, quant
+from decoding import kv_quant, loading, quant
 from decoding import transformer as transformer_module
 from decoding.attention import native_attention, torch_attention_all
 from decoding.loading import quantize_transformer, transformer_from_hf_model
@@ -100,11 +100,13 @@ def decode_vs_verify(model: Transformer, threads: int, sizes: Sequence[int] = ra
     return differ
 
 
+@pytest.mark.parametrize("kv", ["kv-own", "kv8"])
 @pytest.mark.parametrize("attention", ["native", "torch"])
 @pytest.mark.parametrize("threads", THREADS)
 @pytest.mark.parametrize("engine", ["dense-bf16", "dense-fp32", "quant-bf16", "quant-fp32"])
-def test_verify_rows_equal_decode_steps(fp32_model: Transformer, engine: str, threads: int, attention: str,
+def test_verify_rows_equal_decode_steps(fp32_model: Transformer, engine: str, threads: int, attention: str, kv: str,
                                         restore_threads: None, monkeypatch: pytest.MonkeyPatch) -> None:
+    """kv8: the cache holds the 8-bit form (decoding/kv_quant.py), whose rows are quantized per token."""
     if attention == "torch":  # the path without a C compiler (and on GPUs)
         monkeypatch.setattr(transformer_module, "attention_for", lambda device: torch_attention_all)
     else:
@@ -116,6 +118,9 @@ def test_verify_rows_equal_decode_steps(fp32_model: Transformer, engine: str, th
         assert model.min_rows == 1  # the C kernel runs: the production path
     else:
         model = fp32_model if dtype == torch.float32 else real_width_model(dtype)
+    if kv == "kv8":
+        monkeypatch.setattr(model, "kv_dtype", kv_quant.STORAGE)  # undone after: fp32_model is shared
+        assert model.new_cache(1).quantized
     assert decode_vs_verify(model, threads) == []
 
 
@@ -131,13 +136,22 @@ def test_dequantizing_fallback_verify_rows_equal_decode_steps(
     assert decode_vs_verify(model, 4) == []
 
 
-@pytest.mark.real_models
-@pytest.mark.parametrize("threads", [4, 8])
-def test_real_quantized_target_verify_rows_equal_decode_steps(large_model_dir: Path, threads: int,
-                                                              restore_threads: None) -> None:
-    """The real 1.5B as the app runs it (quantized, bf16 activations, full vocabulary head): gamma 16,
-    and 8 rows (a size whose SiLU split fell inside a row)."""
+@pytest.fixture(scope="module")
+def real_target(large_model_dir: Path) -> Transformer:
     from decoding.loading import load_model
 
-    target = load_model("1.5b", large_model_dir, torch.bfloat16, torch.device("cpu"), quantized=True)
-    assert decode_vs_verify(target.model, threads, sizes=(8, MAX_GAMMA + 1)) == []
+    return load_model("1.5b", large_model_dir, torch.bfloat16, torch.device("cpu"), quantized=True).model
+
+
+@pytest.mark.real_models
+@pytest.mark.parametrize("kv", ["bf16", "q8"])
+@pytest.mark.parametrize("threads", [1, 2, 4, 8])
+def test_real_quantized_target_verify_rows_equal_decode_steps(real_target: Transformer, threads: int, kv: str,
+                                                              restore_threads: None,
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """The real 1.5B as the app runs it (quantized, bf16 activations, full vocabulary head, its KV
+    cache bf16 or 8-bit): every verify size of gamma 1..16 (8 rows: a size whose SiLU split fell
+    inside a row)."""
+    monkeypatch.setattr(real_target, "kv_dtype", kv_quant.STORAGE if kv == "q8" else None)
+    assert real_target.new_cache(1).quantized == (kv == "q8")
+    assert decode_vs_verify(real_target, threads) == []

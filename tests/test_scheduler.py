@@ -10,6 +10,7 @@ import threading
 import time
 from pathlib import Path
 
+import pytest
 import torch
 
 from decoding.cache import KV_BLOCK, KVCache
@@ -78,12 +79,24 @@ def prompts(length: int, seed: int) -> tuple[Prompt, Prompt]:
     return prompt, Prompt(prompt.prefix[length // 4 :], prompt.suffix)
 
 
+def lookup_inputs(target, length: int, first_seed: int) -> tuple[Prompt, Prompt]:
+    """A prompt on which prompt lookup drafts, right and wrong: it drafts only where the answer repeats
+    an n-gram of the prompt, so prompts are tried seed by seed (as check_lookup_exact does)."""
+    for seed in range(first_seed, first_seed + 12):
+        inputs = prompts(length, seed=seed)
+        out = solo("lookup", target, None, *inputs)
+        if 0 < out.stats.accepted < out.stats.drafted:
+            return inputs
+    pytest.fail("no prompt tried made lookup draft and be sometimes wrong")
+
+
 def test_batched_sessions_get_their_solo_tokens(small_vocab_pair, attention: str) -> None:
     """Every method side by side, one joining mid-stream and one cancelled: each of the others returns
     exactly what it returns alone, and the passes really were shared."""
     target, drafter = small_vocab_pair
     scheduler = Scheduler(max_sessions=len(METHODS) + 2)
     inputs = {method: prompts(300 + 37 * i, seed=i) for i, method in enumerate(METHODS)}
+    inputs["lookup"] = lookup_inputs(target, 300 + 37 * METHODS.index("lookup"), METHODS.index("lookup"))
     alone = {method: solo(method, target, drafter, *inputs[method]) for method in METHODS}
     first = Session(scheduler, "lc", target, drafter, *inputs["lc"])
     sessions = [Session(scheduler, method, target, drafter, *inputs[method]) for method in METHODS[1:]]

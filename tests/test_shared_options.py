@@ -42,3 +42,29 @@ def test_an_unreachable_chroma_server_is_a_clear_error(tmp_path: Path) -> None:
     settings = RetrievalSettings(chroma_url=f"http://127.0.0.1:{port}")
     with pytest.raises(RetrievalError, match="Could not reach the Chroma server"):
         HybridIndex(tmp_path / "index", settings, word_tokens, HashEmbedder())  # type: ignore[arg-type]
+
+
+def test_every_command_takes_the_kv_form(tmp_path: Path) -> None:
+    """--kv-dtype on `ask`, `ask chat`, `ask serve`, `ask eval` and `ask ingest`: it reaches Settings."""
+    import subprocess
+    import sys
+
+    from app.chat import chat_parser
+    from app.eval.runner import parser as eval_parser
+    from app.options import settings_from_args
+    from cli.main import question_parser
+    from ui.serve import serve_parser, settings_for_serve
+
+    assert Settings().kv_dtype == "auto"
+    for form in ("q8", "bf16"):
+        assert settings_from_args(question_parser().parse_args(["Why?", "--kv-dtype", form])).kv_dtype == form
+        assert settings_from_args(chat_parser().parse_args(["--kv-dtype", form])).kv_dtype == form
+        assert settings_for_serve(serve_parser().parse_args(["--kv-dtype", form])).kv_dtype == form
+        eval_args = eval_parser().parse_args(["--kv-dtype", form, "--docs", str(tmp_path)])
+        assert settings_from_args(eval_args).kv_dtype == form
+    assert settings_from_args(question_parser().parse_args(["Why?"])).kv_dtype == "auto"
+    with pytest.raises(SystemExit):
+        question_parser().parse_args(["Why?", "--kv-dtype", "q4"])
+    ingest = subprocess.run([sys.executable, "-m", "cli.main", "ingest", "--help"], capture_output=True, text=True,
+                            timeout=120)
+    assert ingest.returncode == 0 and "--kv-dtype {auto,q8,bf16}" in ingest.stdout

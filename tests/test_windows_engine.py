@@ -9,12 +9,16 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
+import torch
 
 import app.documents as documents
 from app.config import Limits, ModelSettings, Settings
 from app.events import Done, Sources
 from app.pipeline import Engine, answer_once
 from app.report import done_record, summary_text
+from decoding import kv_quant
+from decoding.prefill import prefill_parts
+from decoding.prefix_cache import PrefixCache
 from decoding.settings import DecodingSettings
 from retrieval.index import HybridIndex
 from retrieval.types import RetrievalSettings
@@ -37,17 +41,19 @@ QUESTIONS = {  # each asks about one document in its own words
 DECODING = DecodingSettings(method="lc", max_new_tokens=12, gamma=4, eta=0.0)
 
 
-def make_engine(home: Path) -> Engine:
+def make_engine(home: Path, kv_dtype: torch.dtype | None = None) -> Engine:
+    """kv_dtype: what the tiny models' caches store (None: fp32, their dtype; torch.uint8: 8-bit)."""
     settings = Settings(
         home=home, models=ModelSettings(target="tiny-target", drafter="tiny-drafter"),
         retrieval=RetrievalSettings(chunk_tokens=64, budget_min_tokens=150, budget_fraction=0.0),
-        decoding=DECODING, limits=Limits(max_new_tokens=32),
+        decoding=DECODING, limits=Limits(max_new_tokens=32), kv_dtype="q8" if kv_dtype else "bf16",
     )
     engine = Engine(settings, log=lambda _: None)
     # A 1024-position target holds about two of these documents per window.
-    engine._models["tiny-target"] = tiny_model(1, max_positions=1024)
-    engine._models["tiny-drafter"] = tiny_model(2, noise_from=1, noise=0.01, max_positions=1024)
+    engine._models["tiny-target"] = tiny_model(1, max_positions=1024, kv_dtype=kv_dtype)
+    engine._models["tiny-drafter"] = tiny_model(2, noise_from=1, noise=0.01, max_positions=1024, kv_dtype=kv_dtype)
     engine._embedder = HashEmbedder()  # type: ignore[assignment]
+    assert engine.target.model.new_cache(1).quantized == (kv_dtype is not None)  # the form really runs
     return engine
 
 
@@ -59,8 +65,12 @@ def add(engine: Engine, index: HybridIndex, tmp_path: Path, names: list[str]) ->
 
 
 @pytest.fixture
-def engine(tmp_path: Path) -> Engine:
-    return make_engine(tmp_path / "home")
+def engine(tmp_path: Path, request: pytest.FixtureRequest) -> Engine:
+    """An engine on fp32 KV, or (indirect parametrization) on the KV form given."""
+    return make_engine(tmp_path / "home", getattr(request, "param", None))
+
+
+KV_FORMS = pytest.mark.parametrize("engine", [None, kv_quant.STORAGE], ids=["kv-fp32", "kv8"], indirect=True)
 
 
 @pytest.fixture
@@ -201,6 +211,7 @@ def test_deleting_a_document_recomputes_from_its_window(engine: Engine, index: H
     assert answer.stats.prefix_cached_tokens > 0
 
 
+@KV_FORMS
 @pytest.mark.parametrize("method", ["rapid", "sd", "magicdec", "lookup", "rapid-focus"])
 def test_speculative_methods_at_eta_0_return_lc_tokens_on_the_routed_window(engine: Engine, index: HybridIndex,
                                                                             method: str) -> None:
@@ -213,6 +224,34 @@ def test_speculative_methods_at_eta_0_return_lc_tokens_on_the_routed_window(engi
     assert out.stats.context_tokens == lc.stats.context_tokens
     if method in ("rapid", "sd", "rapid-focus"):
         assert out.stats.drafted > 0
+
+
+@pytest.mark.parametrize("engine", [kv_quant.STORAGE], ids=["kv8"], indirect=True)
+def test_8bit_windows_round_trip_their_bytes(engine: Engine, index: HybridIndex, tmp_path: Path) -> None:
+    """Every window's stored 8-bit KV, read back from disk (and as held in memory), is the bytes a
+    prefill of that window computes; the memory estimate for holding them counts 8-bit bytes."""
+    model = engine.target.model
+    prompts = engine.document_prompts(index)
+    assert len(prompts) >= 3
+    from_disk = PrefixCache(engine.settings.kv_cache_dir, engine._model_ids)
+    for prompt in prompts:
+        fresh = model.new_cache(len(prompt.prefix) + 1)
+        prefill_parts(model, prompt.prefix, prompt.cuts(), fresh)
+        for store in (from_disk, engine.prefix_cache):
+            stored = store.load(model, prompt.prefix, len(prompt.prefix) + 1)
+            assert stored is not None and stored.quantized
+            for layer in range(model.args.n_layers):
+                for mine, theirs in zip(stored.span(layer, 0, len(prompt.prefix)),
+                                        fresh.span(layer, 0, len(prompt.prefix)), strict=True):
+                    assert mine.dtype == kv_quant.STORAGE and torch.equal(mine, theirs)
+    a = model.args
+    per_token = 2 * a.n_layers * a.n_kv_heads * kv_quant.row_bytes(a.head_dim)
+    assert engine.prefix_cache.bytes_per_1k_tokens(model) == 1000 * per_token
+    tokens = sum(len(p.prefix) for p in prompts)
+    engine.settings = replace(engine.settings, hot_windows_gb=tokens * per_token * 1.001 / 1e9)  # just enough
+    assert engine.keep_windows_in_memory(index) == len(prompts)
+    engine.settings = replace(engine.settings, hot_windows_gb=tokens * per_token * 0.999 / 1e9)
+    assert engine.keep_windows_in_memory(index) == 1
 
 
 def test_eval_rows_say_whether_the_window_read_held_the_labelled_page(engine: Engine, index: HybridIndex,

@@ -37,8 +37,10 @@ class ByteTokenizer:
 
 def tiny_model(seed: int, dtype: torch.dtype = torch.float32, layers: int = 2, noise_from: int | None = None,
                noise: float = 0.0, stop_ids: frozenset[int] = frozenset(), vocab: int = VOCAB,
-               attention_gain: float = 1.0, max_positions: int = 4096) -> LoadedModel:
+               attention_gain: float = 1.0, max_positions: int = 4096,
+               kv_dtype: torch.dtype | None = None) -> LoadedModel:
     """A tiny Qwen2; with noise_from, a perturbed copy of that seed's model (a drafter that mostly agrees).
+    kv_dtype: what its caches store (None: its dtype; torch.uint8: the 8-bit form).
 
     attention_gain < 1 weakens attention's output, so the next token depends mostly on the last one
     and greedy answers fall into loops: prompt-lookup drafting then has something to find.
@@ -58,7 +60,15 @@ def tiny_model(seed: int, dtype: torch.dtype = torch.float32, layers: int = 2, n
             gen = torch.Generator().manual_seed(seed)
             for p in hf.parameters():
                 p.add_(noise * torch.randn(p.shape, generator=gen) * p.std())
-    return LoadedModel(f"tiny-{seed}", None, transformer_from_hf_model(hf, dtype), ByteTokenizer(), stop_ids)
+    model = transformer_from_hf_model(hf, dtype)
+    model.kv_dtype = kv_dtype
+    return LoadedModel(f"tiny-{seed}", None, model, ByteTokenizer(), stop_ids)
+
+
+# The exactness suites' (activation dtype, KV form) pairs: each float dtype with its own KV and with 8-bit KV.
+EXACT_FORMS = [(torch.float32, None), (torch.bfloat16, None), (torch.float32, torch.uint8),
+               (torch.bfloat16, torch.uint8)]
+EXACT_FORM_IDS = ["fp32", "bf16", "fp32-kv8", "bf16-kv8"]
 
 
 def random_prompt(length: int, seed: int, vocab: int = VOCAB) -> Prompt:
