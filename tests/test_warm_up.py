@@ -30,10 +30,11 @@ class Loads:
         self.seen: dict[str, tuple[str, float, float]] = {}
         self.embedder_loaded_by: list[str] = []  # thread names
 
-    def __call__(self, spec, directory, dtype, device, quantized=False):  # type: ignore[no-untyped-def]
+    def __call__(self, spec, directory, dtype, device, quantized=False, kv_dtype=None):  # type: ignore[no-untyped-def]
         start = time.perf_counter()
         time.sleep(LOAD_S)
-        model = tiny_model(1) if spec == "tiny-target" else tiny_model(2, noise_from=1, noise=0.01)
+        model = (tiny_model(1, kv_dtype=kv_dtype) if spec == "tiny-target"
+                 else tiny_model(2, noise_from=1, noise=0.01, kv_dtype=kv_dtype))
         self.seen[spec] = (threading.current_thread().name, start, time.perf_counter())
         return model
 
