@@ -141,7 +141,8 @@ class Documents(Models):
         spent = [0.0]
 
         def build(ticket: Ticket, emit: Emit) -> None:
-            spent[0] = self.encode_passages(store, todo, ticket, emit)
+            with ticket.in_background():  # for later questions: those asked meanwhile go first
+                spent[0] = self.encode_passages(store, todo, ticket, emit)
 
         self._run_watched("drafter-kv", build, progress)
         return spent[0]
@@ -265,7 +266,10 @@ class Documents(Models):
         job.depth = cache.length  # a restored run of documents: the prefill starts that deep
         job.prior_ratio = depth_cost_ratio(model.args)
         emit(job.update(0, len(prefix) - cache.length))
-        prefill_parts(model, prefix, cuts, cache, lambda done, total: emit(job.update(done, total)), ticket.run)
+        # In the background: questions asked meanwhile answer from their passages (app/answering.py)
+        # and their passes go first, so none of them waits on this read's chunks.
+        with ticket.in_background():
+            prefill_parts(model, prefix, cuts, cache, lambda done, total: emit(job.update(done, total)), ticket.run)
         self.prefix_cache.save(model, prefix, cache, cuts)
 
     def preparing(self) -> Preparing | None:

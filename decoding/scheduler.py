@@ -12,6 +12,13 @@ Drafting passes run first: while a RAPID session drafts, the sessions waiting wi
 session's rows together - the weights are read once for all of them. Long work (a document's
 prefill) comes in chunks of rows, so another session's stream waits at most about one chunk.
 
+A document read for later questions (Ticket.in_background) yields to everyone else: its passes are
+never batched with the others' and run only when no other session waits on a pass - and, while
+other sessions are active but busy between passes, only after a longer patience, since their next
+pass usually comes within milliseconds and a read's chunk takes seconds. A question asked during a
+read so pays no chunk per pass. A read never waits more than the longest wait behind them, so a
+steady stream of questions slows it but never stops it.
+
 A session stopped by its user (Ticket.cancel) leaves at its next pass: the pass it waits on is
 dropped and Cancelled is raised in its thread, so nothing keeps running for it.
 """
@@ -29,6 +36,12 @@ import torch
 from decoding.pass_costs import Others, PassCosts, best_draft_length
 from decoding.transformer import Rows, Transformer
 
+# How long a background pass waits while other sessions are active but none waits on a pass: longer
+# than a session's gap between passes (sampling, a draft's bookkeeping), far shorter than a read.
+BACKGROUND_PATIENCE_S = 0.25
+# The longest a background pass waits while other sessions' passes keep coming.
+BACKGROUND_LONGEST_WAIT_S = 60.0
+
 
 class Cancelled(Exception):
     """The session was stopped: raised in its thread at its next pass."""
@@ -39,6 +52,7 @@ class _Request:
     ticket: Ticket
     model: Transformer
     rows: Rows
+    background: bool  # a pass of a read for later questions (Ticket.in_background)
     arrived: float = field(default_factory=time.perf_counter)
     done: threading.Event = field(default_factory=threading.Event)
     result: torch.Tensor | None = None
@@ -55,6 +69,7 @@ class Ticket:
         self.cancelled = threading.Event()
         self.elsewhere = False  # waiting on something other than a pass (see idle)
         self.drafts = False  # it has planned a draft (a session that drafts, not plain decoding)
+        self.background = False  # its passes read documents for later questions (see in_background)
 
     def run(self, model: Transformer, rows: Rows) -> torch.Tensor:
         return self.scheduler.submit(self, model, rows)
@@ -70,6 +85,18 @@ class Ticket:
         finally:
             self.elsewhere = False
 
+    @contextmanager
+    def in_background(self) -> Iterator[None]:
+        """While the session reads documents for later questions (a window's first read), its passes
+        wait for every other session's and never share a pass with them (see the module docstring)."""
+        self.background = True
+        self.scheduler.wake()
+        try:
+            yield
+        finally:
+            self.background = False
+            self.scheduler.wake()
+
     def cancel(self) -> None:
         self.cancelled.set()
         self.scheduler.wake()
@@ -83,11 +110,16 @@ class Ticket:
 
 
 class Scheduler:
-    def __init__(self, max_sessions: int = 8, patience_s: float = 0.02) -> None:
+    def __init__(self, max_sessions: int = 8, patience_s: float = 0.02,
+                 background_patience_s: float = BACKGROUND_PATIENCE_S,
+                 background_longest_wait_s: float = BACKGROUND_LONGEST_WAIT_S) -> None:
         """max_sessions: sessions decoding at once (a pass's batch); more wait at join().
-        patience_s: how long a waiting pass waits for sessions busy between passes."""
+        patience_s: how long a waiting pass waits for sessions busy between passes.
+        background_patience_s, background_longest_wait_s: a background pass's waits (module docstring)."""
         self.max_sessions = max_sessions
         self.patience_s = patience_s
+        self.background_patience_s = background_patience_s
+        self.background_longest_wait_s = background_longest_wait_s
         self.costs = PassCosts()
         self._slots = threading.Semaphore(max_sessions)
         self._lock = threading.Condition()
@@ -127,7 +159,8 @@ class Scheduler:
 
     def others(self, ticket: Ticket) -> Others:
         with self._lock:
-            others = [t for t in self._active if t is not ticket and not t.elsewhere]
+            # A background session never shares a pass with this one.
+            others = [t for t in self._active if t is not ticket and not t.elsewhere and not t.background]
         return Others(len(others), sum(1 for t in others if t.drafts))
 
     def wake(self) -> None:
@@ -140,7 +173,7 @@ class Scheduler:
         """Queue a pass of the ticket's session and wait for its logits (called in its thread)."""
         if ticket.cancelled.is_set():
             raise Cancelled
-        request = _Request(ticket, model, rows)
+        request = _Request(ticket, model, rows, ticket.background)
         with self._lock:
             if ticket not in self._active:
                 raise RuntimeError("a pass from a session that has left the scheduler")
@@ -179,17 +212,50 @@ class Scheduler:
             if not self._pending and (not self._active or not threading.main_thread().is_alive()):
                 self._worker = None
                 return None
-            waiting = {r.ticket for r in self._pending}
             if self._pending:
-                # Patience counts from when a pass could first run: a request that arrived during
-                # the last pass must not leave the sessions of that pass behind (they alternate then).
-                since = max(min(r.arrived for r in self._pending), self._free_since)
-                everyone = all(t in waiting or t.elsewhere or t.cancelled.is_set() for t in self._active)
-                if everyone or time.perf_counter() - since >= self.patience_s:
-                    return self._take()
-                self._lock.wait(self.patience_s - (time.perf_counter() - since))
+                batch, wait_s = self._ready()
+                if batch is not None:
+                    return batch
+                self._lock.wait(wait_s)
             else:
                 self._lock.wait(1.0)
+
+    def _ready(self) -> tuple[list[_Request] | None, float]:
+        """The requests a pass should serve now, or None and how long to wait before asking again.
+
+        Foreground passes first, with the usual patience for foreground sessions busy between passes.
+        Background passes when none is waiting: with that same patience among themselves when no
+        foreground session is active, the longer background patience when one is (it is about to
+        send a pass), and at once when one has waited the longest wait."""
+        foreground = [r for r in self._pending if not r.background]
+        background = [r for r in self._pending if r.background]
+        now = time.perf_counter()
+        longest_left = float("inf")
+        if background:
+            longest_left = min(r.arrived for r in background) + self.background_longest_wait_s - now
+            if longest_left <= 0:
+                return self._take(background), 0.0
+        busy = [t for t in self._active if not t.elsewhere and not t.cancelled.is_set()]
+        foreground_sessions = [t for t in busy if not t.background]
+        if foreground:
+            left = self._patience_left(foreground, foreground_sessions, self.patience_s, now)
+            return (self._take(foreground), 0.0) if left <= 0 else (None, min(left, longest_left))
+        if foreground_sessions:
+            left = self._patience_left(background, foreground_sessions, self.background_patience_s, now)
+        else:
+            left = self._patience_left(background, busy, self.patience_s, now)
+        return (self._take(background), 0.0) if left <= 0 else (None, min(left, longest_left))
+
+    def _patience_left(self, requests: list[_Request], sessions: list[Ticket], patience_s: float,
+                       now: float) -> float:
+        """How long these requests still wait for the sessions that may add to their pass (<= 0: run
+        now). Patience counts from when a pass could first run: a request that arrived during the
+        last pass must not leave the sessions of that pass behind (they alternate then)."""
+        waiting = {r.ticket for r in requests}
+        if all(t in waiting for t in sessions):
+            return 0.0
+        since = max(min(r.arrived for r in requests), self._free_since)
+        return patience_s - (now - since)
 
     def _drop_cancelled(self) -> None:
         """Passes of stopped sessions never run: their threads get Cancelled instead."""
@@ -198,10 +264,11 @@ class Scheduler:
             request.error = Cancelled()
             request.done.set()
 
-    def _take(self) -> list[_Request]:
-        """Drafting passes first; then the model with the most waiting rows, all of its requests."""
-        drafting = [r for r in self._pending if r.rows.drafting]
-        candidates = drafting or self._pending
+    def _take(self, requests: list[_Request]) -> list[_Request]:
+        """Of these requests (all foreground or all background), drafting passes first; then the model
+        with the most waiting rows, all of its requests."""
+        drafting = [r for r in requests if r.rows.drafting]
+        candidates = drafting or requests
         by_model: dict[int, list[_Request]] = {}
         for request in candidates:
             by_model.setdefault(id(request.model), []).append(request)

@@ -179,3 +179,22 @@ def test_the_apis_final_chunk_says_the_answer_came_from_the_passages(
         reading.join(60)
     final = pieces[-1]
     assert isinstance(final, Final) and final.record["still_reading"] == STILL_READING
+
+
+def test_the_documents_are_read_in_the_background(engine: Engine, index: HybridIndex,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every pass of the preparation (the drafter's chunk KV, the window's first read) yields to the
+    questions asked meanwhile (decoding/scheduler.py); a question's own passes do not."""
+    passes: list[tuple[str, bool]] = []
+    submit = engine.scheduler.submit
+
+    def recorded(ticket, model, rows):
+        passes.append((ticket.name, ticket.background))
+        return submit(ticket, model, rows)
+
+    monkeypatch.setattr(engine.scheduler, "submit", recorded)
+    engine.prepare(index)
+    assert {name for name, _ in passes} == {"drafter-kv", "documents"} and all(b for _, b in passes), passes
+    passes.clear()
+    answer_once(engine, QUESTION, index, replace(RAG, method="lc"))
+    assert passes and not any(b for _, b in passes), passes

@@ -20,6 +20,7 @@ from decoding.pass_costs import Others, PassCosts, best_draft_length
 from decoding.prefix_cache import PrefixCache
 from decoding.scheduler import Cancelled, Scheduler
 from decoding.settings import DecodingSettings
+from decoding.transformer import PREFILL_CHUNK, Rows
 from tests.test_decoding_tiny import assert_drafted_and_sometimes_wrong, passage_spans_of
 from tests.tiny import EXACT_VOCAB, random_prompt
 
@@ -209,3 +210,105 @@ def test_draft_length_follows_the_cost_of_rows() -> None:
     eight = best_draft_length(steep, target, drafter, 6, 0.8, Others(7, 7))
     assert eight < two < 6, (two, eight)
     assert best_draft_length(steep, target, None, 6, 0.8, Others(7, 7)) >= eight
+
+
+class Read(threading.Thread):
+    """A document read for later questions, in the background of the scheduler (app/documents.py):
+    its first chunk, then - once `resume` is set - the rest."""
+
+    def __init__(self, scheduler: Scheduler, model, tokens: list[int], resume: threading.Event | None = None) -> None:
+        super().__init__(daemon=True)
+        self.scheduler, self.model, self.tokens, self.resume = scheduler, model, tokens, resume
+        self.first_pass = threading.Event()
+        self.logits: torch.Tensor | None = None
+
+    def run(self) -> None:
+        with self.scheduler.session("read") as ticket:
+            assert ticket is not None
+
+            def run(model, rows: Rows) -> torch.Tensor:
+                logits = ticket.run(model, rows)
+                if not self.first_pass.is_set():
+                    self.first_pass.set()
+                    if self.resume is not None:
+                        self.resume.wait(30)
+                return logits
+
+            with ticket.in_background():
+                self.logits = self.model.prefill(torch.tensor(self.tokens), self.model.new_cache(len(self.tokens) + 1),
+                                                 run=run)
+
+
+def passes_by_session(scheduler: Scheduler) -> list[set[str]]:
+    """The sessions each pass of the scheduler serves, in order, filled in as they run."""
+    log: list[set[str]] = []
+    run = scheduler._run
+
+    def logged(batch) -> None:
+        log.append({request.ticket.name for request in batch})
+        run(batch)
+
+    scheduler._run = logged  # type: ignore[method-assign]
+    return log
+
+
+def test_a_question_goes_before_a_background_read(small_vocab_pair) -> None:
+    """A question asked during a read of several chunks: no pass serves both, none of the read's
+    passes runs between the question's first pass and its last, and both get what they get alone."""
+    target, drafter = small_vocab_pair
+    # A patience far longer than the question's gaps between passes, even on a loaded machine.
+    scheduler = Scheduler(max_sessions=2, background_patience_s=10.0)
+    log = passes_by_session(scheduler)
+    document = random_prompt(4 * PREFILL_CHUNK - 100, seed=11, vocab=EXACT_VOCAB).prefix
+    prompt, rag = prompts(300, seed=12)
+    question_started = threading.Event()
+    read = Read(scheduler, target.model, document, resume=question_started)
+    question = Session(scheduler, "lc", target, drafter, prompt, rag, start_after=read.first_pass)
+    read.start()
+    question.start()
+    question.first_pass.wait(60)
+    question_started.set()  # the rest of the read arrives while the question decodes
+    for thread in (read, question):
+        thread.join(120)
+        assert not thread.is_alive()
+    assert not [names for names in log if len(names) > 1], log
+    order = ["question" if names == {"lc"} else "read" for names in log]
+    first, last = order.index("question"), len(order) - 1 - order[::-1].index("question")
+    assert "read" not in order[first:last], order
+    assert order.count("read") == 4 and order[-1] == "read", order
+    assert question.result is not None
+    assert question.result.token_ids == solo("lc", target, drafter, prompt, rag).token_ids
+    alone = target.model.prefill(torch.tensor(document), target.model.new_cache(len(document) + 1))
+    assert read.logits is not None and torch.equal(read.logits, alone)
+
+
+def test_a_background_read_is_never_starved(small_vocab_pair) -> None:
+    """Beside a question session that sends no pass, a read runs after the background patience; beside
+    one whose passes keep coming, after the longest wait: it finishes while the other still asks."""
+    target, _ = small_vocab_pair
+    document = random_prompt(3 * PREFILL_CHUNK, seed=13, vocab=EXACT_VOCAB).prefix
+    scheduler = Scheduler(max_sessions=2, background_patience_s=0.1)
+    with scheduler.session("idle") as idle:
+        assert idle is not None
+        started = time.perf_counter()
+        read = Read(scheduler, target.model, document)
+        read.start()
+        read.join(30)
+        assert read.logits is not None
+        assert time.perf_counter() - started >= 3 * 0.1  # each chunk waited for the idle session first
+
+    scheduler = Scheduler(max_sessions=2, background_longest_wait_s=0.2)
+    read = Read(scheduler, target.model, document)
+    question = torch.tensor(random_prompt(200, seed=14, vocab=EXACT_VOCAB).prefix)
+    asked = 0
+    with scheduler.session("asking") as asking:
+        assert asking is not None
+        target.model.prefill(question, target.model.new_cache(201), run=asking.run)
+        read.start()
+        deadline = time.monotonic() + 60
+        while read.logits is None and time.monotonic() < deadline:  # a new question as soon as one ends
+            target.model.prefill(question, target.model.new_cache(201), run=asking.run)
+            asked += 1
+        read_while_asking = read.logits is not None
+    read.join(10)
+    assert read_while_asking and asked > 3, asked
