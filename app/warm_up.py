@@ -27,7 +27,8 @@ def start_warm_up(engine: Documents, method: str) -> list[threading.Thread]:
     """Start preparing what a question with `method` needs besides the target's load (the caller's
     thread loads the target while opening the index); returns the threads. Not daemons: a process
     that ends early (a bad question) waits for them rather than tear torch down under a pass."""
-    jobs = [("embedder", engine.embedder.load)]
+    # Each job reaches what it loads in its own thread: a failure there is the answer's to report.
+    jobs: list[tuple[str, Callable[[], None]]] = [("embedder", lambda: engine.embedder.load())]
     info = method_info(method)
     if info.drafts_with_model and not info.drafter_is_target:
         jobs.append(("drafter", lambda: prepare_drafter(engine, method)))

@@ -218,7 +218,7 @@ def test_sessions_on_a_stored_prefix_get_their_logits_alone(kernel: NativeAttent
     stored = model.new_cache(1100)
     model.prefill(prefix, stored)
     questions = [torch.tensor([7, 8, 9, 10, 11, 12, 13]), torch.tensor([40]), torch.tensor([50, 51, 52])]
-    shared = [KVCache.on_base(stored.keys, stored.values, 1100, 1200) for _ in questions]
+    shared = [KVCache.on_base(stored.keys, stored.values, 1100, 1200, stored.head_dim) for _ in questions]
     assert all(cache.offset == 1024 for cache in shared)  # two 512-key blocks read from the base in place
     batched = model.forward_many([Rows(q, cache, all_logits=True) for q, cache in zip(questions, shared, strict=True)])
     for question, logits in zip(questions, batched, strict=True):
