@@ -76,6 +76,6 @@ def test_a_cold_document_prefill_is_recorded_as_the_wait(tmp_path: Path) -> None
     warm = answer_once(engine, QUESTIONS["orchid.txt"], index, DECODING)
     assert warm.stats.wait_s < cold.stats.wait_s
     assert warm.stats.engine == cold.stats.engine and set(warm.stats.engine) == {
-        "engine", "linear_kernel", "attention_kernel", "threads", "warning"}
+        "engine", "linear_kernel", "attention_kernel", "kv_cache", "threads", "warning"}
     assert done_record(warm)["stats"]["engine"] == warm.stats.engine  # `ask --json` and the /ask API
     index.close()
