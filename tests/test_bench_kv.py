@@ -15,8 +15,7 @@ import torch
 
 import bench.kv_forms as kv_forms
 import bench.prefill_depth as prefill_depth
-from app.config import Limits, ModelSettings, Settings
-from app.pipeline import Engine
+from app.config import Settings
 from bench.decode import bench_context, kv_bytes_per_token, kv_form_settings, verify_over_decode
 from bench.kv_fill import SEED_SLOTS, filled_cache
 from bench.kv_forms import load_options, parse_kv_dtypes, settings_for
@@ -29,9 +28,8 @@ from bench.peers import (
     speculative_command,
 )
 from decoding.settings import DecodingSettings
-from retrieval.types import RetrievalSettings
-from tests.retrieval_fixtures import HashEmbedder
 from tests.tiny import tiny_model
+from tests.tiny_engine import tiny_engine
 
 DECODING = DecodingSettings(method="lc", max_new_tokens=8, gamma=4, eta=0.0)
 
@@ -215,22 +213,11 @@ def test_parse_llama_bench() -> None:
             parse_llama_bench(text, chunk, depth)
 
 
-def tiny_engine(home: Path) -> Engine:
-    settings = Settings(
-        home=home, models=ModelSettings(target="tiny-target", drafter="tiny-drafter"),
-        retrieval=RetrievalSettings(chunk_tokens=64, budget_min_tokens=150, budget_fraction=0.0),
-        decoding=DECODING, limits=Limits(max_new_tokens=32),
-    )
-    engine = Engine(settings, log=lambda _: None)
-    engine._models["tiny-target"] = tiny_model(1)
-    engine._models["tiny-drafter"] = tiny_model(2, noise_from=1, noise=0.01)
-    engine._embedder = HashEmbedder()  # type: ignore[assignment]
-    return engine
 
 
 def test_decode_bench_runs_every_method_per_kv_form(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     # Two engines stand for two KV forms (both hold bf16 here: the names are what is under test).
-    engines = {"bf16": tiny_engine(tmp_path / "a"), "q8": tiny_engine(tmp_path / "b")}
+    engines = {"bf16": tiny_engine(tmp_path / "a", DECODING), "q8": tiny_engine(tmp_path / "b", DECODING)}
     args = Namespace(runs=1, gamma=DECODING.gamma, no_hf=True, hf_contexts="", peer=None, peer_contexts="",
                      peers="", peer_caches="f16,q8_0", new_tokens=DECODING.max_new_tokens, hf_runs=1)
     entry = bench_context(engines, 600, "What does read.fwf read?", DECODING, ["lc", "rapid"], args, 10.0, tmp_path)

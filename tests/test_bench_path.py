@@ -10,14 +10,12 @@ from pathlib import Path
 import pytest
 
 import app.chunk_kv as chunk_kv
-from app.config import Limits, ModelSettings, Settings
 from app.pipeline import Engine
 from bench.decode import bench_methods, method_variant
 from decoding.settings import DecodingSettings
 from retrieval.index import HybridIndex
-from retrieval.types import RetrievalSettings
-from tests.retrieval_fixtures import HashEmbedder, write
-from tests.tiny import tiny_model
+from tests.retrieval_fixtures import write
+from tests.tiny_engine import tiny_engine
 
 DOCUMENTS = {
     "alpaca.txt": "Alpacas are shorn in spring and their fleece is spun into yarn by the weavers of Cusco.",
@@ -33,16 +31,7 @@ RUNS = 2
 
 @pytest.fixture
 def engine(tmp_path: Path) -> Engine:
-    settings = Settings(
-        home=tmp_path / "home", models=ModelSettings(target="tiny-target", drafter="tiny-drafter"),
-        retrieval=RetrievalSettings(chunk_tokens=64, budget_min_tokens=150, budget_fraction=0.0),
-        decoding=DECODING, limits=Limits(max_new_tokens=32),
-    )
-    engine = Engine(settings, log=lambda _: None)
-    engine._models["tiny-target"] = tiny_model(1)
-    engine._models["tiny-drafter"] = tiny_model(2, noise_from=1, noise=0.01)
-    engine._embedder = HashEmbedder()  # type: ignore[assignment]
-    return engine
+    return tiny_engine(tmp_path / "home", DECODING)
 
 
 @pytest.fixture

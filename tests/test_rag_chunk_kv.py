@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from app.config import RAG_READ_JOINT, Limits, ModelSettings, Settings
+from app.config import RAG_READ_JOINT, Settings
 from app.events import STILL_READING, Done, StillReading
 from app.openai_chunks import Final, completion
 from app.options import add_decoding_options, settings_from_args
@@ -21,24 +21,15 @@ from app.report import done_record, summary_text
 from decoding.generate import generate, run_to_end
 from decoding.settings import DecodingSettings
 from retrieval.index import HybridIndex
-from retrieval.types import RetrievalSettings
-from tests.retrieval_fixtures import HashEmbedder, write
+from tests.retrieval_fixtures import write
 from tests.test_bench_path import DOCUMENTS, QUESTION
-from tests.tiny import tiny_model
+from tests.tiny_engine import tiny_engine
 
 RAG = DecodingSettings(method="rag", max_new_tokens=12, gamma=4, eta=0.0)
 
 
 def make_engine(home: Path, **settings: object) -> Engine:
-    engine = Engine(Settings(
-        home=home, models=ModelSettings(target="tiny-target", drafter="tiny-drafter"),
-        retrieval=RetrievalSettings(chunk_tokens=64, budget_min_tokens=150, budget_fraction=0.0),
-        decoding=RAG, limits=Limits(max_new_tokens=32), **settings,  # type: ignore[arg-type]
-    ), log=lambda _: None)
-    engine._models["tiny-target"] = tiny_model(1)
-    engine._models["tiny-drafter"] = tiny_model(2, noise_from=1, noise=0.01)
-    engine._embedder = HashEmbedder()  # type: ignore[assignment]
-    return engine
+    return tiny_engine(home, RAG, **settings)
 
 
 def add_documents(engine: Engine, tmp_path: Path) -> HybridIndex:
