@@ -15,6 +15,15 @@ from decoding.cache import KVCache
 from decoding.transformer import Rows
 from tests.tiny import tiny_model
 
+# Shapes each other build is checked on: (n_kv, group, head_dim, keys, new tokens)
+OTHER_BUILD_SHAPES = [
+    (2, 6, 128, 4096, 1),  # a decode row over 4K keys (Qwen2.5-1.5B's grouping)
+    (2, 6, 128, 1029, 6),  # a verify block across block boundaries
+    (2, 6, 64, 700, 100),  # a prefill chunk (several calls of up to 64 rows)
+    (4, 1, 128, 513, 3),  # no grouping
+    (1, 8, 256, 40, 5),  # head_dim 256, fewer keys than a step past the new ones
+]
+
 
 @pytest.fixture(scope="module")
 def kernel() -> NativeAttention:
@@ -85,13 +94,7 @@ def test_other_builds_give_the_native_builds_bits(kernel: NativeAttention, tmp_p
         pytest.skip("this machine builds a non-AVX512-BF16 kernel already")
     other = NativeAttention(ctypes.CDLL(str(build_kernel(tmp_path, isa))))
     assert other.isa == isa
-    shapes = [  # (n_kv, group, head_dim, keys, new tokens)
-        (2, 6, 128, 4096, 1),  # a decode row over 4K keys (Qwen2.5-1.5B's grouping)
-        (2, 6, 128, 1029, 6),  # a verify block across block boundaries
-        (2, 6, 64, 700, 100),  # a prefill chunk (several calls of up to 64 rows)
-        (4, 1, 128, 513, 3),  # no grouping
-        (1, 8, 256, 40, 5),  # head_dim 256, fewer keys than a step past the new ones
-    ]
+    shapes = OTHER_BUILD_SHAPES
     for dtype, q_dtype in ((torch.bfloat16, torch.bfloat16), (torch.bfloat16, torch.float32), (torch.float32,) * 2):
         for n_kv, group, head_dim, length, new in shapes:  # fp32 queries give fp32 outputs: every bit shows
             keys, values = cache_slices(n_kv, length, head_dim, dtype, seed=length)
@@ -332,13 +335,7 @@ def test_other_builds_give_the_native_builds_bits_8bit(kernel: NativeAttention, 
     if kernel.isa != "avx512-bf16":
         pytest.skip("this machine builds a non-AVX512 kernel already")
     other = NativeAttention(ctypes.CDLL(str(build_kernel(tmp_path, isa))))
-    shapes = [  # (n_kv, group, head_dim, keys, new tokens)
-        (2, 6, 128, 4096, 1),  # a decode row over 4K keys (Qwen2.5-1.5B's grouping)
-        (2, 6, 128, 1029, 6),  # a verify block across block boundaries
-        (2, 6, 64, 700, 100),  # a prefill chunk (several calls of up to 64 rows)
-        (4, 1, 128, 513, 3),  # no grouping
-        (1, 8, 256, 40, 5),  # head_dim 256, fewer keys than a step past the new ones
-    ]
+    shapes = OTHER_BUILD_SHAPES
     for q_dtype in (torch.bfloat16, torch.float32):  # fp32 queries give fp32 outputs: every bit shows
         for n_kv, group, head_dim, length, new in shapes:
             keys, values = cache_slices(n_kv, length, head_dim, Q8, seed=length)
