@@ -13,6 +13,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
+from app.answer_style import styled_question
 from app.config import RAG_READ_CHUNK_KV, Settings
 from app.conversation import (
     REWRITE_SYSTEM,
@@ -94,10 +95,11 @@ class Answering(Documents):
 
     def conversation_prompts(
         self, question: str, index: HybridIndex, decoding: DecodingSettings, retrieval: RetrievalSettings | None = None,
-        history: Sequence[Turn] = (), query: str | None = None,
+        history: Sequence[Turn] = (), query: str | None = None, style: str | None = None,
     ) -> tuple[Contexts, Prompt, Prompt, tuple[Turn, ...]]:
         """The prompts of a question that may continue a conversation: retrieval searches for `query`
-        (the standalone rewrite) when given; both prompts hold the latest exchanges of `history` that
+        (the standalone rewrite) when given; the prompts ask it in `style` (app.answer_style; default the
+        settings'); both prompts hold the latest exchanges of `history` that
         fit (limits.max_history_tokens, and every reader's window), which are returned.
 
         Every prompt is checked against the window of each model that reads it (ContextTooLongError),
@@ -111,17 +113,18 @@ class Answering(Documents):
             max_long_tokens=target.max_positions - room - PROMPT_OVERHEAD_TOKENS, windows=self.windows(index),
             max_rag_tokens=rag_window - room - PROMPT_OVERHEAD_TOKENS,
         )
-        long_prompt = target.prompt(contexts.long_documents or contexts.long_context, question)
-        rag_prompt = target.prompt(contexts.rag_passages or contexts.rag_context, question)
+        asked = styled_question(question, style or self.settings.answer_style)
+        long_prompt = target.prompt(contexts.long_documents or contexts.long_context, asked)
+        rag_prompt = target.prompt(contexts.rag_passages or contexts.rag_context, asked)
         # The history changes only what follows the documents: the prefixes (and their cached KV) stay.
         alone = len(long_prompt.suffix)
         free = min([m.max_positions - len(long_prompt) for m in long_readers]
                    + [m.max_positions - len(rag_prompt) for m in rag_readers])
         budget = min(self.settings.limits.max_history_tokens, free - room)
-        kept = fit_history(history, lambda turns: len(target.prompt([], question, pairs(turns)).suffix) - alone,
+        kept = fit_history(history, lambda turns: len(target.prompt([], asked, pairs(turns)).suffix) - alone,
                            budget)
         if kept:
-            suffix = target.prompt([], question, pairs(kept)).suffix
+            suffix = target.prompt([], asked, pairs(kept)).suffix
             long_prompt, rag_prompt = replace(long_prompt, suffix=suffix), replace(rag_prompt, suffix=suffix)
         for model in long_readers:
             check_window(model, "The documents and question", len(long_prompt), room)
@@ -166,11 +169,13 @@ class Answering(Documents):
         compare: bool = False,
         retrieval: RetrievalSettings | None = None,
         history: Sequence[Turn] = (),
+        style: str | None = None,
     ) -> Iterator[Event]:
         """Stream one answer: Status, Sources, Token/Progress ..., Done.
 
         compare=True also runs LC on the same input afterwards and reports the measured speedup.
         history: the conversation's earlier exchanges, oldest first (the question is a follow-up).
+        style: how the answer is asked to be shaped (app.answer_style); None: the settings'.
         Raises QuestionError, retrieval errors (EmptyIndexError, ContextTooLongError) before any token.
         Closing the generator stops the answer's work at its next pass.
         """
@@ -183,7 +188,7 @@ class Answering(Documents):
             query = self.standalone_question(question, history) or question
         yield Status("Retrieving passages")
         contexts, long_prompt, rag_prompt, kept = self.conversation_prompts(
-            question, index, decoding, retrieval, history, query)
+            question, index, decoding, retrieval, history, query, style)
         follow_up = FollowUp(query, len(kept), len(history) - len(kept)) if query is not None else None
         yield Sources(contexts.citations, contexts.reading, follow_up)
         asked = Question(received, index, decoding, contexts, long_prompt, rag_prompt, follow_up, compare)

@@ -6,6 +6,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from app.answer_style import BRIEF, check_style
 from decoding.settings import DecodingSettings
 from retrieval.types import RetrievalSettings
 
@@ -90,8 +91,12 @@ class Settings:
     # CPU, the model's dtype elsewhere; "q8" / "bf16" explicit (bf16: the unquantized cache, in the
     # model's dtype). Cached prefixes and chunk KV are kept per form.
     kv_dtype: str = "auto"
+    # How answers are asked to be shaped (app.answer_style): "brief", or "lead" (the answer's first
+    # sentence, then one of support).
+    answer_style: str = BRIEF
 
     def __post_init__(self) -> None:
+        check_style(self.answer_style)
         if self.rag_read not in RAG_READS:
             raise ValueError(f"rag_read {self.rag_read!r}: choose one of {', '.join(RAG_READS)}")
 

@@ -14,6 +14,7 @@ from app.conversation import Turn
 from app.events import Done
 from decoding.settings import DecodingSettings
 from retrieval.index import HybridIndex
+from retrieval.types import RetrievalSettings
 
 
 class Engine(Answering):
@@ -21,7 +22,9 @@ class Engine(Answering):
 
 
 def answer_once(engine: Engine, question: str, index: HybridIndex, decoding: DecodingSettings | None = None,
-                compare: bool = False, history: Sequence[Turn] = ()) -> Done:
+                compare: bool = False, history: Sequence[Turn] = (), retrieval: RetrievalSettings | None = None,
+                style: str | None = None) -> Done:
     """Run answer() to the end and return its Done event (eval, bench and tests)."""
-    done = [e for e in engine.answer(question, index, decoding, compare, history=history) if isinstance(e, Done)]
+    done = [e for e in engine.answer(question, index, decoding, compare, retrieval, history, style)
+            if isinstance(e, Done)]
     return done[-1]

@@ -108,6 +108,21 @@ def test_method_runs_reject_unknown_methods_and_orphan_sweeps() -> None:
         method_runs(["lc", "sd"], DecodingSettings(), eta_sweep=[5])
 
 
+def test_method_runs_take_each_rows_own_eta_gamma_budget_and_style() -> None:
+    runs = method_runs(["lc", "rag:budget=1024", "rapid-self:eta=2:style=lead", "lc:style=lead", "sd:gamma=3",
+                        "rapid"], DecodingSettings(gamma=5), eta_sweep=[0, 2])
+    assert [r.label for r in runs] == ["lc", "rag(budget=1024)", "rapid-self(eta=2,gamma=5,style=lead)",
+                                       "lc(style=lead)", "sd", "rapid(eta=0,gamma=5)", "rapid(eta=2,gamma=5)"]
+    assert (runs[1].budget, runs[1].style) == (1024, None) and (runs[2].budget, runs[2].style) == (None, "lead")
+    assert runs[2].decoding.eta == 2 and runs[3].decoding.method == "lc" and runs[4].decoding.gamma == 3
+    assert runs[0].style is None and runs[0].budget is None  # plain LC stays the baseline
+    for bad, message in (("rag:eta=2", "eta does not apply"), ("rapid:style=terse", "answer style"),
+                         ("rapid:size=3", "options are"), ("rag:budget=0", "at least 1"),
+                         ("rapid:eta=x", "rapid:")):
+        with pytest.raises(CliError, match=message):
+            method_runs(["lc", bad], DecodingSettings())
+
+
 def _row(method: str, position: str, contains: bool, tok_s: float | None, speedup: float | None,
          accepted: int = 0, drafted: int = 0, generated: int = 10, passes: int = 10) -> dict:
     return {"method": method, "position": position, "exact_match": False, "f1": 0.5, "contains": contains,
@@ -299,8 +314,8 @@ def test_eval_fails_naming_the_questions_whose_answer_differs_from_lc(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
     real = runner.answer_once
 
-    def one_wrong(engine, question, index, decoding):  # type: ignore[no-untyped-def]
-        done = real(engine, question, index, decoding)
+    def one_wrong(engine, question, index, decoding, **options):  # type: ignore[no-untyped-def]
+        done = real(engine, question, index, decoding, **options)
         if decoding.method == "rapid" and question.startswith("What do bees"):  # q2's rapid answer: a bug
             done.token_ids[-1] ^= 1
         return done
@@ -315,3 +330,31 @@ def test_eval_fails_naming_the_questions_whose_answer_differs_from_lc(
     captured = capsys.readouterr()
     assert "1/2" in captured.out
     assert "q2 rapid(eta=0,gamma=4)" in captured.err and "q1" not in captured.err
+
+
+@pytest.mark.timeout(600)
+def test_eval_rows_ask_in_their_own_style_and_equal_lc_in_that_style(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A styled row's prompt carries the instruction after the question; its eta = 0 answer must equal
+    LC's in the same style, and the budget reaches retrieval exactly."""
+    asked, prefixes = [], []
+    real = runner.answer_once
+
+    def recording(engine, question, index, decoding, **options):  # type: ignore[no-untyped-def]
+        done = real(engine, question, index, decoding, **options)
+        contexts, long_prompt, _, _ = engine.conversation_prompts(
+            question, index, decoding, options["retrieval"], style=options["style"])
+        asked.append((options["style"], engine.target.decode(long_prompt.suffix), contexts.rag_tokens))
+        prefixes.append(tuple(long_prompt.prefix))
+        return done
+
+    monkeypatch.setattr(runner, "answer_once", recording)
+    results = _tiny_eval(tmp_path, ["lc", "lc:style=lead", "rapid:style=lead", "rag:budget=70"])
+    by_method = {s["method"]: s for s in results["summary"]}
+    assert by_method["rapid(eta=0,gamma=4,style=lead)"]["equals_lc"] == [2, 2]
+    instruction = "one sentence of support"
+    assert [instruction in suffix for style, suffix, _ in asked if style != "lead"] == [False] * 4
+    assert [instruction in suffix for style, suffix, _ in asked if style == "lead"] == [True] * 4
+    assert len(set(prefixes[:4])) == 1 and len(set(prefixes[4:])) == 1  # the documents' cached KV serves every style
+    default_budget, small_budget = [tokens for _, _, tokens in asked[0::4]], [tokens for _, _, tokens in asked[3::4]]
+    assert all(small < default for small, default in zip(small_budget, default_budget, strict=True))

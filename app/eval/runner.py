@@ -17,6 +17,7 @@ from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
+from app.answer_style import check_style
 from app.config import Settings
 from app.errors import CliError
 from app.eval.exactness import exactness_row
@@ -105,27 +106,67 @@ def check_sources(items: list[QAItem], documents: Sequence[str]) -> None:
 # ------------------------------------------------------------------------------------- method rows
 
 
+ROW_OPTIONS = ("eta", "gamma", "budget", "style")
+
+
+def parse_row(spec: str) -> tuple[str, dict[str, str]]:
+    """"rapid-self:eta=2:style=lead" -> ("rapid-self", {"eta": "2", "style": "lead"})."""
+    method, *options = [part.strip() for part in spec.split(":")]
+    values: dict[str, str] = {}
+    for option in options:
+        key, sep, value = option.partition("=")
+        if not sep or key not in ROW_OPTIONS or not value:
+            raise CliError(f"{spec!r}: a row's options are {', '.join(k + '=VALUE' for k in ROW_OPTIONS)} "
+                           "after the method, each after a colon")
+        values[key] = value
+    if method not in METHODS:
+        raise CliError(f"unknown method(s) {method}; choose from {', '.join(METHODS)}")
+    return method, values
+
+
 def method_runs(methods: Sequence[str], base: DecodingSettings, eta_sweep: Sequence[float] | None = None,
                 gamma_sweep: Sequence[int] | None = None) -> list[MethodRun]:
-    """LC first, then the other methods in the order given; rapid (eta applies) expands over eta x gamma."""
-    unknown = [m for m in methods if m not in METHODS]
+    """LC first, then the rows in the order given. A row is a method, optionally with its own
+    eta, gamma, passage budget or answer style ("rapid-self:eta=2:style=lead"); a rapid method
+    without its own eta and gamma expands over the sweeps. "lc" with options is a row of its own:
+    the first row, plain LC, stays every row's baseline."""
+    unknown = [m for m in methods if m.split(":")[0].strip() not in METHODS]
     if unknown:
         raise CliError(f"unknown method(s) {', '.join(unknown)}; choose from {', '.join(METHODS)}")
-    swept = [m for m in methods if METHODS[m].eta_applies]
+    rows = [parse_row(spec) for spec in dict.fromkeys(methods)]
+    swept = [method for method, options in rows if METHODS[method].eta_applies]
     if (eta_sweep or gamma_sweep) and not swept:
         raise CliError("--eta-sweep and --gamma-sweep vary rapid: add rapid to --methods")
     runs = [MethodRun(BASELINE, replace(base, method=BASELINE))]
-    for method in dict.fromkeys(methods):
-        if method == BASELINE:
+    for method, options in rows:
+        if method == BASELINE and not options:
             continue
-        if method not in swept:
-            runs.append(MethodRun(method, replace(base, method=method)))
+        info = METHODS[method]
+        for key, applies in (("eta", info.eta_applies), ("gamma", info.speculative)):
+            if key in options and not applies:
+                raise CliError(f"{method}: {key} does not apply to it")
+        try:
+            budget = int(options["budget"]) if "budget" in options else None  # tokens of passages
+            style = options.get("style")
+            if style is not None:
+                check_style(style)
+            etas = [float(options["eta"])] if "eta" in options else (eta_sweep or [base.eta])
+            gammas = [int(options["gamma"])] if "gamma" in options else (gamma_sweep or [base.gamma])
+        except ValueError as error:
+            raise CliError(f"{method}: {error}") from None
+        if budget is not None and budget < 1:
+            raise CliError(f"{method}: budget must be at least 1 token")
+        extra = [f"budget={budget}"] * (budget is not None) + [f"style={style}"] * (style is not None)
+        if not info.eta_applies:
+            label = f"{method}({','.join(extra)})" if extra else method
+            decoding = replace(base, method=method, gamma=int(options.get("gamma", base.gamma)))
+            runs.append(MethodRun(label, decoding, budget, style))
             continue
-        for eta in eta_sweep or [base.eta]:
-            for gamma in gamma_sweep or [base.gamma]:
+        for eta in etas:
+            for gamma in gammas:
                 decoding = replace(base, method=method, eta=float(eta), gamma=int(gamma))
-                suffix = ",lookup" if decoding.lookup_in_rapid else ""
-                runs.append(MethodRun(f"{method}(eta={_number(eta)},gamma={gamma}{suffix})", decoding))
+                parts = [f"eta={_number(eta)}", f"gamma={gamma}", *(["lookup"] * decoding.lookup_in_rapid), *extra]
+                runs.append(MethodRun(f"{method}({','.join(parts)})", decoding, budget, style))
     for run in runs:
         run.decoding.validate()
     return runs
@@ -163,8 +204,9 @@ def parser() -> argparse.ArgumentParser:
                    "page} per line")
     p.add_argument("--report", type=Path, metavar="RESULTS_JSON",
                    help="only re-draw the table and plot of a finished (or interrupted) run from its results.json")
-    p.add_argument("--methods", default=DEFAULT_METHODS, help=f"comma-separated (default {DEFAULT_METHODS}); "
-                   "lc always runs, first")
+    p.add_argument("--methods", default=DEFAULT_METHODS, help=f"comma-separated rows (default {DEFAULT_METHODS}); "
+                   "lc always runs, first. A row may set its own eta, gamma, passage budget (tokens) or answer "
+                   "style (brief, lead) after colons: rapid-self:eta=2:budget=1024:style=lead")
     p.add_argument("--split", choices=SPLITS,
                    help="only the questions of this half of the set (their \"split\" field): "
                         "tune to choose settings on, report to report them on")
@@ -310,15 +352,20 @@ def run_eval(
     for number, item in enumerate(items, 1):
         lc_tokens_per_s: float | None = None
         lc_answer_s: float | None = None
-        lc_tokens: list[int] | None = None
+        lc_tokens: dict[str | None, list[int]] = {}  # per answer style: what eta = 0 rows must equal
         for run in runs:
-            done = answer_once(engine, item.question, index, run.decoding)
-            if run.decoding.method == BASELINE:
+            # budget=N is the passages' budget itself, not a floor under the corpus's share.
+            retrieval = (replace(settings.retrieval, budget_min_tokens=run.budget, budget_fraction=0.0)
+                         if run.budget else None)
+            done = answer_once(engine, item.question, index, run.decoding, retrieval=retrieval, style=run.style)
+            if run is runs[0]:
                 lc_tokens_per_s, lc_answer_s = done.stats.decode_tokens_per_s, done.stats.answer_s
-                lc_tokens = done.token_ids
+            if run.decoding.method == BASELINE:
+                lc_tokens.setdefault(run.style, done.token_ids)
             row = score_row(item, run, done.answer, done.stats, lc_tokens_per_s, lc_answer_s)
             row |= evidence_row(item, done)
-            row |= exactness_row(run.decoding, done.token_ids, lc_tokens)
+            # Asked in another style, the question is another prompt: its reference is LC in that style.
+            row |= exactness_row(run.decoding, done.token_ids, lc_tokens.get(run.style))
             rows.append(row)
             log(f"[{number}/{len(items)} {item.id}] {run.label}: "
                 f"{figure(row['decode_tokens_per_s'], '.2f')} tok/s, "

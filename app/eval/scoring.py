@@ -120,6 +120,8 @@ def score_row(item: QAItem, run: MethodRun, answer: str, stats: Stats, lc_tokens
         "base_method": run.decoding.method,
         "eta": run.decoding.eta if method.eta_applies else None,
         "gamma": run.decoding.gamma if method.speculative else None,
+        "budget": run.budget,
+        "style": run.style,
         "answer": answer,
         "answers": item.answers,
         "exact_match": exact_match(answer, item.answers),
@@ -188,7 +190,7 @@ def summarize(rows: list[dict], labels: Sequence[str]) -> list[dict]:
 
 
 def context_summary(rows: list[dict]) -> dict:
-    long = [r["context_tokens"] for r in rows if r["base_method"] == BASELINE]
+    long = [r["context_tokens"] for r in rows if r["method"] == BASELINE]
     # The drafter's context is the retrieved passages only where the drafter model reads them (RAPID).
     draft = [r["draft_context_tokens"] for r in rows if METHODS[r["base_method"]].drafting is Drafting.RAG_MODEL]
     return {

@@ -26,3 +26,5 @@ class MethodRun:
 
     label: str
     decoding: DecodingSettings
+    budget: int | None = None  # the retrieved passages' token budget; None: the settings' rule
+    style: str | None = None  # app.answer_style; None: the settings'
