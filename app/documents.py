@@ -150,8 +150,11 @@ class Documents(Models):
     def encode_passages(self, store: ChunkKV, todo: Sequence[Passage], ticket: Ticket, emit: Emit) -> float:
         """Encode passages into the store with progress; returns the seconds spent."""
         key = f"chunks:{store.store.directory}"
+        # rag and rapid-self read the target's own chunk KV; when the target drafts for itself it is both.
+        models = self.settings.models
+        reader = "Drafter" if store.model is not self.target.model or models.drafter == models.target else "Target"
         # Each passage is read after the same header: its cost does not grow with the job's progress.
-        job = self._start_job(key, "Drafter reading passages", sum(len(p.tokens) for p in todo), depth=None)
+        job = self._start_job(key, f"{reader} reading passages", sum(len(p.tokens) for p in todo), depth=None)
         try:
             return store.build(todo, lambda done, total: emit(job.update(done, total)), ticket.run)
         finally:

@@ -81,4 +81,4 @@ def test_ask_answers_from_a_real_pdf_with_the_default_pair(tmp_path: Path, large
     result = json.loads(best.stdout)
     assert "read.fwf" in result["answer"]
     assert result["stats"]["method"] == QUALITY.method and result["stats"]["drafted"] > 0
-    assert "Drafter reading passages" in best.stderr  # the on-demand chunk KV shows progress
+    assert "Target reading passages" in best.stderr  # the on-demand chunk KV shows progress

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from app.config import RAG_READ_JOINT, Settings
-from app.events import STILL_READING, Done, StillReading
+from app.events import STILL_READING, Done, Preparing, StillReading
 from app.openai_chunks import Final, completion
 from app.options import add_decoding_options, settings_from_args
 from app.pipeline import Engine, answer_once
@@ -60,8 +60,11 @@ def test_rag_reads_the_targets_chunk_kv_and_prefills_only_the_question(engine: E
     passages = store.prompt_passages(rag_prompt, contexts.rag_chunk_ids)
     assert store.missing(passages) == passages  # nothing built before the first question (lazy)
 
-    done = answer_once(engine, QUESTION, index, RAG)
-    assert done.stats.method == "rag" and not done.still_reading
+    events = list(engine.answer(QUESTION, index, RAG))
+    done = events[-1]
+    assert isinstance(done, Done) and done.stats.method == "rag" and not done.still_reading
+    # Its progress names the model that reads the passages.
+    assert {e.what for e in events if isinstance(e, Preparing)} == {"Target reading passages"}
     assert done.stats.prefix_cached_tokens == len(rag_prompt.prefix)  # only the question was prefilled
     assert store.missing(passages) == []  # built by that question, stored for the next
     # Exactly the tokens of the target on the assembled chunk KV.
