@@ -358,3 +358,24 @@ def test_eval_rows_ask_in_their_own_style_and_equal_lc_in_that_style(
     assert len(set(prefixes[:4])) == 1 and len(set(prefixes[4:])) == 1  # the documents' cached KV serves every style
     default_budget, small_budget = [tokens for _, _, tokens in asked[0::4]], [tokens for _, _, tokens in asked[3::4]]
     assert all(small < default for small, default in zip(small_budget, default_budget, strict=True))
+
+
+@pytest.mark.timeout(600)
+def test_report_beside_joins_another_runs_rows_paired_against_this_runs_lc(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from app.eval.reporting import report, write_json
+
+    first, second = _tiny_eval(tmp_path / "a", ["lc", "rag"]), _tiny_eval(tmp_path / "b", ["lc", "rapid"])
+    second["models"] = dict(second["models"], target="other-target")
+    write_json(first, tmp_path / "a.json")
+    write_json(second, tmp_path / "b.json")
+    assert report(tmp_path / "a.json", [tmp_path / "b.json"], tmp_path / "merged") == 0
+    merged = json.loads((tmp_path / "merged" / "results.json").read_text())
+    assert merged["methods"] == ["lc", "rag", "other-target lc", "other-target rapid(eta=0,gamma=4)"]
+    paired = {r["method"]: r for r in merged["intervals"]}
+    assert paired["other-target rapid(eta=0,gamma=4)"]["vs_lc"]["n"] == 2 and paired["other-target lc"]["vs_lc"]
+    assert "beside: other-target" in capsys.readouterr().out
+    second["questions"] = second["questions"][:1]
+    write_json(second, tmp_path / "b.json")
+    with pytest.raises(CliError, match="other questions"):
+        report(tmp_path / "a.json", [tmp_path / "b.json"], tmp_path / "merged")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 
 from app.engine_label import engine_label
@@ -33,6 +34,9 @@ def format_table(results: dict) -> str:
         f"max_new_tokens {results['decoding']['max_new_tokens']}; "
         f"speedup = median over questions of decode tok/s / LC decode tok/s on the same question; "
         f"answer s = median seconds from question to last token, e2e speedup = LC's over the method's",
+        *(f"beside: {run['models']['target']} (drafter {run['models']['drafter']}) rows from {run['results']}; "
+          "their speedups against that run's LC, their paired differences against this run's LC"
+          for run in results.get("beside", [])),
     ]
     columns = ["method", "EM", "F1", "contains", "lead", "b/m/e", "len", "tok/s", "accept", "MAL", "prefill s",
                "speedup", "1st tok s", "2nd tok s", "answer s", "e2e speedup", "= LC"]
@@ -111,15 +115,46 @@ def write_json(results: dict, path: Path) -> None:
     partial.replace(path)  # a run interrupted mid-write still leaves the last complete file
 
 
-def report(results_json: Path) -> int:
-    """Summary, table and plot again from the rows a run saved (they hold every measurement)."""
+def load_results(results_json: Path) -> dict:
     try:
         results = json.loads(results_json.read_text())
         results["summary"] = summarize(results["rows"], results["methods"])
     except (OSError, ValueError, KeyError) as error:
         raise CliError(f"{results_json} is not an ask eval results.json ({error})") from error
-    write_json(results, results_json)
-    return write_report(results, results_json.parent)
+    return results
+
+
+def report(results_json: Path, beside: Sequence[Path] = (), out: Path | None = None) -> int:
+    """Summary, table and plot again from the rows a run saved (they hold every measurement).
+
+    beside: other runs on the same questions (another target's, such as upward speculation): their
+    rows join the table, each method named after its run's target, paired against this run's LC.
+    The merged report goes to `out` (default: beside/ in this run's folder)."""
+    results = load_results(results_json)
+    if not beside:
+        write_json(results, results_json)
+        return write_report(results, results_json.parent)
+    for path in beside:
+        results = with_rows_of(results, load_results(path), path)
+    out = out or results_json.parent / "beside"
+    out.mkdir(parents=True, exist_ok=True)
+    return write_report(results, out)
+
+
+def with_rows_of(results: dict, other: dict, path: Path) -> dict:
+    """`results` with `other`'s rows added, each method prefixed by other's target (its speedups stay
+    against its own LC). Both runs must have answered the same questions."""
+    ids, others = {q["id"] for q in results["questions"]}, {q["id"] for q in other["questions"]}
+    if ids != others:
+        raise CliError(f"{path} answered other questions than the run it should join "
+                       f"({len(others - ids)} not in it, {len(ids - others)} missing)")
+    prefix = f"{other['models']['target']} "
+    rows = [dict(row, method=prefix + row["method"]) for row in other["rows"]]
+    methods = [*results["methods"], *(prefix + method for method in other["methods"])]
+    merged = dict(results, rows=results["rows"] + rows, methods=methods,
+                  beside=[*results.get("beside", []), {"results": str(path), "models": other["models"]}])
+    merged["summary"] = summarize(merged["rows"], methods)
+    return merged
 
 
 def write_report(results: dict, out: Path) -> int:

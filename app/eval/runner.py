@@ -204,6 +204,9 @@ def parser() -> argparse.ArgumentParser:
                    "page} per line")
     p.add_argument("--report", type=Path, metavar="RESULTS_JSON",
                    help="only re-draw the table and plot of a finished (or interrupted) run from its results.json")
+    p.add_argument("--beside", type=Path, nargs="+", metavar="RESULTS_JSON",
+                   help="with --report: other runs on the same questions (another target's, e.g. upward "
+                        "speculation) join the table, paired against the first run's LC (written to --out)")
     p.add_argument("--methods", default=DEFAULT_METHODS, help=f"comma-separated rows (default {DEFAULT_METHODS}); "
                    "lc always runs, first. A row may set its own eta, gamma, passage budget (tokens) or answer "
                    "style (brief, lead) after colons: rapid-self:eta=2:budget=1024:style=lead")
@@ -234,7 +237,9 @@ def parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str]) -> int:
     args = parser().parse_args(argv)
     if args.report is not None:
-        return report(args.report)
+        return report(args.report, args.beside or (), args.out)
+    if args.beside:
+        raise CliError("--beside joins finished runs: give it with --report")
     if args.conversations is not None:
         return conversations_main(args)
     if args.questions is None:
