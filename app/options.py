@@ -15,6 +15,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from app.answer_style import STYLES
 from app.config import RAG_READ_CHUNK_KV, RAG_READ_JOINT, RAG_READS, Settings
 from app.errors import CliError
 from app.presets import QUALITY
@@ -72,6 +73,9 @@ def add_decoding_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--lookup", action="store_true",
                        help="RAPID: try free n-gram lookup drafts from the retrieved context first")
     add_rag_read_option(group)
+    group.add_argument("--answer-style", choices=list(STYLES),
+                       help="how the answer is asked to be shaped: brief (default) or lead (the answer in the "
+                       "first sentence, then one sentence of support); an instruction after the question")
 
 
 def add_rag_read_option(parser: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
@@ -131,8 +135,9 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
     kv_dir = getattr(args, "kv_dir", None) or settings.kv_dir
     rag_read = getattr(args, "rag_read", None) or settings.rag_read
     kv_dtype = getattr(args, "kv_dtype", None) or settings.kv_dtype
+    answer_style = getattr(args, "answer_style", None) or settings.answer_style
     return replace(settings, models=models, decoding=decoding, retrieval=retrieval, kv_dir=kv_dir, rag_read=rag_read,
-                   kv_dtype=kv_dtype)
+                   kv_dtype=kv_dtype, answer_style=answer_style)
 
 
 def log(message: str) -> None:

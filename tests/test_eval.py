@@ -379,3 +379,16 @@ def test_report_beside_joins_another_runs_rows_paired_against_this_runs_lc(
     write_json(second, tmp_path / "b.json")
     with pytest.raises(CliError, match="other questions"):
         report(tmp_path / "a.json", [tmp_path / "b.json"], tmp_path / "merged")
+
+
+def test_the_answer_style_is_an_option_with_named_choices() -> None:
+    import argparse
+
+    from app.options import add_decoding_options, settings_from_args
+
+    parser = argparse.ArgumentParser()
+    add_decoding_options(parser)
+    assert settings_from_args(parser.parse_args([])).answer_style == "brief"
+    assert settings_from_args(parser.parse_args(["--answer-style", "lead"])).answer_style == "lead"
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--answer-style", "terse"])
