@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 from app.answer_style import STYLES
 from app.config import RAG_READ_CHUNK_KV, RAG_READ_JOINT, RAG_READS, Settings
 from app.errors import CliError
-from app.presets import QUALITY
+from app.presets import FAST, PRESETS
 from decoding.methods import METHODS
 
 if TYPE_CHECKING:
@@ -60,9 +60,9 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
 
 def add_decoding_options(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("decoding")
-    group.add_argument("--quality", action="store_true",
-                       help=f"quality mode: {QUALITY.method} with eta {QUALITY.eta:g} (the target also drafts from the "
-                       "retrieved passages); --method, --eta and --gamma still override it")
+    modes = "; ".join(f"{p.name}: {p.method} with eta {p.eta:g}" for p in PRESETS.values())
+    group.add_argument("--mode", choices=list(PRESETS),
+                       help=f"answer mode: {modes} (default {FAST.name}); --method, --eta and --gamma override it")
     group.add_argument("--method", choices=list(METHODS), help="decoding method (default rapid)")
     group.add_argument("--max-new-tokens", type=int, help="answer length limit in tokens (default 128)")
     group.add_argument("--temperature", type=float, help="0 = greedy (default); > 0 samples")
@@ -121,8 +121,8 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
         if getattr(args, field, None):
             models = replace(models, **{field: getattr(args, field)})
     decoding = settings.decoding
-    if getattr(args, "quality", False):
-        decoding = QUALITY.apply(decoding)
+    if getattr(args, "mode", None):
+        decoding = PRESETS[args.mode].apply(decoding)
     for field in ("method", "max_new_tokens", "temperature", "top_p", "seed", "gamma", "eta"):
         value = getattr(args, field, None)
         if value is not None:

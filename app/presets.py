@@ -1,7 +1,8 @@
-"""The answer modes offered by name in the CLI (--quality) and the UI, chosen from `ask eval` tables.
+"""The answer modes offered by name (`--mode`, the UI's "Answer mode", the API's model names).
 
-README "Answer quality" holds the measurements each choice rests on; the method, eta and gamma here
-are the product's defaults, and every one of them can still be set by hand.
+Each is chosen on the tune half of `data/qaset.jsonl` and reported on the report half (README
+"Answer quality"); the method, eta and gamma here are the product's defaults, and every one of
+them can still be set by hand.
 """
 
 from __future__ import annotations
@@ -23,11 +24,15 @@ class Preset:
         return replace(decoding, method=self.method, eta=self.eta, gamma=self.gamma)
 
 
-# Exact: eta = 0 returns LC's tokens, decoded faster; with the 0.5B drafter eta > 0 cost quality.
+# Exact: eta = 0 returns LC's tokens, decoded faster.
 FAST = Preset("fast", "Fast: the long-context answer, exactly, sooner", "rapid", 0.0, 5)
-# The target as its own RAG drafter at the eta that scored best of the RAPID settings measured on
-# the 36-question set (above LC on contains, lead and F1; below RAG, which reads only the passages
-# and answers several times slower); level with LC on contains on the big-corpus set. Not yet above
-# both: README "Chunk KV read after the header".
-QUALITY = Preset("quality", "Quality: the target also weighs the retrieved passages (slower)", "rapid-self", 2.0, 5)
-PRESETS: dict[str, Preset] = {p.name: p for p in (FAST, QUALITY)}
+# The target drafts for itself from the retrieved passages and leans its answer towards them. Of
+# the settings swept on the tune half (`ask eval --docs TUNE --questions data/qaset.jsonl --split
+# tune --methods lc,rag,rapid,rapid-self --eta-sweep 1,2,4`, then rapid-self at eta 8 and 16, the
+# "lead" answer style and passage budgets of 1024 and 4096; 2026-12-06, commit 85715fd, 148
+# questions), eta 4 scored highest on contains and lead (+0.03 and +0.04 over LC, paired intervals
+# including 0); on the report half it was not shown better than Fast either (README), so it is
+# named for what it does, not for a gain.
+PASSAGES = Preset("passages", "Passages: the target also weighs the retrieved passages (slower)", "rapid-self",
+                  4.0, 5)
+PRESETS: dict[str, Preset] = {p.name: p for p in (FAST, PASSAGES)}

@@ -65,7 +65,7 @@ def ask(question: str = "What version?", **extra: Any) -> dict[str, Any]:
 def test_models_lists_the_answer_modes(api: tuple[ScriptedEngine, str]) -> None:
     _, url = api
     names = [m.id for m in openai_client(url).models.list()]
-    assert names == ["rapidqa", "rapidqa-fast", "rapidqa-quality"]
+    assert names == ["rapidqa", "rapidqa-fast", "rapidqa-passages"]
 
 
 def test_openai_client_without_streaming_gets_answer_and_sources(api: tuple[ScriptedEngine, str]) -> None:
@@ -85,7 +85,7 @@ def test_openai_client_without_streaming_gets_answer_and_sources(api: tuple[Scri
 def test_openai_client_streams_answer_then_sources(api: tuple[ScriptedEngine, str]) -> None:
     _, url = api
     stream = openai_client(url).chat.completions.create(
-        model="rapidqa-quality", messages=[{"role": "user", "content": "What version?"}], stream=True,
+        model="rapidqa-passages", messages=[{"role": "user", "content": "What version?"}], stream=True,
         stream_options={"include_usage": True})
     chunks = list(stream)
     text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
@@ -94,7 +94,7 @@ def test_openai_client_streams_answer_then_sources(api: tuple[ScriptedEngine, st
     assert len(finals) == 1 and finals[0].choices[0].finish_reason == "stop"
     extension = finals[0].to_dict()["rapidqa"]
     assert extension["sources"][0]["excerpt"].startswith("This manual is for R")
-    assert extension["stats"]["method"] == "rapid-self"  # the quality mode's method
+    assert extension["stats"]["method"] == "rapid-self"  # the passages mode's method
     assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 6
 
 
@@ -202,7 +202,7 @@ def test_openai_client_sees_the_refusal(api: tuple[ScriptedEngine, str]) -> None
     _, url = api
     with pytest.raises(openai.BadRequestError, match="n=1"):
         openai_client(url).chat.completions.create(model="rapidqa", messages=ask()["messages"], n=2)
-    with pytest.raises(openai.NotFoundError, match="rapidqa-quality"):
+    with pytest.raises(openai.NotFoundError, match="rapidqa-passages"):
         openai_client(url).chat.completions.create(model="gpt-4o", messages=ask()["messages"])
 
 

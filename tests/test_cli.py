@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from app.presets import QUALITY
+from app.presets import PASSAGES
 from tests.conftest import real_models_dir
 from tests.docs import pdf_excerpt
 
@@ -73,12 +73,12 @@ def test_ask_answers_from_a_real_pdf_with_the_default_pair(tmp_path: Path, large
     assert "acceptance rate" in again.stdout and "tokens/s" in again.stdout
     assert "from the prefix cache" in again.stdout
 
-    # The quality mode: the target drafts for itself from its retrieved passages (their chunk
+    # The passages mode: the target drafts for itself from its retrieved passages (their chunk
     # KV built now: ingest builds only the default drafter's), eta > 0.
-    best = ask(DEMO_QUESTION, "--index", str(index), "--max-new-tokens", "48", "--quality", "--json",
+    best = ask(DEMO_QUESTION, "--index", str(index), "--max-new-tokens", "48", "--mode", "passages", "--json",
                home=tmp_path / "home")
     assert best.returncode == 0, best.stderr
     result = json.loads(best.stdout)
     assert "read.fwf" in result["answer"]
-    assert result["stats"]["method"] == QUALITY.method and result["stats"]["drafted"] > 0
+    assert result["stats"]["method"] == PASSAGES.method and result["stats"]["drafted"] > 0
     assert "Target reading passages" in best.stderr  # the on-demand chunk KV shows progress

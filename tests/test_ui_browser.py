@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 import pytest
 
 from app.events import Preparing
-from app.presets import FAST, QUALITY
+from app.presets import FAST, PASSAGES
 from tests.ui_helpers import (
     ARTIFACTS,
     EXPECTED,
@@ -160,12 +160,12 @@ def test_delete_and_errors_without_models(tmp_path: Path) -> None:
         expect(chat).to_contain_text("Something went wrong on the server", timeout=30_000)
         expect(chat).not_to_contain_text("secret internal detail")
 
-        # The quality mode sets the method and its knobs; the next question is asked with them.
-        page.get_by_label(QUALITY.label).check()
+        # The passages mode sets the method and its knobs; the next question is asked with them.
+        page.get_by_label(PASSAGES.label).check()
         ask(page, "Which version, carefully?")
         expect(stats).to_contain_text("Answer complete", timeout=30_000)
         decoding = engine.questions[-1][1]
-        assert (decoding.method, decoding.eta, decoding.gamma) == (QUALITY.method, QUALITY.eta, QUALITY.gamma)
+        assert (decoding.method, decoding.eta, decoding.gamma) == (PASSAGES.method, PASSAGES.eta, PASSAGES.gamma)
         page.get_by_label(FAST.label).check()
 
         page.locator("#compare input[type=checkbox]").check()
