@@ -25,6 +25,6 @@ def answer_once(engine: Engine, question: str, index: HybridIndex, decoding: Dec
                 compare: bool = False, history: Sequence[Turn] = (), retrieval: RetrievalSettings | None = None,
                 style: str | None = None) -> Done:
     """Run answer() to the end and return its Done event (eval, bench and tests)."""
-    done = [e for e in engine.answer(question, index, decoding, compare, retrieval, history, style)
+    done = [e for e in engine.answer(question, index, decoding, compare, retrieval, history=history, style=style)
             if isinstance(e, Done)]
     return done[-1]

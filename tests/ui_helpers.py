@@ -191,7 +191,7 @@ class ScriptedEngine:
 
     def answer(self, question: str, index: HybridIndex, decoding: DecodingSettings | None = None,
                compare: bool = False, retrieval: RetrievalSettings | None = None,
-               history: Sequence[Turn] = ()) -> Iterator[Event]:
+               history: Sequence[Turn] = (), style: str | None = None) -> Iterator[Event]:
         decoding = decoding or self.settings.decoding
         self.histories.append(tuple(history))
         if not question.strip():
