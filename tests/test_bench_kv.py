@@ -213,8 +213,6 @@ def test_parse_llama_bench() -> None:
             parse_llama_bench(text, chunk, depth)
 
 
-
-
 def test_decode_bench_runs_every_method_per_kv_form(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     # Two engines stand for two KV forms (both hold bf16 here: the names are what is under test).
     engines = {"bf16": tiny_engine(tmp_path / "a", DECODING), "q8": tiny_engine(tmp_path / "b", DECODING)}

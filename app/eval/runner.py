@@ -110,7 +110,7 @@ ROW_OPTIONS = ("eta", "gamma", "budget", "style")
 
 
 def parse_row(spec: str) -> tuple[str, dict[str, str]]:
-    """"rapid-self:eta=2:style=lead" -> ("rapid-self", {"eta": "2", "style": "lead"})."""
+    """"rapid-self:eta=2:style=lead" -> ("rapid-self", {"eta": "2", "style": "lead"}); method_runs checks the method."""
     method, *options = [part.strip() for part in spec.split(":")]
     values: dict[str, str] = {}
     for option in options:
@@ -119,8 +119,6 @@ def parse_row(spec: str) -> tuple[str, dict[str, str]]:
             raise CliError(f"{spec!r}: a row's options are {', '.join(k + '=VALUE' for k in ROW_OPTIONS)} "
                            "after the method, each after a colon")
         values[key] = value
-    if method not in METHODS:
-        raise CliError(f"unknown method(s) {method}; choose from {', '.join(METHODS)}")
     return method, values
 
 
@@ -151,7 +149,7 @@ def method_runs(methods: Sequence[str], base: DecodingSettings, eta_sweep: Seque
             if style is not None:
                 check_style(style)
             etas = [float(options["eta"])] if "eta" in options else (eta_sweep or [base.eta])
-            gammas = [int(options["gamma"])] if "gamma" in options else (gamma_sweep or [base.gamma])
+            own_gamma = int(options["gamma"]) if "gamma" in options else None
         except ValueError as error:
             raise CliError(f"{method}: {error}") from None
         if budget is not None and budget < 1:
@@ -159,11 +157,11 @@ def method_runs(methods: Sequence[str], base: DecodingSettings, eta_sweep: Seque
         extra = [f"budget={budget}"] * (budget is not None) + [f"style={style}"] * (style is not None)
         if not info.eta_applies:
             label = f"{method}({','.join(extra)})" if extra else method
-            decoding = replace(base, method=method, gamma=int(options.get("gamma", base.gamma)))
+            decoding = replace(base, method=method, gamma=base.gamma if own_gamma is None else own_gamma)
             runs.append(MethodRun(label, decoding, budget, style))
             continue
         for eta in etas:
-            for gamma in gammas:
+            for gamma in [own_gamma] if own_gamma is not None else (gamma_sweep or [base.gamma]):
                 decoding = replace(base, method=method, eta=float(eta), gamma=int(gamma))
                 parts = [f"eta={_number(eta)}", f"gamma={gamma}", *(["lookup"] * decoding.lookup_in_rapid), *extra]
                 runs.append(MethodRun(f"{method}({','.join(parts)})", decoding, budget, style))
