@@ -112,10 +112,13 @@ def test_method_runs_take_each_rows_own_eta_gamma_budget_and_style() -> None:
     runs = method_runs(["lc", "rag:budget=1024", "rapid-self:eta=2:style=lead", "lc:style=lead", "sd:gamma=3",
                         "rapid"], DecodingSettings(gamma=5), eta_sweep=[0, 2])
     assert [r.label for r in runs] == ["lc", "rag(budget=1024)", "rapid-self(eta=2,gamma=5,style=lead)",
-                                       "lc(style=lead)", "sd", "rapid(eta=0,gamma=5)", "rapid(eta=2,gamma=5)"]
+                                       "lc(style=lead)", "sd(gamma=3)", "rapid(eta=0,gamma=5)", "rapid(eta=2,gamma=5)"]
     assert (runs[1].budget, runs[1].style) == (1024, None) and (runs[2].budget, runs[2].style) == (None, "lead")
     assert runs[2].decoding.eta == 2 and runs[3].decoding.method == "lc" and runs[4].decoding.gamma == 3
     assert runs[0].style is None and runs[0].budget is None  # plain LC stays the baseline
+    # Two rows of one method differing only in gamma keep apart labels (they are summarised by label).
+    assert [r.label for r in method_runs(["lc", "sd:gamma=3", "sd:gamma=6"], DecodingSettings())][1:] == [
+        "sd(gamma=3)", "sd(gamma=6)"]
     for bad, message in (("rag:eta=2", "eta does not apply"), ("rapid:style=terse", "answer style"),
                          ("rapid:size=3", "options are"), ("rag:budget=0", "at least 1"),
                          ("rapid:eta=x", "rapid:")):

@@ -156,7 +156,9 @@ def method_runs(methods: Sequence[str], base: DecodingSettings, eta_sweep: Seque
             raise CliError(f"{method}: budget must be at least 1 token")
         extra = [f"budget={budget}"] * (budget is not None) + [f"style={style}"] * (style is not None)
         if not info.eta_applies:
-            label = f"{method}({','.join(extra)})" if extra else method
+            # A row's own gamma is in its label: rows differing only in gamma are summarised apart.
+            own = [f"gamma={own_gamma}"] * (own_gamma is not None) + extra
+            label = f"{method}({','.join(own)})" if own else method
             decoding = replace(base, method=method, gamma=base.gamma if own_gamma is None else own_gamma)
             runs.append(MethodRun(label, decoding, budget, style))
             continue
