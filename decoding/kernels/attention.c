@@ -171,6 +171,25 @@ static inline vf load_key(const void *base, int64_t index, int bf16) {
     return bf16 ? load_bf16((const uint16_t *)base + index) : load_f32((const float *)base + index);
 }
 
+/* A decode or verify pass reads each K/V block from memory once, and its few rows' dot products
+ * would wait on every cache line in turn. So the scores' loop over a block's keys asks, at each
+ * step of KEY_STEP keys, for the keys PREFETCH_STEPS steps on (into L1) and for the step's own
+ * values (into L2), which the value sum reads after the softmax. Prefetches change no result; a
+ * prefill's blocks are in the cache already and it loses nothing. */
+#define PREFETCH_STEPS 4
+static inline void prefetch_step(const void *k, const void *v, int64_t begin, int64_t j0, int64_t n,
+                                 int64_t row_bytes) {
+    const int64_t ahead = j0 + PREFETCH_STEPS * KEY_STEP;
+    if (ahead < n) {
+        const char *keys = (const char *)k + (begin + ahead) * row_bytes;
+        const int64_t bytes = (n - ahead < KEY_STEP ? n - ahead : KEY_STEP) * row_bytes;
+        for (int64_t b = 0; b < bytes; b += 64) __builtin_prefetch(keys + b, 0, 3);
+    }
+    const char *values = (const char *)v + (begin + j0) * row_bytes;
+    const int64_t bytes = (n - j0 < KEY_STEP ? n - j0 : KEY_STEP) * row_bytes;
+    for (int64_t b = 0; b < bytes; b += 64) __builtin_prefetch(values + b, 0, 2);
+}
+
 /* scores[r][j] = scale * q_r . k_(begin + j) for j < n (rounded up to 16; padding lanes are junk). */
 static inline __attribute__((always_inline)) void
 scores_generic(const float *q, int rows, const void *k, int64_t begin, int64_t n, float scale,
@@ -263,7 +282,7 @@ static inline __attribute__((always_inline)) void score_rows(const uint32_t (*qp
  * up in one register, in dimension order, with no reduction across lanes, and the transposed
  * keys serve every row of the call. */
 static inline __attribute__((always_inline)) void
-scores_bf16(const float *q, int rows, const uint16_t *k, int64_t begin, int64_t n, float scale,
+scores_bf16(const float *q, int rows, const uint16_t *k, const uint16_t *v, int64_t begin, int64_t n, float scale,
             float scores[][BLOCK], const int head_dim) {
     const int pairs = head_dim / 2;
     uint32_t qp[MAX_ROWS][MAX_VECS * 8]; /* q as bf16 pairs */
@@ -276,6 +295,7 @@ scores_bf16(const float *q, int rows, const uint16_t *k, int64_t begin, int64_t 
     __m512i kt[MAX_VECS * 8 / 16][16]; /* [pair / 16][16 keys] -> [pair][key] after transposing */
     for (int64_t j0 = 0; j0 < n; j0 += KEY_STEP) {
         const int steps = n - j0 < KEY_STEP ? (int)(n - j0) : KEY_STEP;
+        prefetch_step(k, v, begin, j0, n, 2 * (int64_t)head_dim);
         for (int c = 0; c < pairs / 16; ++c) {
             for (int t = 0; t < KEY_STEP; ++t)
                 kt[c][t] = t < steps ? _mm512_loadu_si512(k + (begin + j0 + t) * head_dim + c * 32)
@@ -513,8 +533,8 @@ static void dot_values_plain(const uint16_t (*pb)[KEY_STEP], int rows, const uin
 #endif
 
 /* scores_bf16 of the AVX512-BF16 build, emulated (see above) */
-static void scores_bf16(const float *q, int rows, const uint16_t *k, int64_t begin, int64_t n, float scale,
-                        float scores[][BLOCK], const int head_dim) {
+static void scores_bf16(const float *q, int rows, const uint16_t *k, const uint16_t *v, int64_t begin, int64_t n,
+                        float scale, float scores[][BLOCK], const int head_dim) {
     float qo[MAX_ROWS][MAX_VECS * 8], qe[MAX_ROWS][MAX_VECS * 8]; /* q rounded to bf16, odd and even elements */
     for (int r = 0; r < rows; ++r)
         for (int p = 0; p < head_dim / 2; ++p) {
@@ -524,6 +544,7 @@ static void scores_bf16(const float *q, int rows, const uint16_t *k, int64_t beg
     float raw[MAX_ROWS][KEY_STEP];
     for (int64_t j0 = 0; j0 < n; j0 += KEY_STEP) {
         const int steps = n - j0 < KEY_STEP ? (int)(n - j0) : KEY_STEP;
+        prefetch_step(k, v, begin, j0, n, 2 * (int64_t)head_dim);
 #ifdef RQ_AVX2
         const unsigned int saved = dot_mode_on();
         dot_keys_avx2((const float(*)[MAX_VECS * 8])qo, (const float(*)[MAX_VECS * 8])qe, rows,
@@ -666,8 +687,8 @@ score_rows_q8(const uint32_t (*words)[MAX_VECS * 4], const float (*factors)[Q8_M
  * lanes are junk (finite). Each step's 16 keys are transposed once (lane t = key t, 4 channels
  * per lane) for every row of the call. */
 static inline __attribute__((always_inline)) void
-scores_q8(const float *q, int rows, const uint8_t *k, int64_t begin, int64_t n, float scores[][BLOCK],
-          const int head_dim) {
+scores_q8(const float *q, int rows, const uint8_t *k, const uint8_t *v, int64_t begin, int64_t n,
+          float scores[][BLOCK], const int head_dim) {
     const int groups = head_dim / Q8_GROUP, row_bytes = q8_row_bytes(head_dim);
     uint32_t words[MAX_ROWS][MAX_VECS * 4];
     float factors[MAX_ROWS][Q8_MAX_GROUPS];
@@ -679,6 +700,7 @@ scores_q8(const float *q, int rows, const uint8_t *k, int64_t begin, int64_t n, 
     for (int64_t j0 = 0; j0 < n; j0 += KEY_STEP) {
         const int steps = n - j0 < KEY_STEP ? (int)(n - j0) : KEY_STEP;
         const uint8_t *first = k + (begin + j0) * row_bytes;
+        prefetch_step(k, v, begin, j0, n, row_bytes);
         for (int c = 0; c < head_dim / 64; ++c) {
             for (int t = 0; t < KEY_STEP; ++t)
                 kt[16 * c + t] = t < steps ? _mm512_xor_si512(_mm512_loadu_si512(first + t * row_bytes + c * 64), flip)
@@ -788,8 +810,8 @@ static inline float scale_q8(const uint8_t *key, int head_dim, int g) {
 /* The AVX2 build: 8 keys per step, transposed (lane t = key t, 4 channels per lane); a 4-channel
  * product by vpmaddubsw on |q| and k with q's sign (at most 2 * 127 * 127 per pair of products, so
  * no saturation: kv_quant never writes -128), summed to int32 by vpmaddwd - exact, as vpdpbusd. */
-static void scores_q8(const float *q, int rows, const uint8_t *k, int64_t begin, int64_t n, float scores[][BLOCK],
-                      const int head_dim) {
+static void scores_q8(const float *q, int rows, const uint8_t *k, const uint8_t *v, int64_t begin, int64_t n,
+                      float scores[][BLOCK], const int head_dim) {
     const int groups = head_dim / Q8_GROUP, row_bytes = q8_row_bytes(head_dim);
     uint32_t words[MAX_ROWS][MAX_VECS * 4];
     float factors[MAX_ROWS][Q8_MAX_GROUPS];
@@ -801,6 +823,7 @@ static void scores_q8(const float *q, int rows, const uint8_t *k, int64_t begin,
     for (int64_t j0 = 0; j0 < n; j0 += 8) {
         const int steps = n - j0 < 8 ? (int)(n - j0) : 8;
         const uint8_t *first = k + (begin + j0) * row_bytes;
+        if (j0 % KEY_STEP == 0) prefetch_step(k, v, begin, j0, n, row_bytes);
         for (int c = 0; c < head_dim / 32; ++c) {
             for (int t = 0; t < 8; ++t)
                 kt[8 * c + t] = t < steps ? _mm256_loadu_si256((const __m256i *)(first + t * row_bytes + c * 32))
@@ -829,8 +852,8 @@ static void scores_q8(const float *q, int rows, const uint8_t *k, int64_t begin,
     }
 }
 #else
-static void scores_q8(const float *q, int rows, const uint8_t *k, int64_t begin, int64_t n, float scores[][BLOCK],
-                      const int head_dim) {
+static void scores_q8(const float *q, int rows, const uint8_t *k, const uint8_t *v, int64_t begin, int64_t n,
+                      float scores[][BLOCK], const int head_dim) {
     const int groups = head_dim / Q8_GROUP, row_bytes = q8_row_bytes(head_dim);
     uint32_t words[MAX_ROWS][MAX_VECS * 4];
     float factors[MAX_ROWS][Q8_MAX_GROUPS];
@@ -838,6 +861,7 @@ static void scores_q8(const float *q, int rows, const uint8_t *k, int64_t begin,
     unpack_queries_q8(q, rows, head_dim, words, factors, offsets);
     for (int64_t j = 0; j < n; ++j) {
         const uint8_t *key = k + (begin + j) * row_bytes;
+        if (j % KEY_STEP == 0) prefetch_step(k, v, begin, j, n, row_bytes);
         float ks[Q8_MAX_GROUPS];
         for (int g = 0; g < groups; ++g) ks[g] = scale_q8(key, head_dim, g);
         for (int r = 0; r < rows; ++r) {
@@ -957,8 +981,9 @@ attend_block(const float *q, int rows, const void *k, const void *v, const int32
     const int64_t n = end - begin;
     const int64_t padded = (n + 15) & ~(int64_t)15;
 
-    if (form == KV_Q8) scores_q8(q, rows, (const uint8_t *)k, begin, n, scores, head_dim);
-    else if (form == KV_BF16) scores_bf16(q, rows, (const uint16_t *)k, begin, n, scale, scores, head_dim);
+    if (form == KV_Q8) scores_q8(q, rows, (const uint8_t *)k, (const uint8_t *)v, begin, n, scores, head_dim);
+    else if (form == KV_BF16)
+        scores_bf16(q, rows, (const uint16_t *)k, (const uint16_t *)v, begin, n, scale, scores, head_dim);
     else scores_generic(q, rows, k, begin, n, scale, scores, head_dim, 0);
 
     const vi lane = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
