@@ -724,26 +724,33 @@ scores_q8(const float *q, int rows, const uint8_t *k, const uint8_t *v, int64_t 
 }
 
 #define VALUE_ROWS_Q8 (256 / head_dim) /* rows sharing each load of the step's values: 16 accumulators */
+/* Steps whose value sums run with a row's accumulators held in registers: loading and storing them
+ * at every step cost about as much as a step's dot products for a few rows. Each accumulator still
+ * takes the steps and pairs in order, so the bits are those of one step at a time. */
+#define VALUE_STEPS 4
 
-/* The value sum of n rows (n <= VALUE_ROWS_Q8) over one step: pairs[i][g][u] the bf16 weights of
- * keys 2u, 2u + 1 in group g, w[u][c] those keys' values interleaved. The weights are the
- * broadcast operand (vdpbf16ps's products are the same either way round). */
+/* The value sum of rows r0 .. r0 + n - 1 (n <= VALUE_ROWS_Q8) over `steps` steps: pairs[s][r][g][u]
+ * the bf16 weights of keys 2u, 2u + 1 of step s in group g, w[s][u][c] those keys' values
+ * interleaved. The weights are the broadcast operand (vdpbf16ps's products are the same either way
+ * round). */
 static inline __attribute__((always_inline)) void
-value_rows_q8(const uint32_t (*pairs)[Q8_MAX_GROUPS][KEY_STEP / 2], const int n, const __m512i (*w)[MAX_VECS],
-              const int n_pairs, float *partial, const int head_dim) {
+value_rows_q8(const uint32_t (*pairs)[MAX_ROWS][Q8_MAX_GROUPS][KEY_STEP / 2], const int r0, const int n,
+              const __m512i (*w)[KEY_STEP / 2][MAX_VECS], const int *n_pairs, const int steps, float *partial,
+              const int head_dim) {
     const int nv = head_dim / 16, groups = head_dim / Q8_GROUP;
     __m512 acc[4][MAX_VECS];
     for (int i = 0; i < n; ++i)
         for (int c = 0; c < nv; ++c) acc[i][c] = _mm512_loadu_ps(partial + (int64_t)i * (head_dim + 2) + 2 + c * 16);
-    for (int u = 0; u < n_pairs; ++u)
-        for (int g = 0; g < groups; ++g) {
-            const __m512bh w0 = (__m512bh)w[u][2 * g], w1 = (__m512bh)w[u][2 * g + 1];
-            for (int i = 0; i < n; ++i) {
-                const __m512bh pw = (__m512bh)_mm512_set1_epi32((int)pairs[i][g][u]);
-                acc[i][2 * g] = _mm512_dpbf16_ps(acc[i][2 * g], w0, pw);
-                acc[i][2 * g + 1] = _mm512_dpbf16_ps(acc[i][2 * g + 1], w1, pw);
+    for (int s = 0; s < steps; ++s)
+        for (int u = 0; u < n_pairs[s]; ++u)
+            for (int g = 0; g < groups; ++g) {
+                const __m512bh w0 = (__m512bh)w[s][u][2 * g], w1 = (__m512bh)w[s][u][2 * g + 1];
+                for (int i = 0; i < n; ++i) {
+                    const __m512bh pw = (__m512bh)_mm512_set1_epi32((int)pairs[s][r0 + i][g][u]);
+                    acc[i][2 * g] = _mm512_dpbf16_ps(acc[i][2 * g], w0, pw);
+                    acc[i][2 * g + 1] = _mm512_dpbf16_ps(acc[i][2 * g + 1], w1, pw);
+                }
             }
-        }
     for (int i = 0; i < n; ++i)
         for (int c = 0; c < nv; ++c) _mm512_storeu_ps(partial + (int64_t)i * (head_dim + 2) + 2 + c * 16, acc[i][c]);
 }
@@ -757,40 +764,44 @@ weighted_values_q8(float scores[][BLOCK], int rows, const uint8_t *v, int64_t be
     const int nv = head_dim / 16, groups = head_dim / Q8_GROUP, row_bytes = q8_row_bytes(head_dim);
     const __m512i interleave = _mm512_set_epi16(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8, 23, 7,
                                                 22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
-    uint32_t pairs[MAX_ROWS][Q8_MAX_GROUPS][KEY_STEP / 2];
-    __m512i w[KEY_STEP / 2][MAX_VECS];
+    uint32_t pairs[VALUE_STEPS][MAX_ROWS][Q8_MAX_GROUPS][KEY_STEP / 2];
+    __m512i w[VALUE_STEPS][KEY_STEP / 2][MAX_VECS];
     __m512 vs[Q8_MAX_GROUPS];
-    for (int64_t j0 = 0; j0 < n; j0 += KEY_STEP) {
-        const int steps = n - j0 < KEY_STEP ? (int)(n - j0) : KEY_STEP;
-        const int n_pairs = (steps + 1) / 2;
-        const uint8_t *first = v + (begin + j0) * row_bytes;
-        for (int u = 0; u < n_pairs; ++u) {
-            const uint8_t *even = first + 2 * u * row_bytes;
-            for (int c = 0; c < nv; ++c) {
-                const __m512 a = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(even + c * 16))));
-                const __m512 b = 2 * u + 1 < steps ? _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(
-                                                         _mm_loadu_si128((const __m128i *)(even + row_bytes + c * 16))))
-                                                   : _mm512_setzero_ps();
-                w[u][c] = _mm512_permutexvar_epi16(interleave, (__m512i)_mm512_cvtne2ps_pbh(b, a));
+    int n_pairs[VALUE_STEPS];
+    for (int64_t s0 = 0; s0 < n; s0 += VALUE_STEPS * KEY_STEP) {
+        int steps = 0;
+        for (int64_t j0 = s0; j0 < n && j0 < s0 + VALUE_STEPS * KEY_STEP; j0 += KEY_STEP, ++steps) {
+            const int keys = n - j0 < KEY_STEP ? (int)(n - j0) : KEY_STEP;
+            n_pairs[steps] = (keys + 1) / 2;
+            const uint8_t *first = v + (begin + j0) * row_bytes;
+            for (int u = 0; u < n_pairs[steps]; ++u) {
+                const uint8_t *even = first + 2 * u * row_bytes;
+                for (int c = 0; c < nv; ++c) {
+                    const __m512 a = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(even + c * 16))));
+                    const __m512 b = 2 * u + 1 < keys ? _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(
+                                                            _mm_loadu_si128((const __m128i *)(even + row_bytes + c * 16))))
+                                                      : _mm512_setzero_ps();
+                    w[steps][u][c] = _mm512_permutexvar_epi16(interleave, (__m512i)_mm512_cvtne2ps_pbh(b, a));
+                }
             }
-        }
-        scales_q8(first, steps, head_dim, vs);
-        for (int r = 0; r < rows; ++r) {
-            const __m512 p = _mm512_loadu_ps(&scores[r][j0]); /* zero past the valid keys */
-            for (int g = 0; g < groups; ++g) {
-                const __m256bh h = _mm512_cvtneps_pbh(_mm512_mul_ps(p, vs[g]));
-                memcpy(pairs[r][g], &h, sizeof pairs[r][g]);
+            scales_q8(first, keys, head_dim, vs);
+            for (int r = 0; r < rows; ++r) {
+                const __m512 p = _mm512_loadu_ps(&scores[r][j0]); /* zero past the valid keys */
+                for (int g = 0; g < groups; ++g) {
+                    const __m256bh h = _mm512_cvtneps_pbh(_mm512_mul_ps(p, vs[g]));
+                    memcpy(pairs[steps][r][g], &h, sizeof pairs[steps][r][g]);
+                }
             }
         }
         for (int r0 = 0; r0 < rows; r0 += VALUE_ROWS_Q8) {
             float *out = partial + (int64_t)r0 * (head_dim + 2);
             if (rows - r0 >= VALUE_ROWS_Q8) {
-                value_rows_q8((const uint32_t(*)[Q8_MAX_GROUPS][KEY_STEP / 2])pairs + r0, VALUE_ROWS_Q8,
-                              (const __m512i(*)[MAX_VECS])w, n_pairs, out, head_dim);
+                value_rows_q8((const uint32_t(*)[MAX_ROWS][Q8_MAX_GROUPS][KEY_STEP / 2])pairs, r0, VALUE_ROWS_Q8,
+                              (const __m512i(*)[KEY_STEP / 2][MAX_VECS])w, n_pairs, steps, out, head_dim);
             } else {
                 for (int r = r0; r < rows; ++r, out += head_dim + 2)
-                    value_rows_q8((const uint32_t(*)[Q8_MAX_GROUPS][KEY_STEP / 2])pairs + r, 1,
-                                  (const __m512i(*)[MAX_VECS])w, n_pairs, out, head_dim);
+                    value_rows_q8((const uint32_t(*)[MAX_ROWS][Q8_MAX_GROUPS][KEY_STEP / 2])pairs, r, 1,
+                                  (const __m512i(*)[KEY_STEP / 2][MAX_VECS])w, n_pairs, steps, out, head_dim);
             }
         }
     }
