@@ -13,7 +13,8 @@ the process's peak resident memory while the method ran (both models stay loaded
 Side by side on the same prompt: transformers' own assisted generation (the same drafter as
 `assistant_model`) and prompt-lookup decoding, timed on a prefilled cache so only decoding counts,
 and llama.cpp on the GGUF files the models came from (bench/peers.py; `make peers` builds it).
-It also times one target verify pass of gamma+1 tokens against one decode step.
+It also times one target verify pass of gamma+1 tokens against one decode step, every KV form's in
+turn (decode/verify ms per form, interleaved).
 
 `--kv-dtypes bf16,q8` runs our methods once per KV cache form (each form has its own engine and
 ingest), context by context, and reports verify/decode per form; llama.cpp runs with its default
@@ -128,25 +129,33 @@ def kv_bytes_per_token(model: Transformer) -> int:
     return sum(t.element_size() * t.shape[0] * t.shape[2] for t in (*cache.keys, *cache.values))
 
 
-def verify_over_decode(model: Transformer, context_tokens: int, gamma: int, repeats: int = 9) -> tuple[float, float]:
-    """Median seconds for one decode step and for one verify pass of gamma + 1 tokens at this cache length.
+def verify_over_decode(models: dict[str, Transformer], context_tokens: int, gamma: int,
+                       repeats: int = 9) -> dict[str, tuple[float, float]]:
+    """Per KV form, median seconds for one decode step and for one verify pass of gamma + 1 tokens at
+    this cache length.
 
-    The two are timed alternately, so a slow spell of the machine lands on both alike.
+    Every repeat runs each form's decode step and verify pass in turn (the forms' order alternating),
+    so a slow spell of the machine lands on every form and both passes alike: the forms' other rows
+    run minutes apart, and this host's speed drifts by more than the forms differ.
     """
-    cache = filled_cache(model, context_tokens, context_tokens + gamma + 8)
+    caches = {form: filled_cache(model, context_tokens, context_tokens + gamma + 8) for form, model in models.items()}
 
-    def step(n: int) -> float:
+    def step(form: str, n: int) -> float:
+        cache = caches[form]
         start = time.perf_counter()
-        model.forward(torch.full((n,), 100), cache, all_logits=n > 1)
+        models[form].forward(torch.full((n,), 100), cache, all_logits=n > 1)
         cache.crop(context_tokens)
         return time.perf_counter() - start
 
-    step(1), step(gamma + 1)  # first touches of fresh buffers are not part of a step's cost
-    decode_times, verify_times = [], []
-    for _ in range(repeats):
-        decode_times.append(step(1))
-        verify_times.append(step(gamma + 1))
-    return statistics.median(decode_times), statistics.median(verify_times)
+    for form in models:  # first touches of fresh buffers are not part of a step's cost
+        step(form, 1), step(form, gamma + 1)
+    times: dict[str, tuple[list[float], list[float]]] = {form: ([], []) for form in models}
+    order = list(models)
+    for repeat in range(repeats):
+        for form in order if repeat % 2 == 0 else order[::-1]:
+            times[form][0].append(step(form, 1))
+            times[form][1].append(step(form, gamma + 1))
+    return {form: (statistics.median(d), statistics.median(v)) for form, (d, v) in times.items()}
 
 
 def document_slice(engine: Engine, n_tokens: int, workdir: Path) -> Path:
@@ -340,13 +349,14 @@ def bench_context(engines: dict[str, Engine], n_tokens: int, question: str, deco
         index = build_index(engine, n_tokens, workdir / form)
         rows, lc = bench_methods(engine, index, question, decoding, methods, args.runs)
         first_lc = first_lc or lc
-        decode_s, verify_s = verify_over_decode(engine.target.model, len(lc.long_prompt_tokens), args.gamma)
-        forms[form] = {"methods": rows, "decode_step_s": decode_s, "verify_pass_s": verify_s,
-                       "verify_over_decode": verify_s / decode_s,
-                       "lc_same_as_first_form": lc.token_ids == first_lc.token_ids}
+        forms[form] = {"methods": rows, "lc_same_as_first_form": lc.token_ids == first_lc.token_ids}
     assert first_lc is not None
     long_prompt = first_lc.long_prompt_tokens  # the documents and question every method's target read (RAG's aside)
     context_tokens = len(long_prompt)
+    steps = verify_over_decode({form: engine.target.model for form, engine in engines.items()}, context_tokens,
+                               args.gamma)
+    for form, (decode_s, verify_s) in steps.items():
+        forms[form].update(decode_step_s=decode_s, verify_pass_s=verify_s, verify_over_decode=verify_s / decode_s)
     engine = next(iter(engines.values()))
     target, drafter = engine.target, engine.draft_model
     lc_speed = next(iter(forms.values()))["methods"][BASELINE]["decode_tokens_per_s"]  # type: ignore[index]

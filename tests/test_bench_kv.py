@@ -181,9 +181,28 @@ def test_verify_over_decode_reads_a_cache_of_written_slots(monkeypatch: pytest.M
         return real_forward(tokens, cache, all_logits=all_logits)
 
     monkeypatch.setattr(model, "forward", forward)
-    verify_over_decode(model, context, gamma=2, repeats=1)
+    assert list(verify_over_decode({"bf16": model}, context, gamma=2, repeats=1)) == ["bf16"]
     expected = filled_cache(model, context, context).keys[0][:, :context]
     assert len(seen) == 4 and all(torch.equal(keys, expected) for keys in seen)  # warm-up pair, timed pair
+
+
+def test_verify_over_decode_times_the_kv_forms_in_turn(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The forms' passes interleave, their order alternating per repeat: a slow spell lands on all alike."""
+    models = {"bf16": tiny_model(1).model, "q8": tiny_model(1).model}
+    context, calls = SEED_SLOTS + 10, []
+    for form, model in models.items():
+        real_forward = model.forward
+
+        def forward(tokens, cache, all_logits=False, form=form, real=real_forward):  # type: ignore[no-untyped-def]
+            if cache.length == context:
+                calls.append((form, len(tokens)))
+            return real(tokens, cache, all_logits=all_logits)
+
+        monkeypatch.setattr(model, "forward", forward)
+    timed = verify_over_decode(models, context, gamma=3, repeats=2)
+    assert set(timed) == {"bf16", "q8"} and all(d > 0 and v > 0 for d, v in timed.values())
+    warm = [("bf16", 1), ("bf16", 4), ("q8", 1), ("q8", 4)]
+    assert calls == [*warm, *warm, ("q8", 1), ("q8", 4), ("bf16", 1), ("bf16", 4)]
 
 
 def test_peer_command_lines_per_cache_type() -> None:
