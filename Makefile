@@ -35,9 +35,10 @@ install: .venv/.installed
 models: install
 	.venv/bin/ask models
 
-# The tests use the 0.5B everywhere and the default pair in a few end-to-end tests.
+# The tests use the 0.5B everywhere and the default pair in a few end-to-end tests, some of them on
+# the bf16 weights (the dense engine, and the quantized layout checked against them).
 models-test: install
-	.venv/bin/ask models qwen2.5-coder-0.5b qwen2.5-coder-1.5b
+	.venv/bin/ask models --dense qwen2.5-coder-0.5b qwen2.5-coder-1.5b
 
 # Debian's Chromium for the browser tests (Playwright's own browser download does not work offline).
 browser:

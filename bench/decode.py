@@ -55,6 +55,7 @@ from app.reexports import (
     read_document,
 )
 from app.reexports import METHODS as METHOD_TABLE
+from app.registry import resolve_model
 from bench.kv_fill import filled_cache
 from bench.kv_forms import parse_kv_dtypes, settings_for
 from bench.peers import PEER_CACHES, PEERS, find_llama_cpp, measure_peers
@@ -210,7 +211,7 @@ class _TokenClock:
 
 
 def hf_baselines(target: LoadedModel, drafter: LoadedModel, prompt: list[int], new_tokens: int,
-                 runs: int) -> dict[str, dict[str, float]]:
+                 runs: int, models_dir: Path) -> dict[str, dict[str, float]]:
     """transformers' generate on the same weights: plain, prompt lookup and assisted generation.
 
     Measured as a user would run them (no prefilled cache: assisted generation and prompt lookup
@@ -223,8 +224,10 @@ def hf_baselines(target: LoadedModel, drafter: LoadedModel, prompt: list[int], n
     from transformers import AutoModelForCausalLM
 
     dtype = target.model.dtype
-    hf_target = AutoModelForCausalLM.from_pretrained(target.directory, dtype=dtype).eval()
-    hf_drafter = AutoModelForCausalLM.from_pretrained(drafter.directory, dtype=dtype).eval()
+    # transformers reads the bf16 weights: converted now if the models' directories lack them
+    target_dir, drafter_dir = (resolve_model(m.name, models_dir, dense=True) for m in (target, drafter))
+    hf_target = AutoModelForCausalLM.from_pretrained(target_dir, dtype=dtype).eval()
+    hf_drafter = AutoModelForCausalLM.from_pretrained(drafter_dir, dtype=dtype).eval()
     ids = torch.tensor([prompt])
     common = {"do_sample": False, "eos_token_id": sorted(target.stop_ids),
               "pad_token_id": target.tokenizer.pad_token_id or 0}
@@ -361,7 +364,8 @@ def bench_context(engines: dict[str, Engine], n_tokens: int, question: str, deco
     target, drafter = engine.target, engine.draft_model
     lc_speed = next(iter(forms.values()))["methods"][BASELINE]["decode_tokens_per_s"]  # type: ignore[index]
     with_hf = not args.no_hf and str(n_tokens) in args.hf_contexts.split(",")
-    hf = hf_baselines(target, drafter, long_prompt, args.new_tokens, args.hf_runs) if with_hf else {}
+    hf = hf_baselines(target, drafter, long_prompt, args.new_tokens, args.hf_runs,
+                      engine.settings.models_dir) if with_hf else {}
     for row in hf.values():
         row["speedup_vs_lc"] = row["tokens_per_s"] / lc_speed
     peers = run_peers(args, target, drafter, long_prompt, n_tokens)

@@ -51,7 +51,7 @@ class LoadedEmbedder(HashEmbedder):
 def loads(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Loads:
     fake = Loads()
     monkeypatch.setattr(models, "load_model", fake)
-    monkeypatch.setattr(models, "resolve_model", lambda spec, directory, log=None: tmp_path / spec)
+    monkeypatch.setattr(models, "resolve_model", lambda spec, directory, log=None, dense=False: tmp_path / spec)
     monkeypatch.setattr(models, "Embedder", lambda: LoadedEmbedder(fake.embedder_loaded_by))
     return fake
 
