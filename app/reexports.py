@@ -12,7 +12,8 @@ module, so every such dependency is listed here and nowhere else:
   loop (generate, run_to_end, BASELINE, Drafting), the kernels and layouts (native_attention,
   native_quant, PackedLinear, QuantLinear, QuantWeight, QuantEmbedding, quantized_bytes, the 8-bit
   K/V form quantize_kv) and which
-  engine and kernels run (engine_description).
+  engine and kernels run (engine_description); the kernels' builder (build_library,
+  kernel_cache_dir, KernelUnavailable), which bench.dot_rate uses for its own probe.
 - what the retrieval benchmark measures: read_document, Embedder, HybridIndex, RetrievalSettings,
   Label, load_labels, recall_at_k.
 """
@@ -27,6 +28,7 @@ from decoding.kv_quant import quantize as quantize_kv
 from decoding.loaded_model import LoadedModel, Prompt
 from decoding.loading import PackedLinear, load_model
 from decoding.methods import BASELINE, METHODS, Drafting
+from decoding.native import KernelUnavailable, build_library, kernel_cache_dir
 from decoding.quant import QuantEmbedding, QuantLinear, QuantWeight, native_quant, quantized_bytes
 from decoding.settings import DecodingSettings
 from decoding.stats import Stats
@@ -49,6 +51,7 @@ __all__ = [
     "Drafting",
     "Embedder",
     "HybridIndex",
+    "KernelUnavailable",
     "Label",
     "LoadedModel",
     "PackedLinear",
@@ -61,9 +64,11 @@ __all__ = [
     "RetrievalSettings",
     "Stats",
     "Transformer",
+    "build_library",
     "engine_description",
     "generate",
     "kept_file",
+    "kernel_cache_dir",
     "load_labels",
     "load_model",
     "native_attention",

@@ -17,7 +17,7 @@ import ctypes
 from collections.abc import Sequence
 from pathlib import Path
 
-from decoding.native import KernelUnavailable, build_library, kernel_cache_dir
+from app.reexports import KernelUnavailable, build_library, kernel_cache_dir
 
 SOURCE = Path(__file__).with_name("kernels") / "dot_rate.c"
 FLAGS = ("-O2", "-march=native", "-fopenmp", "-shared", "-fPIC")
