@@ -160,7 +160,8 @@ def ensure_dense(gguf: Path, target: Path, wanted: bool, log: Callable[[str], No
     dense weights then serve even on a CPU)."""
     from decoding.loading import has_quantized_weights
 
-    if has_dense(target) or not (wanted or not has_quantized_weights(target)):
+    needed = wanted or not has_quantized_weights(target)
+    if has_dense(target) or not needed:
         return
     if not gguf.exists():
         raise ModelNotAvailableError(f"{target} has no bf16 weights and no {gguf.name} to convert them from: "
