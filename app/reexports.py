@@ -12,7 +12,7 @@ module, so every such dependency is listed here and nowhere else:
   loop (generate, run_to_end, BASELINE, Drafting), the kernels and layouts (native_attention,
   native_quant, PackedLinear, QuantLinear, QuantWeight, QuantEmbedding, quantized_bytes, the 8-bit
   K/V form quantize_kv) and which
-  engine and kernels run (engine_description); the kernels' builder (build_library,
+  engine and kernels run (engine_description); the kernels' builder (build_library, kernel_flags,
   kernel_cache_dir, KernelUnavailable), which bench.dot_rate uses for its own probe.
 - what the retrieval benchmark measures: read_document, Embedder, HybridIndex, RetrievalSettings,
   Label, load_labels, recall_at_k.
@@ -28,7 +28,7 @@ from decoding.kv_quant import quantize as quantize_kv
 from decoding.loaded_model import LoadedModel, Prompt
 from decoding.loading import PackedLinear, load_model
 from decoding.methods import BASELINE, METHODS, Drafting
-from decoding.native import KernelUnavailable, build_library, kernel_cache_dir
+from decoding.native import KernelUnavailable, build_library, kernel_cache_dir, kernel_flags
 from decoding.quant import QuantEmbedding, QuantLinear, QuantWeight, native_quant, quantized_bytes
 from decoding.settings import DecodingSettings
 from decoding.stats import Stats
@@ -69,6 +69,7 @@ __all__ = [
     "generate",
     "kept_file",
     "kernel_cache_dir",
+    "kernel_flags",
     "load_labels",
     "load_model",
     "native_attention",

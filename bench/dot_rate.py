@@ -17,10 +17,9 @@ import ctypes
 from collections.abc import Sequence
 from pathlib import Path
 
-from app.reexports import KernelUnavailable, build_library, kernel_cache_dir
+from app.reexports import KernelUnavailable, build_library, kernel_cache_dir, kernel_flags
 
 SOURCE = Path(__file__).with_name("kernels") / "dot_rate.c"
-FLAGS = ("-O2", "-march=native", "-fopenmp", "-shared", "-fPIC")
 # Qwen2.5-1.5B: 12 query heads of 128 over 28 layers
 HEADS, HEAD_DIM, LAYERS = 12, 128, 28
 # dot-product instructions per row-key pair and head_dim 128: (vpdpbusd, vdpbf16ps)
@@ -29,7 +28,8 @@ FORMS = {"bf16 K/V": (0, 8), "8-bit K/V (int8 Q.K, bf16 value sum)": (2, 4), "8-
 
 def rates(threads: int, steps: int = 20_000_000) -> tuple[float, float]:
     """(vpdpbusd, vdpbf16ps) instructions per second over `threads` threads."""
-    library = ctypes.CDLL(str(build_library(SOURCE, FLAGS, kernel_cache_dir(), "dot_rate")))
+    # the kernels' own flags for this CPU: the probe needs the instructions they would take
+    library = ctypes.CDLL(str(build_library(SOURCE, kernel_flags("native"), kernel_cache_dir(), "dot_rate")))
     library.rq_dot_rate.restype = ctypes.c_double
     library.rq_dot_rate.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int, ctypes.POINTER(ctypes.c_double)]
     sink = ctypes.c_double()
