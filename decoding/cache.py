@@ -120,9 +120,10 @@ class KVCache:
         start = self.length - self.offset
         end = start + k.shape[1]
         if self.quantized:
-            k, v = kv_quant.quantize(k), kv_quant.quantize(v)
-        self.keys[layer][:, start:end] = k
-        self.values[layer][:, start:end] = v
+            kv_quant.write(k, v, self.keys[layer][:, start:end], self.values[layer][:, start:end])
+        else:
+            self.keys[layer][:, start:end] = k
+            self.values[layer][:, start:end] = v
         own = (self.keys[layer][:, :end], self.values[layer][:, :end])
         if not self.offset:
             return (own,)

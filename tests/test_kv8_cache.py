@@ -44,6 +44,51 @@ def test_an_8bit_cache_stores_quantized_rows(model) -> None:
     assert torch.equal(cache.keys[0][:, :40], kv_quant.quantize(reference.keys[0][:, :40]))
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("tokens", [1, 6, 300])
+def test_the_c_writer_stores_quantizes_bytes(dtype: torch.dtype, tokens: int) -> None:
+    """kernels/kv_quant.c writes into a cache's slots the bytes kv_quant.quantize computes, from the
+    strided [n_kv, T, D] views a layer hands over; with a NaN its group's scale is NaN (its bits
+    are torch's own choice) and its values zero."""
+    kernel = kv_quant.native_kv_quant()
+    if kernel is None:
+        pytest.skip(f"no C kernel here: {kv_quant.kv_quant_kernel()[1]}")
+    gen = torch.Generator().manual_seed(tokens)
+    x = torch.randn(tokens, 2, 128, generator=gen) * torch.exp(3 * torch.randn(tokens, 2, 128, generator=gen))
+    x[0, 0, :32] = 0.0  # a zero group: scale 0, values 0
+    x[-1, 1, 32:64] *= 1e-39  # denormal scales
+    x[-1, 0, 64:96] *= 1e30
+    k = x.to(dtype).transpose(0, 1)  # as the model's write hands K and V over: strided, each its own way
+    v = (torch.cat([x, x], dim=2).to(dtype) * 0.5)[:, :, 128:].transpose(0, 1)
+    assert k.stride() != v.stride()
+    keys = torch.zeros(2, tokens + 9, kv_quant.row_bytes(128), dtype=Q8)
+    values = torch.zeros_like(keys)
+    slots = (keys[:, 4 : 4 + tokens], values[:, 4 : 4 + tokens])
+    assert kernel.takes(k, v, *slots)
+    kv_quant.write(k, v, *slots)
+    assert torch.equal(slots[0], kv_quant.quantize(k)) and torch.equal(slots[1], kv_quant.quantize(v))
+    assert not keys[:, :4].any() and not keys[:, 4 + tokens :].any()  # nothing outside the slots
+    k = k.clone()
+    k[0, 0, 3] = float("nan")
+    kv_quant.write(k, v, *slots)
+    written, reference = slots[0].clone(), kv_quant.quantize(k)
+    nan_scale = written[0, 0, 128:130].view(torch.bfloat16)
+    assert torch.isnan(nan_scale).all() and torch.isnan(reference[0, 0, 128:130].view(torch.bfloat16)).all()
+    assert not written[0, 0, :32].any()
+    written[0, 0, 128:130] = reference[0, 0, 128:130]
+    assert torch.equal(written, reference)
+
+
+def test_the_writer_quantizes_in_torch_what_the_kernel_does_not_take() -> None:
+    k = torch.randn(2, 3, 128, dtype=torch.float16)
+    keys = torch.zeros(2, 3, kv_quant.row_bytes(128), dtype=Q8)
+    values = torch.zeros_like(keys)
+    kernel = kv_quant.native_kv_quant()
+    assert kernel is None or not kernel.takes(k, k, keys, values)
+    kv_quant.write(k, k, keys, values)
+    assert torch.equal(keys, kv_quant.quantize(k)) and torch.equal(values, keys)
+
+
 def test_a_verify_pass_writes_the_decode_steps_bytes(model) -> None:
     """Quantizing is per token: three tokens written at once store what three steps store."""
     cache, ids = _filled(model, 30, 40)

@@ -1,5 +1,5 @@
-/* What both kernels share. Each kernel's build key hashes this file too (decoding/native.py), so
-   an edit here rebuilds both. */
+/* What the kernels share. Each kernel's build key hashes this file too (decoding/native.py), so
+   an edit here rebuilds every one. */
 #ifndef RAPIDQA_COMMON_H
 #define RAPIDQA_COMMON_H
 
