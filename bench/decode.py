@@ -17,7 +17,8 @@ It also times one target verify pass of gamma+1 tokens against one decode step, 
 turn (decode/verify ms per form, interleaved).
 
 `--kv-dtypes bf16,q8` runs our methods once per KV cache form (each form has its own engine and
-ingest), context by context, and reports verify/decode per form; llama.cpp runs with its default
+ingest), context by context, the forms answering each run of a method in turn, and reports
+verify/decode per form; llama.cpp runs with its default
 f16 cache and with Q8_0 keys and values (`--peer-caches`). Without it, one form: the settings'.
 """
 
@@ -346,14 +347,12 @@ def bench_context(engines: dict[str, Engine], n_tokens: int, question: str, deco
                   methods: list[str], args: argparse.Namespace, bandwidth: float, workdir: Path) -> dict[str, object]:
     """Every method per KV form (each form's engine ingests the same slice), then the transformers and
     llama.cpp rows once, on the first form's prompt; speedups are over the first form's LC."""
-    forms: dict[str, dict[str, object]] = {}
-    first_lc: Done | None = None
-    for form, engine in engines.items():
-        index = build_index(engine, n_tokens, workdir / form)
-        rows, lc = bench_methods(engine, index, question, decoding, methods, args.runs)
-        first_lc = first_lc or lc
-        forms[form] = {"methods": rows, "lc_same_as_first_form": lc.token_ids == first_lc.token_ids}
-    assert first_lc is not None
+    indexes = {form: build_index(engine, n_tokens, workdir / form) for form, engine in engines.items()}
+    per_form = bench_methods(engines, indexes, question, decoding, methods, args.runs)
+    first_lc = next(iter(per_form.values()))[1]
+    forms: dict[str, dict[str, object]] = {
+        form: {"methods": rows, "lc_same_as_first_form": lc.token_ids == first_lc.token_ids}
+        for form, (rows, lc) in per_form.items()}
     long_prompt = first_lc.long_prompt_tokens  # the documents and question every method's target read (RAG's aside)
     context_tokens = len(long_prompt)
     steps = verify_over_decode({form: engine.target.model for form, engine in engines.items()}, context_tokens,
@@ -382,21 +381,40 @@ def bench_context(engines: dict[str, Engine], n_tokens: int, question: str, deco
             "hf": hf, "peers": peers}
 
 
-def bench_methods(engine: Engine, index: HybridIndex, question: str, decoding: DecodingSettings,
-                  methods: Sequence[str], runs: int) -> tuple[dict[str, dict[str, float | None]], Done]:
-    """Every method answering the question `runs` times through the pipeline's own entry (the call
-    the CLI and the UI make: retrieval, the prefix cache, the drafter's chunk KV and all); returns a
-    row per method and LC's last answer (its prompts are what the peers read)."""
-    rows: dict[str, dict[str, float | None]] = {}
-    answers: dict[str, Done] = {}
+def bench_methods(engines: dict[str, Engine], indexes: dict[str, HybridIndex], question: str,
+                  decoding: DecodingSettings, methods: Sequence[str],
+                  runs: int) -> dict[str, tuple[dict[str, dict[str, float | None]], Done]]:
+    """Every method answering the question `runs` times per KV form through the pipeline's own entry
+    (the call the CLI and the UI make: retrieval, the prefix cache, the drafter's chunk KV and all);
+    per form, a row per method and LC's last answer (its prompts are what the peers read).
+
+    Within each run of a method the forms answer in turn, their order alternating from run to run
+    (as verify_over_decode times their passes): this host's speed drifts over minutes by more than
+    the forms differ, and a form whose runs all came minutes after the other's would carry it."""
+    answers: dict[str, dict[str, list[Done]]] = {form: {} for form in engines}
+    peaks: dict[str, dict[str, list[float | None]]] = {form: {} for form in engines}
+    order = list(engines)
     for method in methods:
         _, settings = method_variant(method, decoding)
-        gc.collect()  # the previous method's caches are garbage: they should not count towards this peak
-        peak_is_mine = reset_peak_rss()
-        done = [answer_once(engine, question, index, settings) for _ in range(runs)]
-        answers[method] = done[-1]
+        for run in range(runs):
+            for form in order if run % 2 == 0 else order[::-1]:
+                gc.collect()  # the previous answer's caches are garbage: they should not count towards this peak
+                peak_is_mine = reset_peak_rss()
+                done = answer_once(engines[form], question, indexes[form], settings)
+                answers[form].setdefault(method, []).append(done)
+                # Both models of every form stay loaded throughout: the process's peak while this answer ran.
+                peaks[form].setdefault(method, []).append(peak_rss_gb() if peak_is_mine else None)
+    return {form: method_rows(engines[form], answers[form], peaks[form]) for form in engines}
+
+
+def method_rows(engine: Engine, answers: dict[str, list[Done]],
+                peaks: dict[str, list[float | None]]) -> tuple[dict[str, dict[str, float | None]], Done]:
+    """One form's row per method from its runs' answers (medians), and LC's last answer."""
+    rows: dict[str, dict[str, float | None]] = {}
+    for method, done in answers.items():
         stats = [d.stats for d in done]
         passes_per_s = statistics.median(s.target_passes / s.decode_s for s in stats if s.decode_s)
+        measured_peaks = [p for p in peaks[method] if p is not None]
         rows[method] = {
             "decode_tokens_per_s": statistics.median(s.decode_tokens_per_s or 0.0 for s in stats),
             "acceptance_rate": stats[-1].acceptance_rate,
@@ -406,16 +424,15 @@ def bench_methods(engine: Engine, index: HybridIndex, question: str, decoding: D
             # context_tokens: what the target read (the RAG prompt for RAG, the documents otherwise).
             "target_bandwidth_gbs": bytes_per_pass(engine.target.model, stats[-1].context_tokens) * passes_per_s / 1e9,
             "same_tokens_as_lc": None,
-            # Both models stay loaded throughout, so this is the process's peak while the method ran.
-            "peak_rss_gb": peak_rss_gb() if peak_is_mine else None,
+            "peak_rss_gb": max(measured_peaks) if measured_peaks else None,
             "context_tokens": stats[-1].context_tokens,
             "draft_context_tokens": stats[-1].draft_context_tokens,
             "prefix_cached_tokens": stats[-1].prefix_cached_tokens,
         }
-    lc = answers[BASELINE]
+    lc = answers[BASELINE][-1]
     for method, row in rows.items():
         row["speedup_vs_lc"] = row["decode_tokens_per_s"] / rows[BASELINE]["decode_tokens_per_s"]
-        row["same_tokens_as_lc"] = answers[method].token_ids == lc.token_ids
+        row["same_tokens_as_lc"] = answers[method][-1].token_ids == lc.token_ids
     return rows, lc
 
 

@@ -16,7 +16,8 @@ import torch
 import bench.kv_forms as kv_forms
 import bench.prefill_depth as prefill_depth
 from app.config import Settings
-from bench.decode import bench_context, kv_bytes_per_token, kv_form_settings, verify_over_decode
+from bench import decode as bench_decode
+from bench.decode import bench_context, build_index, kv_bytes_per_token, kv_form_settings, verify_over_decode
 from bench.kv_fill import SEED_SLOTS, filled_cache
 from bench.kv_forms import load_options, parse_kv_dtypes, settings_for
 from bench.peers import (
@@ -247,6 +248,26 @@ def test_decode_bench_runs_every_method_per_kv_form(tmp_path: Path, capsys: pyte
     out = capsys.readouterr().out
     assert "KV bf16:" in out and "KV q8:" in out
     assert f"verify({DECODING.gamma + 1})/decode per KV form: bf16 " in out and ", q8 " in out
+
+
+def test_decode_bench_runs_the_kv_forms_in_turn(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each run of a method goes to every form, their order alternating: a slow spell of the host
+    lands on both forms' rows alike."""
+    engines = {"bf16": tiny_engine(tmp_path / "a", DECODING), "q8": tiny_engine(tmp_path / "b", DECODING)}
+    indexes = {form: build_index(engine, 600, tmp_path / form) for form, engine in engines.items()}
+    calls, real = [], bench_decode.answer_once
+
+    def answer_once(engine, question, index, settings):  # type: ignore[no-untyped-def]
+        calls.append((next(f for f, e in engines.items() if e is engine), settings.method))
+        return real(engine, question, index, settings)
+
+    monkeypatch.setattr(bench_decode, "answer_once", answer_once)
+    per_form = bench_decode.bench_methods(engines, indexes, "What does read.fwf read?", DECODING, ["lc", "rapid"], 3)
+    assert calls == [("bf16", "lc"), ("q8", "lc"), ("q8", "lc"), ("bf16", "lc"), ("bf16", "lc"), ("q8", "lc"),
+                     ("bf16", "rapid"), ("q8", "rapid"), ("q8", "rapid"), ("bf16", "rapid"), ("bf16", "rapid"),
+                     ("q8", "rapid")]
+    for rows, lc in per_form.values():
+        assert list(rows) == ["lc", "rapid"] and rows["rapid"]["same_tokens_as_lc"] and lc.token_ids
 
 
 def test_decode_kv_form_settings(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -65,7 +65,7 @@ def test_every_method_answers_through_the_pipeline_and_rapid_reads_chunk_kv(
 
     monkeypatch.setattr(Engine, "answer", answer)
     monkeypatch.setattr(chunk_kv, "assemble", assemble)
-    rows, lc = bench_methods(engine, index, QUESTION, DECODING, METHODS, RUNS)
+    rows, lc = bench_methods({"q8": engine}, {"q8": index}, QUESTION, DECODING, METHODS, RUNS)["q8"]
 
     # Every run of every method is one call of the pipeline's entry, with the variant's settings.
     assert calls == [method_variant(m, DECODING)[1] for m in METHODS for _ in range(RUNS)]
