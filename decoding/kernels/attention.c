@@ -588,9 +588,12 @@ static void weighted_values_bf16(float scores[][BLOCK], int rows, const uint16_t
  * Value sum: each key's probability times its value scale, rounded to bf16 (w = bf16(p * s), one
  * per key and group), against the values converted exactly to bf16, summed by vdpbf16ps as the
  * bf16 path does. Why not integer dot products here too: the scale varies per key, so 8-bit
- * weights would need a scale per row, group and run of keys (a max over them per row) and would
- * round the many small probabilities of a long context to zero; dequantizing to fp32 does twice
- * the multiply-adds per instruction of vdpbf16ps. */
+ * weights need a scale per row, group and run of keys. That was built (runs of 64 keys, weights
+ * round(255 p s / (P S)), vpdpbusd on values transposed 4 keys to a lane) and measured no faster
+ * on AVX512-VNNI cores: it halves the value sum's dot products, but finding each row's largest
+ * weight, converting and packing its weights per run and summing the int32 results back cost as
+ * much as it saves (docs/measurements.md, sixth session). Dequantizing to fp32 does half the
+ * multiply-adds per instruction of vdpbf16ps. */
 #define KV_F32 0 /* the K/V forms rq_attend takes (kv_form) */
 #define KV_BF16 1
 #define KV_Q8 2
