@@ -14,8 +14,8 @@
 #define GROUP 32
 
 /* One head's token: head_dim channels of x (fp32 or bf16) -> head_dim int8 values, then a bf16 scale
- * per group. A group holding a NaN gets torch's NaN scale and zeros (where(scale > 0) fails);
- * an infinite one gets an infinite scale and zeros. */
+ * per group. A group holding a NaN gets a NaN scale (torch's has other NaN bits) and zeros, as
+ * where(scale > 0) gives; an infinite one gets an infinite scale and zeros. */
 static void quantize_row(const void *x, int bf16, int head_dim, uint8_t *out) {
     for (int g = 0; g < head_dim / GROUP; ++g) {
         float v[GROUP], amax = 0.0f;
