@@ -48,12 +48,12 @@ def main() -> None:
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    engines = args.engines.split(",")
-    directory = resolve_model(args.model, Settings().models_dir, dense=any(name != "quantized" for name in engines))
+    names = args.engines.split(",")
+    directory = resolve_model(args.model, Settings().models_dir, dense=any(name != "quantized" for name in names))
     prompt = torch.randint(100, 20000, (args.context,), generator=torch.Generator().manual_seed(0))
     engines: dict[str, tuple[Transformer, object]] = {}
     report: dict[str, dict] = {}
-    for name in engines:
+    for name in names:
         before = rss_bytes()
         loaded = load_model(args.model, directory, torch.bfloat16, torch.device("cpu"), quantized=name == "quantized")
         if (loaded.weights == "quantized") != (name == "quantized"):
